@@ -1,0 +1,1 @@
+"""emaki: the `emaki` command, the one front door besides Discord."""

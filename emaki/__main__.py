@@ -1,0 +1,3 @@
+from emaki.cli import main
+
+raise SystemExit(main())

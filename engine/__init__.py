@@ -1,0 +1,1 @@
+"""emaki engine: idea -> frame descriptions -> depth-guided SD frame chain -> GIF."""

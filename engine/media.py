@@ -1,0 +1,116 @@
+"""Animation files and previews: GIF (one shared palette), WebP/MP4, thumbnails, contact sheets,
+and fitting an animation under an upload limit."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from engine.errors import InvalidRequest
+
+# Palette sizes and scales tried, in order, until an animation fits under a byte limit.
+PALETTE_STEPS = (256, 128, 64, 32)
+SCALE_STEPS = (1.0, 0.75, 0.5, 0.35, 0.25)
+
+
+def shared_palette(frames: Sequence[Image.Image], colors: int = 256) -> Image.Image:
+    """One palette for all frames, quantised from all of them at once, so colours don't flicker."""
+    strip = Image.new("RGB", (sum(f.width for f in frames), max(f.height for f in frames)))
+    x = 0
+    for frame in frames:
+        strip.paste(frame.convert("RGB"), (x, 0))
+        x += frame.width
+    return strip.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+
+
+def encode_gif(frames: Sequence[Image.Image], duration_ms: int = 100, colors: int = 256, loop: int = 0) -> bytes:
+    palette = shared_palette(frames, colors)
+    indexed = [f.convert("RGB").quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for f in frames]
+    buffer = io.BytesIO()
+    indexed[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=indexed[1:],
+        duration=duration_ms,
+        loop=loop,
+        disposal=1,
+        optimize=False,  # keep the one global palette: per-frame optimisation reintroduces flicker
+    )
+    return buffer.getvalue()
+
+
+def encode_webp(frames: Sequence[Image.Image], duration_ms: int = 100, quality: int = 85) -> bytes:
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="WEBP", save_all=True, append_images=list(frames[1:]),
+                   duration=duration_ms, loop=0, quality=quality)
+    return buffer.getvalue()
+
+
+def write_mp4(frames: Sequence[Image.Image], path: Path, duration_ms: int = 100) -> None:
+    """MP4 through imageio's ffmpeg plugin (pip install "emaki[mp4]")."""
+    import numpy as np
+
+    try:
+        import imageio.v2 as imageio
+    except ImportError as exc:  # pragma: no cover - imageio is a core dependency
+        raise InvalidRequest("MP4 output needs imageio") from exc
+    try:
+        with imageio.get_writer(path, fps=1000 / duration_ms, codec="libx264", macro_block_size=8) as writer:
+            for frame in frames:
+                writer.append_data(np.asarray(frame.convert("RGB")))
+    except (ImportError, ValueError, RuntimeError) as exc:
+        raise InvalidRequest(f"MP4 output needs imageio-ffmpeg (pip install \"emaki[mp4]\"): {exc}") from exc
+
+
+def thumbnail(image: Image.Image, max_side: int = 256) -> Image.Image:
+    thumb = image.convert("RGB").copy()
+    thumb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return thumb
+
+
+def contact_sheet(images: Sequence[Image.Image], total: int | None = None, tile: int = 160,
+                  columns: int = 5) -> Image.Image:
+    """Frames done so far in a grid; `total` leaves grey tiles for frames still to come."""
+    count = max(total or len(images), len(images), 1)
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    sheet = Image.new("RGB", (columns * tile, rows * tile), (40, 40, 46))
+    for i in range(count):
+        x, y = (i % columns) * tile, (i // columns) * tile
+        if i < len(images):
+            thumb = thumbnail(images[i], tile - 4)
+            sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+        else:
+            sheet.paste((70, 70, 80), (x + 2, y + 2, x + tile - 2, y + tile - 2))
+    return sheet
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fit_to_bytes(
+    frames: Sequence[Image.Image], limit_bytes: int, duration_ms: int = 100
+) -> tuple[bytes, dict[str, float]]:
+    """The best GIF of these frames that is at most `limit_bytes`: fewer colours first, then smaller.
+
+    Returns (gif bytes, {"colors": .., "scale": ..}); raises InvalidRequest when even the smallest
+    variant is too large.
+    """
+    for scale in SCALE_STEPS:
+        scaled = frames if scale == 1.0 else [
+            f.resize((max(8, round(f.width * scale)), max(8, round(f.height * scale))), Image.Resampling.LANCZOS)
+            for f in frames
+        ]
+        for colors in PALETTE_STEPS:
+            data = encode_gif(scaled, duration_ms=duration_ms, colors=colors)
+            if len(data) <= limit_bytes:
+                return data, {"colors": colors, "scale": scale}
+    raise InvalidRequest(f"the animation cannot be made smaller than {limit_bytes} bytes")

@@ -1,0 +1,203 @@
+"""Loads the models once and keeps them warm across jobs.
+
+txt2img and depth-ControlNet img2img are two diffusers pipelines over ONE set of UNet/VAE/text-encoder
+weights (`from_pipe`), so memory holds one copy. Styles are peft-backed LoRA adapters loaded by name
+into that shared UNet and switched with `set_adapters`, never reloading the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    ControlNetModel,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from engine import tiny
+from engine.errors import InvalidRequest, ModelLoadError
+from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+@dataclass(frozen=True)
+class StyleRef:
+    """What the engine needs of a style row: where its adapter file is and how strongly to apply it."""
+
+    name: str
+    path: str
+    trigger: str = ""
+    weight: float = 1.0
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting != "auto":
+        return torch.device(setting)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        try:
+            return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+        except KeyError:
+            raise InvalidRequest(f"unknown dtype '{setting}': use auto, fp16, bf16 or fp32") from None
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or Path(ref).exists()
+
+
+def _load(what: str, ref: str, loader: Any, **kwargs: Any) -> Any:
+    """Call a `from_pretrained` and turn any failure into one line naming the model and the cause."""
+    if _looks_local(ref) and not Path(ref).expanduser().exists():
+        raise ModelLoadError(f"cannot load {what}: local path '{ref}' does not exist")
+    try:
+        return loader(str(Path(ref).expanduser()) if _looks_local(ref) else ref, **kwargs)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {what} from '{ref}': {first_line}") from exc
+
+
+class Models:
+    """The warm model set. Thread-safe to load; used by one worker thread at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.dtype, self.device)
+        self._lock = threading.Lock()
+        self.txt2img: StableDiffusionPipeline | None = None
+        self.img2img: StableDiffusionControlNetImg2ImgPipeline | None = None
+        self.depth_model: Any = None
+        self.depth_processor: Any = None
+        self.loaded_styles: dict[str, str] = {}  # style name -> adapter file it was loaded from
+        self.active_style: str | None = None
+
+    # --- loading ---------------------------------------------------------------------------
+    def load(self) -> Models:
+        with self._lock:
+            if self.txt2img is None:
+                self._load_pipelines()
+            return self
+
+    def _load_pipelines(self) -> None:
+        s = self.settings
+        if s.is_tiny:
+            tokenizer = tiny.tiny_tokenizer()
+            txt2img = StableDiffusionPipeline(
+                vae=tiny.tiny_vae(),
+                text_encoder=tiny.tiny_text_encoder(len(tokenizer)),
+                tokenizer=tokenizer,
+                unet=tiny.tiny_unet(),
+                scheduler=tiny.tiny_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            controlnet = tiny.tiny_controlnet()
+            self.depth_model, self.depth_processor = tiny.tiny_depth()
+        else:
+            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+            token = s.hf_token or None
+            txt2img = _load(
+                "base model",
+                s.base_model,
+                StableDiffusionPipeline.from_pretrained,
+                torch_dtype=self.dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+                token=token,
+            )
+            controlnet = _load(
+                "depth ControlNet", s.controlnet_model, ControlNetModel.from_pretrained,
+                torch_dtype=self.dtype, token=token,
+            )
+            self.depth_model = _load(
+                "depth estimator", s.depth_model, AutoModelForDepthEstimation.from_pretrained, token=token
+            ).eval()
+            self.depth_processor = _load(
+                "depth image processor", s.depth_model, AutoImageProcessor.from_pretrained, token=token
+            )
+        if s.scheduler != "default":
+            if s.scheduler not in SCHEDULERS:
+                raise InvalidRequest(
+                    f"unknown scheduler '{s.scheduler}': use default, {', '.join(SCHEDULERS)}"
+                )
+            txt2img.scheduler = SCHEDULERS[s.scheduler].from_config(txt2img.scheduler.config)
+        txt2img.to(self.device, self.dtype)
+        controlnet.to(self.device, self.dtype)
+        # The depth estimator stays fp32: it runs once per frame and fp16 DPT loses depth detail.
+        self.depth_model.to(self.device)
+        txt2img.set_progress_bar_config(disable=True)
+        # Shares unet/vae/text_encoder/tokenizer/scheduler objects: one copy of the weights.
+        img2img = StableDiffusionControlNetImg2ImgPipeline.from_pipe(txt2img, controlnet=controlnet)
+        img2img.set_progress_bar_config(disable=True)
+        self.txt2img, self.img2img = txt2img, img2img
+        log.info("models ready on %s (%s), profile %s", self.device, self.dtype, s.profile)
+
+    # --- styles ----------------------------------------------------------------------------
+    def use_style(self, style: StyleRef | None) -> None:
+        """Activate one LoRA style (loading it the first time) or none; base weights stay loaded."""
+        pipe = self.load().txt2img
+        assert pipe is not None
+        if style is None:
+            if self.loaded_styles:
+                pipe.disable_lora()
+            self.active_style = None
+            return
+        adapter = _adapter_name(style.name)
+        if self.loaded_styles.get(adapter) != style.path:
+            if adapter in self.loaded_styles:  # retrained under the same name: reload
+                pipe.delete_adapters(adapter)
+            path = Path(style.path)
+            if not path.exists():
+                raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=adapter)
+            except Exception as exc:
+                raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
+            self.loaded_styles[adapter] = style.path
+        pipe.enable_lora()
+        pipe.set_adapters([adapter], adapter_weights=[style.weight])
+        self.active_style = style.name
+
+    # --- depth -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def depth_map(self, image: Image.Image) -> Image.Image:
+        """Depth of `image` as a 3-channel image of the same size, normalised to 0..255."""
+        self.load()
+        inputs = self.depth_processor(images=image, return_tensors="pt").to(self.device)
+        predicted = self.depth_model(**inputs).predicted_depth  # (1, h, w)
+        depth = torch.nn.functional.interpolate(
+            predicted[:, None].float(), size=(image.height, image.width), mode="bicubic", align_corners=False
+        )[0, 0]
+        low, high = depth.min(), depth.max()
+        depth = (depth - low) / (high - low + 1e-8)
+        array = (depth.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return Image.fromarray(np.stack([array] * 3, axis=-1))
+
+
+def _adapter_name(style_name: str) -> str:
+    # peft adapter names become module attribute keys: keep them identifier-like.
+    return "style_" + "".join(c if c.isalnum() else "_" for c in style_name)

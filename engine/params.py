@@ -1,0 +1,116 @@
+"""Animation parameters: defaults from settings (the paper's), validated before anything runs.
+
+Every front door (CLI, Discord) builds its request through `build_params`, so nothing reaches the
+engine unvalidated and every refusal names the option and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.settings import Settings
+from engine.store import Store
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+
+
+@dataclass(frozen=True)
+class AnimationParams:
+    idea: str
+    frames: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    strength: float
+    seed: int
+    style: str
+    negative_prompt: str
+    controlnet_scale: float
+    color_coherence: bool
+    frame_duration_ms: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnimationParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def build_params(
+    settings: Settings,
+    store: Store | None,
+    idea: str,
+    *,
+    frames: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    strength: float | None = None,
+    seed: int | None = None,
+    style: str | None = None,
+    negative_prompt: str | None = None,
+    controlnet_scale: float | None = None,
+    color_coherence: bool | None = None,
+    frame_duration_ms: int | None = None,
+) -> AnimationParams:
+    idea = " ".join((idea or "").split())
+    if not idea:
+        raise InvalidRequest("the idea is empty: describe what should happen, e.g. 'a dragon glides over a town'")
+    if len(idea) > settings.max_idea_chars:
+        raise InvalidRequest(f"the idea is {len(idea)} characters long; the limit is {settings.max_idea_chars}")
+    p = AnimationParams(
+        idea=idea,
+        frames=settings.frames if frames is None else frames,
+        width=settings.width if width is None else width,
+        height=settings.height if height is None else height,
+        steps=settings.steps if steps is None else steps,
+        guidance=settings.guidance if guidance is None else guidance,
+        strength=settings.strength if strength is None else strength,
+        seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
+        style=(style or "").strip(),
+        negative_prompt=settings.negative_prompt if negative_prompt is None else negative_prompt,
+        controlnet_scale=settings.controlnet_scale if controlnet_scale is None else controlnet_scale,
+        color_coherence=settings.color_coherence if color_coherence is None else color_coherence,
+        frame_duration_ms=settings.frame_duration_ms if frame_duration_ms is None else frame_duration_ms,
+    )
+    if not 1 <= p.frames <= settings.max_frames:
+        raise InvalidRequest(f"frames must be between 1 and {settings.max_frames} (got {p.frames})")
+    for name, value in (("width", p.width), ("height", p.height)):
+        if value % 8 or not settings.min_size <= value <= settings.max_size:
+            raise InvalidRequest(
+                f"{name} must be a multiple of 8 between {settings.min_size} and {settings.max_size} "
+                f"for the {settings.profile} profile (got {value})"
+            )
+    if not 1 <= p.steps <= MAX_STEPS:
+        raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS} (got {p.steps})")
+    if not 0 < p.strength <= 1:
+        raise InvalidRequest(f"strength must be above 0 and at most 1 (got {p.strength})")
+    if p.frames > 1 and int(p.steps * p.strength) < 1:
+        # diffusers runs int(steps * strength) denoising steps for img2img frames.
+        raise InvalidRequest(
+            f"strength {p.strength} x steps {p.steps} gives no denoising step for frames 2..N: "
+            "raise steps or strength"
+        )
+    if not 0 <= p.guidance <= MAX_GUIDANCE:
+        raise InvalidRequest(f"guidance must be between 0 and {MAX_GUIDANCE} (got {p.guidance})")
+    if not 0 <= p.controlnet_scale <= 2:
+        raise InvalidRequest(f"controlnet scale must be between 0 and 2 (got {p.controlnet_scale})")
+    if not 0 <= p.seed <= MAX_SEED:
+        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED} (got {p.seed})")
+    if not 20 <= p.frame_duration_ms <= 5000:
+        raise InvalidRequest(f"frame duration must be between 20 and 5000 ms (got {p.frame_duration_ms})")
+    if p.style and (store is None or store.style(p.style) is None):
+        known = ", ".join(s["name"] for s in store.styles()) if store else ""
+        hint = f"known styles are {known}" if known else "no styles are registered yet"
+        raise InvalidRequest(f"unknown style '{p.style}': {hint}")
+    return p

@@ -1,0 +1,214 @@
+"""SQLite via sqlite-utils: the truth for jobs, frames, styles and datasets.
+
+Rows are written before work starts or anything is acknowledged; artifacts are files under the data
+dir referenced from rows. One connection is shared by the event loop and the worker thread, so every
+call takes a lock (SQLite itself serialises writers; the lock keeps sqlite3's cursor state sane).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+OPEN_STATUSES = ("queued", "running")
+
+
+def now() -> float:
+    return time.time()
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(conn)
+        self.path = path
+        self._lock = threading.RLock()
+        self._migrate()
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite_utils.Database]:
+        with self._lock:
+            yield self.db
+
+    def _migrate(self) -> None:
+        with self._locked() as db:
+            db["jobs"].create(
+                {
+                    "id": int,
+                    "kind": str,  # animate | train
+                    "status": str,
+                    "owner_id": int,
+                    "owner_name": str,
+                    "guild_id": int,
+                    "channel_id": int,
+                    "status_message_id": int,  # the message edited with progress
+                    "result_message_id": int,
+                    "idea": str,
+                    "params": str,  # JSON: everything needed to reproduce
+                    "parent_job_id": int,
+                    "regen_from": int,  # 0-based frame index a regeneration starts at
+                    "error": str,
+                    "gif_path": str,
+                    "posted": int,
+                    "created_at": float,
+                    "started_at": float,
+                    "finished_at": float,
+                },
+                pk="id",
+                if_not_exists=True,
+                defaults={"posted": 0},
+            )
+            db["jobs"].create_index(["status"], if_not_exists=True)
+            db["jobs"].create_index(["result_message_id"], if_not_exists=True)
+            db["frames"].create(
+                {
+                    "job_id": int,
+                    "idx": int,
+                    "prompt": str,
+                    "seed": int,
+                    "strength": float,
+                    "steps": int,
+                    "guidance": float,
+                    "style": str,
+                    "path": str,
+                },
+                pk=("job_id", "idx"),
+                if_not_exists=True,
+            )
+            db["styles"].create(
+                {
+                    "name": str,
+                    "trigger": str,
+                    "adapter": str,
+                    "path": str,
+                    "weight": float,
+                    "steps": int,
+                    "dataset_id": int,
+                    "metrics": str,
+                    "created_at": float,
+                },
+                pk="name",
+                if_not_exists=True,
+            )
+            db["datasets"].create(
+                {
+                    "id": int,
+                    "style_name": str,
+                    "trigger": str,
+                    "owner_id": int,
+                    "guild_id": int,
+                    "channel_id": int,
+                    "preview_message_id": int,
+                    "path": str,
+                    "n_images": int,
+                    "status": str,  # pending | approved | rejected | trained | failed
+                    "params": str,
+                    "created_at": float,
+                },
+                pk="id",
+                if_not_exists=True,
+            )
+
+    # --- jobs -----------------------------------------------------------------------------
+    def add_job(self, **fields: Any) -> int:
+        fields.setdefault("kind", "animate")
+        fields.setdefault("status", "queued")
+        fields["created_at"] = now()
+        if isinstance(fields.get("params"), dict):
+            fields["params"] = json.dumps(fields["params"])
+        with self._locked() as db:
+            return int(db["jobs"].insert(fields).last_pk)
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        with self._locked() as db:
+            rows = list(db["jobs"].rows_where("id = ?", [job_id]))
+        return _decode_job(rows[0]) if rows else None
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        if isinstance(fields.get("params"), dict):
+            fields["params"] = json.dumps(fields["params"])
+        with self._locked() as db:
+            db["jobs"].update(job_id, fields)
+
+    def jobs_where(self, where: str, args: list[Any], order_by: str = "id") -> list[dict[str, Any]]:
+        with self._locked() as db:
+            return [_decode_job(r) for r in db["jobs"].rows_where(where, args, order_by=order_by)]
+
+    def open_jobs(self) -> list[dict[str, Any]]:
+        return self.jobs_where("status in ('queued', 'running')", [])
+
+    def job_by_result_message(self, message_id: int) -> dict[str, Any] | None:
+        rows = self.jobs_where("result_message_id = ?", [message_id])
+        return rows[0] if rows else None
+
+    # --- frames ---------------------------------------------------------------------------
+    def put_frame(self, job_id: int, idx: int, **fields: Any) -> None:
+        with self._locked() as db:
+            db["frames"].upsert({"job_id": job_id, "idx": idx, **fields}, pk=("job_id", "idx"))
+
+    def frames(self, job_id: int) -> list[dict[str, Any]]:
+        with self._locked() as db:
+            return list(db["frames"].rows_where("job_id = ?", [job_id], order_by="idx"))
+
+    # --- styles ---------------------------------------------------------------------------
+    def add_style(self, name: str, path: str, trigger: str = "", adapter: str = "lora", **fields: Any) -> None:
+        if isinstance(fields.get("metrics"), dict):
+            fields["metrics"] = json.dumps(fields["metrics"])
+        row = {"name": name, "path": path, "trigger": trigger, "adapter": adapter, "created_at": now()}
+        row.setdefault("weight", 1.0)
+        row.update(fields)
+        with self._locked() as db:
+            db["styles"].upsert(row, pk="name")
+
+    def style(self, name: str) -> dict[str, Any] | None:
+        with self._locked() as db:
+            rows = list(db["styles"].rows_where("name = ?", [name]))
+        return rows[0] if rows else None
+
+    def styles(self) -> list[dict[str, Any]]:
+        with self._locked() as db:
+            return list(db["styles"].rows_where(order_by="name"))
+
+    # --- datasets -------------------------------------------------------------------------
+    def add_dataset(self, **fields: Any) -> int:
+        fields.setdefault("status", "pending")
+        fields["created_at"] = now()
+        if isinstance(fields.get("params"), dict):
+            fields["params"] = json.dumps(fields["params"])
+        with self._locked() as db:
+            return int(db["datasets"].insert(fields).last_pk)
+
+    def dataset(self, dataset_id: int) -> dict[str, Any] | None:
+        with self._locked() as db:
+            rows = list(db["datasets"].rows_where("id = ?", [dataset_id]))
+        return rows[0] if rows else None
+
+    def update_dataset(self, dataset_id: int, **fields: Any) -> None:
+        with self._locked() as db:
+            db["datasets"].update(dataset_id, fields)
+
+    def datasets_where(self, where: str, args: list[Any]) -> list[dict[str, Any]]:
+        with self._locked() as db:
+            return list(db["datasets"].rows_where(where, args, order_by="id"))
+
+
+def _decode_job(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["params"] = json.loads(row["params"]) if row.get("params") else {}
+    return row
+
+
+def open_store(data_dir: Path) -> Store:
+    return Store(data_dir / "emaki.db")

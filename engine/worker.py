@@ -1,0 +1,181 @@
+"""Runs one animation job: plan (story, seeds) -> frames -> GIF, yielding typed events.
+
+Everything needed to reproduce a frame is in its row before it is rendered. A job interrupted by a
+crash resumes at its first frame without a file; a regeneration job starts with the parent's frames
+before k already copied, so the same `run` serves new, resumed and regenerated jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from engine.animate import FramePlan, frame_seed, render_frames
+from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
+from engine.events import Event, Failed, Finished, FrameDone, Started, StepProgress, StoryReady
+from engine.media import encode_gif
+from engine.models import Models, StyleRef
+from engine.params import AnimationParams
+from engine.settings import Settings
+from engine.store import Store, now
+from engine.story import StoryTeller
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half file that looks like a result."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+class Engine:
+    def __init__(self, settings: Settings, store: Store, models: Models | None = None,
+                 story: StoryTeller | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.models = models or Models(settings)
+        self.story = story or StoryTeller(settings)
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.settings.data_dir / "jobs" / str(job_id)
+
+    # --- creating jobs (rows first, so nothing is acknowledged before it is durable) ----------
+    def create_job(self, params: AnimationParams, **owner: Any) -> int:
+        return self.store.add_job(kind="animate", idea=params.idea, params=params.to_dict(), **owner)
+
+    def create_regeneration(self, parent_id: int, from_index: int, **owner: Any) -> int:
+        """A new job that keeps the parent's frames before `from_index` byte-for-byte, gives frame
+        `from_index` a new seed and re-chains the frames after it (with their recorded seeds)."""
+        parent = self.store.job(parent_id)
+        frames = self.store.frames(parent_id)
+        if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
+            raise InvalidRequest(f"job {parent_id} has no finished animation to regenerate from")
+        if not 0 <= from_index < len(frames):
+            raise InvalidRequest(f"frame {from_index + 1} does not exist: this animation has {len(frames)} frames")
+        job_id = self.store.add_job(kind="animate", idea=parent["idea"], params=parent["params"],
+                                    parent_job_id=parent_id, regen_from=from_index, **owner)
+        job_dir = self.job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        for row in frames:
+            row = dict(row, job_id=job_id)
+            if row["idx"] < from_index:
+                target = job_dir / Path(row["path"]).name
+                shutil.copyfile(row["path"], target)
+                row["path"] = str(target)
+            else:
+                row["path"] = ""
+                if row["idx"] == from_index:
+                    row["seed"] = frame_seed(parent["params"]["seed"], from_index, reroll=job_id)
+            self.store.put_frame(job_id, row["idx"], **{k: v for k, v in row.items() if k not in ("job_id", "idx")})
+        return job_id
+
+    # --- running ------------------------------------------------------------------------------
+    def run(self, job_id: int, cancel: threading.Event | None = None,
+            on_step: Callable[[StepProgress], None] | None = None) -> Iterator[Event]:
+        """Run a job to its end, yielding events. Never raises for job errors: they become Failed."""
+        cancelled = cancel.is_set if cancel is not None else (lambda: False)
+        self.store.update_job(job_id, status="running", started_at=now(), error=None)
+        yield Started(job_id)
+        try:
+            yield from self._run(job_id, cancelled, on_step)
+        except JobCancelled:
+            self.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
+            yield Failed(job_id, "cancelled")
+        except EmakiError as exc:
+            self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
+            yield Failed(job_id, str(exc))
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            reason = f"internal error ({type(exc).__name__}); the admin can find details in the bot's log"
+            self.store.update_job(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
+            yield Failed(job_id, reason)
+
+    def _check_disk(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.settings.data_dir).free
+        if free < self.settings.min_free_bytes:
+            raise ResourceError(
+                f"only {free // 2**20} MiB free in {self.settings.data_dir}; "
+                f"at least {self.settings.min_free_bytes // 2**20} MiB are needed"
+            )
+
+    def _style(self, name: str) -> StyleRef | None:
+        if not name:
+            return None
+        row = self.store.style(name)
+        if row is None:
+            raise InvalidRequest(f"unknown style '{name}': it was removed after the job was queued")
+        return StyleRef(name=row["name"], path=row["path"], trigger=row["trigger"] or "", weight=row["weight"] or 1.0)
+
+    def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
+        rows = self.store.frames(job_id)
+        if len(rows) != params.frames:  # new job: ask the story teller, record every frame's recipe
+            prompts, source = self.story.frames(params.idea, params.frames, style.trigger if style else "")
+            for i, prompt in enumerate(prompts):
+                self.store.put_frame(job_id, i, prompt=prompt, seed=frame_seed(params.seed, i),
+                                     strength=params.strength, steps=params.steps, guidance=params.guidance,
+                                     style=params.style, path="")
+            rows = self.store.frames(job_id)
+        else:
+            source = "recorded"
+        plans = [FramePlan(r["idx"], r["prompt"], r["seed"], r["strength"], r["steps"], r["guidance"]) for r in rows]
+        return plans, source
+
+    def _run(self, job_id: int, cancelled: Callable[[], bool],
+             on_step: Callable[[StepProgress], None] | None) -> Iterator[Event]:
+        job = self.store.job(job_id)
+        if job is None:
+            raise InvalidRequest(f"job {job_id} does not exist")
+        params = AnimationParams.from_dict(job["params"])
+        self._check_disk()
+        style = self._style(params.style)
+        plans, source = self._plan(job_id, params, style)
+        yield StoryReady(job_id, [p.prompt for p in plans], source)
+
+        job_dir = self.job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        rows = self.store.frames(job_id)
+        done = [r for r in rows if r["path"] and Path(r["path"]).exists()]
+        start = len(done) if [r["idx"] for r in done] == list(range(len(done))) else 0
+        images: list[Image.Image] = [Image.open(r["path"]).convert("RGB") for r in rows[:start]]
+        for i, image in enumerate(images):  # frames kept from a parent or an interrupted run
+            yield FrameDone(job_id, i, params.frames, image, Path(rows[i]["path"]))
+
+        self.models.use_style(style)
+
+        def step_hook(frame: int, step: int, total: int) -> None:
+            if on_step is not None:
+                on_step(StepProgress(job_id, frame, step, total))
+
+        for index, image in render_frames(
+            self.models, params, plans, start=start,
+            previous=images[start - 1] if start else None,
+            reference=images[0] if images else None,
+            on_step=step_hook, cancelled=cancelled,
+        ):
+            path = job_dir / f"frame_{index + 1:02d}.png"
+            save_png_atomic(image, path)
+            self.store.put_frame(job_id, index, path=str(path))
+            images.append(image)
+            yield FrameDone(job_id, index, params.frames, image, path)
+
+        gif_path = job_dir / "animation.gif"
+        write_atomic(gif_path, encode_gif(images, duration_ms=params.frame_duration_ms))
+        self.store.update_job(job_id, status="done", finished_at=now(), gif_path=str(gif_path))
+        frame_paths = [Path(r["path"]) for r in self.store.frames(job_id)]
+        yield Finished(job_id, gif_path, frame_paths)
