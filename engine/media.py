@@ -39,7 +39,10 @@ def encode_gif(frames: Sequence[Image.Image], duration_ms: int = 100, colors: in
         duration=duration_ms,
         loop=loop,
         disposal=1,
-        optimize=False,  # keep the one global palette: per-frame optimisation reintroduces flicker
+        # Naming the palette makes Pillow write it once as the global table and no local tables;
+        # without it every frame after the first carries its own (and viewers may flicker).
+        palette=palette.getpalette(),
+        optimize=False,
     )
     return buffer.getvalue()
 

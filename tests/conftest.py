@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine.models import Models
+from engine.settings import Settings, load_settings
+from engine.store import Store, open_store
+from engine.worker import Engine
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's shell must not leak real endpoints or tokens into the tests.
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("EMAKI_") or key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "DISCORD_TOKEN"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    logging.getLogger("engine").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    """Tiny random-weight models, built once: building is cheap but not free."""
+    settings = Settings(profile="tiny", data_dir=tmp_path_factory.mktemp("models"))
+    return Models(settings).load()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return load_settings(profile="tiny", data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def store(settings: Settings) -> Store:
+    return open_store(settings.data_dir)
+
+
+@pytest.fixture
+def engine(settings: Settings, store: Store, shared_tiny_models: Models) -> Engine:
+    shared_tiny_models.use_style(None)
+    return Engine(settings, store, models=shared_tiny_models)

@@ -1,0 +1,110 @@
+"""`emaki animate` as a user runs it: outputs, sidecar, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from emaki.cli import main
+
+FAST = ["--steps", "6", "--strength", "0.5", "-q"]
+
+
+@pytest.fixture
+def tiny_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_animate_writes_gif_frames_and_sidecar(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tiny_env / "dragon.gif"
+    code = main(["animate", "a ghibli dragon perches on a hill, then glides over a medieval town",
+                 "--out", str(out), "--frames", "3", "--seed", "123", *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).n_frames == 3
+    frames = sorted((tiny_env / "dragon_frames").glob("*.png"))
+    assert [f.name for f in frames] == ["frame_01.png", "frame_02.png", "frame_03.png"]
+    sidecar = json.loads((tiny_env / "dragon.json").read_text())
+    assert sidecar["params"]["seed"] == 123 and sidecar["params"]["strength"] == 0.5
+    assert [f["file"] for f in sidecar["frames"]] == [f"dragon_frames/{f.name}" for f in frames]
+    assert all({"prompt", "seed", "steps", "guidance", "strength"} <= set(f) for f in sidecar["frames"])
+    assert sidecar["models"]["profile"] == "tiny"
+    assert not list(tiny_env.glob(".dragon*"))  # no temp folder left behind
+
+
+def test_progress_bars_name_each_stage(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["animate", "a fox", "--out", "fox.gif", "--frames", "2", "--steps", "4", "--strength", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "story" in err and "frame 1/2" in err and "frame 2/2" in err and "gif" in err
+
+
+def test_styles_add_and_list(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers import make_random_lora
+
+    weights = make_random_lora(tiny_env / "lora")
+    assert main(["styles", "add", "inkwash", str(weights), "--trigger", "inkwash"]) == 0
+    assert main(["styles"]) == 0
+    assert "inkwash\ttrigger=inkwash" in capsys.readouterr().out
+    assert main(["animate", "a fox", "--style", "inkwash", "--frames", "1", "--out", "fox.gif", *FAST]) == 0
+
+
+BAD_INPUTS = [
+    (["animate", "   "], "the idea is empty"),
+    (["animate", "x" * 501], "the idea is 501 characters long; the limit is 500"),
+    (["animate", "a fox", "--frames", "0"], "frames must be between 1 and 16"),
+    (["animate", "a fox", "--frames", "17"], "frames must be between 1 and 16"),
+    (["animate", "a fox", "--width", "60"], "width must be a multiple of 8 between 32 and 256"),
+    (["animate", "a fox", "--height", "512"], "height must be a multiple of 8 between 32 and 256"),
+    (["animate", "a fox", "--strength", "0"], "strength must be above 0 and at most 1"),
+    (["animate", "a fox", "--strength", "1.5"], "strength must be above 0 and at most 1"),
+    (["animate", "a fox", "--strength", "0.01", "--steps", "50"], "gives no denoising step"),
+    (["animate", "a fox", "--style", "nope"], "unknown style 'nope': no styles are registered yet"),
+    (["animate", "a fox", "--out", "missing/dir/fox.gif"], "output folder missing/dir does not exist"),
+    (["animate", "a fox", "--out", "fox.png"], "does not end in .gif"),
+    (["styles", "add", "x", "nope.safetensors"], "style weights file nope.safetensors does not exist"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(argv: list[str], message: str, tiny_env: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {err.removeprefix('error: ')}" and "\n" not in err and "Traceback" not in err
+    assert message in err
+    assert not list(tiny_env.glob("*.gif")) and not list(tiny_env.glob("*_frames"))
+
+
+def test_sd15_profile_defaults_and_size_range(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path))
+    assert main(["animate", "a fox", "--width", "1032", "--profile", "sd15"]) == 2
+    assert "between 256 and 1024 for the sd15 profile" in capsys.readouterr().err
+
+
+def test_unreadable_model_path(tiny_env: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "sd15")
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(tiny_env / "no-such-model"))
+    assert main(["animate", "a fox", "--out", "fox.gif", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load base model: local path" in err and "no-such-model" in err
+    broken = tiny_env / "broken-model"
+    broken.mkdir()
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(broken))
+    assert main(["animate", "a fox", "--out", "fox.gif", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot load base model from '{broken}'") and "\n" not in err
+    assert not (tiny_env / "fox.gif").exists()
+
+
+def test_no_disk_space(tiny_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EMAKI_MIN_FREE_BYTES", str(1 << 62))
+    assert main(["animate", "a fox", "--out", "fox.gif", *FAST]) == 2
+    assert "MiB free" in capsys.readouterr().err
+    assert not (tiny_env / "fox.gif").exists() and not (tiny_env / "fox_frames").exists()
