@@ -55,9 +55,18 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"output folder {out.parent} does not exist")
     store = open_store(settings.data_dir)
     params = build_params(
-        settings, store, args.idea, frames=args.frames, width=args.width, height=args.height,
-        steps=args.steps, guidance=args.guidance, strength=args.strength, seed=args.seed,
-        style=args.style, negative_prompt=args.negative_prompt,
+        settings,
+        store,
+        args.idea,
+        frames=args.frames,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance=args.guidance,
+        strength=args.strength,
+        seed=args.seed,
+        style=args.style,
+        negative_prompt=args.negative_prompt,
         color_coherence=None if args.color_coherence is None else args.color_coherence,
         frame_duration_ms=args.duration,
     )
@@ -73,8 +82,13 @@ def cmd_animate(args: argparse.Namespace) -> int:
         if bar is None or bar.desc != f"frame {event.frame_index + 1}/{params.frames}":
             if bar is not None:
                 bar.close()
-            bar = tqdm(total=event.total_steps, desc=f"frame {event.frame_index + 1}/{params.frames}",
-                       unit="step", leave=True, file=sys.stderr)
+            bar = tqdm(
+                total=event.total_steps,
+                desc=f"frame {event.frame_index + 1}/{params.frames}",
+                unit="step",
+                leave=True,
+                file=sys.stderr,
+            )
         bar.n = event.step
         bar.refresh()
 
@@ -112,8 +126,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_outputs(out: Path, fmt: str, result: Any, engine: Any, job_id: int, settings: Settings,
-                   encode_webp: Any, write_mp4: Any) -> None:
+def _write_outputs(
+    out: Path, fmt: str, result: Any, engine: Any, job_id: int, settings: Settings, encode_webp: Any, write_mp4: Any
+) -> None:
     """Animation, frames folder and JSON sidecar, written in a temp folder and moved into place,
     so a failure leaves nothing that looks like a result."""
     import diffusers
@@ -228,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--style", help="a registered style name (emaki styles)")
     animate.add_argument("--negative-prompt")
     animate.add_argument("--duration", type=int, help="milliseconds per frame (default 100)")
-    animate.add_argument("--color-coherence", action=argparse.BooleanOptionalAction, default=None,
-                         help="match every frame's colours to frame 1")
+    animate.add_argument(
+        "--color-coherence",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="match every frame's colours to frame 1",
+    )
     animate.add_argument("--story-backend", help="auto, hf, openai, transformers or fallback")
     animate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     animate.set_defaults(func=cmd_animate)
@@ -253,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:
         _quiet_libraries()
     try:

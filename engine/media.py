@@ -49,8 +49,15 @@ def encode_gif(frames: Sequence[Image.Image], duration_ms: int = 100, colors: in
 
 def encode_webp(frames: Sequence[Image.Image], duration_ms: int = 100, quality: int = 85) -> bytes:
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="WEBP", save_all=True, append_images=list(frames[1:]),
-                   duration=duration_ms, loop=0, quality=quality)
+    frames[0].save(
+        buffer,
+        format="WEBP",
+        save_all=True,
+        append_images=list(frames[1:]),
+        duration=duration_ms,
+        loop=0,
+        quality=quality,
+    )
     return buffer.getvalue()
 
 
@@ -67,7 +74,7 @@ def write_mp4(frames: Sequence[Image.Image], path: Path, duration_ms: int = 100)
             for frame in frames:
                 writer.append_data(np.asarray(frame.convert("RGB")))
     except (ImportError, ValueError, RuntimeError) as exc:
-        raise InvalidRequest(f"MP4 output needs imageio-ffmpeg (pip install \"emaki[mp4]\"): {exc}") from exc
+        raise InvalidRequest(f'MP4 output needs imageio-ffmpeg (pip install "emaki[mp4]"): {exc}') from exc
 
 
 def thumbnail(image: Image.Image, max_side: int = 256) -> Image.Image:
@@ -76,8 +83,9 @@ def thumbnail(image: Image.Image, max_side: int = 256) -> Image.Image:
     return thumb
 
 
-def contact_sheet(images: Sequence[Image.Image], total: int | None = None, tile: int = 160,
-                  columns: int = 5) -> Image.Image:
+def contact_sheet(
+    images: Sequence[Image.Image], total: int | None = None, tile: int = 160, columns: int = 5
+) -> Image.Image:
     """Frames done so far in a grid; `total` leaves grey tiles for frames still to come."""
     count = max(total or len(images), len(images), 1)
     columns = min(columns, count)
@@ -108,10 +116,14 @@ def fit_to_bytes(
     variant is too large.
     """
     for scale in SCALE_STEPS:
-        scaled = frames if scale == 1.0 else [
-            f.resize((max(8, round(f.width * scale)), max(8, round(f.height * scale))), Image.Resampling.LANCZOS)
-            for f in frames
-        ]
+        scaled = (
+            frames
+            if scale == 1.0
+            else [
+                f.resize((max(8, round(f.width * scale)), max(8, round(f.height * scale))), Image.Resampling.LANCZOS)
+                for f in frames
+            ]
+        )
         for colors in PALETTE_STEPS:
             data = encode_gif(scaled, duration_ms=duration_ms, colors=colors)
             if len(data) <= limit_bytes:

@@ -73,7 +73,7 @@ def _load(what: str, ref: str, loader: Any, **kwargs: Any) -> Any:
         raise ModelLoadError(f"cannot load {what}: local path '{ref}' does not exist")
     try:
         return loader(str(Path(ref).expanduser()) if _looks_local(ref) else ref, **kwargs)
-    except Exception as exc:
+    except Exception as exc:  # any loader failure becomes one clear line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {what} from '{ref}': {first_line}") from exc
 
@@ -130,8 +130,11 @@ class Models:
                 token=token,
             )
             controlnet = _load(
-                "depth ControlNet", s.controlnet_model, ControlNetModel.from_pretrained,
-                torch_dtype=self.dtype, token=token,
+                "depth ControlNet",
+                s.controlnet_model,
+                ControlNetModel.from_pretrained,
+                torch_dtype=self.dtype,
+                token=token,
             )
             self.depth_model = _load(
                 "depth estimator", s.depth_model, AutoModelForDepthEstimation.from_pretrained, token=token
@@ -141,9 +144,7 @@ class Models:
             )
         if s.scheduler != "default":
             if s.scheduler not in SCHEDULERS:
-                raise InvalidRequest(
-                    f"unknown scheduler '{s.scheduler}': use default, {', '.join(SCHEDULERS)}"
-                )
+                raise InvalidRequest(f"unknown scheduler '{s.scheduler}': use default, {', '.join(SCHEDULERS)}")
             txt2img.scheduler = SCHEDULERS[s.scheduler].from_config(txt2img.scheduler.config)
         txt2img.to(self.device, self.dtype)
         controlnet.to(self.device, self.dtype)
@@ -175,7 +176,7 @@ class Models:
                 raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
             try:
                 pipe.load_lora_weights(str(path), adapter_name=adapter)
-            except Exception as exc:
+            except Exception as exc:  # a broken style file must not take the bot down
                 raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
             self.loaded_styles[adapter] = style.path
         pipe.enable_lora()

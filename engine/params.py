@@ -98,8 +98,7 @@ def build_params(
     if p.frames > 1 and int(p.steps * p.strength) < 1:
         # diffusers runs int(steps * strength) denoising steps for img2img frames.
         raise InvalidRequest(
-            f"strength {p.strength} x steps {p.steps} gives no denoising step for frames 2..N: "
-            "raise steps or strength"
+            f"strength {p.strength} x steps {p.steps} gives no denoising step for frames 2..N: raise steps or strength"
         )
     if not 0 <= p.guidance <= MAX_GUIDANCE:
         raise InvalidRequest(f"guidance must be between 0 and {MAX_GUIDANCE} (got {p.guidance})")

@@ -95,9 +95,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
-            raise InvalidRequest(
-                f"unknown profile '{self.profile}': choose one of {', '.join(PROFILES)}"
-            )
+            raise InvalidRequest(f"unknown profile '{self.profile}': choose one of {', '.join(PROFILES)}")
         for key, value in PROFILES[self.profile].items():
             if not getattr(self, key):
                 setattr(self, key, value)

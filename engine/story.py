@@ -206,7 +206,7 @@ class StoryTeller:
                     log.warning("story backend %s gave an unusable answer; using fallback", self.backend.name)
                 else:
                     source = self.backend.name
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - an LLM outage must not fail the animation
                 log.warning("story backend %s failed (%s); using fallback", self.backend.name, type(exc).__name__)
         if frames is None:
             frames = fallback_frames(idea, n_frames)

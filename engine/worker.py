@@ -44,8 +44,9 @@ def save_png_atomic(image: Image.Image, path: Path) -> None:
 
 
 class Engine:
-    def __init__(self, settings: Settings, store: Store, models: Models | None = None,
-                 story: StoryTeller | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, models: Models | None = None, story: StoryTeller | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.models = models or Models(settings)
@@ -58,17 +59,24 @@ class Engine:
     def create_job(self, params: AnimationParams, **owner: Any) -> int:
         return self.store.add_job(kind="animate", idea=params.idea, params=params.to_dict(), **owner)
 
-    def create_regeneration(self, parent_id: int, from_index: int, **owner: Any) -> int:
+    def create_regeneration(self, parent_id: int, from_index: int, reseed_all: bool = False, **owner: Any) -> int:
         """A new job that keeps the parent's frames before `from_index` byte-for-byte, gives frame
-        `from_index` a new seed and re-chains the frames after it (with their recorded seeds)."""
+        `from_index` a new seed and re-chains the frames after it (with their recorded seeds, or new
+        ones too with `reseed_all`: a reroll)."""
         parent = self.store.job(parent_id)
         frames = self.store.frames(parent_id)
         if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
             raise InvalidRequest(f"job {parent_id} has no finished animation to regenerate from")
         if not 0 <= from_index < len(frames):
             raise InvalidRequest(f"frame {from_index + 1} does not exist: this animation has {len(frames)} frames")
-        job_id = self.store.add_job(kind="animate", idea=parent["idea"], params=parent["params"],
-                                    parent_job_id=parent_id, regen_from=from_index, **owner)
+        job_id = self.store.add_job(
+            kind="animate",
+            idea=parent["idea"],
+            params=parent["params"],
+            parent_job_id=parent_id,
+            regen_from=from_index,
+            **owner,
+        )
         job_dir = self.job_dir(job_id)
         job_dir.mkdir(parents=True, exist_ok=True)
         for row in frames:
@@ -79,14 +87,15 @@ class Engine:
                 row["path"] = str(target)
             else:
                 row["path"] = ""
-                if row["idx"] == from_index:
-                    row["seed"] = frame_seed(parent["params"]["seed"], from_index, reroll=job_id)
+                if row["idx"] == from_index or reseed_all:
+                    row["seed"] = frame_seed(parent["params"]["seed"], row["idx"], reroll=job_id)
             self.store.put_frame(job_id, row["idx"], **{k: v for k, v in row.items() if k not in ("job_id", "idx")})
         return job_id
 
     # --- running ------------------------------------------------------------------------------
-    def run(self, job_id: int, cancel: threading.Event | None = None,
-            on_step: Callable[[StepProgress], None] | None = None) -> Iterator[Event]:
+    def run(
+        self, job_id: int, cancel: threading.Event | None = None, on_step: Callable[[StepProgress], None] | None = None
+    ) -> Iterator[Event]:
         """Run a job to its end, yielding events. Never raises for job errors: they become Failed."""
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
         self.store.update_job(job_id, status="running", started_at=now(), error=None)
@@ -99,7 +108,7 @@ class Engine:
         except EmakiError as exc:
             self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
             yield Failed(job_id, str(exc))
-        except Exception as exc:
+        except Exception as exc:  # one bad job must not stop the queue
             log.exception("job %s failed", job_id)
             reason = f"internal error ({type(exc).__name__}); the admin can find details in the bot's log"
             self.store.update_job(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
@@ -127,17 +136,26 @@ class Engine:
         if len(rows) != params.frames:  # new job: ask the story teller, record every frame's recipe
             prompts, source = self.story.frames(params.idea, params.frames, style.trigger if style else "")
             for i, prompt in enumerate(prompts):
-                self.store.put_frame(job_id, i, prompt=prompt, seed=frame_seed(params.seed, i),
-                                     strength=params.strength, steps=params.steps, guidance=params.guidance,
-                                     style=params.style, path="")
+                self.store.put_frame(
+                    job_id,
+                    i,
+                    prompt=prompt,
+                    seed=frame_seed(params.seed, i),
+                    strength=params.strength,
+                    steps=params.steps,
+                    guidance=params.guidance,
+                    style=params.style,
+                    path="",
+                )
             rows = self.store.frames(job_id)
         else:
             source = "recorded"
         plans = [FramePlan(r["idx"], r["prompt"], r["seed"], r["strength"], r["steps"], r["guidance"]) for r in rows]
         return plans, source
 
-    def _run(self, job_id: int, cancelled: Callable[[], bool],
-             on_step: Callable[[StepProgress], None] | None) -> Iterator[Event]:
+    def _run(
+        self, job_id: int, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
+    ) -> Iterator[Event]:
         job = self.store.job(job_id)
         if job is None:
             raise InvalidRequest(f"job {job_id} does not exist")
@@ -163,10 +181,14 @@ class Engine:
                 on_step(StepProgress(job_id, frame, step, total))
 
         for index, image in render_frames(
-            self.models, params, plans, start=start,
+            self.models,
+            params,
+            plans,
+            start=start,
             previous=images[start - 1] if start else None,
             reference=images[0] if images else None,
-            on_step=step_hook, cancelled=cancelled,
+            on_step=step_hook,
+            cancelled=cancelled,
         ):
             path = job_dir / f"frame_{index + 1:02d}.png"
             save_png_atomic(image, path)

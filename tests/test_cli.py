@@ -23,8 +23,19 @@ def tiny_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_animate_writes_gif_frames_and_sidecar(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tiny_env / "dragon.gif"
-    code = main(["animate", "a ghibli dragon perches on a hill, then glides over a medieval town",
-                 "--out", str(out), "--frames", "3", "--seed", "123", *FAST])
+    code = main(
+        [
+            "animate",
+            "a ghibli dragon perches on a hill, then glides over a medieval town",
+            "--out",
+            str(out),
+            "--frames",
+            "3",
+            "--seed",
+            "123",
+            *FAST,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert Image.open(out).n_frames == 3
     frames = sorted((tiny_env / "dragon_frames").glob("*.png"))
@@ -71,8 +82,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(argv: list[str], message: str, tiny_env: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_clear_line(
+    argv: list[str], message: str, tiny_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {err.removeprefix('error: ')}" and "\n" not in err and "Traceback" not in err
@@ -80,15 +92,17 @@ def test_bad_input_is_one_clear_line(argv: list[str], message: str, tiny_env: Pa
     assert not list(tiny_env.glob("*.gif")) and not list(tiny_env.glob("*_frames"))
 
 
-def test_sd15_profile_defaults_and_size_range(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_sd15_profile_defaults_and_size_range(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path))
     assert main(["animate", "a fox", "--width", "1032", "--profile", "sd15"]) == 2
     assert "between 256 and 1024 for the sd15 profile" in capsys.readouterr().err
 
 
-def test_unreadable_model_path(tiny_env: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_model_path(
+    tiny_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("EMAKI_PROFILE", "sd15")
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(tiny_env / "no-such-model"))
     assert main(["animate", "a fox", "--out", "fox.gif", "-q"]) == 2
@@ -108,3 +122,8 @@ def test_no_disk_space(tiny_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     assert main(["animate", "a fox", "--out", "fox.gif", *FAST]) == 2
     assert "MiB free" in capsys.readouterr().err
     assert not (tiny_env / "fox.gif").exists() and not (tiny_env / "fox_frames").exists()
+
+
+def test_bot_without_token_says_what_to_do(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bot"]) == 2
+    assert "DISCORD_TOKEN is not set" in capsys.readouterr().err

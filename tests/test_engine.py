@@ -19,8 +19,9 @@ FAST = dict(steps=10, strength=0.5)  # 10 txt2img steps, 5 img2img steps a frame
 
 
 def run(engine: Engine, **options) -> tuple[int, list]:
-    params = build_params(engine.settings, engine.store, options.pop("idea", "a dragon glides over a town"),
-                          **{**FAST, **options})
+    params = build_params(
+        engine.settings, engine.store, options.pop("idea", "a dragon glides over a town"), **{**FAST, **options}
+    )
     job_id = engine.create_job(params)
     return job_id, list(engine.run(job_id))
 

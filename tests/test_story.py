@@ -88,12 +88,18 @@ class FakeLLM:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append({"path": request.path, "auth": request.headers.get("Authorization"), "body": body})
-        return web.json_response({
-            "id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body.get("model") or "m",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": self.answer}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        })
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model") or "m",
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.answer}}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
 
 
 @pytest.fixture

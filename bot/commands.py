@@ -1,0 +1,164 @@
+"""Slash commands. Each validates through the engine's own checks and answers bad input with an
+ephemeral message that says what to change; nothing reaches the engine unvalidated."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+
+from bot import render
+from engine.errors import EmakiError, InvalidRequest
+from engine.params import build_params
+
+if TYPE_CHECKING:
+    from bot.client import EmakiBot
+
+
+async def refuse(interaction: discord.Interaction, message: str) -> None:
+    await interaction.response.send_message(f"⚠️ {message}", ephemeral=True)
+
+
+def register(bot: EmakiBot) -> None:
+    tree = bot.tree
+
+    @tree.command(name="animate", description="Turn an idea into a short Ghibli-style animation")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        prompt="What happens, in one line",
+        frames="Number of frames (default 5)",
+        style="A community style",
+        seed="Seed for reproducible results",
+        strength="How much each frame may change from the previous one (0-1, default 0.15)",
+        steps="Denoising steps (default 50)",
+        guidance="How closely to follow the prompt (default 8.5)",
+    )
+    async def animate(
+        interaction: discord.Interaction,
+        prompt: str,
+        frames: int | None = None,
+        style: str | None = None,
+        seed: int | None = None,
+        strength: float | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> None:
+        assert interaction.guild is not None and interaction.channel is not None
+        try:
+            bot.queue.check_cap(interaction.user.id)
+            params = build_params(
+                bot.settings,
+                bot.store,
+                prompt,
+                frames=frames,
+                style=style,
+                seed=seed,
+                strength=strength,
+                steps=steps,
+                guidance=guidance,
+            )
+        except EmakiError as exc:
+            await refuse(interaction, str(exc))
+            return
+        # The row is committed before the member is told anything: an acknowledged job is durable.
+        job_id = bot.engine.create_job(
+            params,
+            owner_id=interaction.user.id,
+            owner_name=interaction.user.display_name,
+            guild_id=interaction.guild.id,
+            channel_id=interaction.channel.id,
+        )
+        job = bot.store.job(job_id)
+        assert job is not None
+        position = max(bot.queue.position(job_id), 1)
+        await interaction.response.send_message(
+            render.queued(job, position, bot.queue.eta_seconds(position)),
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        message = await interaction.original_response()
+        bot.store.update_job(job_id, status_message_id=message.id)
+        bot.queue.kick()
+
+    @animate.autocomplete("style")
+    async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        needle = current.lower()
+        names = [s["name"] for s in bot.store.styles() if needle in s["name"].lower()]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+
+    @tree.command(name="queue", description="Your jobs and their place in line")
+    @app_commands.guild_only()
+    async def queue(interaction: discord.Interaction) -> None:
+        mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [interaction.user.id])
+        if not mine:
+            await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
+            return
+        lines = []
+        for job in mine:
+            position = bot.queue.position(job["id"])
+            wait = render.eta(bot.queue.eta_seconds(position))
+            where = "rendering now" if position == 0 else f"position {position}, {wait}"
+            lines.append(f"`#{job['id']}` **{render.clip(job['idea'], 80)}**: {where}")
+        total = len(bot.queue.pending())
+        await interaction.response.send_message("\n".join([*lines, f"{total} job(s) queued in all."]), ephemeral=True)
+
+    @tree.command(name="cancel", description="Cancel your queued or running job (the latest, or by number)")
+    @app_commands.guild_only()
+    @app_commands.describe(job="Job number from /queue (default: your latest)")
+    async def cancel(interaction: discord.Interaction, job: int | None = None) -> None:
+        mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [interaction.user.id])
+        target = next((j for j in mine if j["id"] == job), None) if job is not None else (mine[-1] if mine else None)
+        if target is None:
+            await refuse(interaction, "you have no queued or running job" + (f" #{job}" if job else ""))
+            return
+        try:
+            state = bot.queue.cancel(target["id"])
+        except InvalidRequest as exc:
+            await refuse(interaction, str(exc))
+            return
+        if state == "queued":
+            row = bot.store.job(target["id"])
+            assert row is not None
+            await interaction.response.send_message(f"Cancelled job #{target['id']}.", ephemeral=True)
+            with contextlib.suppress(discord.HTTPException):  # the cancel itself is already durable
+                await bot.edit_status(row, content=render.failed(row, "cancelled"))
+            await bot.refresh_queue_positions()
+        else:
+            await interaction.response.send_message(f"Stopping job #{target['id']} at its next step.", ephemeral=True)
+
+    @tree.command(name="styles", description="Styles you can use with /animate")
+    async def styles(interaction: discord.Interaction) -> None:
+        rows = bot.store.styles()
+        if not rows:
+            await interaction.response.send_message("No styles yet: train one with /train.", ephemeral=True)
+            return
+        lines = []
+        for row in rows:
+            metrics = json.loads(row["metrics"]) if row.get("metrics") else {}
+            score = f" · KID {metrics['kid']:.3f}" if isinstance(metrics.get("kid"), float) else ""
+            trigger = f" · trigger `{row['trigger']}`" if row["trigger"] else ""
+            lines.append(f"**{row['name']}** ({row['adapter']}){trigger}{score}")
+        await interaction.response.send_message(render.clip("\n".join(lines)), ephemeral=True)
+
+    @tree.command(name="help", description="How to use emaki")
+    async def help_command(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(render.HELP, ephemeral=True)
+
+    @tree.command(name="pause", description="Pause the queue (jobs stay queued)")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    async def pause(interaction: discord.Interaction) -> None:
+        bot.queue.paused = True
+        await interaction.response.send_message(
+            "Queue paused: queued jobs wait; the running one finishes.", ephemeral=True
+        )
+
+    @tree.command(name="resume", description="Resume the queue")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    async def resume(interaction: discord.Interaction) -> None:
+        bot.queue.paused = False
+        bot.queue.kick()
+        await interaction.response.send_message("Queue resumed.", ephemeral=True)

@@ -1,0 +1,70 @@
+"""Reactions on a result: 🔁 reroll, 1️⃣..🔟 redo from that frame, ❌ delete.
+
+Raw events, so results posted before a restart (not in discord.py's message cache) still work:
+the store maps result message ids to jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+
+from bot import render
+from engine.errors import EmakiError
+
+if TYPE_CHECKING:
+    from bot.client import EmakiBot
+
+log = logging.getLogger(__name__)
+
+
+def register(bot: EmakiBot) -> None:
+    async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
+        if bot.user is None or payload.user_id == bot.user.id or payload.guild_id is None:
+            return
+        job = bot.store.job_by_result_message(payload.message_id)
+        if job is None:
+            return
+        emoji = str(payload.emoji)
+        channel = await bot.channel_for(payload.channel_id)
+        if emoji == render.DELETE:
+            member = payload.member
+            may_delete = payload.user_id == job["owner_id"] or (
+                member is not None and channel.permissions_for(member).manage_messages  # type: ignore[attr-defined]
+            )
+            if may_delete:
+                await channel.get_partial_message(payload.message_id).delete()  # type: ignore[attr-defined]
+                bot.store.update_job(job["id"], result_message_id=None)
+            return
+        if emoji == render.REROLL:
+            from_index, reseed_all = 0, True
+        elif emoji in render.DIGITS:
+            from_index, reseed_all = render.DIGITS.index(emoji), False
+            if from_index >= job["params"]["frames"]:
+                return
+        else:
+            return
+        name = payload.member.display_name if payload.member else str(payload.user_id)
+        try:
+            bot.queue.check_cap(payload.user_id)
+            new_id = bot.engine.create_regeneration(
+                job["id"],
+                from_index,
+                reseed_all=reseed_all,
+                owner_id=payload.user_id,
+                owner_name=name,
+                guild_id=payload.guild_id,
+                channel_id=payload.channel_id,
+            )
+        except EmakiError as exc:
+            # Reactions have no ephemeral reply: a short mention tells the member why nothing happens.
+            await channel.send(
+                f"<@{payload.user_id}> ⚠️ {exc}",
+                allowed_mentions=discord.AllowedMentions(users=[discord.Object(payload.user_id)]),
+            )
+            return
+        await bot.announce(new_id, channel)
+
+    bot.add_listener(on_raw_reaction_add)

@@ -1,0 +1,83 @@
+"""Message texts: what members read. Kept apart from discord.py plumbing so it reads as copy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REROLL = "🔁"
+DELETE = "❌"
+DIGITS = ["1️⃣", "2️⃣", "3️⃣", "4️⃣", "5️⃣", "6️⃣", "7️⃣", "8️⃣", "9️⃣", "🔟"]
+MAX_CONTENT = 2000
+
+
+def clip(text: str, limit: int = MAX_CONTENT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{max(1, round(seconds))} s"
+    return f"~{round(seconds / 60)} min"
+
+
+def queued(job: dict[str, Any], position: int, eta_s: float) -> str:
+    head = _head(job)
+    if position <= 1:
+        return f"🕒 {head}\nQueued: next up ({eta(eta_s)})."
+    return f"🕒 {head}\nQueued: position {position} ({eta(eta_s)})."
+
+
+def _head(job: dict[str, Any]) -> str:
+    params = job["params"]
+    style = f" · style **{params['style']}**" if params.get("style") else ""
+    regen = ""
+    if job.get("parent_job_id") is not None:
+        regen = f" · regenerating from frame {job['regen_from'] + 1}" if job["regen_from"] else " · reroll"
+    return clip(f"<@{job['owner_id']}> **{params['idea']}** · {params['frames']} frames{style}{regen}", 600)
+
+
+def frame_list(prompts: list[str]) -> str:
+    return "\n".join(f"{i}. {p}" for i, p in enumerate(prompts, 1))
+
+
+def progress(job: dict[str, Any], prompts: list[str], done: int) -> str:
+    total = job["params"]["frames"]
+    state = "✍️ Writing the story…" if not prompts else f"🎨 Rendering: {done}/{total} frames done"
+    return clip(f"{_head(job)}\n{state}\n{frame_list(prompts)}")
+
+
+def finished(job: dict[str, Any], result_url: str | None) -> str:
+    where = f" → {result_url}" if result_url else " (posting the result…)"
+    return clip(f"✅ {_head(job)}\nDone{where}")
+
+
+def failed(job: dict[str, Any], reason: str) -> str:
+    if reason == "cancelled":
+        return clip(f"🛑 {_head(job)}\nCancelled.")
+    return clip(f"⚠️ {_head(job)}\nFailed: {reason}")
+
+
+def result(job: dict[str, Any], frames: list[dict[str, Any]], fitted: dict[str, float]) -> str:
+    params = job["params"]
+    n = len(frames)
+    last_digit = DIGITS[min(n, 10) - 1]
+    react = f"React {REROLL} to reroll, {DIGITS[0]}–{last_digit} to redo from that frame, {DELETE} to delete."
+    shrunk = ""
+    if fitted.get("scale", 1) < 1 or fitted.get("colors", 256) < 256:
+        shrunk = f"\n(shrunk to fit the upload limit: {int(fitted['colors'])} colours, {fitted['scale']:.0%} size)"
+    lines = [
+        _head(job),
+        f"seed `{params['seed']}` · {params['width']}x{params['height']} · {params['steps']} steps · "
+        f"guidance {params['guidance']} · strength {params['strength']}",
+        frame_list([f["prompt"] for f in frames]),
+        react + shrunk,
+    ]
+    return clip("\n".join(lines))
+
+
+HELP = f"""**emaki** turns one idea into a short Ghibli-style animation.
+`/animate prompt:<idea>` (options: frames, style, seed, strength, steps, guidance)
+`/queue` your jobs and their place in line · `/cancel` your latest job · `/styles` the styles you can use
+On a result: {REROLL} reroll with new seeds · {DIGITS[0]}…{DIGITS[9]} redo from that frame (earlier frames kept) \
+· {DELETE} delete (the requester or someone with Manage Messages). Rerolls by others are queued as their own jobs.
+Admins (Manage Server): `/pause` and `/resume` the queue."""

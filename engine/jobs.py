@@ -1,0 +1,140 @@
+"""The durable, fair job queue: SQLite rows are the queue; the order is computed from them.
+
+There is no separate in-memory list to lose or keep in sync: pending jobs are the `queued` rows, an
+interrupted (`running` at start-up) job is put back in front, and the next job is picked round-robin
+between members (the member served least recently goes first; within a member, oldest first). A
+drain task runs while there is work and ends when the queue is empty, started on enqueue and at
+start-up, so nothing waits forever on an empty queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.store import Store
+
+log = logging.getLogger(__name__)
+
+RunJob = Callable[[int, threading.Event], Awaitable[None]]
+
+
+def fair_order(pending: list[dict[str, Any]], last_served: dict[int, int]) -> list[dict[str, Any]]:
+    """Pending jobs in the order they will run: round-robin between owners, oldest first within one.
+
+    `last_served` maps owner -> a counter of when they were last served (higher = more recent).
+    """
+    by_owner: dict[int, list[dict[str, Any]]] = {}
+    for job in sorted(pending, key=lambda j: j["id"]):
+        by_owner.setdefault(job["owner_id"] or 0, []).append(job)
+    served = dict(last_served)
+    clock = max(served.values(), default=0)
+    order: list[dict[str, Any]] = []
+    while by_owner:
+        owner = min(by_owner, key=lambda o: (served.get(o, -1), by_owner[o][0]["id"]))
+        order.append(by_owner[owner].pop(0))
+        clock += 1
+        served[owner] = clock
+        if not by_owner[owner]:
+            del by_owner[owner]
+    return order
+
+
+class JobQueue:
+    def __init__(self, store: Store, run_job: RunJob, max_pending_per_member: int) -> None:
+        self.store = store
+        self.run_job = run_job
+        self.max_pending = max_pending_per_member
+        self.last_served: dict[int, int] = {}
+        self._serve_clock = 0
+        self.running_id: int | None = None
+        self.cancel_events: dict[int, threading.Event] = {}
+        self.paused = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self.job_seconds: list[float] = []  # recent job durations, for ETAs
+
+    # --- state from the store ---------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """At start-up: jobs left `running` by a crash are queued again (they resume at their first
+        missing frame). Returns their ids."""
+        interrupted = [j["id"] for j in self.store.jobs_where("status = 'running'", [])]
+        for job_id in interrupted:
+            self.store.update_job(job_id, status="queued")
+        for job in self.store.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:20]:
+            self.job_seconds.append(job["finished_at"] - job["started_at"])
+        return interrupted
+
+    def pending(self) -> list[dict[str, Any]]:
+        return fair_order(self.store.jobs_where("status = 'queued'", []), self.last_served)
+
+    def position(self, job_id: int) -> int:
+        """1 = runs next; 0 = running now; -1 = not pending."""
+        if job_id == self.running_id:
+            return 0
+        for i, job in enumerate(self.pending(), start=1):
+            if job["id"] == job_id:
+                return i
+        return -1
+
+    def eta_seconds(self, position: int) -> float:
+        average = sum(self.job_seconds[-10:]) / len(self.job_seconds[-10:]) if self.job_seconds else 60.0
+        return average * max(position, 1)
+
+    def check_cap(self, owner_id: int) -> None:
+        open_jobs = self.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [owner_id])
+        if len(open_jobs) >= self.max_pending:
+            raise InvalidRequest(
+                f"you already have {len(open_jobs)} jobs waiting (the limit is {self.max_pending}); "
+                "wait for one to finish or /cancel one"
+            )
+
+    # --- running ---------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Start the drain task if there is work and none is running."""
+        if self.paused or (self._drain_task is not None and not self._drain_task.done()):
+            return
+        if self.store.jobs_where("status = 'queued'", []):
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="emaki-drain")
+
+    async def _drain(self) -> None:
+        while not self.paused:
+            order = self.pending()
+            if not order:
+                return
+            job = order[0]
+            owner = job["owner_id"] or 0
+            self._serve_clock += 1
+            self.last_served[owner] = self._serve_clock
+            cancel = self.cancel_events.setdefault(job["id"], threading.Event())
+            self.running_id = job["id"]
+            try:
+                await self.run_job(job["id"], cancel)
+            except Exception:  # one failing job must not stop the queue (logged with its traceback)
+                log.exception("job %s crashed the runner", job["id"])
+                self.store.update_job(job["id"], status="failed", error="runner crashed")
+            finally:
+                self.running_id = None
+                self.cancel_events.pop(job["id"], None)
+            row = self.store.job(job["id"])
+            if row and row["status"] == "done" and row["started_at"]:
+                self.job_seconds.append(row["finished_at"] - row["started_at"])
+
+    def cancel(self, job_id: int) -> str:
+        """Cancel a queued job now, or ask the running one to stop at its next step."""
+        row = self.store.job(job_id)
+        if row is None or row["status"] not in ("queued", "running"):
+            raise InvalidRequest(f"job {job_id} is not queued or running")
+        if job_id == self.running_id:
+            self.cancel_events.setdefault(job_id, threading.Event()).set()
+            return "running"
+        self.store.update_job(job_id, status="cancelled", error="cancelled")
+        return "queued"
+
+    async def idle(self) -> None:
+        """Wait until the drain task (if any) has finished."""
+        if self._drain_task is not None:
+            await asyncio.shield(self._drain_task)
