@@ -24,7 +24,7 @@ from engine.media import fit_to_bytes
 from engine.models import Models
 from engine.settings import Settings, load_settings
 from engine.store import Store, open_store
-from engine.worker import Engine
+from engine.worker import Engine, stream_job
 
 log = logging.getLogger(__name__)
 
@@ -91,30 +91,27 @@ class EmakiBot(commands.Bot):
         self.queue.kick()
 
     async def run_job(self, job_id: int, cancel: threading.Event) -> None:
-        """Run one job in the GPU thread; turn its events into status edits as they arrive."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event | None] = asyncio.Queue()
-
-        def pump() -> None:
-            try:
-                for event in self.engine.run(job_id, cancel):
-                    loop.call_soon_threadsafe(events.put_nowait, event)
-            finally:
-                loop.call_soon_threadsafe(events.put_nowait, None)
-
-        rendering = loop.run_in_executor(self.gpu, pump)
+        """Render one job in the GPU thread, editing its status message as events arrive. The GIF,
+        the upload and the reactions happen in a task of their own, overlapping the next job."""
         reporter = ProgressReporter(self, job_id)
-        while (event := await events.get()) is not None:
-            try:
-                await reporter.handle(event)
-            except discord.HTTPException as exc:  # a failed progress edit must not lose the job
-                log.warning("progress edit for job %s failed: %s", job_id, exc.status)
-            if isinstance(event, Failed):
-                break
-        await rendering
+        failed = False
+        async for event in stream_job(self.engine, self.gpu, job_id, cancel):
+            failed = failed or isinstance(event, Failed)
+            await self._report(reporter, event)
+        if not failed:
+            self.spawn(self.complete(job_id, reporter))
         await self.refresh_queue_positions()
-        # Posting (GIF fitting, upload, reactions) overlaps the next job's rendering.
-        self.spawn(self.post_result(job_id))
+
+    async def complete(self, job_id: int, reporter: ProgressReporter) -> None:
+        await self._report(reporter, await asyncio.to_thread(self.engine.finish, job_id))
+        await self.post_result(job_id)
+
+    @staticmethod
+    async def _report(reporter: ProgressReporter, event: Event) -> None:
+        try:
+            await reporter.handle(event)
+        except discord.HTTPException as exc:  # a failed progress edit must not lose the job
+            log.warning("progress edit for job %s failed: %s", reporter.job_id, exc.status)
 
     async def refresh_queue_positions(self) -> None:
         for position, job in enumerate(self.queue.pending(), start=1):

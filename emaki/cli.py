@@ -96,7 +96,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         if not quiet:
             story_bar.set_postfix_str("loading models")
         engine.models.load()
-        events = engine.run(job_id, on_step=on_step)
+        events = engine.run_to_end(job_id, on_step=on_step)
         story_event = None
         for event in events:
             if isinstance(event, StoryReady):

@@ -1,4 +1,5 @@
-"""Runs one animation job: plan (story, seeds) -> frames -> GIF, yielding typed events.
+"""Runs one animation job: plan (story, seeds) -> frames (`run`, the GPU part), then the GIF
+(`finish`, CPU only, so it can overlap the next job's rendering).
 
 Everything needed to reproduce a frame is in its row before it is rendered. A job interrupted by a
 crash resumes at its first frame without a file; a regeneration job starts with the parent's frames
@@ -7,11 +8,13 @@ before k already copied, so the same `run` serves new, resumed and regenerated j
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +99,8 @@ class Engine:
     def run(
         self, job_id: int, cancel: threading.Event | None = None, on_step: Callable[[StepProgress], None] | None = None
     ) -> Iterator[Event]:
-        """Run a job to its end, yielding events. Never raises for job errors: they become Failed."""
+        """Render a job's frames, yielding events; ends after the last FrameDone, or with Failed.
+        Never raises for job errors. Call `finish` afterwards for the GIF."""
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
         self.store.update_job(job_id, status="running", started_at=now(), error=None)
         yield Started(job_id)
@@ -196,8 +200,52 @@ class Engine:
             images.append(image)
             yield FrameDone(job_id, index, params.frames, image, path)
 
-        gif_path = job_dir / "animation.gif"
-        write_atomic(gif_path, encode_gif(images, duration_ms=params.frame_duration_ms))
+    def finish(self, job_id: int) -> Finished | Failed:
+        """Encode the GIF of a fully rendered job and mark it done. CPU only: safe to run on another
+        thread while the next job renders."""
+        job = self.store.job(job_id)
+        rows = self.store.frames(job_id)
+        if job is None or not rows or not all(r["path"] and Path(r["path"]).exists() for r in rows):
+            return Failed(job_id, "the job has no complete set of frames")
+        try:
+            images = [Image.open(r["path"]).convert("RGB") for r in rows]
+            gif_path = self.job_dir(job_id) / "animation.gif"
+            write_atomic(gif_path, encode_gif(images, duration_ms=job["params"]["frame_duration_ms"]))
+        except OSError as exc:
+            self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
+            return Failed(job_id, f"could not write the animation: {exc}")
         self.store.update_job(job_id, status="done", finished_at=now(), gif_path=str(gif_path))
-        frame_paths = [Path(r["path"]) for r in self.store.frames(job_id)]
-        yield Finished(job_id, gif_path, frame_paths)
+        return Finished(job_id, gif_path, [Path(r["path"]) for r in rows])
+
+    def run_to_end(
+        self, job_id: int, cancel: threading.Event | None = None, on_step: Callable[[StepProgress], None] | None = None
+    ) -> Iterator[Event]:
+        """`run` then `finish`, one after the other: for the CLI and tests."""
+        for event in self.run(job_id, cancel, on_step):
+            yield event
+            if isinstance(event, Failed):
+                return
+        yield self.finish(job_id)
+
+
+async def stream_job(
+    engine: Engine, executor: Executor, job_id: int, cancel: threading.Event | None = None
+) -> AsyncIterator[Event]:
+    """Run `engine.run` on the executor's thread and yield its events on the event loop as they
+    happen, so the loop keeps serving while frames render."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event | None] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for event in engine.run(job_id, cancel):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+        finally:
+            loop.call_soon_threadsafe(events.put_nowait, None)
+
+    rendering = loop.run_in_executor(executor, pump)
+    try:
+        while (event := await events.get()) is not None:
+            yield event
+    finally:
+        await rendering

@@ -23,7 +23,7 @@ def run(engine: Engine, **options) -> tuple[int, list]:
         engine.settings, engine.store, options.pop("idea", "a dragon glides over a town"), **{**FAST, **options}
     )
     job_id = engine.create_job(params)
-    return job_id, list(engine.run(job_id))
+    return job_id, list(engine.run_to_end(job_id))
 
 
 def frame_files(engine: Engine, job_id: int) -> list[Path]:
@@ -64,7 +64,7 @@ def test_same_seed_same_frames_other_seed_different(engine: Engine) -> None:
 def test_regenerate_from_k_keeps_earlier_frames(engine: Engine) -> None:
     parent, _ = run(engine, frames=4, seed=5)
     child = engine.create_regeneration(parent, from_index=2)
-    events = list(engine.run(child))
+    events = list(engine.run_to_end(child))
     assert isinstance(events[-1], Finished)
     before, after = frame_files(engine, parent), frame_files(engine, child)
     assert [sha(f) for f in after[:2]] == [sha(f) for f in before[:2]]  # frames 1..k-1 byte-identical
@@ -98,7 +98,7 @@ def test_interrupted_job_resumes_at_first_missing_frame(engine: Engine) -> None:
         if isinstance(event, FrameDone) and event.index == 1:
             break
     steps: list[StepProgress] = []
-    events = list(engine.run(job_id, on_step=steps.append))
+    events = list(engine.run_to_end(job_id, on_step=steps.append))
     assert isinstance(events[-1], Finished)
     assert {s.frame_index for s in steps} == {2}  # only the missing frame was rendered
     assert [sha(f) for f in frame_files(engine, job_id)] == [sha(f) for f in frame_files(engine, full)]
