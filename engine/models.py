@@ -38,6 +38,40 @@ SCHEDULERS = {
 }
 
 
+@dataclass
+class Components:
+    """What a model set is made of, however it was obtained (hub, local folders, built in-process)."""
+
+    txt2img: StableDiffusionPipeline
+    controlnet: ControlNetModel
+    depth_model: Any
+    depth_processor: Any
+
+
+def load_components(s: Settings, dtype: torch.dtype) -> Components:
+    """The real models, by hub id or local folder."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    token = s.hf_token or None
+    txt2img = _load(
+        "base model",
+        s.base_model,
+        StableDiffusionPipeline.from_pretrained,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+        token=token,
+    )
+    controlnet = _load(
+        "depth ControlNet", s.controlnet_model, ControlNetModel.from_pretrained, torch_dtype=dtype, token=token
+    )
+    depth_model = _load(
+        "depth estimator", s.depth_model, AutoModelForDepthEstimation.from_pretrained, token=token
+    ).eval()
+    depth_processor = _load("depth image processor", s.depth_model, AutoImageProcessor.from_pretrained, token=token)
+    return Components(txt2img, controlnet, depth_model, depth_processor)
+
+
 @dataclass(frozen=True)
 class StyleRef:
     """What the engine needs of a style row: where its adapter file is and how strongly to apply it."""
@@ -81,8 +115,10 @@ def _load(what: str, ref: str, loader: Any, **kwargs: Any) -> Any:
 class Models:
     """The warm model set. Thread-safe to load; used by one worker thread at a time."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, components: Components | None = None) -> None:
+        """`components` replaces loading by profile (the benchmark builds full-size random ones)."""
         self.settings = settings
+        self._components = components
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self._lock = threading.Lock()
@@ -102,46 +138,14 @@ class Models:
 
     def _load_pipelines(self) -> None:
         s = self.settings
-        if s.is_tiny:
-            tokenizer = tiny.tiny_tokenizer()
-            txt2img = StableDiffusionPipeline(
-                vae=tiny.tiny_vae(),
-                text_encoder=tiny.tiny_text_encoder(len(tokenizer)),
-                tokenizer=tokenizer,
-                unet=tiny.tiny_unet(),
-                scheduler=tiny.tiny_scheduler(),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            controlnet = tiny.tiny_controlnet()
-            self.depth_model, self.depth_processor = tiny.tiny_depth()
+        if self._components is not None:
+            parts = self._components
+        elif s.is_tiny:
+            parts = tiny.tiny_components()
         else:
-            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
-
-            token = s.hf_token or None
-            txt2img = _load(
-                "base model",
-                s.base_model,
-                StableDiffusionPipeline.from_pretrained,
-                torch_dtype=self.dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
-                token=token,
-            )
-            controlnet = _load(
-                "depth ControlNet",
-                s.controlnet_model,
-                ControlNetModel.from_pretrained,
-                torch_dtype=self.dtype,
-                token=token,
-            )
-            self.depth_model = _load(
-                "depth estimator", s.depth_model, AutoModelForDepthEstimation.from_pretrained, token=token
-            ).eval()
-            self.depth_processor = _load(
-                "depth image processor", s.depth_model, AutoImageProcessor.from_pretrained, token=token
-            )
+            parts = load_components(s, self.dtype)
+        txt2img, controlnet = parts.txt2img, parts.controlnet
+        self.depth_model, self.depth_processor = parts.depth_model, parts.depth_processor
         if s.scheduler != "default":
             if s.scheduler not in SCHEDULERS:
                 raise InvalidRequest(f"unknown scheduler '{s.scheduler}': use default, {', '.join(SCHEDULERS)}")

@@ -7,8 +7,10 @@ Seeding makes every process build byte-identical weights, so a seed reproduces f
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextConfig,
@@ -18,6 +20,9 @@ from transformers import (
     DPTForDepthEstimation,
     DPTImageProcessor,
 )
+
+if TYPE_CHECKING:
+    from engine.models import Components
 
 WEIGHT_SEED = 0
 CROSS_ATTENTION_DIM = 32
@@ -121,3 +126,26 @@ def tiny_depth() -> tuple[DPTForDepthEstimation, DPTImageProcessor]:
     )
     processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
     return DPTForDepthEstimation(config).eval(), processor
+
+
+def sd_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_components() -> Components:
+    from engine.models import Components
+
+    tokenizer = tiny_tokenizer()
+    txt2img = sd_pipeline(tiny_vae(), tiny_text_encoder(len(tokenizer)), tokenizer, tiny_unet())
+    return Components(txt2img, tiny_controlnet(), *tiny_depth())
