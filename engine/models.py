@@ -80,6 +80,7 @@ class StyleRef:
     path: str
     trigger: str = ""
     weight: float = 1.0
+    adapter: str = "lora"  # lora | loha | lokr | ia3
 
 
 def pick_device(setting: str) -> torch.device:
@@ -163,28 +164,34 @@ class Models:
 
     # --- styles ----------------------------------------------------------------------------
     def use_style(self, style: StyleRef | None) -> None:
-        """Activate one LoRA style (loading it the first time) or none; base weights stay loaded."""
+        """Activate one style (loading it the first time) or none; the base weights stay loaded.
+
+        LoRA styles load through diffusers' `load_lora_weights` (the format other SD tools share);
+        LoHa, LoKr and IA3 styles are peft adapters (adapter_config.json beside the weights) loaded
+        through peft. All live in the one UNet under their own adapter names and are switched with
+        peft's layer API, which all four kinds implement (diffusers' `set_adapters` assumes LoRA)."""
         pipe = self.load().txt2img
         assert pipe is not None
         if style is None:
-            if self.loaded_styles:
-                pipe.disable_lora()
+            _activate(pipe.unet, None, 1.0)
             self.active_style = None
             return
         adapter = _adapter_name(style.name)
         if self.loaded_styles.get(adapter) != style.path:
             if adapter in self.loaded_styles:  # retrained under the same name: reload
-                pipe.delete_adapters(adapter)
+                pipe.unet.delete_adapters(adapter)
             path = Path(style.path)
             if not path.exists():
                 raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
             try:
-                pipe.load_lora_weights(str(path), adapter_name=adapter)
+                if style.adapter == "lora":
+                    pipe.load_lora_weights(str(path), adapter_name=adapter)
+                else:
+                    _load_peft_adapter(pipe.unet, path, adapter)
             except Exception as exc:  # a broken style file must not take the bot down
                 raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
             self.loaded_styles[adapter] = style.path
-        pipe.enable_lora()
-        pipe.set_adapters([adapter], adapter_weights=[style.weight])
+        _activate(pipe.unet, adapter, style.weight)
         self.active_style = style.name
 
     # --- depth -----------------------------------------------------------------------------
@@ -201,6 +208,30 @@ class Models:
         depth = (depth - low) / (high - low + 1e-8)
         array = (depth.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(np.stack([array] * 3, axis=-1))
+
+
+def _load_peft_adapter(unet: torch.nn.Module, weights: Path, adapter: str) -> None:
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(weights.parent))
+    inject_adapter_in_model(config, unet, adapter_name=adapter)
+    result = set_peft_model_state_dict(unet, load_file(str(weights)), adapter_name=adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"weights do not fit the base model: {result.unexpected_keys[:3]}")
+
+
+def _activate(unet: torch.nn.Module, adapter: str | None, weight: float) -> None:
+    """Make `adapter` the only active one (or none), scaled by `weight` where the kind has a scale."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(adapter is not None)
+            if adapter is not None:
+                module.set_adapter(adapter)
+                if hasattr(module, "set_scale"):  # IA3 learns its scale; it has none to set
+                    module.set_scale(adapter, weight)
 
 
 def _adapter_name(style_name: str) -> str:

@@ -133,7 +133,13 @@ class Engine:
         row = self.store.style(name)
         if row is None:
             raise InvalidRequest(f"unknown style '{name}': it was removed after the job was queued")
-        return StyleRef(name=row["name"], path=row["path"], trigger=row["trigger"] or "", weight=row["weight"] or 1.0)
+        return StyleRef(
+            name=row["name"],
+            path=row["path"],
+            trigger=row["trigger"] or "",
+            weight=row["weight"] or 1.0,
+            adapter=row["adapter"] or "lora",
+        )
 
     def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
         rows = self.store.frames(job_id)

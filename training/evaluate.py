@@ -90,3 +90,25 @@ def report(metrics: dict[str, Any]) -> str:
         lines.append(f"temporal SSIM  {metrics['temporal_ssim']:.3f}   (mean over consecutive frames)")
     lines.append(KID_NOTE)
     return "\n".join(lines)
+
+
+class TinyFeatures(nn.Module):
+    """A small seeded random conv net as feature extractor: for tests and the offline `tiny` profile,
+    where the Inception weights cannot be downloaded. Its numbers are real FID/KID computations but
+    in another feature space: they compare runs with each other, not with published figures."""
+
+    num_features = 32
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=4, stride=4)
+        self.conv2 = nn.Conv2d(16, self.num_features, kernel_size=4, stride=4)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        x = torch.relu(self.conv1(x))
+        return self.conv2(x).mean(dim=(2, 3))
