@@ -21,6 +21,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "controlnet_model": "lllyasviel/sd-controlnet-depth",
         "depth_model": "Intel/dpt-hybrid-midas",
         "llm_model": "mistralai/Mistral-7B-Instruct-v0.3",
+        "captioner_model": "Salesforce/blip-image-captioning-large",
         "width": 512,
         "height": 512,
         "min_size": 256,
@@ -33,6 +34,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "controlnet_model": "tiny",
         "depth_model": "tiny",
         "llm_model": "tiny",
+        "captioner_model": "tiny",
         "width": 64,
         "height": 64,
         "min_size": 32,
@@ -50,6 +52,7 @@ class Settings:
     controlnet_model: str = ""
     depth_model: str = ""
     llm_model: str = ""
+    captioner_model: str = ""  # BLIP, as the Ghibli paper captioned its dataset
     # auto: HF Inference API when an HF token is set, else OpenAI-compatible when llm_base_url is
     # set, else the deterministic fallback. Explicit: hf | openai | transformers | fallback.
     story_backend: str = "auto"
@@ -88,6 +91,7 @@ class Settings:
     max_dataset_bytes: int = 200 * 1024 * 1024
     max_dataset_files: int = 2000
     max_image_pixels: int = 4096 * 4096
+    eval_samples: int = 100  # the anime paper's 100 generated images
     # Secrets: environment only.
     discord_token: str = field(default="", repr=False)
     hf_token: str = field(default="", repr=False)

@@ -127,3 +127,94 @@ def test_no_disk_space(tiny_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
 def test_bot_without_token_says_what_to_do(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bot"]) == 2
     assert "DISCORD_TOKEN is not set" in capsys.readouterr().err
+
+
+# --- train / evaluate ---------------------------------------------------------------------------
+def dataset_zip(tmp: Path, caption_first: bool = True) -> Path:
+    import zipfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp / "ds.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        rows = ["file_name,caption"]
+        for i in range(6):
+            image = Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8))
+            from io import BytesIO
+
+            buffer = BytesIO()
+            image.save(buffer, format="PNG")
+            archive.writestr(f"img{i}.png", buffer.getvalue())
+            rows.append(f"img{i}.png,a fox {i}" if (i or caption_first) else f"img{i}.png,")
+        archive.writestr("metadata.csv", "\n".join(rows) + "\n")
+    return path
+
+
+def test_train_with_autocaption_registers_a_usable_style(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    zip_path = dataset_zip(tiny_env, caption_first=False)
+    assert main(["train", str(zip_path), "--name", "fox", "--steps", "4", "-q"]) == 2
+    assert "1 images have no caption: img0.png" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                str(zip_path),
+                "--name",
+                "fox",
+                "--trigger",
+                "foxstyle",
+                "--steps",
+                "4",
+                "--autocaption",
+                "--lr",
+                "0.05",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert "style 'fox' registered" in capsys.readouterr().out
+    metadata = (tiny_env / "data" / "datasets" / "fox" / "metadata.csv").read_text()
+    assert "img0.png," in metadata and 'img0.png,""' not in metadata  # the BLIP caption was kept
+    assert main(["animate", "a fox runs", "--style", "fox", "--frames", "1", "--out", "fox.gif", *FAST]) == 0
+    assert main(["train", str(zip_path), "--name", "fox", "-q"]) == 2
+    assert "a style named 'fox' already exists" in capsys.readouterr().err
+
+
+def test_interrupted_training_resumes_with_the_same_command(
+    tiny_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.lora import Trainer
+
+    zip_path = dataset_zip(tiny_env)
+    original_step = Trainer._step
+    calls = {"n": 0}
+
+    def ctrl_c_at_step_five(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", ctrl_c_at_step_five)
+    argv = ["train", str(zip_path), "--name", "owl", "--steps", "6", "--checkpoint-every", "2", "-q"]
+    assert main(argv) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    calls["n"] = 100  # no more interruptions
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "resuming the interrupted training of 'owl'" in captured.err and "(6 steps" in captured.out
+
+
+def test_evaluate_reports_fid_kid_and_coherence(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(dataset_zip(tiny_env)), "--name", "fox", "--steps", "2", "-q"]) == 0
+    assert main(["evaluate", "--style", "fox", "--samples", "3", "--no-animation", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "KID" in out and "KID is the figure to compare" in out
+    from engine.store import open_store
+
+    metrics = json.loads(open_store(tiny_env / "data").style("fox")["metrics"])
+    assert metrics["n_generated"] == 3 and metrics["features"] == "tiny-random-conv" and "kid" in metrics
+    assert main(["evaluate", "--style", "nope"]) == 2
+    assert "unknown style 'nope'" in capsys.readouterr().err
