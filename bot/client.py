@@ -48,10 +48,11 @@ class EmakiBot(commands.Bot):
     # --- lifecycle ---------------------------------------------------------------------------
     async def setup_hook(self) -> None:
         from bot import commands as slash
-        from bot import reactions
+        from bot import reactions, training
 
         slash.register(self)
         reactions.register(self)
+        training.register(self)
         await self.tree.sync()
         interrupted = self.queue.recover()
         if interrupted:
@@ -93,6 +94,12 @@ class EmakiBot(commands.Bot):
     async def run_job(self, job_id: int, cancel: threading.Event) -> None:
         """Render one job in the GPU thread, editing its status message as events arrive. The GIF,
         the upload and the reactions happen in a task of their own, overlapping the next job."""
+        job = self.store.job(job_id)
+        if job is not None and job["kind"] == "train":
+            from bot.training import run_train_job
+
+            await run_train_job(self, job_id, cancel)
+            return
         reporter = ProgressReporter(self, job_id)
         failed = False
         async for event in stream_job(self.engine, self.gpu, job_id, cancel):
@@ -133,7 +140,9 @@ class EmakiBot(commands.Bot):
         await channel.get_partial_message(job["status_message_id"]).edit(**fields)  # type: ignore[attr-defined]
 
     async def post_pending_results(self) -> None:
-        for job in self.store.jobs_where("status = 'done' and posted = 0 and channel_id is not null", []):
+        for job in self.store.jobs_where(
+            "kind = 'animate' and status = 'done' and posted = 0 and channel_id is not null", []
+        ):
             await self.post_result(job["id"])
 
     async def post_result(self, job_id: int) -> bool:

@@ -29,6 +29,8 @@ def queued(job: dict[str, Any], position: int, eta_s: float) -> str:
 
 def _head(job: dict[str, Any]) -> str:
     params = job["params"]
+    if job.get("kind") == "train":
+        return f"<@{job['owner_id']}> training the style **{params['style']}**"
     style = f" · style **{params['style']}**" if params.get("style") else ""
     regen = ""
     if job.get("parent_job_id") is not None:
@@ -81,3 +83,41 @@ HELP = f"""**emaki** turns one idea into a short Ghibli-style animation.
 On a result: {REROLL} reroll with new seeds · {DIGITS[0]}…{DIGITS[9]} redo from that frame (earlier frames kept) \
 · {DELETE} delete (the requester or someone with Manage Messages). Rerolls by others are queued as their own jobs.
 Admins (Manage Server): `/pause` and `/resume` the queue."""
+
+
+# --- community styles -------------------------------------------------------------------------
+APPROVE = "✅"
+
+
+def dataset_preview(row: dict[str, Any], captions: list[str], steps: int) -> str:
+    trigger = f" · trigger `{row['trigger']}`" if row.get("trigger") else ""
+    shown = "\n".join(f"• {clip(c, 150)}" for c in captions[:3])
+    return clip(
+        f"📦 <@{row['owner_id']}> submitted a dataset for the style **{row['style_name']}**{trigger}: "
+        f"{row['n_images']} images, {steps} training steps.\nSample captions:\n{shown}\n"
+        f"Moderators: {APPROVE} approve and queue the training · {DELETE} reject."
+    )
+
+
+def dataset_decided(row: dict[str, Any], captions: list[str], steps: int, approved: bool, moderator_id: int) -> str:
+    verdict = f"{APPROVE} approved by <@{moderator_id}>" if approved else f"{DELETE} rejected by <@{moderator_id}>"
+    return clip(dataset_preview(row, captions, steps).rsplit("\n", 1)[0] + f"\n{verdict}")
+
+
+def training(job: dict[str, Any], state: str) -> str:
+    return clip(f"🧪 <@{job['owner_id']}> style **{job['params']['style']}**\n{state}")
+
+
+def style_ready(job: dict[str, Any], metrics: dict[str, Any] | None, note: str = "") -> str:
+    name = job["params"]["style"]
+    lines = [f"🎨 <@{job['owner_id']}> the style **{name}** is ready: try `/animate style:{name}`."]
+    if metrics:
+        lines.append(
+            f"KID {metrics['kid']:.4f} ± {metrics['kid_std']:.4f} · FID {metrics['fid']:.1f} "
+            f"({metrics['n_generated']} generated vs {metrics['n_real']} dataset images) · "
+            f"temporal SSIM {metrics.get('temporal_ssim', float('nan')):.3f}"
+        )
+        lines.append("KID is the figure to compare with a few dozen images; FID reads high at this size.")
+    if note:
+        lines.append(note)
+    return clip("\n".join(lines))

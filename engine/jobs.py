@@ -70,7 +70,15 @@ class JobQueue:
         return interrupted
 
     def pending(self) -> list[dict[str, Any]]:
-        return fair_order(self.store.jobs_where("status = 'queued'", []), self.last_served)
+        """Animations first, then trainings: a training gives way at its next checkpoint (it checks
+        for queued animations), so a 40-minute run never blocks the channel."""
+        queued = self.store.jobs_where("status = 'queued'", [])
+        animations = [j for j in queued if j["kind"] != "train"]
+        trainings = [j for j in queued if j["kind"] == "train"]
+        return fair_order(animations, self.last_served) + fair_order(trainings, self.last_served)
+
+    def animations_waiting(self) -> bool:
+        return bool(self.store.jobs_where("status = 'queued' and kind = 'animate'", []))
 
     def position(self, job_id: int) -> int:
         """1 = runs next; 0 = running now; -1 = not pending."""

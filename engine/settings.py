@@ -92,6 +92,7 @@ class Settings:
     max_dataset_files: int = 2000
     max_image_pixels: int = 4096 * 4096
     eval_samples: int = 100  # the anime paper's 100 generated images
+    train_checkpoint_every: int = 100  # also where a training gives way to waiting animations
     # Secrets: environment only.
     discord_token: str = field(default="", repr=False)
     hf_token: str = field(default="", repr=False)

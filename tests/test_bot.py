@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -248,3 +249,133 @@ async def test_styles_help_and_autocomplete(world, tmp_path) -> None:
     assert helped.ephemeral and "/animate" in helped.response.content
     await alice.slash(channel, "animate", prompt="a fox", style="inkwash", frames=1)
     assert store.frames(1)[0]["prompt"].startswith("inkwash")
+
+
+# --- /train ---------------------------------------------------------------------------------------
+def dataset_zip_bytes(n: int = 6, broken: bool = False) -> bytes:
+    import zipfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        rows = ["file_name,caption"]
+        for i in range(n):
+            image = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(image, format="PNG")
+            archive.writestr(f"img{i}.png", image.getvalue())
+            rows.append(f"img{i}.png,a fox in the snow {i}")
+        if broken:
+            archive.writestr("../escape.png", b"x")
+        archive.writestr("metadata.csv", "\n".join(rows) + "\n")
+    return buffer.getvalue()
+
+
+def last_answer(result) -> str:
+    """The text a member last saw from an interaction (after a 'thinking' defer, the first followup
+    takes the deferred message's place)."""
+    return result.followups[-1].content if result.followups else result.response.content
+
+
+@pytest.fixture
+def train_settings(bot_settings: Settings) -> Settings:
+    bot_settings.eval_samples = 2
+    bot_settings.train_checkpoint_every = 2
+    return bot_settings
+
+
+async def test_train_flow_preview_moderation_training_and_listing(world, train_settings) -> None:
+    env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
+    answer = await alice.slash(
+        channel, "train", name="Snowfox", dataset=("snowfox.zip", dataset_zip_bytes()), trigger="snowfox", steps=4
+    )
+    assert answer.ephemeral and "received: 6 images" in last_answer(answer)
+    store = bot_of(env).store
+    [row] = store.datasets_where("1 = 1", [])
+    assert row["status"] == "pending" and row["style_name"] == "snowfox"  # stored before the answer
+    preview = channel.last_message
+    assert "dataset for the style **snowfox**" in preview.content and "4 training steps" in preview.content
+    assert preview.attachments[0].filename == "dataset.png"
+    assert [str(r.emoji) for r in preview.reactions] == ["✅", "❌"]
+
+    await bob.react(preview, "✅")  # not a moderator: nothing happens
+    assert store.dataset(row["id"])["status"] == "pending" and store.jobs_where("kind = 'train'", []) == []
+
+    await mod.react(preview, "✅")
+    assert store.dataset(row["id"])["status"] == "trained"
+    style = store.style("snowfox")
+    assert style is not None and style["trigger"] == "snowfox" and style["steps"] == 4
+    metrics = json.loads(style["metrics"])
+    assert metrics["n_generated"] == 2 and "kid" in metrics and "temporal_ssim" in metrics
+    ready = channel.last_message
+    assert "the style **snowfox** is ready" in ready.content and "KID" in ready.content
+    assert "approved by" in next(m for m in channel.history() if m.id == preview.id).content
+    listed = await alice.slash(channel, "styles")
+    assert "**snowfox** (lora) · trigger `snowfox`" in listed.response.content
+    choices = await alice.autocomplete(channel, "animate", "style", "snow", prompt="a fox")
+    assert [c["value"] for c in choices] == ["snowfox"]
+    await alice.slash(channel, "animate", prompt="a fox jumps", style="snowfox", frames=1)
+    assert store.frames(store.jobs_where("kind = 'animate'", [])[0]["id"])[0]["prompt"].startswith("snowfox")
+
+
+async def test_rejected_dataset_is_not_trained(world, train_settings) -> None:
+    env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
+    await alice.slash(channel, "train", name="owl", dataset=("owl.zip", dataset_zip_bytes()), steps=2)
+    await mod.react(channel.last_message, "❌")
+    store = bot_of(env).store
+    assert store.datasets_where("1 = 1", [])[0]["status"] == "rejected" and store.style("owl") is None
+    assert "rejected by" in channel.last_message.content
+
+
+async def test_training_gives_way_to_animations_and_resumes(world, train_settings) -> None:
+    env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
+    bot = bot_of(env)
+    waits = iter([True])  # an animation is waiting at the first checkpoint only
+    bot.queue.animations_waiting = lambda: next(waits, False)
+    await alice.slash(channel, "train", name="heron", dataset=("heron.zip", dataset_zip_bytes()), steps=4)
+    await mod.react(channel.last_message, "✅")
+    store = bot.store
+    job = store.jobs_where("kind = 'train'", [])[0]
+    assert job["status"] == "done" and store.style("heron")["steps"] == 4
+    edits = [r.json["content"] for r in env.http_requests if r.method == "PATCH" and "heron" in str(r.json)]
+    assert any("Paused at step 2" in e for e in edits)  # gave way at its checkpoint, then finished
+    assert any("a sample so far" in e for e in edits)
+
+
+async def test_animations_run_before_a_queued_training(world, train_settings) -> None:
+    env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
+    await mod.slash(channel, "pause")
+    await alice.slash(channel, "train", name="crane", dataset=("crane.zip", dataset_zip_bytes()), steps=2)
+    await mod.react(channel.last_message, "✅")
+    await bob.slash(channel, "animate", prompt="a crane lands", frames=1)
+    await mod.slash(channel, "resume")
+    jobs = sorted(bot_of(env).store.jobs_where("status = 'done'", []), key=lambda j: j["started_at"])
+    assert [j["kind"] for j in jobs] == ["animate", "train"]
+
+
+TRAIN_BAD = [
+    (dict(name="", dataset=("a.zip", b"")), "the style name is empty"),
+    (dict(name="fox", dataset=("a.rar", b"x")), "a.rar: attach a .zip"),
+    (dict(name="fox", dataset=("a.zip", dataset_zip_bytes()), steps=0), "steps must be between 1 and 20000"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), TRAIN_BAD, ids=[m for _, m in TRAIN_BAD])
+async def test_train_bad_input_is_ephemeral(world, train_settings, options, message) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    answer = await alice.slash(channel, "train", **options)
+    assert answer.ephemeral and message in answer.response.content
+    assert bot_of(env).store.datasets_where("1 = 1", []) == []
+
+
+async def test_train_unsafe_or_oversize_zip_is_refused(world, train_settings) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    answer = await alice.slash(channel, "train", name="fox", dataset=("fox.zip", dataset_zip_bytes(broken=True)))
+    assert answer.ephemeral and "'..' path components are not allowed" in last_answer(answer)
+    train_settings.max_dataset_bytes = 1000
+    answer = await alice.slash(channel, "train", name="fox", dataset=("fox.zip", dataset_zip_bytes()))
+    assert answer.ephemeral and "the limit is 0 MiB" in answer.response.content
+    store = bot_of(env).store
+    assert store.datasets_where("1 = 1", []) == [] and channel.history(viewer=world.bob) == []
+    assert not list((train_settings.data_dir / "uploads").glob("*"))  # the upload was not kept

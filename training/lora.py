@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from engine import tiny
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, JobCancelled
 from engine.models import Components, load_components, pick_device, pick_dtype
 from engine.settings import Settings
 from training.dataset import Dataset
@@ -199,8 +199,15 @@ class Trainer:
 
     # --- training -------------------------------------------------------------------------
     def run(
-        self, on_step: Callable[[TrainProgress], None] | None = None, should_yield: Callable[[], bool] = lambda: False
+        self,
+        on_step: Callable[[TrainProgress], None] | None = None,
+        should_yield: Callable[[], bool] = lambda: False,
+        on_checkpoint: Callable[[int, Image.Image], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> TrainResult:
+        """Train to the end, or until `should_yield` says so at a checkpoint (the result is then
+        unfinished and a later run resumes). `on_checkpoint` receives a sample image rendered with
+        the adapter so far; `should_stop` (checked every step) cancels with JobCancelled."""
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         cfg = self.config
@@ -252,6 +259,8 @@ class Trainer:
         unet.train()
         n = len(self.dataset.items)
         while step < cfg.steps:
+            if should_stop():
+                raise JobCancelled("cancelled")
             if not order:
                 order = [int(i) for i in order_rng.permutation(n)]
             batch = [order.pop() for _ in range(min(cfg.batch_size, len(order)))]
@@ -265,12 +274,30 @@ class Trainer:
                 on_step(TrainProgress(step, cfg.steps, losses[-1]))
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint()
+                if on_checkpoint is not None:
+                    on_checkpoint(step, self._sample(pipe))
+                    unet.train()
                 if should_yield():
                     return TrainResult(None, step, losses)
         unet.eval()
         weights = self._save(unet)
         self.checkpoint_path.unlink(missing_ok=True)
         return TrainResult(weights, step, losses)
+
+    @torch.no_grad()
+    def _sample(self, pipe: StableDiffusionPipeline) -> Image.Image:
+        """What the style looks like so far: the first caption, a fixed seed, a few steps."""
+        pipe.unet.eval()
+        pipe.set_progress_bar_config(disable=True)
+        size = self.config.resolution
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipe(
+            self.prompts()[0],
+            num_inference_steps=min(20, self.settings.steps),
+            height=size,
+            width=size,
+            generator=generator,
+        ).images[0]
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.config.optimizer == "prodigy":

@@ -83,6 +83,8 @@ def train_style(
     dataset_id: int,
     on_step: Callable[[TrainProgress], None] | None = None,
     should_yield: Callable[[], bool] = lambda: False,
+    on_checkpoint: Callable[[int, Image.Image], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
     """Train (or resume) a dataset's style; when it finishes, register the style."""
     row = store.dataset(dataset_id)
@@ -94,7 +96,9 @@ def train_style(
     dataset = load_dataset(Path(row["path"]), settings)
     config = TrainConfig(**json.loads(row["params"] or "{}"))
     trainer = Trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
-    result = trainer.run(on_step=on_step, should_yield=should_yield)
+    result = trainer.run(
+        on_step=on_step, should_yield=should_yield, on_checkpoint=on_checkpoint, should_stop=should_stop
+    )
     if result.finished:
         assert result.weights is not None
         store.add_style(
