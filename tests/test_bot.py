@@ -379,3 +379,36 @@ async def test_train_unsafe_or_oversize_zip_is_refused(world, train_settings) ->
     store = bot_of(env).store
     assert store.datasets_where("1 = 1", []) == [] and channel.history(viewer=world.bob) == []
     assert not list((train_settings.data_dir / "uploads").glob("*"))  # the upload was not kept
+
+
+async def test_one_failing_job_does_not_stop_the_queue(world, tmp_path) -> None:
+    from tests.helpers import make_random_lora
+
+    env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
+    store = bot_of(env).store
+    weights = make_random_lora(tmp_path / "doomed")
+    store.add_style("doomed", str(weights))
+    await mod.slash(channel, "pause")
+    await alice.slash(channel, "animate", prompt="a doomed fox", style="doomed", frames=1)
+    await bob.slash(channel, "animate", prompt="a lucky fox", frames=1)
+    weights.unlink()  # the style's file disappears while the job waits
+    await mod.slash(channel, "resume")
+    failed, done = store.job(1), store.job(2)
+    assert failed["status"] == "failed" and "weights file" in failed["error"]
+    assert done["status"] == "done" and done["posted"] == 1
+    status = next(m for m in channel.history() if "a doomed fox" in m.content)
+    assert status.content.startswith("⚠️") and "weights file" in status.content
+
+
+def test_rest_proxy_settings_reach_discord_py(bot_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yarl
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    )
+    bot_settings.discord_api_base = "http://proxy.local:8080/api/v10/"
+    bot_settings.discord_gateway = "ws://proxy.local:8081/"
+    create_bot(bot_settings)
+    assert discord.http.Route("GET", "/gateway/bot").url == "http://proxy.local:8080/api/v10/gateway/bot"
+    assert yarl.URL("ws://proxy.local:8081/") == discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY

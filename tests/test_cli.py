@@ -218,3 +218,16 @@ def test_evaluate_reports_fid_kid_and_coherence(tiny_env: Path, capsys: pytest.C
     assert metrics["n_generated"] == 3 and metrics["features"] == "tiny-random-conv" and "kid" in metrics
     assert main(["evaluate", "--style", "nope"]) == 2
     assert "unknown style 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["webp", "mp4"])
+def test_animate_other_formats(fmt: str, tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tiny_env / f"fox.{fmt}"
+    assert main(["animate", "a fox", "--frames", "3", "--format", fmt, "--out", str(out), *FAST]) == 0
+    data = out.read_bytes()
+    if fmt == "webp":
+        assert data[:4] == b"RIFF" and data[8:12] == b"WEBP" and Image.open(out).n_frames == 3
+    else:
+        import imageio.v3 as iio
+
+        assert data[4:8] == b"ftyp" and len(iio.imread(out, index=None)) == 3
