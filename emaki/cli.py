@@ -229,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resolution=args.resolution or 0,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        train_text_encoder=args.train_text_encoder,
     )
     # An interrupted run of this style left its dataset row and checkpoint: continue it.
     earlier = store.datasets_where("style_name = ? and status = 'approved'", [name])
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resolution", type=int, help="training size (default: the profile's width)")
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     train.add_argument("--autocaption", action="store_true", help="caption images that have none with BLIP")
     train.add_argument("-q", "--quiet", action="store_true")
     train.set_defaults(func=cmd_train)

@@ -173,7 +173,7 @@ class Models:
         pipe = self.load().txt2img
         assert pipe is not None
         if style is None:
-            _activate(pipe.unet, None, 1.0)
+            _activate([pipe.unet, pipe.text_encoder], None, 1.0)
             self.active_style = None
             return
         adapter = _adapter_name(style.name)
@@ -191,7 +191,7 @@ class Models:
             except Exception as exc:  # a broken style file must not take the bot down
                 raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
             self.loaded_styles[adapter] = style.path
-        _activate(pipe.unet, adapter, style.weight)
+        _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
         self.active_style = style.name
 
     # --- depth -----------------------------------------------------------------------------
@@ -221,11 +221,12 @@ def _load_peft_adapter(unet: torch.nn.Module, weights: Path, adapter: str) -> No
         raise ValueError(f"weights do not fit the base model: {result.unexpected_keys[:3]}")
 
 
-def _activate(unet: torch.nn.Module, adapter: str | None, weight: float) -> None:
-    """Make `adapter` the only active one (or none), scaled by `weight` where the kind has a scale."""
+def _activate(models: list[torch.nn.Module], adapter: str | None, weight: float) -> None:
+    """Make `adapter` the only active one (or none) in every model, scaled by `weight` where the kind
+    has a scale. A style may carry text-encoder layers too, so both models are switched."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in unet.modules():
+    for module in (m for model in models for m in model.modules()):
         if isinstance(module, BaseTunerLayer):
             module.enable_adapters(adapter is not None)
             if adapter is not None:

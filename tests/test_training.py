@@ -223,3 +223,24 @@ def test_temporal_ssim_orders_still_moving_and_unrelated() -> None:
     unrelated = [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(3)]
     assert temporal_ssim(still) == pytest.approx(1.0)
     assert temporal_ssim(unrelated) < temporal_ssim(moving) < 1.0
+
+
+def test_text_encoder_lora_trains_loads_and_switches_off(tmp_path: Path, tiny: Settings, engine) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from tests.helpers import sha
+    from tests.test_engine import frame_files, pixels, run
+
+    dataset = load_dataset(make_folder(tmp_path / "ds"), tiny)
+    config = TrainConfig(train_text_encoder=True, **FAST)
+    result = Trainer(tiny, dataset, "foxstyle", config, tmp_path / "out").run()
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(result.weights))
+    assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("unet.") for k in state)
+    engine.store.add_style("fox", str(result.weights), trigger="foxstyle")
+    plain, _ = run(engine, frames=1, seed=4)
+    styled, _ = run(engine, frames=1, seed=4, style="fox")
+    again, _ = run(engine, frames=1, seed=4)
+    assert np.abs(pixels(frame_files(engine, plain)[0]) - pixels(frame_files(engine, styled)[0])).mean() > 0.1
+    assert sha(frame_files(engine, again)[0]) == sha(frame_files(engine, plain)[0])  # both models switched off
+    with pytest.raises(Exception, match="lora adapter only"):
+        Trainer(tiny, dataset, "x", TrainConfig(train_text_encoder=True, adapter="ia3"), tmp_path / "o2")

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 1
     checkpoint_every: int = 100
     seed: int = 0
+    train_text_encoder: bool = False  # LoRA on CLIP's attention too; captions are then encoded each step
 
     def resolved(self, n_images: int, settings: Settings) -> TrainConfig:
         if self.adapter not in ADAPTERS:
@@ -65,17 +66,9 @@ class TrainConfig:
         resolution = self.resolution or settings.width
         if resolution % 8:
             raise InvalidRequest(f"resolution must be a multiple of 8 (got {resolution})")
-        return TrainConfig(
-            steps,
-            self.rank,
-            self.adapter,
-            self.optimizer,
-            lr,
-            resolution,
-            self.batch_size,
-            self.checkpoint_every,
-            self.seed,
-        )
+        if self.train_text_encoder and self.adapter != "lora":
+            raise InvalidRequest("training the text encoder works with the lora adapter only")
+        return replace(self, steps=steps, learning_rate=lr, resolution=resolution)
 
 
 @dataclass
@@ -170,7 +163,7 @@ class Trainer:
         if cache.exists():
             return torch.load(cache, map_location="cpu")
         size = self.config.resolution
-        means, stds, embeddings = [], [], []
+        means, stds, embeddings, token_ids = [], [], [], []
         for item, prompt in zip(self.dataset.items, self.prompts(), strict=True):
             with Image.open(item.path) as image:
                 image = image.convert("RGB")
@@ -193,7 +186,13 @@ class Trainer:
                 return_tensors="pt",
             ).input_ids
             embeddings.append(pipe.text_encoder(tokens.to(self.device))[0].cpu())
-        data = {"mean": torch.cat(means), "std": torch.cat(stds), "text": torch.cat(embeddings)}
+            token_ids.append(tokens)
+        data = {
+            "mean": torch.cat(means),
+            "std": torch.cat(stds),
+            "text": torch.cat(embeddings),
+            "tokens": torch.cat(token_ids),
+        }
         save_atomic(data, cache)
         return data
 
@@ -218,7 +217,23 @@ class Trainer:
         unet = pipe.unet
         unet.requires_grad_(False)
         unet.add_adapter(adapter_config(cfg.adapter, cfg.rank), adapter_name="style")
-        params = [p for p in unet.parameters() if p.requires_grad]
+        text_encoder = pipe.text_encoder if cfg.train_text_encoder else None
+        if text_encoder is not None:
+            from peft import LoraConfig
+
+            text_encoder.requires_grad_(False)
+            text_encoder.add_adapter(
+                LoraConfig(
+                    r=cfg.rank,
+                    lora_alpha=cfg.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                ),
+                adapter_name="style",
+            )
+            text_encoder.train()
+        trained = [unet] if text_encoder is None else [unet, text_encoder]
+        params = [p for model in trained for p in model.parameters() if p.requires_grad]
         if self.device.type == "cuda":
             unet.enable_gradient_checkpointing()
         optimizer = self._optimizer(params)
@@ -235,6 +250,8 @@ class Trainer:
                     f"{self.checkpoint_path} belongs to a run with other settings; delete it to start over"
                 )
             set_peft_model_state_dict(unet, state["adapter"], adapter_name="style")
+            if text_encoder is not None:
+                set_peft_model_state_dict(text_encoder, state["text_adapter"], adapter_name="style")
             optimizer.load_state_dict(state["optimizer"])
             noise_gen.set_state(state["noise_rng"])
             order_rng.bit_generator.state = state["order_rng"]
@@ -246,6 +263,9 @@ class Trainer:
                 {
                     "config": asdict(cfg),
                     "adapter": get_peft_model_state_dict(unet, adapter_name="style"),
+                    "text_adapter": get_peft_model_state_dict(text_encoder, adapter_name="style")
+                    if text_encoder is not None
+                    else None,
                     "optimizer": optimizer.state_dict(),
                     "noise_rng": noise_gen.get_state(),
                     "order_rng": order_rng.bit_generator.state,
@@ -264,7 +284,7 @@ class Trainer:
             if not order:
                 order = [int(i) for i in order_rng.permutation(n)]
             batch = [order.pop() for _ in range(min(cfg.batch_size, len(order)))]
-            loss = self._step(unet, scheduler, data, batch, noise_gen, scaling)
+            loss = self._step(unet, scheduler, data, batch, noise_gen, scaling, text_encoder)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -280,7 +300,7 @@ class Trainer:
                 if should_yield():
                     return TrainResult(None, step, losses)
         unet.eval()
-        weights = self._save(unet)
+        weights = self._save(unet, text_encoder)
         self.checkpoint_path.unlink(missing_ok=True)
         return TrainResult(weights, step, losses)
 
@@ -314,8 +334,11 @@ class Trainer:
         batch: list[int],
         noise_gen: torch.Generator,
         scaling: float,
+        text_encoder: Any = None,
     ) -> torch.Tensor:
         mean, std, text = data["mean"][batch], data["std"][batch], data["text"][batch]
+        if text_encoder is not None:  # its adapter is learning: the cached embeddings would be stale
+            text = text_encoder(data["tokens"][batch].to(self.device))[0]
         latents = (mean + std * torch.randn(mean.shape, generator=noise_gen)) * scaling
         noise = torch.randn(latents.shape, generator=noise_gen)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=noise_gen)
@@ -329,7 +352,7 @@ class Trainer:
             prediction = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=text.to(device)).sample
         return F.mse_loss(prediction.float(), target.to(device).float())
 
-    def _save(self, unet: Any) -> Path:
+    def _save(self, unet: Any, text_encoder: Any = None) -> Path:
         """LoRA: diffusers' format (load_lora_weights, and so other SD tools). Other kinds: peft's
         format (adapter_config.json beside the weights), which diffusers' LoRA loader cannot read."""
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -343,7 +366,14 @@ class Trainer:
         state = get_peft_model_state_dict(unet, adapter_name="style")
         if self.config.adapter == "lora":
             layers = convert_state_dict_to_diffusers(state)
-            StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+            text_layers = None
+            if text_encoder is not None:
+                text_layers = convert_state_dict_to_diffusers(
+                    get_peft_model_state_dict(text_encoder, adapter_name="style")
+                )
+            StableDiffusionPipeline.save_lora_weights(
+                str(tmp), unet_lora_layers=layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+            )
             name = WEIGHTS_NAME
         else:
             unet.peft_config["style"].save_pretrained(str(tmp))
