@@ -82,15 +82,6 @@ class EmakiBot(commands.Bot):
         await self.post_pending_results()
 
     # --- jobs --------------------------------------------------------------------------------
-    async def enqueue(self, job_id: int) -> None:
-        """The row exists: tell the member its position, then make sure the queue is draining."""
-        job = self.store.job(job_id)
-        assert job is not None
-        position = self.queue.position(job_id)
-        if job.get("status_message_id"):
-            await self.edit_status(job, content=render.queued(job, position, self.queue.eta_seconds(position)))
-        self.queue.kick()
-
     async def run_job(self, job_id: int, cancel: threading.Event) -> None:
         """Render one job in the GPU thread, editing its status message as events arrive. The GIF,
         the upload and the reactions happen in a task of their own, overlapping the next job."""

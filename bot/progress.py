@@ -26,7 +26,6 @@ class ProgressReporter:
         self.prompts: list[str] = []
         self.images: list[Image.Image] = []
         self.last_edit = float("-inf")
-        self.dirty = False
 
     @property
     def job(self) -> dict[str, Any]:
@@ -50,13 +49,11 @@ class ProgressReporter:
 
     async def _edit(self, content: str, sheet: bool = False, force: bool = False) -> None:
         """Edit the status message at most once per interval; transitions that end a stage force it.
-        Skipped edits are not lost: the next one carries the latest state."""
+        A skipped edit loses nothing: the next one carries the latest state, and the end is forced."""
         loop_time = self.bot.loop.time()
         if not force and loop_time - self.last_edit < self.bot.settings.progress_edit_interval_s:
-            self.dirty = True
             return
         self.last_edit = loop_time
-        self.dirty = False
         attachments: list[discord.File] = []
         if sheet and self.images:
             image = contact_sheet(self.images, total=self.job["params"]["frames"])

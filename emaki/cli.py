@@ -42,7 +42,6 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
-    from engine.media import encode_webp, write_mp4
     from engine.params import build_params
     from engine.store import open_store
     from engine.worker import Engine
@@ -120,15 +119,13 @@ def cmd_animate(args: argparse.Namespace) -> int:
             result = event
     assert result is not None
     with tqdm(total=1, desc=args.format, disable=quiet, file=sys.stderr) as media_bar:
-        _write_outputs(out, args.format, result, engine, job_id, settings, encode_webp, write_mp4)
+        _write_outputs(out, args.format, result, engine, job_id, settings)
         media_bar.update(1)
     print(out)
     return 0
 
 
-def _write_outputs(
-    out: Path, fmt: str, result: Any, engine: Any, job_id: int, settings: Settings, encode_webp: Any, write_mp4: Any
-) -> None:
+def _write_outputs(out: Path, fmt: str, result: Any, engine: Any, job_id: int, settings: Settings) -> None:
     """Animation, frames folder and JSON sidecar, written in a temp folder and moved into place,
     so a failure leaves nothing that looks like a result."""
     import diffusers
@@ -136,6 +133,7 @@ def _write_outputs(
     from PIL import Image
 
     from engine import __name__ as _  # noqa: F401 - keep import order stable for tools
+    from engine.media import encode_webp, write_mp4
 
     job = engine.store.job(job_id)
     frames = engine.store.frames(job_id)

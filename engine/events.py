@@ -1,4 +1,7 @@
-"""Typed progress events. The engine yields them; the CLI draws bars, the bot edits messages."""
+"""Typed progress events. The engine yields them; the CLI draws bars, the bot edits messages.
+
+A job's place in the queue is not among them: the engine only sees a job once it runs, so the
+position comes from the queue itself (engine.jobs.JobQueue.position)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-
-
-@dataclass(frozen=True)
-class Queued:
-    job_id: int
-    position: int  # 1 = next to run
 
 
 @dataclass(frozen=True)
@@ -56,4 +53,4 @@ class Failed:
     reason: str
 
 
-Event = Queued | Started | StoryReady | StepProgress | FrameDone | Finished | Failed
+Event = Started | StoryReady | StepProgress | FrameDone | Finished | Failed

@@ -128,7 +128,6 @@ class Models:
         self.depth_model: Any = None
         self.depth_processor: Any = None
         self.loaded_styles: dict[str, str] = {}  # style name -> adapter file it was loaded from
-        self.active_style: str | None = None
 
     # --- loading ---------------------------------------------------------------------------
     def load(self) -> Models:
@@ -174,7 +173,6 @@ class Models:
         assert pipe is not None
         if style is None:
             _activate([pipe.unet, pipe.text_encoder], None, 1.0)
-            self.active_style = None
             return
         adapter = _adapter_name(style.name)
         if self.loaded_styles.get(adapter) != style.path:
@@ -192,7 +190,6 @@ class Models:
                 raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
             self.loaded_styles[adapter] = style.path
         _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
-        self.active_style = style.name
 
     # --- depth -----------------------------------------------------------------------------
     @torch.inference_mode()

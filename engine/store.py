@@ -18,9 +18,6 @@ from typing import Any
 
 import sqlite_utils
 
-JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-OPEN_STATUSES = ("queued", "running")
-
 
 def now() -> float:
     return time.time()
@@ -48,7 +45,7 @@ class Store:
                 {
                     "id": int,
                     "kind": str,  # animate | train
-                    "status": str,
+                    "status": str,  # queued | running | done | failed | cancelled
                     "owner_id": int,
                     "owner_name": str,
                     "guild_id": int,
@@ -145,9 +142,6 @@ class Store:
     def jobs_where(self, where: str, args: list[Any], order_by: str = "id") -> list[dict[str, Any]]:
         with self._locked() as db:
             return [_decode_job(r) for r in db["jobs"].rows_where(where, args, order_by=order_by)]
-
-    def open_jobs(self) -> list[dict[str, Any]]:
-        return self.jobs_where("status in ('queued', 'running')", [])
 
     def job_by_result_message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.jobs_where("result_message_id = ?", [message_id])
