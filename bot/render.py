@@ -99,9 +99,10 @@ def dataset_preview(row: dict[str, Any], captions: list[str], steps: int) -> str
     )
 
 
-def dataset_decided(row: dict[str, Any], captions: list[str], steps: int, approved: bool, moderator_id: int) -> str:
+def dataset_decided(preview: str, approved: bool, moderator_id: int) -> str:
+    """The preview with its last line (the call to moderators) replaced by the decision."""
     verdict = f"{APPROVE} approved by <@{moderator_id}>" if approved else f"{DELETE} rejected by <@{moderator_id}>"
-    return clip(dataset_preview(row, captions, steps).rsplit("\n", 1)[0] + f"\n{verdict}")
+    return clip(preview.rsplit("\n", 1)[0] + f"\n{verdict}")
 
 
 def training(job: dict[str, Any], state: str) -> str:

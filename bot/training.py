@@ -39,15 +39,13 @@ def is_moderator(bot: EmakiBot, member: discord.Member | None, channel: Any) -> 
     return bool(role) and any(r.name == role or str(r.id) == role for r in member.roles)
 
 
-def _preview_state(bot: EmakiBot, row: dict[str, Any]) -> tuple[list[str], int, list[Image.Image]]:
-    from pathlib import Path
+def _training_steps(bot: EmakiBot, row: dict[str, Any]) -> int:
+    """The steps the training will run (the default depends on the dataset size)."""
+    return TrainConfig(**json.loads(row["params"] or "{}")).resolved(row["n_images"], bot.settings).steps
 
-    from training.dataset import load_dataset
 
-    dataset = load_dataset(Path(row["path"]), bot.settings)
-    config = TrainConfig(**json.loads(row["params"] or "{}")).resolved(len(dataset.items), bot.settings)
-    images = [Image.open(item.path).convert("RGB") for item in dataset.items[:10]]
-    return dataset.captions, config.steps, images
+def _sheet(ds: Any) -> bytes:
+    return png_bytes(contact_sheet([Image.open(item.path).convert("RGB") for item in ds.items[:10]], tile=128))
 
 
 def register(bot: EmakiBot) -> None:
@@ -110,10 +108,9 @@ def register(bot: EmakiBot) -> None:
         # The dataset row exists: from here on nothing the member sent can be lost.
         row = bot.store.dataset(dataset_id)
         assert row is not None
-        captions, total_steps, images = await asyncio.to_thread(_preview_state, bot, row)
-        sheet = await asyncio.to_thread(lambda: png_bytes(contact_sheet(images, tile=128)))
+        sheet = await asyncio.to_thread(_sheet, ds)  # the dataset prepare_dataset just validated
         preview = await interaction.channel.send(  # type: ignore[union-attr]
-            render.dataset_preview(row, captions, total_steps),
+            render.dataset_preview(row, ds.captions, _training_steps(bot, row)),
             file=discord.File(io.BytesIO(sheet), filename="dataset.png"),
             allowed_mentions=discord.AllowedMentions.none(),
         )
@@ -137,11 +134,9 @@ def register(bot: EmakiBot) -> None:
         row = rows[0]
         approved = emoji == render.APPROVE
         bot.store.update_dataset(row["id"], status="approved" if approved else "rejected")
-        captions, total_steps, _ = await asyncio.to_thread(_preview_state, bot, row)
-        with contextlib.suppress(discord.HTTPException):
-            await channel.get_partial_message(payload.message_id).edit(  # type: ignore[attr-defined]
-                content=render.dataset_decided(row, captions, total_steps, approved, payload.user_id)
-            )
+        with contextlib.suppress(discord.HTTPException):  # the decision is already stored
+            preview = await channel.fetch_message(payload.message_id)  # type: ignore[attr-defined]
+            await preview.edit(content=render.dataset_decided(preview.content, approved, payload.user_id))
         if approved:
             job_id = bot.store.add_job(
                 kind="train",

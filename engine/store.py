@@ -166,6 +166,12 @@ class Store:
         with self._locked() as db:
             db["styles"].upsert(row, pk="name")
 
+    def update_style(self, name: str, **fields: Any) -> None:
+        if isinstance(fields.get("metrics"), dict):
+            fields["metrics"] = json.dumps(fields["metrics"])
+        with self._locked() as db:
+            db["styles"].update(name, fields)
+
     def style(self, name: str) -> dict[str, Any] | None:
         with self._locked() as db:
             rows = list(db["styles"].rows_where("name = ?", [name]))

@@ -185,14 +185,5 @@ def evaluate_style(
         ]
         frames = [image for _, image in render_frames(models, params, plans)]
         metrics["temporal_ssim"] = temporal_ssim(frames)
-    store.add_style(
-        name,
-        style["path"],
-        trigger=style["trigger"] or "",
-        adapter=style["adapter"],
-        steps=style["steps"],
-        dataset_id=style["dataset_id"],
-        weight=style["weight"],
-        metrics={**json.loads(style["metrics"] or "{}"), **metrics},
-    )
+    store.update_style(name, metrics={**json.loads(style["metrics"] or "{}"), **metrics})
     return metrics
