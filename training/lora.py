@@ -219,16 +219,20 @@ class Trainer:
         unet.add_adapter(adapter_config(cfg.adapter, cfg.rank), adapter_name="style")
         text_encoder = pipe.text_encoder if cfg.train_text_encoder else None
         if text_encoder is not None:
-            from peft import LoraConfig
+            from peft import LoraConfig, inject_adapter_in_model
 
             text_encoder.requires_grad_(False)
-            text_encoder.add_adapter(
+            # peft directly, not transformers' `add_adapter`: that wrapper demands the newest peft
+            # (transformers 5.24 wants peft >= 0.22, which the index does not have), while the
+            # injection itself is peft's own and works on every peft the lock allows.
+            inject_adapter_in_model(
                 LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.rank,
                     init_lora_weights="gaussian",
                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
                 ),
+                text_encoder,
                 adapter_name="style",
             )
             text_encoder.train()
