@@ -15,13 +15,13 @@ RUN python3 -m venv /opt/venv && chown -R emaki:emaki /opt/venv /app
 ENV PATH=/opt/venv/bin:$PATH
 USER emaki
 
-COPY --chown=emaki:emaki pyproject.toml README.md ./
+COPY --chown=emaki:emaki pyproject.toml README.md requirements.lock ./
 COPY --chown=emaki:emaki emaki ./emaki
 COPY --chown=emaki:emaki engine ./engine
 COPY --chown=emaki:emaki bot ./bot
 COPY --chown=emaki:emaki training ./training
-# torch==2.13.0 from PyPI is the CUDA build on Linux x86-64.
-RUN pip install torch==2.13.0 && pip install ".[mp4]"
+# torch==2.13.0 from PyPI is the CUDA build on Linux x86-64; everything else at the lock's versions.
+RUN pip install torch==2.13.0 && pip install -c requirements.lock ".[mp4]"
 
 VOLUME ["/data"]
 CMD ["emaki", "bot"]
