@@ -59,6 +59,8 @@ class Settings:
     llm_base_url: str = ""
     hf_inference_url: str = ""  # override the Inference API endpoint (a proxy, or tests)
     llm_timeout_s: float = 60.0
+    # A second LLM turn: the model checks its own frame list against a checklist and revises it.
+    story_refine: bool = True
     device: str = "auto"
     dtype: str = "auto"
     scheduler: str = "default"

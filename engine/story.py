@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.settings import Settings
@@ -32,6 +32,14 @@ SYSTEM_PROMPT = (
 REFUSAL = re.compile(r"\b(i can(?:no|')t|i'm sorry|i am sorry|as an ai|i won't|i am unable|i'm unable)\b", re.I)
 LIST_ITEM = re.compile(r"^\s*(?:frame\s*)?(?:\d{1,2}\s*[.):\-]|[-*\u2022])\s*(?:frame\s*\d+\s*[:.\-])?\s*(.+)$", re.I)
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+REFINE_CHECKLIST = (
+    "Check your frame list against this checklist and fix whatever fails: one subject throughout; one "
+    "setting; one continuous motion from the first frame to the last; every beat of the idea present, in "
+    "order; exactly one visible action per frame; each frame one sentence describing only what is visible. "
+    "Return only the revised JSON array of exactly {frames} strings."
+)
 
 
 class StoryBackend(Protocol):
@@ -190,24 +198,72 @@ def make_backend(settings: Settings) -> StoryBackend | None:
     raise ValueError(f"unknown story backend '{choice}': use auto, hf, openai, transformers or fallback")
 
 
+def build_refine_messages(idea: str, n_frames: int, first_answer: str) -> list[dict[str, str]]:
+    """The second turn: the model's own answer back, with the checklist. The idea stays quoted data."""
+    return [
+        *build_messages(idea, n_frames),
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": REFINE_CHECKLIST.format(frames=n_frames)},
+    ]
+
+
+@dataclass
+class Story:
+    """What the story teller decided, and the raw answers it decided from (kept for the sidecar)."""
+
+    frames: list[str]
+    source: str  # backend name, or "fallback"
+    answers: list[str] = field(default_factory=list)  # first answer, then the refine turn's, as received
+    refined: bool = False  # the frames come from the refine turn
+
+    def record(self) -> dict[str, Any]:
+        return {"source": self.source, "refined": self.refined, "answers": self.answers}
+
+
 class StoryTeller:
     def __init__(self, settings: Settings, backend: StoryBackend | None = None) -> None:
         self.backend = backend if backend is not None else make_backend(settings)
+        self.refine = settings.story_refine
+
+    def tell(self, idea: str, n_frames: int, trigger: str = "") -> Story:
+        """Exactly n frame prompts with the style trigger. With an LLM and `story_refine`, a second
+        turn asks the model to check its list; an unusable or failed second turn keeps the first."""
+        story = Story(frames=[], source="fallback")
+        frames: list[str] | None = None
+        if self.backend is not None:
+            name = self.backend.name
+            first = self._ask(build_messages(idea, n_frames), "first")
+            if first is not None:
+                story.answers.append(first)
+                frames = parse_frames(first, n_frames)
+                if frames is None:
+                    log.warning("story backend %s gave an unusable answer; using fallback", name)
+                else:
+                    story.source = name
+            if frames is not None and self.refine and n_frames > 1 and first is not None:
+                second = self._ask(build_refine_messages(idea, n_frames, first), "refine")
+                if second is not None:
+                    story.answers.append(second)
+                    revised = parse_frames(second, n_frames)
+                    if revised is None:
+                        log.warning("story backend %s: unusable refine answer; keeping the first list", name)
+                    else:
+                        frames, story.refined = revised, True
+        if frames is None:
+            frames = fallback_frames(idea, n_frames)
+        story.frames = [with_trigger(f, trigger) for f in frames]
+        return story
+
+    def _ask(self, messages: list[dict[str, str]], turn: str) -> str | None:
+        """One bounded call (the client's timeout, the backend's max_tokens); None when it fails."""
+        assert self.backend is not None
+        try:
+            return self.backend.complete(messages)
+        except Exception as exc:  # noqa: BLE001 - an LLM outage must not fail the animation
+            log.warning("story backend %s failed on the %s turn (%s)", self.backend.name, turn, type(exc).__name__)
+            return None
 
     def frames(self, idea: str, n_frames: int, trigger: str = "") -> tuple[list[str], str]:
         """(exactly n frame prompts with the style trigger, name of what produced them)."""
-        frames: list[str] | None = None
-        source = "fallback"
-        if self.backend is not None:
-            try:
-                answer = self.backend.complete(build_messages(idea, n_frames))
-                frames = parse_frames(answer, n_frames)
-                if frames is None:
-                    log.warning("story backend %s gave an unusable answer; using fallback", self.backend.name)
-                else:
-                    source = self.backend.name
-            except Exception as exc:  # noqa: BLE001 - an LLM outage must not fail the animation
-                log.warning("story backend %s failed (%s); using fallback", self.backend.name, type(exc).__name__)
-        if frames is None:
-            frames = fallback_frames(idea, n_frames)
-        return [with_trigger(f, trigger) for f in frames], source
+        story = self.tell(idea, n_frames, trigger)
+        return story.frames, story.source
