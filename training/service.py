@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +23,15 @@ from engine.settings import Settings
 from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
 from training.evaluate import TinyFeatures, fid_kid, temporal_ssim
-from training.lora import TrainConfig, Trainer, TrainProgress, TrainResult
+from training.lora import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainProgress,
+    TrainResult,
+    kept_saves,
+    save_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +95,11 @@ def train_style(
     should_yield: Callable[[], bool] = lambda: False,
     on_checkpoint: Callable[[int, Image.Image], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_save: Callable[[int, Path], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a dataset's style; when it finishes, register the style."""
+    """Train (or resume) a dataset's style; when it finishes, register the style with the values it
+    was trained with. A run that diverges registers nothing and marks the dataset `failed`, which
+    frees the style name for a new attempt (TrainingDiverged is raised on)."""
     row = store.dataset(dataset_id)
     if row is None:
         raise InvalidRequest(f"dataset {dataset_id} does not exist")
@@ -94,24 +107,96 @@ def train_style(
     if store.style(name) is not None:
         raise DatasetError(f"a style named '{name}' already exists")
     dataset = load_dataset(Path(row["path"]), settings)
-    config = TrainConfig(**json.loads(row["params"] or "{}"))
+    config = TrainConfig.from_dict(json.loads(row["params"] or "{}"))
     trainer = Trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
-    result = trainer.run(
-        on_step=on_step, should_yield=should_yield, on_checkpoint=on_checkpoint, should_stop=should_stop
-    )
+    try:
+        result = trainer.run(
+            on_step=on_step,
+            should_yield=should_yield,
+            on_checkpoint=on_checkpoint,
+            should_stop=should_stop,
+            on_save=on_save,
+        )
+    except TrainingDiverged:
+        store.update_dataset(dataset_id, status="failed")
+        raise
     if result.finished:
         assert result.weights is not None
-        store.add_style(
+        tail = result.losses[-20:]
+        register_trained_style(
+            store,
             name,
-            str(result.weights),
+            result.weights,
             trigger=row["trigger"] or "",
-            adapter=trainer.config.adapter,
+            config=trainer.config,
             steps=result.step,
             dataset_id=dataset_id,
-            metrics={"final_loss": sum(result.losses[-20:]) / len(result.losses[-20:])},
+            final_loss=sum(tail) / len(tail),
         )
         store.update_dataset(dataset_id, status="trained")
     return result
+
+
+def register_trained_style(
+    store: Store,
+    name: str,
+    weights: Path,
+    trigger: str,
+    config: TrainConfig,
+    steps: int,
+    dataset_id: int | None,
+    final_loss: float | None = None,
+) -> None:
+    """The one place a trained adapter becomes a style: the training values are recorded with it."""
+    metrics: dict[str, Any] = {"training": asdict(config)}
+    if final_loss is not None:
+        metrics["final_loss"] = final_loss
+    store.add_style(
+        name,
+        str(weights),
+        trigger=trigger,
+        adapter=config.adapter,
+        steps=steps,
+        dataset_id=dataset_id,
+        metrics=metrics,
+    )
+
+
+def register_saved_step(settings: Settings, store: Store, name: str, run: str, step: int | None = None) -> Path:
+    """Register the adapter a run kept at `step` (see `Trainer(save_every=...)`) as style `name`.
+    `run` is the style name the run trained under. The save is copied beside the style, so
+    pruning or retraining the run later cannot pull the weights from under it. Without `step`,
+    the steps that can be chosen are listed in the error."""
+    name = check_style_name(name, store)
+    run_dir = style_dir(settings, (run or "").strip().lower())
+    saves = kept_saves(run_dir)
+    if not saves:
+        raise InvalidRequest(f"run '{run}' has no kept saves (train with --save-every N to keep some)")
+    if step not in saves:
+        choices = ", ".join(str(s) for s in sorted(saves))
+        raise InvalidRequest(f"run '{run}' has no save at step {step}: choose one of {choices}")
+    source = saves[step].parent
+    recorded = json.loads((source / "training.json").read_text()) if (source / "training.json").exists() else {}
+    config = TrainConfig.from_dict(recorded)
+    target = style_dir(settings, name) / f"from-{run_dir.name}-{save_name(step)}"
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
+    rows = store.datasets_where("style_name = ?", [run_dir.name])
+    register_trained_style(
+        store,
+        name,
+        target / saves[step].name,
+        trigger=(rows[-1]["trigger"] or "") if rows else "",
+        config=config,
+        steps=step,
+        dataset_id=rows[-1]["id"] if rows else None,
+    )
+    return target / saves[step].name
 
 
 def evaluate_style(
