@@ -1,0 +1,275 @@
+"""The trainer cannot register a broken style, reproduces itself from a seed, keeps images as they
+are, resolves presets value by value, keeps earlier steps to pick from, and its CLI refuses bad
+input before any work (tiny profile, tiny resolution: every run here is a few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emaki.cli import main
+from engine.settings import Settings, load_settings
+from engine.store import open_store
+from training.dataset import check_style_name, load_dataset
+from training.images import bucket_resolutions, fit_to_bucket, pick_bucket
+from training.lora import TrainConfig, Trainer, TrainingDiverged, load_training_pipeline
+from training.presets import preset_config
+from training.service import prepare_dataset, style_dir, train_style
+
+QUICK = dict(rank=4, resolution=16, checkpoint_every=1000)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Settings:
+    return load_settings(profile="tiny", data_dir=tmp_path / "data")
+
+
+def make_folder(root: Path, n: int = 5, size: tuple[int, int] = (24, 40)) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["file_name,caption"]
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        rows.append(f'img{i}.png,"a fox, a meadow, tag{i}"')
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# --- never a broken style -----------------------------------------------------------------------
+def test_a_diverging_run_is_refused_registers_nothing_and_frees_the_name(tmp_path: Path, tiny: Settings) -> None:
+    store = open_store(tiny.data_dir)
+    config = TrainConfig(steps=10, learning_rate=10.0, **QUICK)  # AdamW at lr 10: NaN within a few steps
+    dataset_id, _ = prepare_dataset(tiny, store, make_folder(tmp_path / "ds"), "fox", status="approved", config=config)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+ .*lower learning rate than 10 \(e.g. --lr 1\)"):
+        train_style(tiny, store, dataset_id)
+    assert store.style("fox") is None
+    assert store.dataset(dataset_id)["status"] == "failed"
+    assert not (style_dir(tiny, "fox") / "final").exists()
+    assert not (style_dir(tiny, "fox") / "checkpoint.pt").exists()
+    assert check_style_name("fox", store) == "fox"  # the name is free for a new attempt
+
+
+# --- reproducible ---------------------------------------------------------------------------------
+def test_same_seed_gives_bitwise_identical_adapters_and_leaves_the_global_rng_alone(
+    tmp_path: Path, tiny: Settings
+) -> None:
+    dataset = load_dataset(make_folder(tmp_path / "ds"), tiny)
+    # Every random draw on: dropout (global RNG inside), caption dropout/shuffle, flips, noise offset.
+    config = dict(
+        steps=4,
+        network_dropout=0.2,
+        caption_dropout=0.3,
+        shuffle_caption=True,
+        keep_tokens=1,
+        flip=True,
+        noise_offset=0.05,
+        batch_size=2,
+        **QUICK,
+    )
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    runs = [
+        Trainer(tiny, dataset, "fox", TrainConfig(seed=seed, **config), tmp_path / f"r{i}").run()
+        for i, seed in enumerate((7, 7, 8))
+    ]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is untouched
+    first, again, other = (r.weights.read_bytes() for r in runs)
+    assert first == again
+    assert first != other
+
+
+# --- images as they are ---------------------------------------------------------------------------
+def test_a_tall_image_gets_a_tall_bucket_not_a_square_crop() -> None:
+    buckets = bucket_resolutions(512)
+    assert all(w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert all(0.75 <= w * h / 512**2 <= 1.0 for w, h in buckets if max(w, h) <= 768)  # ~equal area
+    bucket = pick_bucket(512, 768, buckets)
+    assert bucket == (384, 640) and bucket[0] != bucket[1]
+    image = Image.new("RGB", (512, 768))
+    fitted = fit_to_bucket(image, bucket)
+    assert fitted.size == bucket
+    scale = max(bucket[0] / 512, bucket[1] / 768)
+    kept = bucket[0] * bucket[1] / (512 * scale * 768 * scale)
+    assert kept >= 0.89  # 90% (kohya's buckets do the same); a square centre crop would keep 2/3
+
+
+def test_exif_rotation_and_transparency_are_applied_before_caching(tmp_path: Path, tiny: Settings) -> None:
+    tiny.min_dataset_images = 1
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, (40, 24, 3), dtype=np.uint8))  # tall
+    root = tmp_path / "ds"
+    root.mkdir()
+    upright.save(root / "a_upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": a phone held upright
+    upright.transpose(Image.Transpose.ROTATE_90).save(root / "b_rotated.png", exif=exif)
+    rgba = upright.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.where(np.arange(24) < 12, 0, 255).astype(np.uint8)[None].repeat(40, 0)))
+    rgba.save(root / "c_alpha.png")
+    on_white = upright.copy()
+    on_white.paste((255, 255, 255), (0, 0, 12, 40))
+    on_white.save(root / "d_on_white.png")
+    (root / "metadata.csv").write_text(
+        "file_name,caption\n" + "".join(f"{p.name},x\n" for p in sorted(root.glob("*.png")))
+    )
+    dataset = load_dataset(root, tiny)
+    trainer = Trainer(tiny, dataset, "", TrainConfig(**QUICK), tmp_path / "out")
+    data = trainer.encode_dataset(load_training_pipeline(tiny))
+    (key,) = data["buckets"]  # all four upright and tall: one bucket
+    width, height = map(int, key.split("x"))
+    assert height > width
+    entry = data["buckets"][key]
+    mean = {dataset.items[i].path.name: entry["mean"][0, pos] for pos, i in enumerate(entry["items"])}
+    assert torch.equal(mean["a_upright.png"], mean["b_rotated.png"])
+    assert torch.equal(mean["c_alpha.png"], mean["d_on_white.png"])
+
+
+# --- presets --------------------------------------------------------------------------------------
+def test_presets_resolve_to_the_stated_values(tiny: Settings) -> None:
+    anime = preset_config("anime-ia3-prodigy", {}, n_images=28).resolved(28, tiny)
+    assert (anime.adapter, anime.optimizer, anime.learning_rate, anime.text_encoder_lr) == ("ia3", "prodigy", 1.0, 1.0)
+    assert (anime.prodigy_safeguard_warmup, anime.prodigy_use_bias_correction, anime.prodigy_d_coef) == (
+        False,
+        False,
+        1.0,
+    )
+    assert (anime.min_snr_gamma, anime.noise_offset, anime.adaptive_noise_scale) == (5.0, 0.05, 0.005)
+    assert (anime.caption_dropout, anime.shuffle_caption, anime.keep_tokens) == (0.5, True, 1)
+    assert (anime.network_dropout, anime.network_alpha, anime.rank) == (0.3, 1024, 1024)
+    assert (anime.scale_weight_norms, anime.weight_decay, anime.lr_scheduler, anime.lr_warmup_steps) == (
+        1.0,
+        0.01,
+        "constant",
+        0,
+    )
+    assert (anime.batch_size, anime.epochs, anime.steps, anime.save_every) == (1, 300, 300 * 28, 10 * 28)
+    assert (anime.seed, anime.train_text_encoder, anime.gradient_checkpointing) == (31337, True, "on")
+    ghibli = preset_config("ghibli-lora", {}, n_images=28).resolved(28, tiny)
+    assert (ghibli.adapter, ghibli.optimizer, ghibli.learning_rate, ghibli.rank, ghibli.network_alpha) == (
+        "lora",
+        "adamw",
+        1e-4,
+        4,
+        4,
+    )
+    assert (ghibli.steps, ghibli.batch_size, ghibli.resolution, ghibli.max_grad_norm) == (3000, 1, 512, 1.0)
+    assert (ghibli.weight_decay, ghibli.lr_scheduler, ghibli.min_snr_gamma, ghibli.noise_offset) == (
+        0.01,
+        "constant",
+        0.0,
+        0.0,
+    )
+    assert not ghibli.train_text_encoder and not ghibli.flip
+    mine = preset_config("anime-ia3-prodigy", {"learning_rate": 0.5, "seed": 1}, n_images=28)
+    assert (mine.learning_rate, mine.seed, mine.min_snr_gamma) == (0.5, 1, 5.0)  # options win over the preset
+
+
+# --- every kind learns at its default learning rate ---------------------------------------------
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "ia3"])
+def test_every_kind_overfits_one_image_at_its_default_lr(kind: str, tmp_path: Path, tiny: Settings) -> None:
+    tiny.min_dataset_images = 1
+    dataset = load_dataset(make_folder(tmp_path / "ds", n=1), tiny)
+    pipe = load_training_pipeline(tiny)
+    trainer = Trainer(
+        tiny, dataset, "", TrainConfig(adapter=kind, steps=OVERFIT_STEPS, **QUICK), tmp_path / "o", pipeline=pipe
+    )
+    before = trainer.fixed_draw_loss(pipe)
+    trainer.run()
+    after = trainer.fixed_draw_loss(pipe)
+    assert after < (1 - OVERFIT_MARGIN) * before, (kind, before, after)
+
+
+OVERFIT_STEPS = 100
+OVERFIT_MARGIN = 0.05
+
+
+# --- pick a step ------------------------------------------------------------------------------------
+def test_kept_saves_have_samples_and_an_earlier_step_registers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    folder = str(make_folder(tmp_path / "ds"))
+    args = ["train", folder, "--name", "fox", "--steps", "6", "--rank", "4", "--resolution", "16", "-q"]
+    assert main([*args, "--save-every", "2", "--save-limit", "1"]) == 0, capsys.readouterr().err
+    saves = tmp_path / "data" / "styles" / "fox" / "saves"
+    assert sorted(p.name for p in saves.glob("step-*")) == ["step-000004"]  # capped: step 2 pruned
+    assert (saves / "step-000004" / "sample.png").is_file() and (saves / "contact-sheet.png").is_file()
+    capsys.readouterr()
+    assert main(["styles", "add", "fox-early", "--from-run", "fox", "--step", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "error: run 'fox' has no save at step 2: choose one of 4"
+    assert main(["styles", "add", "fox-early", "--from-run", "fox", "--step", "4"]) == 0
+    style = open_store(tmp_path / "data").style("fox-early")
+    assert Path(style["path"]).is_file() and style["steps"] == 4
+    assert json.loads(style["metrics"])["training"]["save_every"] == 2  # the values it was trained with
+
+
+# --- the CLI refuses before any work ---------------------------------------------------------------
+BAD_TRAIN = [
+    (["--lr", "nan"], "learning rate must be a number"),
+    (["--lr", "-1"], "learning rate must be a number"),
+    (["--resolution", "-8"], "resolution must be a whole number from 0 to 4096 (got -8)"),
+    (["--resolution", "12"], "resolution must be a positive multiple of 8"),
+    (["--seed", "-1"], "seed must be a whole number from 0 to 4294967295 (got -1)"),
+    (["--seed", str(10**23)], "seed must be a whole number from 0 to 4294967295"),
+    (["--caption-dropout", "2"], "caption dropout must be a number from 0 to 1"),
+    (["--background", "nope"], "background 'nope' is not a colour"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_TRAIN, ids=[" ".join(b) for b, _ in BAD_TRAIN])
+def test_bad_train_options_are_one_line_and_touch_nothing(
+    bad: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    folder = make_folder(tmp_path / "ds")
+    listing = sorted(p.name for p in folder.iterdir())
+    assert main(["train", str(folder), "--name", "fox", *bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "data").exists()  # no row, no folder, no blocked name
+    assert sorted(p.name for p in folder.iterdir()) == listing
+
+
+@pytest.mark.parametrize("samples", ["0", "1", str(10**8)])
+def test_evaluate_samples_out_of_range(
+    samples: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    assert main(["evaluate", "--style", "fox", "--samples", samples]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --samples must be a whole number from 2 to 10000 (got {samples})"]
+
+
+def test_a_dead_start_starts_again_and_a_changed_resume_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    settings = load_settings()
+    store = open_store(settings.data_dir)
+    folder = make_folder(tmp_path / "ds")
+    base = ["--steps", "4", "--rank", "4", "--resolution", "16", "--checkpoint-every", "2", "-q"]
+    # Killed before its first checkpoint: a row, nothing to resume. The same command starts again.
+    config = TrainConfig(steps=4, rank=4, resolution=16, checkpoint_every=2)
+    prepare_dataset(settings, store, folder, "fox", status="approved", config=config)
+    dead_id, _ = prepare_dataset(settings, store, folder, "bat", status="approved", config=config)
+    # Interrupted after a checkpoint (the run yields at step 2, as Ctrl-C after it would leave it).
+    train_style(settings, store, dead_id, should_yield=lambda: True)
+    assert (style_dir(settings, "bat") / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert main(["train", str(folder), "--name", "bat", *base, "--lr", "0.001", "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other values for steps (4 -> 6), learning_rate (0.0 -> 0.001)" in err[0]
+    assert "--restart" in err[0] and (style_dir(settings, "bat") / "checkpoint.pt").exists()
+    assert main(["train", str(folder), "--name", "bat", *base, "--lr", "0.001", "--restart"]) == 0
+    assert store.style("bat") is not None
+    assert main(["train", str(folder), "--name", "fox", *base]) == 0  # the dead start did not block it
+    assert store.style("fox") is not None
