@@ -291,3 +291,75 @@ def test_a_dead_start_starts_again_and_a_changed_resume_is_refused(
     assert store.style("bat") is not None
     assert main(["train", str(folder), "--name", "fox", *base]) == 0  # the dead start did not block it
     assert store.style("fox") is not None
+
+
+# --- honest evaluation ----------------------------------------------------------------------------
+def test_images_are_scaled_and_centre_cropped_not_squashed() -> None:
+    from training.evaluate import to_uint8_batch
+
+    rng = np.random.default_rng(3)
+    tall = Image.fromarray(rng.integers(0, 256, (128, 64, 3), dtype=np.uint8))
+    expected = np.asarray(tall.resize((32, 64), Image.Resampling.BICUBIC))[16:48]
+    assert np.array_equal(to_uint8_batch([tall], 32)[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_kid_subsets_are_seeded_and_match_a_numpy_reference() -> None:
+    from training.evaluate import TinyFeatures, fid_kid, to_uint8_batch
+
+    rng = np.random.default_rng(0)
+    real = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(12)]
+    fake = [Image.fromarray(rng.integers(40, 200, (64, 64, 3), dtype=np.uint8)) for _ in range(10)]
+    extractor = TinyFeatures()
+    torch.manual_seed(1)
+    first = fid_kid(real, fake, feature=extractor, size=64, kid_subsets=4, seed=5)
+    torch.manual_seed(2)  # another global state: the same figure
+    assert fid_kid(real, fake, feature=extractor, size=64, kid_subsets=4, seed=5) == first
+    with torch.no_grad():
+        f_real = extractor(to_uint8_batch(real, 64)).double().numpy()
+        f_fake = extractor(to_uint8_batch(fake, 64)).double().numpy()
+    generator = torch.Generator().manual_seed(5)  # torchmetrics' draws: randperm per subset, real then fake
+    values = []
+    for _ in range(4):
+        x = f_real[torch.randperm(12, generator=generator).numpy()[:10]]
+        y = f_fake[torch.randperm(10, generator=generator).numpy()[:10]]
+        d, m = x.shape[1], 10
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3), ((y @ y.T / d + 1) ** 3), ((x @ y.T / d + 1) ** 3)
+        values.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.sum() / m**2)
+    assert first["kid"] == pytest.approx(float(np.mean(values)), abs=1e-3)
+    assert first["kid_std"] == pytest.approx(float(np.std(values)), abs=1e-3)
+
+
+def test_clip_score_matches_its_definition() -> None:
+    from training.evaluate import clip_score, tiny_clip
+
+    model, processor = tiny_clip()
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    captions = ["a fox", "a meadow at dusk", "an owl"]
+    inputs = processor(text=captions, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text_embeds = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    a = getattr(image_embeds, "pooler_output", image_embeds).double().numpy()
+    b = getattr(text_embeds, "pooler_output", text_embeds).double().numpy()
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert clip_score(images, captions, model, processor) == pytest.approx(np.maximum(100 * cosine, 0).mean(), abs=1e-3)
+
+
+def test_evaluation_reports_a_style_off_baseline_and_its_feature_space(tmp_path: Path, tiny: Settings) -> None:
+    from engine.models import Models
+    from training.evaluate import report
+    from training.service import evaluate_style
+
+    store = open_store(tiny.data_dir)
+    config = TrainConfig(steps=2, learning_rate=0.05, **QUICK)
+    dataset_id, _ = prepare_dataset(tiny, store, make_folder(tmp_path / "ds"), "fox", "foxstyle", config=config)
+    train_style(tiny, store, dataset_id)
+    tiny.steps = 2
+    metrics = evaluate_style(tiny, store, Models(tiny), "fox", samples=2, animation=False)
+    assert set(metrics["baseline"]) >= {"fid", "kid", "kid_std", "clip_score"}
+    assert metrics["baseline"]["fid"] != metrics["fid"]  # the style changed the images
+    assert "random" in metrics["clip_model"]
+    text = report(metrics)
+    assert all("features: tiny-random-conv" in line for line in text.splitlines() if line.startswith(("FID  ", "KID  ")))
+    assert "without the style" in text

@@ -539,7 +539,7 @@ class Trainer:
                 order = self._epoch(on_device, order_rng)
             bucket, batch = order.pop()
             with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.device.type == "cuda"):
-                loss = self._loss(pipe, trained_text, scheduler, on_device, bucket, batch, noise_gen, augment_rng)
+                loss = self._step(pipe, trained_text, scheduler, on_device, bucket, batch, noise_gen, augment_rng)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -644,7 +644,7 @@ class Trainer:
         tokens = data["tokens"][indices] if not augment else self._tokenize(pipe, prompts).to(self.device)
         return trained_text(tokens)[0]
 
-    def _loss(
+    def _step(
         self,
         pipe: StableDiffusionPipeline,
         trained_text: Any,

@@ -22,7 +22,8 @@ from engine.params import build_params
 from engine.settings import Settings
 from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
-from training.evaluate import TinyFeatures, fid_kid, temporal_ssim
+from training.evaluate import TinyFeatures, clip_score, fid_kid, temporal_ssim, tiny_clip
+from training.images import load_upright_rgb
 from training.lora import (
     TrainConfig,
     Trainer,
@@ -208,9 +209,12 @@ def evaluate_style(
     features: str = "auto",
     animation: bool = True,
     on_image: Callable[[int, int], None] | None = None,
+    baseline: bool = True,
 ) -> dict[str, Any]:
-    """Generate images from the dataset's captions with the style; FID/KID against the dataset
-    images; the temporal SSIM of one animation in the style. Stored with the style."""
+    """Generate images from the dataset's captions with the style, and (`baseline`) the same
+    prompts and seeds with no style; FID/KID of each against the dataset images (both sets scaled
+    and centre-cropped alike, KID subsets seeded), the CLIP score of each against its captions, and
+    the temporal SSIM of one animation in the style. Stored with the style."""
     style = store.style(name)
     if style is None:
         raise InvalidRequest(f"unknown style '{name}'")
@@ -221,9 +225,8 @@ def evaluate_style(
     samples = samples or settings.eval_samples
     if samples < 2:
         raise InvalidRequest("evaluation needs at least 2 samples")
-    feature: int | torch.nn.Module = (
-        TinyFeatures() if (features == "tiny" or (features == "auto" and settings.is_tiny)) else 2048
-    )
+    tiny_features = features == "tiny" or (features == "auto" and settings.is_tiny)
+    feature: int | torch.nn.Module = TinyFeatures() if tiny_features else 2048
     ref = StyleRef(
         name=name,
         path=style["path"],
@@ -231,30 +234,46 @@ def evaluate_style(
         weight=style["weight"] or 1.0,
         adapter=style["adapter"] or "lora",
     )
+    captions = [dataset.items[i % len(dataset.items)].caption for i in range(samples)]
+    prompts = [f"{ref.trigger}, {c}" if ref.trigger else c for c in captions]
+    rounds = [ref, None] if baseline else [ref]
+    total = samples * len(rounds)
+    images: dict[str, list[Image.Image]] = {}
+    for round_index, active in enumerate(rounds):
+        models.use_style(active)
+        pipe = models.load().txt2img
+        assert pipe is not None
+        made = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(i)
+            made.append(
+                pipe(
+                    prompt,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance,
+                    height=settings.height,
+                    width=settings.width,
+                    generator=generator,
+                ).images[0]
+            )
+            if on_image is not None:
+                on_image(round_index * samples + i + 1, total)
+        images["style" if active is not None else "baseline"] = made
     models.use_style(ref)
-    pipe = models.load().txt2img
-    assert pipe is not None
-    generated = []
-    for i in range(samples):
-        caption = dataset.items[i % len(dataset.items)].caption
-        prompt = f"{ref.trigger}, {caption}" if ref.trigger else caption
-        generator = torch.Generator("cpu").manual_seed(i)
-        generated.append(
-            pipe(
-                prompt,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                height=settings.height,
-                width=settings.width,
-                generator=generator,
-            ).images[0]
-        )
-        if on_image is not None:
-            on_image(i + 1, samples)
-    real = [Image.open(item.path).convert("RGB") for item in dataset.items]
+    real = [load_upright_rgb(item.path) for item in dataset.items]
     size = 299 if isinstance(feature, int) else 64
-    metrics: dict[str, Any] = fid_kid(real, generated, feature=feature, size=size)
+    clip = _clip_model(settings)
+    figures = {}
+    for key, generated in images.items():
+        figures[key] = fid_kid(real, generated, feature=feature, size=size)
+        if clip is not None:
+            figures[key]["clip_score"] = clip_score(generated, captions, *clip[1:])
+    metrics: dict[str, Any] = dict(figures["style"])
     metrics["features"] = "inception-2048" if isinstance(feature, int) else "tiny-random-conv"
+    if clip is not None:
+        metrics["clip_model"] = clip[0]
+    if "baseline" in figures:
+        metrics["baseline"] = figures["baseline"]
     if animation:
         params = build_params(settings, store, dataset.items[0].caption, style=name, seed=0)
         plans = [
@@ -272,3 +291,19 @@ def evaluate_style(
         metrics["temporal_ssim"] = temporal_ssim(frames)
     store.update_style(name, metrics={**json.loads(style["metrics"] or "{}"), **metrics})
     return metrics
+
+
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP score's usual model
+
+
+def _clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
+    """(label, model, processor), or None where no CLIP model can be had (offline, not cached)."""
+    if settings.is_tiny:
+        return ("tiny-random-clip (random weights: the number means nothing)", *tiny_clip())
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        return CLIP_MODEL, CLIPModel.from_pretrained(CLIP_MODEL).eval(), CLIPProcessor.from_pretrained(CLIP_MODEL)
+    except (OSError, ValueError) as exc:  # offline or not cached: the other figures stand without it
+        log.warning("no CLIP score: %s cannot be loaded (%s)", CLIP_MODEL, type(exc).__name__)
+        return None
