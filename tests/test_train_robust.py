@@ -361,5 +361,6 @@ def test_evaluation_reports_a_style_off_baseline_and_its_feature_space(tmp_path:
     assert metrics["baseline"]["fid"] != metrics["fid"]  # the style changed the images
     assert "random" in metrics["clip_model"]
     text = report(metrics)
-    assert all("features: tiny-random-conv" in line for line in text.splitlines() if line.startswith(("FID  ", "KID  ")))
+    figures = [line for line in text.splitlines() if line.startswith(("FID  ", "KID  "))]
+    assert len(figures) == 2 and all("features: tiny-random-conv" in line for line in figures)
     assert "without the style" in text
