@@ -52,6 +52,7 @@ TRAIN_OPTIONS: dict[str, str] = {
     "save_every": "save_every",
     "save_limit": "save_limit",
     "seed": "seed",
+    "holdout": "holdout",
     "train_text_encoder": "train_text_encoder",
     "gradient_checkpointing": "gradient_checkpointing",
 }
@@ -282,6 +283,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     train.add_argument("--save-every", type=int, help="keep the adapter and a sample every N steps (default 0: no)")
     train.add_argument("--save-limit", type=int, help="how many kept saves at most (default 10)")
     train.add_argument("--seed", type=int, help="0-4294967295 (default 0); decides every random draw")
+    train.add_argument(
+        "--holdout", type=int, help="images kept out of training for evaluation (default -1: 10%% from 20 images)"
+    )
     _flag(train, "--train-text-encoder", "train the text encoder's half of the adapter too (default off)")
     train.add_argument("--gradient-checkpointing", choices=GRADIENT_CHECKPOINTING, help="default auto")
     train.add_argument("--autocaption", action="store_true", help="caption images that have none with BLIP")

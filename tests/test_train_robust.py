@@ -160,6 +160,7 @@ def test_presets_resolve_to_the_stated_values(tiny: Settings) -> None:
     )
     assert (anime.batch_size, anime.epochs, anime.steps, anime.save_every) == (1, 300, 300 * 28, 10 * 28)
     assert (anime.seed, anime.train_text_encoder, anime.gradient_checkpointing) == (31337, True, "on")
+    assert anime.holdout == 0  # the paper trains on all 28
     ghibli = preset_config("ghibli-lora", {}, n_images=28).resolved(28, tiny)
     assert (ghibli.adapter, ghibli.optimizer, ghibli.learning_rate, ghibli.rank, ghibli.network_alpha) == (
         "lora",
@@ -353,14 +354,21 @@ def test_evaluation_reports_a_style_off_baseline_and_its_feature_space(tmp_path:
 
     store = open_store(tiny.data_dir)
     config = TrainConfig(steps=2, learning_rate=0.05, **QUICK)
-    dataset_id, _ = prepare_dataset(tiny, store, make_folder(tmp_path / "ds"), "fox", "foxstyle", config=config)
+    folder = make_folder(tmp_path / "ds", n=20)  # large enough for the automatic 10% held out
+    dataset_id, _ = prepare_dataset(tiny, store, folder, "fox", "foxstyle", config=config)
     train_style(tiny, store, dataset_id)
+    recorded = json.loads(store.style("fox")["metrics"])
+    assert recorded["training"]["holdout"] == 2 and len(recorded["heldout_images"]) == 2
+    dataset = load_dataset(folder, tiny)
+    trainer = Trainer(tiny, dataset, "", TrainConfig(**QUICK), tmp_path / "t")
+    assert len(trainer.dataset.items) == 18 and not set(trainer.heldout) & {i.path for i in trainer.dataset.items}
     tiny.steps = 2
     metrics = evaluate_style(tiny, store, Models(tiny), "fox", samples=2, animation=False)
+    assert metrics["heldout"]["n_real"] == 2 and metrics["n_real"] == 20
     assert set(metrics["baseline"]) >= {"fid", "kid", "kid_std", "clip_score"}
     assert metrics["baseline"]["fid"] != metrics["fid"]  # the style changed the images
     assert "random" in metrics["clip_model"]
     text = report(metrics)
     figures = [line for line in text.splitlines() if line.startswith(("FID  ", "KID  "))]
     assert len(figures) == 2 and all("features: tiny-random-conv" in line for line in figures)
-    assert "without the style" in text
+    assert "without the style" in text and "against the 2 held-out images (never trained on)" in text

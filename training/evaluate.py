@@ -160,6 +160,12 @@ def report(metrics: dict[str, Any]) -> str:
             f"without the style (base model, same prompts and seeds): FID {base['fid']:.2f}, "
             f"KID {base['kid']:.4f} ± {base['kid_std']:.4f}   (features: {space})"
         )
+    if "heldout" in metrics and isinstance(metrics["heldout"], dict):
+        held = metrics["heldout"]
+        lines.append(
+            f"against the {held['n_real']} held-out images (never trained on): FID {held['fid']:.2f}, "
+            f"KID {held['kid']:.4f} ± {held['kid_std']:.4f}   (features: {space})"
+        )
     if "clip_score" in metrics:
         model = metrics["clip_model"]
         lines.append(f"CLIP score  {metrics['clip_score']:.2f}   (samples vs their captions; model: {model})")

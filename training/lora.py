@@ -64,6 +64,7 @@ MAX_SEED = 2**32 - 1
 DEFAULT_LR = {"lora": 1e-4, "loha": 1e-3, "lokr": 1e-3, "ia3": 5e-3}
 LOG_EVERY = 10  # losses are read back from the device (one sync) every this many steps
 DIVERGED_LOSS = 1e3  # targets have unit variance: a sane model's MSE is ~0.1-1
+HOLDOUT_FROM = 20  # datasets this large keep 10% of their images out of training, for evaluation
 SHORT_VRAM = 12 * 2**30  # below this free memory, gradient checkpointing turns on by itself
 
 
@@ -107,6 +108,7 @@ class TrainConfig:
     save_every: int = 0  # kept adapter saves + a sample each; 0: none
     save_limit: int = 10  # the oldest kept saves beyond this are deleted
     seed: int = 0
+    holdout: int = -1  # images kept out of training for evaluation; -1: 10% when there are >= 20
     train_text_encoder: bool = False
     gradient_checkpointing: str = "auto"  # auto: on when CUDA memory is short
 
@@ -154,12 +156,21 @@ class TrainConfig:
         resolution = self.resolution or settings.width
         if resolution < 8 or resolution % 8:
             raise InvalidRequest(f"resolution must be a positive multiple of 8 (got {resolution})")
+        holdout = (n_images // 10 if n_images >= HOLDOUT_FROM else 0) if self.holdout == -1 else self.holdout
+        if holdout < 0 or (holdout and holdout > n_images - 1):
+            raise InvalidRequest(f"holdout must be -1 (auto) or 0 to {max(n_images - 1, 0)} images (got {holdout})")
+        n_images -= holdout
         batches_per_epoch = math.ceil(max(n_images, 1) / self.batch_size)
         steps = self.steps or (self.epochs * batches_per_epoch) or int(np.clip(n_images * 100, 500, 3000))
         default_lr = 1.0 if self.optimizer == "prodigy" else DEFAULT_LR[self.adapter]
         lr = self.learning_rate or default_lr
         return replace(
-            self, steps=steps, learning_rate=lr, text_encoder_lr=self.text_encoder_lr or lr, resolution=resolution
+            self,
+            steps=steps,
+            learning_rate=lr,
+            text_encoder_lr=self.text_encoder_lr or lr,
+            resolution=resolution,
+            holdout=holdout,
         )
 
     def differences(self, other: TrainConfig) -> list[str]:
@@ -301,9 +312,13 @@ class Trainer:
         pipeline: StableDiffusionPipeline | None = None,
     ) -> None:
         self.settings = settings
-        self.dataset = dataset
         self.trigger = trigger.strip()
         self.config = config.resolved(len(dataset.items), settings)
+        # The held-out images are drawn by the seed and never seen in training: evaluation can then
+        # tell a style that generalises from one that memorised its dataset.
+        held = set(np.random.default_rng([self.config.seed, 2]).permutation(len(dataset.items))[: self.config.holdout])
+        self.heldout = [item.path for i, item in enumerate(dataset.items) if i in held]
+        self.dataset = Dataset(dataset.root, [item for i, item in enumerate(dataset.items) if i not in held])
         self.out_dir = out_dir
         self.device = pick_device(settings.device)
         self.weight_dtype = frozen_dtype(self.device)
@@ -823,7 +838,8 @@ class Trainer:
                     str(text_dir / PEFT_WEIGHTS_NAME),
                 )
             name = PEFT_WEIGHTS_NAME
-        (tmp / "training.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        heldout = [path.relative_to(self.dataset.root).as_posix() for path in self.heldout]
+        (tmp / "training.json").write_text(json.dumps({**asdict(self.config), "heldout": heldout}, indent=2) + "\n")
         for filename, image in (extra or {}).items():
             image.save(tmp / filename)
         shutil.rmtree(dest, ignore_errors=True)

@@ -40,6 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 1,
         "resolution": 512,
         "train_text_encoder": False,
+        "holdout": 0,  # the script trains on every image
     },
     "anime-ia3-prodigy": {
         "adapter": "ia3",
@@ -68,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seed": 31337,
         "gradient_checkpointing": "on",
         "train_text_encoder": True,
+        "holdout": 0,  # the paper trains on all 28 images
     },
 }
 # kohya saves every 10 of the 300 epochs; an epoch's length depends on the dataset, so this

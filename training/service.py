@@ -133,6 +133,7 @@ def train_style(
             steps=result.step,
             dataset_id=dataset_id,
             final_loss=sum(tail) / len(tail),
+            heldout=[path.relative_to(dataset.root).as_posix() for path in trainer.heldout],
         )
         store.update_dataset(dataset_id, status="trained")
     return result
@@ -147,9 +148,11 @@ def register_trained_style(
     steps: int,
     dataset_id: int | None,
     final_loss: float | None = None,
+    heldout: list[str] | None = None,
 ) -> None:
-    """The one place a trained adapter becomes a style: the training values are recorded with it."""
-    metrics: dict[str, Any] = {"training": asdict(config)}
+    """The one place a trained adapter becomes a style: the training values are recorded with it,
+    and the dataset images it never saw (`heldout`, relative to the dataset) for evaluation."""
+    metrics: dict[str, Any] = {"training": asdict(config), "heldout_images": heldout or []}
     if final_loss is not None:
         metrics["final_loss"] = final_loss
     store.add_style(
@@ -196,6 +199,7 @@ def register_saved_step(settings: Settings, store: Store, name: str, run: str, s
         config=config,
         steps=step,
         dataset_id=rows[-1]["id"] if rows else None,
+        heldout=recorded.get("heldout", []),
     )
     return target / saves[step].name
 
@@ -261,11 +265,15 @@ def evaluate_style(
         images["style" if active is not None else "baseline"] = made
     models.use_style(ref)
     real = [load_upright_rgb(item.path) for item in dataset.items]
+    recorded = json.loads(style["metrics"] or "{}").get("heldout_images") or []
+    heldout = [load_upright_rgb(dataset.root / name) for name in recorded if (dataset.root / name).is_file()]
     size = 299 if isinstance(feature, int) else 64
     clip = _clip_model(settings)
     figures = {}
     for key, generated in images.items():
         figures[key] = fid_kid(real, generated, feature=feature, size=size)
+        if len(heldout) >= 2:  # against images the style never saw: generalising, not memorising
+            figures[key]["heldout"] = fid_kid(heldout, generated, feature=feature, size=size)
         if clip is not None:
             figures[key]["clip_score"] = clip_score(generated, captions, *clip[1:])
     metrics: dict[str, Any] = dict(figures["style"])
