@@ -470,6 +470,8 @@ class Trainer:
         )
         scaler = torch.amp.GradScaler("cuda") if self.weight_dtype == torch.float16 else None
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # On the device once: add_noise and compute_snr would otherwise copy it there every step.
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
         on_device = self._move_data(data)
         noise_gen = torch.Generator(self.device).manual_seed(cfg.seed)
         order_rng = np.random.default_rng(cfg.seed)
@@ -642,7 +644,8 @@ class Trainer:
         cfg = self.config
         augment = cfg.caption_dropout > 0 or cfg.shuffle_caption
         if not augment and trained_text is None:
-            return data["text"][indices]
+            # Python-int indexing: views of device tensors (a list index would be copied to the GPU).
+            return torch.stack([data["text"][i] for i in indices])
         prompts = []
         for index in indices:
             if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
@@ -656,7 +659,11 @@ class Trainer:
                 return data["empty_text"].expand(len(prompts), -1, -1)
             with torch.no_grad():
                 return pipe.text_encoder(self._tokenize(pipe, prompts).to(self.device))[0]
-        tokens = data["tokens"][indices] if not augment else self._tokenize(pipe, prompts).to(self.device)
+        tokens = (
+            torch.stack([data["tokens"][i] for i in indices])
+            if not augment
+            else self._tokenize(pipe, prompts).to(self.device)
+        )
         return trained_text(tokens)[0]
 
     def _step(
