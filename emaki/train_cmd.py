@@ -105,7 +105,8 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
     if store.style(name) is not None:
         raise InvalidRequest(f"a style named '{name}' already exists: choose another name")
     checkpoint = style_dir(settings, name) / "checkpoint.pt"
-    earlier = store.datasets_where("style_name = ? and status = 'approved'", [name])
+    # Rows the CLI left (no guild): a Discord submission waiting for its turn is not ours to touch.
+    earlier = store.datasets_where("style_name = ? and status = 'approved' and guild_id is null", [name])
     dataset_id = None
     if earlier and checkpoint.exists():
         row = earlier[-1]

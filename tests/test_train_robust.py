@@ -292,6 +292,12 @@ def test_a_dead_start_starts_again_and_a_changed_resume_is_refused(
     assert store.style("bat") is not None
     assert main(["train", str(folder), "--name", "fox", *base]) == 0  # the dead start did not block it
     assert store.style("fox") is not None
+    # A Discord submission waiting for its turn is not a dead start: the CLI leaves it alone.
+    waiting, _ = prepare_dataset(settings, store, folder, "cat", status="approved", config=config, guild_id=1)
+    capsys.readouterr()
+    assert main(["train", str(folder), "--name", "cat", *base]) == 2
+    assert "a dataset for style 'cat' is already waiting" in capsys.readouterr().err
+    assert store.dataset(waiting)["status"] == "approved"
 
 
 # --- honest evaluation ----------------------------------------------------------------------------
