@@ -156,7 +156,7 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
     except KeyboardInterrupt:
         bar.close()
         print(
-            "\nerror: interrupted; run the same command again to resume from the last checkpoint",
+            "error: interrupted; run the same command again to resume from the last checkpoint",
             file=sys.stderr,
         )
         return 130
