@@ -378,3 +378,32 @@ def test_evaluation_reports_a_style_off_baseline_and_its_feature_space(tmp_path:
     figures = [line for line in text.splitlines() if line.startswith(("FID  ", "KID  "))]
     assert len(figures) == 2 and all("features: tiny-random-conv" in line for line in figures)
     assert "without the style" in text and "against the 2 held-out images (never trained on)" in text
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "ia3"])
+def test_max_norm_regularisation_caps_each_layer_update(kind: str) -> None:
+    from peft.tuners.ia3.layer import IA3Layer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from engine.tiny import tiny_unet
+    from training.lora import adapter_config, scale_weight_norms
+
+    unet = tiny_unet()
+    unet.requires_grad_(False)
+    unet.add_adapter(adapter_config(kind, TrainConfig(adapter=kind, rank=4)), adapter_name="style")
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    with torch.no_grad():
+        for p in (p for p in unet.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 3)
+
+    def delta_norms() -> list[float]:
+        if kind == "ia3":
+            return [float((m.ia3_l["style"] - 1).norm()) for m in layers if isinstance(m, IA3Layer)]
+        return [float(m.get_delta_weight("style").norm()) for m in layers]
+
+    assert max(delta_norms()) > 1.5
+    scale_weight_norms([unet], 1.0)
+    assert max(delta_norms()) <= 1.0 + 1e-4
+    small = [n for n in delta_norms() if n < 0.5]
+    scale_weight_norms([unet], 1.0)  # an update already inside the cap is left as it is
+    assert [n for n in delta_norms() if n < 0.5] == pytest.approx(small)
