@@ -15,7 +15,15 @@ def cmd_styles(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     store = open_store(settings.data_dir)
+    if args.action == "add" and args.from_run:
+        from training.service import register_saved_step
+
+        weights = register_saved_step(settings, store, args.name, args.from_run, args.step)
+        print(f"registered style {args.name} from run {args.from_run} at step {args.step}: {weights}")
+        return 0
     if args.action == "add":
+        if not args.path:
+            raise InvalidRequest("give the weights file, or --from-run RUN --step S")
         path = Path(args.path).expanduser().resolve()
         if not path.is_file():
             raise InvalidRequest(f"style weights file {args.path} does not exist")
@@ -45,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     styles_sub = styles.add_subparsers(dest="action")
     add = styles_sub.add_parser("add", parents=[common], help="register a LoRA safetensors file as a style")
     add.add_argument("name")
-    add.add_argument("path")
+    add.add_argument("path", nargs="?", help="weights file (or --from-run)")
+    add.add_argument("--from-run", help="a training run's name: register one of its kept saves")
+    add.add_argument("--step", type=int, help="with --from-run: the kept step to register")
     add.add_argument("--trigger", default="")
     add.add_argument("--weight", type=float, default=1.0)
     remove = styles_sub.add_parser("remove", parents=[common])

@@ -186,6 +186,9 @@ class Models:
                     pipe.load_lora_weights(str(path), adapter_name=adapter)
                 else:
                     _load_peft_adapter(pipe.unet, path, adapter)
+                    text_half = path.parent / "text_encoder" / path.name  # trained with the text encoder
+                    if text_half.is_file():
+                        _load_peft_adapter(pipe.text_encoder, text_half, adapter)
             except Exception as exc:  # a broken style file must not take the bot down
                 raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
             self.loaded_styles[adapter] = style.path

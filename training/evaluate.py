@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -25,8 +26,18 @@ KID_NOTE = (
 
 
 def to_uint8_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """(N, 3, size, size) uint8, the input torchmetrics' Inception extractor expects."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images]
+    """(N, 3, size, size) uint8, the input torchmetrics' Inception extractor expects. Each image is
+    scaled (keeping its aspect ratio) so its shorter side is `size`, then centre-cropped: real
+    images of any shape and square generated ones go through the same transform, none squashed."""
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        scale = size / min(image.size)
+        resized = image.resize(
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.Resampling.BICUBIC
+        )
+        left, top = (resized.width - size) // 2, (resized.height - size) // 2
+        arrays.append(np.asarray(resized.crop((left, top, left + size, top + size))))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -36,9 +47,11 @@ def fid_kid(
     feature: int | nn.Module = 2048,
     size: int = 299,
     kid_subsets: int = 100,
+    seed: int = 0,
 ) -> dict[str, float]:
     """FID and KID (mean, std over subsets). `feature` is an Inception layer size (needs the
-    torch-fidelity weights) or any module mapping uint8 (N,3,H,W) images to (N, d) features."""
+    torch-fidelity weights) or any module mapping uint8 (N,3,H,W) images to (N, d) features.
+    KID's random subsets are drawn from `seed`, not the global RNG: same inputs, same figure."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -58,7 +71,9 @@ def fid_kid(
         for metric in (fid, kid):
             metric.update(real_batch, real=True)
             metric.update(generated_batch, real=False)
-        kid_mean, kid_std = kid.compute()
+        with torch.random.fork_rng(devices=[]):  # torchmetrics draws KID subsets with torch.randperm
+            torch.manual_seed(seed)
+            kid_mean, kid_std = kid.compute()
         return {
             "fid": float(fid.compute()),
             "kid": float(kid_mean),
@@ -66,6 +81,56 @@ def fid_kid(
             "n_real": len(real),
             "n_generated": len(generated),
         }
+
+
+def clip_score(images: Sequence[Image.Image], captions: Sequence[str], model: Any, processor: Any) -> float:
+    """Mean CLIP score of images against their captions: 100 x cosine of the image and text
+    embeddings, floored at 0 (Hessel et al. 2021; torchmetrics' CLIPScore computes the same)."""
+    with torch.inference_mode():
+        inputs = processor(text=list(captions), images=list(images), return_tensors="pt", padding=True, truncation=True)
+        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text_embeds = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+        text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+        cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+        return float((100 * cosine).clamp(min=0).mean())
+
+
+def tiny_clip() -> tuple[Any, Any]:
+    """A seeded random CLIP with the tiny profile's tokenizer: the CLIP score's code runs offline,
+    but its numbers mean nothing (say so wherever they are shown)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from engine.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
+        torch.manual_seed(0)
+        model = CLIPModel(config).eval()
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def temporal_ssim(frames: Sequence[Image.Image]) -> float:
@@ -82,10 +147,30 @@ def temporal_ssim(frames: Sequence[Image.Image]) -> float:
 
 
 def report(metrics: dict[str, Any]) -> str:
+    """Every figure with the feature space it was measured in, and the base model's beside it."""
+    space = metrics.get("features", "?")
+    base = metrics.get("baseline")
     lines = [
-        f"FID  {metrics['fid']:.2f}   ({metrics['n_generated']} generated vs {metrics['n_real']} dataset images)",
-        f"KID  {metrics['kid']:.4f} ± {metrics['kid_std']:.4f}",
+        f"FID  {metrics['fid']:.2f}   ({metrics['n_generated']} generated vs {metrics['n_real']} dataset images; "
+        f"features: {space})",
+        f"KID  {metrics['kid']:.4f} ± {metrics['kid_std']:.4f}   (features: {space}; seeded subsets)",
     ]
+    if base:
+        lines.append(
+            f"without the style (base model, same prompts and seeds): FID {base['fid']:.2f}, "
+            f"KID {base['kid']:.4f} ± {base['kid_std']:.4f}   (features: {space})"
+        )
+    if "heldout" in metrics and isinstance(metrics["heldout"], dict):
+        held = metrics["heldout"]
+        lines.append(
+            f"against the {held['n_real']} held-out images (never trained on): FID {held['fid']:.2f}, "
+            f"KID {held['kid']:.4f} ± {held['kid_std']:.4f}   (features: {space})"
+        )
+    if "clip_score" in metrics:
+        model = metrics["clip_model"]
+        lines.append(f"CLIP score  {metrics['clip_score']:.2f}   (samples vs their captions; model: {model})")
+        if base and "clip_score" in base:
+            lines.append(f"CLIP score without the style  {base['clip_score']:.2f}   (model: {metrics['clip_model']})")
     if "temporal_ssim" in metrics:
         lines.append(f"temporal SSIM  {metrics['temporal_ssim']:.3f}   (mean over consecutive frames)")
     lines.append(KID_NOTE)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,8 +22,17 @@ from engine.params import build_params
 from engine.settings import Settings
 from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
-from training.evaluate import TinyFeatures, fid_kid, temporal_ssim
-from training.lora import TrainConfig, Trainer, TrainProgress, TrainResult
+from training.evaluate import TinyFeatures, clip_score, fid_kid, temporal_ssim, tiny_clip
+from training.images import load_upright_rgb
+from training.lora import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainProgress,
+    TrainResult,
+    kept_saves,
+    save_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +96,11 @@ def train_style(
     should_yield: Callable[[], bool] = lambda: False,
     on_checkpoint: Callable[[int, Image.Image], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_save: Callable[[int, Path], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a dataset's style; when it finishes, register the style."""
+    """Train (or resume) a dataset's style; when it finishes, register the style with the values it
+    was trained with. A run that diverges registers nothing and marks the dataset `failed`, which
+    frees the style name for a new attempt (TrainingDiverged is raised on)."""
     row = store.dataset(dataset_id)
     if row is None:
         raise InvalidRequest(f"dataset {dataset_id} does not exist")
@@ -94,24 +108,100 @@ def train_style(
     if store.style(name) is not None:
         raise DatasetError(f"a style named '{name}' already exists")
     dataset = load_dataset(Path(row["path"]), settings)
-    config = TrainConfig(**json.loads(row["params"] or "{}"))
+    config = TrainConfig.from_dict(json.loads(row["params"] or "{}"))
     trainer = Trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
-    result = trainer.run(
-        on_step=on_step, should_yield=should_yield, on_checkpoint=on_checkpoint, should_stop=should_stop
-    )
+    try:
+        result = trainer.run(
+            on_step=on_step,
+            should_yield=should_yield,
+            on_checkpoint=on_checkpoint,
+            should_stop=should_stop,
+            on_save=on_save,
+        )
+    except TrainingDiverged:
+        store.update_dataset(dataset_id, status="failed")
+        raise
     if result.finished:
         assert result.weights is not None
-        store.add_style(
+        tail = result.losses[-20:]
+        register_trained_style(
+            store,
             name,
-            str(result.weights),
+            result.weights,
             trigger=row["trigger"] or "",
-            adapter=trainer.config.adapter,
+            config=trainer.config,
             steps=result.step,
             dataset_id=dataset_id,
-            metrics={"final_loss": sum(result.losses[-20:]) / len(result.losses[-20:])},
+            final_loss=sum(tail) / len(tail),
+            heldout=[path.relative_to(dataset.root).as_posix() for path in trainer.heldout],
         )
         store.update_dataset(dataset_id, status="trained")
     return result
+
+
+def register_trained_style(
+    store: Store,
+    name: str,
+    weights: Path,
+    trigger: str,
+    config: TrainConfig,
+    steps: int,
+    dataset_id: int | None,
+    final_loss: float | None = None,
+    heldout: list[str] | None = None,
+) -> None:
+    """The one place a trained adapter becomes a style: the training values are recorded with it,
+    and the dataset images it never saw (`heldout`, relative to the dataset) for evaluation."""
+    metrics: dict[str, Any] = {"training": asdict(config), "heldout_images": heldout or []}
+    if final_loss is not None:
+        metrics["final_loss"] = final_loss
+    store.add_style(
+        name,
+        str(weights),
+        trigger=trigger,
+        adapter=config.adapter,
+        steps=steps,
+        dataset_id=dataset_id,
+        metrics=metrics,
+    )
+
+
+def register_saved_step(settings: Settings, store: Store, name: str, run: str, step: int | None = None) -> Path:
+    """Register the adapter a run kept at `step` (see `Trainer(save_every=...)`) as style `name`.
+    `run` is the style name the run trained under. The save is copied beside the style, so
+    pruning or retraining the run later cannot pull the weights from under it. Without `step`,
+    the steps that can be chosen are listed in the error."""
+    name = check_style_name(name, store)
+    run_dir = style_dir(settings, (run or "").strip().lower())
+    saves = kept_saves(run_dir)
+    if not saves:
+        raise InvalidRequest(f"run '{run}' has no kept saves (train with --save-every N to keep some)")
+    if step not in saves:
+        choices = ", ".join(str(s) for s in sorted(saves))
+        raise InvalidRequest(f"run '{run}' has no save at step {step}: choose one of {choices}")
+    source = saves[step].parent
+    recorded = json.loads((source / "training.json").read_text()) if (source / "training.json").exists() else {}
+    config = TrainConfig.from_dict(recorded)
+    target = style_dir(settings, name) / f"from-{run_dir.name}-{save_name(step)}"
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
+    rows = store.datasets_where("style_name = ?", [run_dir.name])
+    register_trained_style(
+        store,
+        name,
+        target / saves[step].name,
+        trigger=(rows[-1]["trigger"] or "") if rows else "",
+        config=config,
+        steps=step,
+        dataset_id=rows[-1]["id"] if rows else None,
+        heldout=recorded.get("heldout", []),
+    )
+    return target / saves[step].name
 
 
 def evaluate_style(
@@ -123,9 +213,12 @@ def evaluate_style(
     features: str = "auto",
     animation: bool = True,
     on_image: Callable[[int, int], None] | None = None,
+    baseline: bool = True,
 ) -> dict[str, Any]:
-    """Generate images from the dataset's captions with the style; FID/KID against the dataset
-    images; the temporal SSIM of one animation in the style. Stored with the style."""
+    """Generate images from the dataset's captions with the style, and (`baseline`) the same
+    prompts and seeds with no style; FID/KID of each against the dataset images (both sets scaled
+    and centre-cropped alike, KID subsets seeded), the CLIP score of each against its captions, and
+    the temporal SSIM of one animation in the style. Stored with the style."""
     style = store.style(name)
     if style is None:
         raise InvalidRequest(f"unknown style '{name}'")
@@ -136,9 +229,8 @@ def evaluate_style(
     samples = samples or settings.eval_samples
     if samples < 2:
         raise InvalidRequest("evaluation needs at least 2 samples")
-    feature: int | torch.nn.Module = (
-        TinyFeatures() if (features == "tiny" or (features == "auto" and settings.is_tiny)) else 2048
-    )
+    tiny_features = features == "tiny" or (features == "auto" and settings.is_tiny)
+    feature: int | torch.nn.Module = TinyFeatures() if tiny_features else 2048
     ref = StyleRef(
         name=name,
         path=style["path"],
@@ -146,30 +238,50 @@ def evaluate_style(
         weight=style["weight"] or 1.0,
         adapter=style["adapter"] or "lora",
     )
+    captions = [dataset.items[i % len(dataset.items)].caption for i in range(samples)]
+    prompts = [f"{ref.trigger}, {c}" if ref.trigger else c for c in captions]
+    rounds = [ref, None] if baseline else [ref]
+    total = samples * len(rounds)
+    images: dict[str, list[Image.Image]] = {}
+    for round_index, active in enumerate(rounds):
+        models.use_style(active)
+        pipe = models.load().txt2img
+        assert pipe is not None
+        made = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(i)
+            made.append(
+                pipe(
+                    prompt,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance,
+                    height=settings.height,
+                    width=settings.width,
+                    generator=generator,
+                ).images[0]
+            )
+            if on_image is not None:
+                on_image(round_index * samples + i + 1, total)
+        images["style" if active is not None else "baseline"] = made
     models.use_style(ref)
-    pipe = models.load().txt2img
-    assert pipe is not None
-    generated = []
-    for i in range(samples):
-        caption = dataset.items[i % len(dataset.items)].caption
-        prompt = f"{ref.trigger}, {caption}" if ref.trigger else caption
-        generator = torch.Generator("cpu").manual_seed(i)
-        generated.append(
-            pipe(
-                prompt,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                height=settings.height,
-                width=settings.width,
-                generator=generator,
-            ).images[0]
-        )
-        if on_image is not None:
-            on_image(i + 1, samples)
-    real = [Image.open(item.path).convert("RGB") for item in dataset.items]
+    real = [load_upright_rgb(item.path) for item in dataset.items]
+    recorded = json.loads(style["metrics"] or "{}").get("heldout_images") or []
+    heldout = [load_upright_rgb(dataset.root / name) for name in recorded if (dataset.root / name).is_file()]
     size = 299 if isinstance(feature, int) else 64
-    metrics: dict[str, Any] = fid_kid(real, generated, feature=feature, size=size)
+    clip = _clip_model(settings)
+    figures = {}
+    for key, generated in images.items():
+        figures[key] = fid_kid(real, generated, feature=feature, size=size)
+        if len(heldout) >= 2:  # against images the style never saw: generalising, not memorising
+            figures[key]["heldout"] = fid_kid(heldout, generated, feature=feature, size=size)
+        if clip is not None:
+            figures[key]["clip_score"] = clip_score(generated, captions, *clip[1:])
+    metrics: dict[str, Any] = dict(figures["style"])
     metrics["features"] = "inception-2048" if isinstance(feature, int) else "tiny-random-conv"
+    if clip is not None:
+        metrics["clip_model"] = clip[0]
+    if "baseline" in figures:
+        metrics["baseline"] = figures["baseline"]
     if animation:
         params = build_params(settings, store, dataset.items[0].caption, style=name, seed=0)
         plans = [
@@ -187,3 +299,19 @@ def evaluate_style(
         metrics["temporal_ssim"] = temporal_ssim(frames)
     store.update_style(name, metrics={**json.loads(style["metrics"] or "{}"), **metrics})
     return metrics
+
+
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP score's usual model
+
+
+def _clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
+    """(label, model, processor), or None where no CLIP model can be had (offline, not cached)."""
+    if settings.is_tiny:
+        return ("tiny-random-clip (random weights: the number means nothing)", *tiny_clip())
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        return CLIP_MODEL, CLIPModel.from_pretrained(CLIP_MODEL).eval(), CLIPProcessor.from_pretrained(CLIP_MODEL)
+    except (OSError, ValueError) as exc:  # offline or not cached: the other figures stand without it
+        log.warning("no CLIP score: %s cannot be loaded (%s)", CLIP_MODEL, type(exc).__name__)
+        return None
