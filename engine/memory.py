@@ -15,10 +15,14 @@ so the offload hooks set on one serve the other.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from engine.errors import ResourceError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,8 @@ def choose(setting: str, device: torch.device, need: Footprint, free_bytes: int 
     if setting != "auto":
         return setting
     if free_bytes is None:
+        if not torch.cuda.is_available():
+            raise ResourceError(f"device {device} was asked for, but this machine has no usable CUDA GPU")
         free_bytes, _ = torch.cuda.mem_get_info(device)
     for mode in MODES:
         if need.need(mode) <= free_bytes:
@@ -151,3 +157,23 @@ def apply(mode: str, txt2img: Any, img2img: Any, depth_model: torch.nn.Module, d
         raise ValueError(f"unknown memory mode {mode!r}")
     # The depth estimator runs once per frame: its layers visit the GPU only while it runs.
     cpu_offload(depth_model, execution_device=device)
+
+
+@contextmanager
+def suspended(
+    mode: str, txt2img: Any, img2img: Any, depth_model: torch.nn.Module, device: torch.device
+) -> Iterator[None]:
+    """Take the offload hooks off while modules are changed (e.g. adapter layers injected by peft, whose new
+    weights the hooks set earlier would not know about), then place everything again for `mode`."""
+    if mode == "high":
+        yield
+        return
+    from accelerate.hooks import remove_hook_from_module
+
+    for pipe in (txt2img, img2img):
+        pipe.remove_all_hooks()
+    remove_hook_from_module(depth_model, recurse=True)
+    try:
+        yield
+    finally:
+        apply(mode, txt2img, img2img, depth_model, device)

@@ -148,42 +148,38 @@ def cached_snapshot(repo_id: str, cache_dir: Path) -> Path | None:
 
 
 def not_found(spec: ModelSpec, where: str, why: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"{spec.role} '{spec.ref}' {why} ({where}): run `{PULL_COMMAND}`, "
-        f"or set EMAKI_{spec.setting.upper()} to a local folder or file"
-    )
+    """A hub model that is not (fully) in the cache: what to run."""
+    other = f", or set EMAKI_{spec.setting.upper()} to a local folder or file" if spec.setting else ""
+    return ModelLoadError(f"{spec.role} '{spec.ref}' {why} ({where}): run `{PULL_COMMAND}`{other}")
 
 
 def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> Resolved:
-    """Find `spec` on disk or raise one line that says which model, where it looked and what to run."""
+    """Find `spec` on disk or raise one line that says which model, where it looked and what to do."""
     cache_dir = cache_dir or hub_cache_dir()
     kind = kind_of(spec.ref)
+    if kind in ("file", "folder") and not Path(spec.ref).expanduser().exists():
+        raise ModelLoadError(f"cannot load {spec.role}: local path '{spec.ref}' does not exist")
     if kind == "file":
-        path = Path(spec.ref).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"{spec.role} file '{spec.ref}' does not exist")
         if not spec.pipeline:
-            raise ModelLoadError(f"{spec.role} '{spec.ref}': only the base model can be a single file")
+            raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': only the base model can be one file")
         config = resolve_config(spec, config_ref, cache_dir)
-        return Resolved(spec, path, None, config)
+        return Resolved(spec, Path(spec.ref).expanduser(), None, config)
     if kind == "folder":
         folder = Path(spec.ref).expanduser()
-        if not folder.is_dir():
-            raise ModelLoadError(f"{spec.role} path '{spec.ref}' does not exist")
-        where = f"folder {folder}"
     else:
         snapshot = cached_snapshot(spec.ref, cache_dir)
         if snapshot is None:
             raise not_found(spec, f"hub cache {cache_dir}", "is not downloaded")
-        folder, where = snapshot, f"hub cache {cache_dir}"
+        folder = snapshot
     files = relative_files(folder)
     marker = "model_index.json" if spec.pipeline else "config.json"
-    if marker not in files:
-        raise not_found(spec, where, f"has no {marker}")
     _, variant, missing = select_files(files, pipeline=spec.pipeline, want_fp16=spec.half)
-    if missing:
-        folders = ", ".join(f"{m}/" if m else "the top folder" for m in missing)
-        raise not_found(spec, where, f"has no weights in {folders}")
+    folders = ", ".join(f"{m}/" if m else "its top folder" for m in missing)
+    problem = f"no {marker}" if marker not in files else f"no weights in {folders}" if missing else ""
+    if problem and kind == "hub":
+        raise not_found(spec, f"hub cache {cache_dir}", f"is only partly downloaded: {problem}")
+    if problem:
+        raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {problem} in {folder}")
     return Resolved(spec, folder, variant)
 
 

@@ -196,6 +196,12 @@ class Models:
         self.txt2img, self.img2img = txt2img, img2img
         log.info("models ready on %s (%s, memory %s), profile %s", self.device, self.dtype, self.memory, s.profile)
 
+    def memory_suspended(self) -> Any:
+        """A context in which the models carry no offload hooks (for changing their modules, e.g. loading
+        a peft adapter under EMAKI_MEMORY=medium/low); the memory mode is applied again on exit."""
+        assert self.txt2img is not None
+        return memory.suspended(self.memory, self.txt2img, self.img2img, self.depth_model, self.device)
+
     # --- styles ----------------------------------------------------------------------------
     def use_style(self, style: StyleRef | None) -> None:
         """Activate one style (loading it the first time) or none; the base weights stay loaded.

@@ -233,6 +233,7 @@ def test_a_repo_without_the_variant_falls_back_and_one_without_weights_is_named(
 def test_hub_id_loads_from_the_cache_with_the_fp16_variant_on_half(
     local_models: dict[str, Path],
     sd15: SD15Models,  # noqa: F811
+    recwarn: pytest.WarningsRecorder,
 ) -> None:
     settings = load_settings(dtype="fp16")
     spec = model_files.profile_models(settings, half=True)[0]
@@ -245,11 +246,14 @@ def test_hub_id_loads_from_the_cache_with_the_fp16_variant_on_half(
     assert model_files.resolve(spec32).variant is None
     pipe32 = load_base_model(spec32, "", torch.float32)
     assert pipe32.unet.dtype == torch.float32 and _same_weights(pipe32.unet, sd15.pipe.unet)
+    # No deprecated argument in our calls (diffusers' `deprecate` warns with a FutureWarning).
+    assert not [str(w.message) for w in recwarn if "deprecat" in str(w.message).lower()]
 
 
 def test_single_file_checkpoint_loads_with_a_local_config_or_the_cached_profile_repo(
     local_models: dict[str, Path],
     sd15: SD15Models,  # noqa: F811
+    recwarn: pytest.WarningsRecorder,
 ) -> None:
     single = str(local_models["single"])
     for config in (str(local_models["base"]), ""):  # a local folder; then the default: the cached hub repo
@@ -259,6 +263,7 @@ def test_single_file_checkpoint_loads_with_a_local_config_or_the_cached_profile_
         pipe = load_base_model(spec, settings.base_model_config, torch.float32)
         for part in ("unet", "vae", "text_encoder"):
             assert _same_weights(getattr(pipe, part), getattr(sd15.pipe, part)), part
+    assert not [str(w.message) for w in recwarn if "deprecat" in str(w.message).lower()]
 
 
 def test_an_uncached_model_fails_with_one_line_naming_it_where_and_what_to_run(
@@ -283,11 +288,22 @@ def test_an_uncached_model_fails_with_one_line_naming_it_where_and_what_to_run(
         model_files.resolve(model_files.profile_models(load_settings(base_model=str(single)), False)[0], SD15_REPO)
 
 
-def test_missing_local_paths_are_named(tmp_path: Path) -> None:
-    for ref, message in ((tmp_path / "nope", "path '.*nope' does not exist"), (tmp_path / "x.ckpt", "file")):
-        spec = model_files.ModelSpec("base model", "base_model", str(ref), pipeline=True, half=False)
-        with pytest.raises(ModelLoadError, match=message):
+def test_local_paths_that_are_missing_or_incomplete_are_named(local_models: dict[str, Path], tmp_path: Path) -> None:
+    def refusal(ref: Path, pipeline: bool = True) -> str:
+        spec = model_files.ModelSpec("base model", "base_model", str(ref), pipeline=pipeline, half=False)
+        with pytest.raises(ModelLoadError) as caught:
             model_files.resolve(spec)
+        return str(caught.value)
+
+    assert refusal(tmp_path / "nope") == f"cannot load base model: local path '{tmp_path / 'nope'}' does not exist"
+    assert "local path" in refusal(tmp_path / "nope.ckpt")
+    assert refusal(tmp_path).endswith(f"no model_index.json in {tmp_path}")
+    partial = tmp_path / "partial"
+    for name in ("model_index.json", "unet/config.json", "vae/config.json"):
+        (partial / name).parent.mkdir(parents=True, exist_ok=True)
+        (partial / name).write_text("{}")
+    assert refusal(partial).endswith(f"no weights in text_encoder/, unet/, vae/ in {partial}")
+    assert "only the base model can be one file" in refusal(local_models["single"], pipeline=False)
 
 
 # --- emaki models ---------------------------------------------------------------------------------
@@ -422,6 +438,15 @@ def test_low_mode_sets_sequential_offload_on_the_shared_modules_and_tiles_the_va
         assert hooked, part  # weights live on the CPU and visit the device layer by layer
     assert models.txt2img.vae.use_tiling and models.txt2img.vae.use_slicing
     assert any(hasattr(m, "_hf_hook") for m in models.depth_model.modules())
+    # Suspending gives back real weights (sequential offload keeps them on `meta`) and no hooks, so a
+    # style's adapter layers can be injected; leaving sets the offload again, new layers included.
+    models.memory = "low"
+    with models.memory_suspended():
+        unet = models.txt2img.unet
+        assert not [n for n, p in unet.named_parameters() if p.device.type == "meta"]
+        assert not [m for m in unet.modules() if hasattr(m, "_hf_hook")]
+        unet.extra = torch.nn.Linear(2, 2)  # stands for an injected adapter layer
+    assert hasattr(models.txt2img.unet.extra, "_hf_hook")
 
 
 # --- quiet output ---------------------------------------------------------------------------------
