@@ -74,8 +74,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     # Their progress bars ("Loading pipeline components", "Loading weights") are switched by a call,
     # not by the environment; the logging modules import without the models.
     from diffusers.utils import logging as diffusers_logging
@@ -87,3 +86,6 @@ def _quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     disable_progress_bars()
+    # After the imports: each library sets its own logger's level when it is first imported.
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

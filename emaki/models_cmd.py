@@ -163,6 +163,7 @@ def _pull_repo(
     from engine import model_files
 
     token = settings.hf_token or None
+    print(f"{role}: asking the hub for {repo_id}", file=sys.stderr)
     try:
         files = HfApi().list_repo_files(repo_id, token=token)
     except Exception as exc:  # offline, unknown repo, gated repo: one line
@@ -178,7 +179,7 @@ def _pull_repo(
             kw.pop("name", None)
             super().__init__(*a, **{**kw, "disable": quiet, "file": sys.stderr})
 
-    print(f"{role}: {repo_id} ({len(chosen)} files{', fp16 weights' if variant else ''})", file=sys.stderr)
+    print(f"{role}: downloading {len(chosen)} files{' (fp16 weights)' if variant else ''}", file=sys.stderr)
     try:
         snapshot_download(
             repo_id, allow_patterns=chosen, cache_dir=cache_dir, token=token, tqdm_class=Bar, max_workers=4

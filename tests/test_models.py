@@ -175,7 +175,9 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     blip.save_pretrained(str(root / "captioner"))
     blip_processor.save_pretrained(str(root / "captioner"))
     single = root / "community-model.safetensors"
-    save_file(ldm_checkpoint(sd15), str(single))
+    checkpoint = ldm_checkpoint(sd15)
+    save_file(checkpoint, str(single))
+    torch.save({"state_dict": checkpoint}, root / "community-model.ckpt")  # the older pickled form
     cache = root / "hub"
     put_in_hub_cache(base, cache, SD15_REPO)
     return {"root": root, "base": base, "single": single, "cache": cache}
@@ -250,13 +252,15 @@ def test_hub_id_loads_from_the_cache_with_the_fp16_variant_on_half(
     assert not [str(w.message) for w in recwarn if "deprecat" in str(w.message).lower()]
 
 
-def test_single_file_checkpoint_loads_with_a_local_config_or_the_cached_profile_repo(
+def test_single_file_checkpoints_load_with_a_local_config_or_the_cached_profile_repo(
     local_models: dict[str, Path],
     sd15: SD15Models,  # noqa: F811
     recwarn: pytest.WarningsRecorder,
 ) -> None:
-    single = str(local_models["single"])
-    for config in (str(local_models["base"]), ""):  # a local folder; then the default: the cached hub repo
+    safetensors, ckpt = str(local_models["single"]), str(local_models["root"] / "community-model.ckpt")
+    base = str(local_models["base"])
+    # A local config folder; the default config (the profile's repo, from the hub cache); a .ckpt.
+    for single, config in ((safetensors, base), (safetensors, ""), (ckpt, base)):
         settings = load_settings(base_model=single, base_model_config=config or None)
         assert settings.base_model_config == (config or SD15_REPO)
         spec = model_files.profile_models(settings, half=False)[0]
