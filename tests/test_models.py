@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from emaki.cli import main
 from engine import memory, model_files, tiny
-from engine.errors import InvalidRequest, ModelLoadError
+from engine.errors import InvalidRequest, ModelLoadError, ResourceError
 from engine.models import Models, load_base_model
 from engine.settings import PROFILES, Settings, load_settings
 from tests.sd15_layout import SD15Models, save_sd15_pipeline, sd15, sd15_folder  # noqa: F401 - fixtures
@@ -482,3 +482,25 @@ def test_a_terminal_shows_only_emakis_own_lines(local_models: dict[str, Path], t
     foreign = [line for line in lines if not EMAKI_LINE.match(line.replace("\x1b[A", "").rstrip())]
     assert not foreign, foreign[:5]
     assert any(line.startswith("frame 1/1:") for line in lines) and out.exists()
+
+
+def test_the_fit_verdict_uses_the_counts_read_from_the_files(local_models: dict[str, Path]) -> None:
+    from emaki.models_cmd import _fit_line
+
+    settings = load_settings(dtype="fp16")
+    counts = {}
+    for spec in model_files.profile_models(settings, half=True)[:3]:
+        counts[spec.setting] = model_files.parameter_counts(model_files.resolve(spec, settings.base_model_config))
+    cuda = torch.device("cuda")
+    assert _fit_line(settings, cuda, torch.float16, 8 * GIB, counts).startswith("fits     yes, auto will use high")
+    # The narrow models need little more than the activation allowance; below it nothing fits.
+    assert "not even with EMAKI_MEMORY=low" in _fit_line(settings, cuda, torch.float16, GIB, counts)
+    explicit = load_settings(dtype="fp16", memory="high")
+    assert _fit_line(explicit, cuda, torch.float16, 8 * GIB, counts).startswith("fits     yes (")
+
+
+def test_auto_on_a_cuda_device_this_machine_lacks_is_one_clear_line() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ResourceError, match="no usable CUDA GPU"):
+        memory.choose("auto", torch.device("cuda"), SD15_FP16)
