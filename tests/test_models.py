@@ -26,7 +26,7 @@ from engine import memory, model_files, tiny
 from engine.errors import InvalidRequest, ModelLoadError, ResourceError
 from engine.models import Models, load_base_model
 from engine.settings import PROFILES, Settings, load_settings
-from tests.sd15_layout import SD15Models, save_sd15_pipeline, sd15, sd15_folder  # noqa: F401 - fixtures
+from tests.sd15_layout import SD15Models, save_sd15_pipeline, sd15_models
 
 SD15_REPO = PROFILES["sd15"]["base_model"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,13 @@ def ldm_checkpoint(models: SD15Models) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+def sd15() -> SD15Models:
+    """A private copy of the narrow SD1.5 models: other modules may add adapters to the shared one."""
+    return sd15_models()
+
+
+@pytest.fixture(scope="module")
+def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Saved models: the base pipeline with full and fp16 weights, a ControlNet, a tiny DPT, a tiny BLIP,
     a single-file checkpoint; and a hub cache holding the base pipeline under the profile's repo id."""
     from training.caption import tiny_blip
@@ -234,7 +240,7 @@ def test_a_repo_without_the_variant_falls_back_and_one_without_weights_is_named(
 
 def test_hub_id_loads_from_the_cache_with_the_fp16_variant_on_half(
     local_models: dict[str, Path],
-    sd15: SD15Models,  # noqa: F811
+    sd15: SD15Models,
     recwarn: pytest.WarningsRecorder,
 ) -> None:
     settings = load_settings(dtype="fp16")
@@ -254,7 +260,7 @@ def test_hub_id_loads_from_the_cache_with_the_fp16_variant_on_half(
 
 def test_single_file_checkpoints_load_with_a_local_config_or_the_cached_profile_repo(
     local_models: dict[str, Path],
-    sd15: SD15Models,  # noqa: F811
+    sd15: SD15Models,
     recwarn: pytest.WarningsRecorder,
 ) -> None:
     safetensors, ckpt = str(local_models["single"]), str(local_models["root"] / "community-model.ckpt")
@@ -352,7 +358,7 @@ def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
     assert err.startswith("error: HF_HUB_OFFLINE is set") and "\n" not in err
 
 
-def test_parameter_counts_are_read_from_the_files(local_models: dict[str, Path], sd15: SD15Models) -> None:  # noqa: F811
+def test_parameter_counts_are_read_from_the_files(local_models: dict[str, Path], sd15: SD15Models) -> None:
     spec = model_files.profile_models(load_settings(), half=True)[0]
     counts = model_files.parameter_counts(model_files.resolve(spec))
     assert counts is not None
