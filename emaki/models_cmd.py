@@ -163,9 +163,11 @@ def _pull_repo(
     from engine import model_files
 
     token = settings.hf_token or None
-    print(f"{role}: asking the hub for {repo_id}", file=sys.stderr)
+    # Read now: huggingface_hub reads HF_ENDPOINT (a mirror) once, when it is imported.
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    print(f"{role}: asking {endpoint or 'the hub'} for {repo_id}", file=sys.stderr)
     try:
-        files = HfApi().list_repo_files(repo_id, token=token)
+        files = HfApi(endpoint=endpoint).list_repo_files(repo_id, token=token)
     except Exception as exc:  # offline, unknown repo, gated repo: one line
         raise ModelLoadError(f"cannot list {role} '{repo_id}' on the hub: {_first_line(exc)}") from exc
     chosen, variant, missing = model_files.select_files(files, pipeline=pipeline, want_fp16=half)
@@ -182,7 +184,13 @@ def _pull_repo(
     print(f"{role}: downloading {len(chosen)} files{' (fp16 weights)' if variant else ''}", file=sys.stderr)
     try:
         snapshot_download(
-            repo_id, allow_patterns=chosen, cache_dir=cache_dir, token=token, tqdm_class=Bar, max_workers=4
+            repo_id,
+            allow_patterns=chosen,
+            cache_dir=cache_dir,
+            token=token,
+            endpoint=endpoint,
+            tqdm_class=Bar,
+            max_workers=4,
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot download {role} '{repo_id}': {_first_line(exc)}") from exc

@@ -8,12 +8,18 @@ pipeline of tests/sd15_layout.py, its ControlNet and a tiny DPT.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
@@ -199,6 +205,58 @@ def local_models(hub: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[
     return hub
 
 
+@pytest.fixture
+def hub_server() -> Iterator[tuple[ThreadingHTTPServer, dict[str, Path], list[str]]]:
+    """A minimal Hugging Face hub over HTTP on localhost: repo info, the file tree and `resolve` downloads
+    (what `list_repo_files` and `snapshot_download` ask for), serving folders put in the dict it yields."""
+    repos: dict[str, Path] = {}
+    requests: list[str] = []
+    commit = "0" * 40
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # no access log on stderr
+            pass
+
+        def reply(self, body: bytes, headers: dict[str, str], code: int = 200) -> None:
+            self.send_response(code)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = unquote(urlparse(self.path).path)
+            requests.append(f"{self.command} {path}")
+            for repo, folder in repos.items():
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                as_json = {"Content-Type": "application/json"}
+                if path == f"/api/models/{repo}/revision/main":
+                    info = {"id": repo, "sha": commit, "siblings": [{"rfilename": f} for f in files]}
+                    return self.reply(json.dumps(info).encode(), as_json)
+                if path.startswith(f"/api/models/{repo}/tree/"):
+                    tree = [
+                        {"type": "file", "path": f, "size": (folder / f).stat().st_size, "oid": f"{i:040x}"}
+                        for i, f in enumerate(files)
+                    ]
+                    return self.reply(json.dumps(tree).encode(), as_json)
+                if path.startswith(f"/{repo}/resolve/{commit}/"):
+                    name = path[len(f"/{repo}/resolve/{commit}/") :]
+                    if name in files:
+                        data = (folder / name).read_bytes()
+                        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+                        return self.reply(data, {"X-Repo-Commit": commit, "ETag": etag})
+            return self.reply(b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"}, code=404)
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, repos, requests
+    server.shutdown()
+
+
 def _same_weights(loaded: torch.nn.Module, saved: torch.nn.Module, dtype: torch.dtype = torch.float32) -> bool:
     """`loaded` holds exactly `saved`'s weights as stored in `dtype` (without touching `saved`)."""
     a, b = loaded.state_dict(), saved.state_dict()
@@ -356,6 +414,42 @@ def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
     assert main(["models", "pull"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: HF_HUB_OFFLINE is set") and "\n" not in err
+
+
+def test_models_pull_downloads_only_what_loads_with_a_bar_then_verifies(
+    local_models: dict[str, Path],
+    hub_server: tuple[ThreadingHTTPServer, dict[str, Path], list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.skip("huggingface_hub was imported with HF_HUB_OFFLINE set: it refuses even a local hub")
+    server, repos, requests = hub_server
+    repo = shutil.copytree(local_models["base"], tmp_path / "repo")  # fp32 and fp16 weights
+    (repo / "safety_checker").mkdir()
+    (repo / "safety_checker" / "model.safetensors").write_bytes(b"never fetched")
+    (repo / "v1-5-pruned.ckpt").write_bytes(b"never fetched either")
+    repos["org/narrow-sd15"] = repo
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("EMAKI_BASE_MODEL", "org/narrow-sd15")
+    monkeypatch.setenv("EMAKI_DTYPE", "fp16")  # what CUDA gets by default
+    assert main(["models", "pull", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    served = model_files.relative_files(repo)
+    expected, variant, _ = model_files.select_files(served, pipeline=True, want_fp16=True)
+    assert variant == "fp16" and len(expected) < len(served)
+    snapshot = model_files.cached_snapshot("org/narrow-sd15", cache)
+    assert snapshot is not None and sorted(model_files.relative_files(snapshot)) == expected
+    assert not [r for r in requests if r.startswith("GET") and ("safety_checker" in r or r.endswith(".ckpt"))]
+    assert f"downloading {len(expected)} files (fp16 weights)" in err
+    assert re.search(rf"Fetching {len(expected)} files: 100%", err)  # emaki's bar, on although hub bars are off
+    assert "all models downloaded and verified" in err
 
 
 def test_parameter_counts_are_read_from_the_files(local_models: dict[str, Path], sd15: SD15Models) -> None:
