@@ -96,7 +96,8 @@ def select_files(files: Iterable[str], *, pipeline: bool, want_fp16: bool) -> tu
         folder = name.rsplit("/", 1)[0] if "/" in name else ""
         if folder.split("/")[0] in SKIPPED_FOLDERS:
             continue
-        if name.endswith(CONFIG_SUFFIXES) and (folder == "" or folder.split("/")[0] in _config_dirs(files, pipeline)):
+        # A pipeline's configs live in its component folders; a single model keeps them at its root.
+        if name.endswith(CONFIG_SUFFIXES) and (pipeline or folder == ""):
             configs.append(name)
         elif name.endswith(LOADABLE_FORMATS) and folder in weights:
             weights[folder].append(name)
@@ -114,11 +115,6 @@ def select_files(files: Iterable[str], *, pipeline: bool, want_fp16: bool) -> tu
     chosen = {d: pick(w, use_fp16) for d, w in weights.items()}
     missing = [d for d, f in chosen.items() if not f]
     return sorted(configs + [f for fs in chosen.values() for f in fs]), ("fp16" if use_fp16 else None), missing
-
-
-def _config_dirs(files: list[str], pipeline: bool) -> set[str]:
-    # A pipeline's config files live in its component folders; a single model keeps them at its root.
-    return {f.split("/")[0] for f in files if "/" in f} if pipeline else set()
 
 
 def relative_files(folder: Path) -> list[str]:
