@@ -1,4 +1,4 @@
-"""`emaki animate | styles | bot | train | evaluate`: the parser and the error boundary.
+"""`emaki animate | styles | bot | train | evaluate | models | doctor`: the parser and the error boundary.
 
 Each subcommand lives in its own module (`emaki/*_cmd.py`) with its `add_parser`.
 
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from emaki import animate_cmd, bot_cmd, styles_cmd, train_cmd
+from emaki import animate_cmd, bot_cmd, models_cmd, styles_cmd, train_cmd
 from engine.errors import EmakiError
 
 log = logging.getLogger("emaki")
@@ -34,18 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_parser(sub, common)
     train_cmd.add_evaluate_parser(sub, common)
     bot_cmd.add_parser(sub, common)
+    models_cmd.add_parser(sub, common)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()  # before the subcommand imports torch, diffusers or transformers
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except EmakiError as exc:
@@ -56,11 +57,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Loggers of libraries whose progress bars and advice interleave with emaki's own bars.
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "httpx", "torch")
+
+
 def _quiet_libraries() -> None:
+    """Only emaki's own lines and bars on the terminal (`-v` keeps the libraries' too).
+
+    The environment variables cover what the libraries decide at import time (transformers warns
+    about a missing torchvision while importing an image processor). Python warnings (deprecations,
+    "should be kept in float32") are advice to emaki's developers, not to the person running a command."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    for name in ("diffusers", "transformers", "huggingface_hub", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    # Their progress bars ("Loading pipeline components", "Loading weights") are switched by a call,
+    # not by the environment; the logging modules import without the models.
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    disable_progress_bars()
+    # After the imports: each library sets its own logger's level when it is first imported.
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

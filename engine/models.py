@@ -25,7 +25,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from engine import tiny
+from engine import memory, model_files, tiny
 from engine.errors import InvalidRequest, ModelLoadError
 from engine.settings import Settings
 
@@ -49,27 +49,50 @@ class Components:
 
 
 def load_components(s: Settings, dtype: torch.dtype) -> Components:
-    """The real models, by hub id or local folder."""
+    """The real models, from local folders, a single file or the hub cache; never downloads
+    (`emaki models pull` does). The depth estimator loads in fp32 (see `_load_pipelines`)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    token = s.hf_token or None
-    txt2img = _load(
-        "base model",
-        s.base_model,
-        StableDiffusionPipeline.from_pretrained,
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-        token=token,
-    )
-    controlnet = _load(
-        "depth ControlNet", s.controlnet_model, ControlNetModel.from_pretrained, torch_dtype=dtype, token=token
-    )
-    depth_model = _load(
-        "depth estimator", s.depth_model, AutoModelForDepthEstimation.from_pretrained, token=token
-    ).eval()
-    depth_processor = _load("depth image processor", s.depth_model, AutoImageProcessor.from_pretrained, token=token)
+    base, controlnet_spec, depth_spec, _ = model_files.profile_models(s, half=dtype in HALF_DTYPES)
+    txt2img = load_base_model(base, s.base_model_config, dtype)
+    controlnet = _load(controlnet_spec, ControlNetModel.from_pretrained, dtype=dtype)
+    depth_model = _load(depth_spec, AutoModelForDepthEstimation.from_pretrained, dtype=torch.float32).eval()
+    depth_processor = _load(depth_spec, AutoImageProcessor.from_pretrained)
     return Components(txt2img, controlnet, depth_model, depth_processor)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# emaki never runs the safety checker; not loading it (nor its image processor) saves 1.2 GB.
+NO_SAFETY_CHECKER: dict[str, Any] = {
+    "safety_checker": None,
+    "feature_extractor": None,
+    "requires_safety_checker": False,
+}
+
+
+def load_base_model(spec: model_files.ModelSpec, config_ref: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """A diffusers folder (or cached hub repo), or one `.safetensors`/`.ckpt` in the original LDM layout
+    described by the configs of `config_ref` (a diffusers folder or a cached hub repo)."""
+    found = model_files.resolve(spec, config_ref)
+    if found.config is not None:
+        return _call(
+            spec,
+            StableDiffusionPipeline.from_single_file,
+            str(found.path),
+            config=str(found.config),
+            dtype=dtype,
+            local_files_only=True,
+            **NO_SAFETY_CHECKER,
+        )
+    return _call(
+        spec,
+        StableDiffusionPipeline.from_pretrained,
+        str(found.path),
+        dtype=dtype,
+        variant=found.variant,
+        local_files_only=True,
+        **NO_SAFETY_CHECKER,
+    )
 
 
 @dataclass(frozen=True)
@@ -98,19 +121,28 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", ".", "~")) or Path(ref).exists()
+def _load(what: str | model_files.ModelSpec, ref_or_loader: Any, loader: Any = None, **kwargs: Any) -> Any:
+    """Load one model found on disk (a folder, or a hub repo in the cache) with `loader` (a `from_pretrained`),
+    turning any failure into one line naming the model and the cause.
+
+    Called as `_load(spec, loader, **kw)`, or `_load("captioner", ref, loader, **kw)` for a model that is
+    not part of `profile_models`."""
+    if isinstance(what, model_files.ModelSpec):
+        spec, loader = what, ref_or_loader
+    else:
+        spec = model_files.ModelSpec(what, "", str(ref_or_loader), pipeline=False, half=False)
+    found = model_files.resolve(spec)
+    if found.variant is not None:
+        kwargs["variant"] = found.variant
+    return _call(spec, loader, str(found.path), local_files_only=True, **kwargs)
 
 
-def _load(what: str, ref: str, loader: Any, **kwargs: Any) -> Any:
-    """Call a `from_pretrained` and turn any failure into one line naming the model and the cause."""
-    if _looks_local(ref) and not Path(ref).expanduser().exists():
-        raise ModelLoadError(f"cannot load {what}: local path '{ref}' does not exist")
+def _call(spec: model_files.ModelSpec, loader: Any, *args: Any, **kwargs: Any) -> Any:
     try:
-        return loader(str(Path(ref).expanduser()) if _looks_local(ref) else ref, **kwargs)
+        return loader(*args, **kwargs)
     except Exception as exc:  # any loader failure becomes one clear line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load {what} from '{ref}': {first_line}") from exc
+        raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {first_line[:300]}") from exc
 
 
 class Models:
@@ -128,6 +160,7 @@ class Models:
         self.depth_model: Any = None
         self.depth_processor: Any = None
         self.loaded_styles: dict[str, str] = {}  # style name -> adapter file it was loaded from
+        self.memory = "high"  # the memory mode in use (engine/memory.py), known once loaded
 
     # --- loading ---------------------------------------------------------------------------
     def load(self) -> Models:
@@ -150,16 +183,24 @@ class Models:
             if s.scheduler not in SCHEDULERS:
                 raise InvalidRequest(f"unknown scheduler '{s.scheduler}': use default, {', '.join(SCHEDULERS)}")
             txt2img.scheduler = SCHEDULERS[s.scheduler].from_config(txt2img.scheduler.config)
-        txt2img.to(self.device, self.dtype)
-        controlnet.to(self.device, self.dtype)
-        # The depth estimator stays fp32: it runs once per frame and fp16 DPT loses depth detail.
-        self.depth_model.to(self.device)
+        self.memory = memory.choose(
+            s.memory, self.device, memory.footprint(txt2img, controlnet, self.depth_model, self.dtype)
+        )
         txt2img.set_progress_bar_config(disable=True)
-        # Shares unet/vae/text_encoder/tokenizer/scheduler objects: one copy of the weights.
-        img2img = StableDiffusionControlNetImg2ImgPipeline.from_pipe(txt2img, controlnet=controlnet)
+        # Shares unet/vae/text_encoder/tokenizer/scheduler objects: one copy of the weights. from_pipe casts
+        # every module it is given to `dtype` (fp32 when not told), on the CPU; `memory.apply` then places
+        # them. The depth estimator stays fp32: it runs once per frame and fp16 DPT loses depth detail.
+        img2img = StableDiffusionControlNetImg2ImgPipeline.from_pipe(txt2img, controlnet=controlnet, dtype=self.dtype)
         img2img.set_progress_bar_config(disable=True)
+        memory.apply(self.memory, txt2img, img2img, self.depth_model, self.device)
         self.txt2img, self.img2img = txt2img, img2img
-        log.info("models ready on %s (%s), profile %s", self.device, self.dtype, s.profile)
+        log.info("models ready on %s (%s, memory %s), profile %s", self.device, self.dtype, self.memory, s.profile)
+
+    def memory_suspended(self) -> Any:
+        """A context in which the models carry no offload hooks (for changing their modules, e.g. loading
+        a peft adapter under EMAKI_MEMORY=medium/low); the memory mode is applied again on exit."""
+        assert self.txt2img is not None
+        return memory.suspended(self.memory, self.txt2img, self.img2img, self.depth_model, self.device)
 
     # --- styles ----------------------------------------------------------------------------
     def use_style(self, style: StyleRef | None) -> None:

@@ -42,6 +42,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
+MEMORY_MODES = ("auto", "high", "medium", "low")
+
 SECRET_FIELDS = ("discord_token", "hf_token", "llm_api_key")
 
 
@@ -63,6 +65,11 @@ class Settings:
     story_refine: bool = True
     device: str = "auto"
     dtype: str = "auto"
+    # auto | high | medium | low: how much of the model set stays on the GPU (engine/memory.py).
+    memory: str = "auto"
+    # The diffusers folder or hub id whose configs (and tokenizer) describe a single-file base model
+    # (`.safetensors`/`.ckpt` in the original LDM layout); empty: the profile's base model repo.
+    base_model_config: str = ""
     scheduler: str = "default"
     data_dir: Path = Path("data")
     # Animation defaults: the Ghibli paper's parameters.
@@ -107,6 +114,10 @@ class Settings:
             if not getattr(self, key):
                 setattr(self, key, value)
         self.data_dir = Path(self.data_dir).expanduser()
+        if not self.base_model_config:
+            self.base_model_config = PROFILES[self.profile]["base_model"]
+        if self.memory not in MEMORY_MODES:
+            raise InvalidRequest(f"unknown memory mode '{self.memory}': use {', '.join(MEMORY_MODES)}")
 
     @property
     def is_tiny(self) -> bool:

@@ -1,0 +1,295 @@
+"""Where each model of a profile comes from, and which of its files are on disk.
+
+A model reference (`EMAKI_BASE_MODEL`, ...) is a hub id, a local diffusers/transformers folder, or, for the
+base model, one `.safetensors`/`.ckpt` file in the original LDM layout. Loading never downloads: a hub model
+is read from the Hugging Face cache, which `emaki models pull` fills, so a bot never stalls on a download
+mid-job and a missing model is one line naming it, where it was looked for, and the command that fixes it.
+
+On fp16/bf16 the `fp16` weight variant is used when the folder or cache has it (half the bytes on disk and
+to download); when only one of the two sets is present, that one is used and cast to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from engine.errors import ModelLoadError
+from engine.settings import Settings
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb", ".gguf")
+# Weight formats emaki's loaders read, best first.
+LOADABLE_FORMATS = (".safetensors", ".bin")
+# Small files a loader needs besides the weights: configs, tokenizers, processors.
+CONFIG_SUFFIXES = (".json", ".txt", ".model")
+# Pipeline folders emaki never loads (it passes safety_checker=None), so pull skips their weights.
+SKIPPED_FOLDERS = ("safety_checker",)
+# The components of an SD1.5 pipeline that must have weights.
+PIPELINE_WEIGHT_FOLDERS = ("text_encoder", "unet", "vae")
+PULL_COMMAND = "emaki models pull"
+
+Kind = Literal["hub", "folder", "file", "tiny"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model a profile uses, as configured."""
+
+    role: str  # what a person calls it: "base model", "depth ControlNet", ...
+    setting: str  # the Settings field that names it (EMAKI_<SETTING>)
+    ref: str  # hub id, folder or file
+    pipeline: bool  # a diffusers pipeline (model_index.json + component folders) rather than one model
+    half: bool  # loaded in fp16/bf16, so the fp16 weight variant is wanted
+
+
+def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
+    """The models `emaki models` pulls and checks. The depth estimator and captioner always run in fp32."""
+    return [
+        ModelSpec("base model", "base_model", s.base_model, pipeline=True, half=half),
+        ModelSpec("depth ControlNet", "controlnet_model", s.controlnet_model, pipeline=False, half=half),
+        ModelSpec("depth estimator", "depth_model", s.depth_model, pipeline=False, half=False),
+        ModelSpec("captioner (--autocaption)", "captioner_model", s.captioner_model, pipeline=False, half=False),
+    ]
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def looks_local(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or Path(ref).exists() or ref.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def kind_of(ref: str) -> Kind:
+    if ref == "tiny":
+        return "tiny"
+    if not looks_local(ref):
+        return "hub"
+    return "file" if ref.lower().endswith(SINGLE_FILE_SUFFIXES) else "folder"
+
+
+def is_variant(name: str, variant: str = "fp16") -> bool:
+    """`diffusion_pytorch_model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`."""
+    return f".{variant}." in Path(name).name or f".{variant}-" in Path(name).name
+
+
+def select_files(files: Iterable[str], *, pipeline: bool, want_fp16: bool) -> tuple[list[str], str | None, list[str]]:
+    """From a repo's (or folder's) relative file names: the files to fetch or load, the weight variant to
+    ask the loader for ("fp16" or None), and the folders that have no loadable weights ("" is the root).
+
+    One variant for the whole model: diffusers loads every component with the same `variant`."""
+    files = [f.replace(os.sep, "/") for f in files]
+    needed_dirs = PIPELINE_WEIGHT_FOLDERS if pipeline else ("",)
+    weights: dict[str, list[str]] = {d: [] for d in needed_dirs}
+    configs = []
+    for name in files:
+        folder = name.rsplit("/", 1)[0] if "/" in name else ""
+        if folder.split("/")[0] in SKIPPED_FOLDERS:
+            continue
+        # A pipeline's configs live in its component folders; a single model keeps them at its root.
+        if name.endswith(CONFIG_SUFFIXES) and (pipeline or folder == ""):
+            configs.append(name)
+        elif name.endswith(LOADABLE_FORMATS) and folder in weights:
+            weights[folder].append(name)
+
+    def pick(folder_files: list[str], fp16: bool) -> list[str]:
+        for suffix in LOADABLE_FORMATS:
+            chosen = [f for f in folder_files if f.endswith(suffix) and is_variant(f) == fp16]
+            if chosen:
+                return chosen
+        return []
+
+    has_fp16 = all(pick(w, True) for w in weights.values())
+    has_full = all(pick(w, False) for w in weights.values())
+    use_fp16 = has_fp16 and (want_fp16 or not has_full)
+    chosen = {d: pick(w, use_fp16) for d, w in weights.items()}
+    missing = [d for d, f in chosen.items() if not f]
+    return sorted(configs + [f for fs in chosen.values() for f in fs]), ("fp16" if use_fp16 else None), missing
+
+
+def relative_files(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)).replace(os.sep, "/") for p in folder.rglob("*") if p.is_file()]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model found on disk, ready for a loader."""
+
+    spec: ModelSpec
+    path: Path  # the folder to load from, or the single file
+    variant: str | None  # "fp16" or None
+    config: Path | None = None  # a single file's config folder
+
+
+def cached_snapshot(repo_id: str, cache_dir: Path) -> Path | None:
+    """The cached snapshot folder of a hub repo (its `main` ref), or None. Never touches the network."""
+    repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+    return snapshots[-1] if snapshots else None
+
+
+def not_found(spec: ModelSpec, where: str, why: str) -> ModelLoadError:
+    """A hub model that is not (fully) in the cache: what to run."""
+    other = f", or set EMAKI_{spec.setting.upper()} to a local folder or file" if spec.setting else ""
+    return ModelLoadError(f"{spec.role} '{spec.ref}' {why} ({where}): run `{PULL_COMMAND}`{other}")
+
+
+def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> Resolved:
+    """Find `spec` on disk or raise one line that says which model, where it looked and what to do."""
+    cache_dir = cache_dir or hub_cache_dir()
+    kind = kind_of(spec.ref)
+    if kind in ("file", "folder") and not Path(spec.ref).expanduser().exists():
+        raise ModelLoadError(f"cannot load {spec.role}: local path '{spec.ref}' does not exist")
+    if kind == "file":
+        if not spec.pipeline:
+            raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': only the base model can be one file")
+        config = resolve_config(spec, config_ref, cache_dir)
+        return Resolved(spec, Path(spec.ref).expanduser(), None, config)
+    if kind == "folder":
+        folder = Path(spec.ref).expanduser()
+    else:
+        snapshot = cached_snapshot(spec.ref, cache_dir)
+        if snapshot is None:
+            raise not_found(spec, f"hub cache {cache_dir}", "is not downloaded")
+        folder = snapshot
+    files = relative_files(folder)
+    marker = "model_index.json" if spec.pipeline else "config.json"
+    _, variant, missing = select_files(files, pipeline=spec.pipeline, want_fp16=spec.half)
+    folders = ", ".join(f"{m}/" if m else "its top folder" for m in missing)
+    problem = f"no {marker}" if marker not in files else f"no weights in {folders}" if missing else ""
+    if problem and kind == "hub":
+        raise not_found(spec, f"hub cache {cache_dir}", f"is only partly downloaded: {problem}")
+    if problem:
+        raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {problem} in {folder}")
+    return Resolved(spec, folder, variant)
+
+
+def resolve_config(spec: ModelSpec, config_ref: str, cache_dir: Path) -> Path:
+    """The diffusers folder whose configs and tokenizer describe a single-file checkpoint."""
+    if not config_ref:
+        raise ModelLoadError(f"{spec.role} '{spec.ref}' is one file: set EMAKI_BASE_MODEL_CONFIG to its config")
+    if kind_of(config_ref) == "folder":
+        folder = Path(config_ref).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"config for {spec.role} '{spec.ref}': {folder} is not a diffusers folder (no model_index.json)"
+            )
+        return folder
+    snapshot = cached_snapshot(config_ref, cache_dir)
+    if snapshot is None or not (snapshot / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"config '{config_ref}' for {spec.role} '{spec.ref}' is not downloaded (hub cache {cache_dir}): "
+            f"run `{PULL_COMMAND}`, or set EMAKI_BASE_MODEL_CONFIG to a local diffusers folder"
+        )
+    return snapshot
+
+
+# --- what is on disk --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """What `emaki models check` reports for one model."""
+
+    spec: ModelSpec
+    kind: Kind
+    where: str  # the folder, file or cache it was looked for in
+    ready: bool  # loadable as it is
+    size_bytes: int  # on disk (for a hub model: the whole cached repo, every revision)
+    variant: str | None
+    problem: str  # why it is not ready ("" when it is)
+
+
+def on_disk(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> OnDisk:
+    cache_dir = cache_dir or hub_cache_dir()
+    kind = kind_of(spec.ref)
+    if kind == "tiny":
+        return OnDisk(spec, kind, "built in-process (random weights)", True, 0, None, "")
+    try:
+        found = resolve(spec, config_ref, cache_dir)
+        ready, problem, variant = True, "", found.variant
+    except ModelLoadError as exc:
+        found, ready, problem, variant = None, False, str(exc), None
+    if kind == "hub":
+        where = str(cache_dir)
+        repo_dir = cache_dir / f"models--{spec.ref.replace('/', '--')}"
+        size = _size(repo_dir / "blobs") if repo_dir.is_dir() else 0
+    else:
+        path = Path(spec.ref).expanduser()
+        where, size = str(path), _size(path)
+    return OnDisk(spec, kind, where, ready, size, variant, problem)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+# Key prefixes of the parts of a single-file SD1.5 checkpoint (original LDM layout).
+LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters per part of a model, read from safetensors headers (no weights are read)."""
+
+    parts: dict[str, int]  # "unet"/"vae"/"text_encoder" for a base model, "" for a single model
+    largest_tensor: int
+
+
+def parameter_counts(found: Resolved) -> ParameterCounts | None:
+    """From the safetensors headers of the files that would load; None when the weights are not
+    safetensors (a `.bin`/`.ckpt` can only be counted by unpickling it)."""
+    from safetensors import safe_open
+
+    if found.config is not None:  # a single file: its parts are key prefixes
+        files: dict[str, list[Path]] = {"": [found.path]}
+    else:
+        chosen, _, _ = select_files(
+            relative_files(found.path), pipeline=found.spec.pipeline, want_fp16=found.variant == "fp16"
+        )
+        files = {}
+        for name in chosen:
+            if name.endswith(LOADABLE_FORMATS):
+                files.setdefault(name.rsplit("/", 1)[0] if "/" in name else "", []).append(found.path / name)
+    parts: dict[str, int] = {}
+    largest = 0
+    for folder, paths in files.items():
+        for path in paths:
+            if path.suffix != ".safetensors":
+                return None
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open is not iterable
+                    numel = 1
+                    for dim in weights.get_slice(key).get_shape():
+                        numel *= dim
+                    part = folder or next((p for p, pre in LDM_PREFIXES.items() if key.startswith(pre)), "")
+                    parts[part] = parts.get(part, 0) + numel
+                    largest = max(largest, numel)
+    return ParameterCounts(parts, largest)

@@ -1,0 +1,606 @@
+"""Models as they come (hub cache, folder, single file, fp16 variant), `emaki models`, memory modes, quiet output.
+
+The hub cache here is real in layout (`models--org--name/{blobs,refs,snapshots}`, snapshot files linked to
+blobs, checked with huggingface_hub's own `scan_cache_dir`) and holds real saved models: the narrow SD1.5
+pipeline of tests/sd15_layout.py, its ControlNet and a tiny DPT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import scan_cache_dir
+from safetensors.torch import save_file
+
+from emaki.cli import main
+from engine import memory, model_files, tiny
+from engine.errors import InvalidRequest, ModelLoadError, ResourceError
+from engine.models import Models, load_base_model
+from engine.settings import PROFILES, Settings, load_settings
+from tests.sd15_layout import SD15Models, save_sd15_pipeline, sd15_models
+
+SD15_REPO = PROFILES["sd15"]["base_model"]
+ROOT = Path(__file__).resolve().parent.parent
+
+# The file list of the real `stable-diffusion-v1-5/stable-diffusion-v1-5` repo (weights and configs).
+SD15_REPO_FILES = [
+    "model_index.json",
+    "v1-5-pruned.ckpt",
+    "v1-5-pruned.safetensors",
+    "v1-5-pruned-emaonly.safetensors",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "safety_checker/model.fp16.safetensors",
+    "safety_checker/pytorch_model.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.bin",
+    "README.md",
+    "v1-inference.yaml",
+]
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+def put_in_hub_cache(folder: Path, cache: Path, repo_id: str, only: tuple[str, ...] = ()) -> Path:
+    """Copy a saved model into `cache` the way huggingface_hub stores a download: content-addressed blobs,
+    a snapshot of relative links to them, and `refs/main` naming the snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder).as_posix()
+        if only and not relative.endswith(only):
+            continue
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
+def ldm_checkpoint(models: SD15Models) -> dict[str, torch.Tensor]:
+    """The pipeline's weights in the original LDM single-file layout (how community SD1.5 checkpoints
+    are shared): `model.diffusion_model.*` with input/middle/output blocks, `first_stage_model.*` with
+    the VAE's down/mid/up naming, `cond_stage_model.transformer.text_model.*` (CLIP's own names)."""
+    pipe = models.pipe
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3"}
+    resnet |= {"time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+    # (pattern, LDM prefix, whether the matched block is a resnet, whose layer names LDM spells differently)
+    unet_rules = [
+        (r"^time_embedding\.linear_1\.", "time_embed.0.", False),
+        (r"^time_embedding\.linear_2\.", "time_embed.2.", False),
+        (r"^conv_in\.", "input_blocks.0.0.", False),
+        (r"^conv_norm_out\.", "out.0.", False),
+        (r"^conv_out\.", "out.2.", False),
+        (r"^down_blocks\.(\d)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{3 * int(m[1]) + 3}.0.op.", False),
+        (r"^down_blocks\.(\d)\.resnets\.(\d)\.", lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.0.", True),
+        (
+            r"^down_blocks\.(\d)\.attentions\.(\d)\.",
+            lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1.",
+            False,
+        ),
+        (r"^mid_block\.attentions\.0\.", "middle_block.1.", False),
+        (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m[1])}.", True),
+        (r"^up_blocks\.(\d)\.resnets\.(\d)\.", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.0.", True),
+        (r"^up_blocks\.(\d)\.attentions\.(\d)\.", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.1.", False),
+        (
+            r"^up_blocks\.(\d)\.upsamplers\.0\.",
+            lambda m: f"output_blocks.{3 * int(m[1]) + 2}.{1 if m[1] == '0' else 2}.",
+            False,
+        ),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in pipe.unet.state_dict().items():
+        for pattern, prefix, is_resnet in unet_rules:
+            match = re.match(pattern, key)
+            if match:
+                rest = key[match.end() :]
+                if is_resnet:
+                    layer, _, tail = rest.partition(".")
+                    rest = f"{resnet[layer]}.{tail}"
+                key = (prefix(match) if callable(prefix) else prefix) + rest
+                break
+        out["model.diffusion_model." + key] = value
+    vae_rules = [
+        (r"^encoder\.down_blocks\.(\d)\.resnets\.(\d)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (r"^decoder\.up_blocks\.(\d)\.resnets\.(\d)\.", lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}."),
+        (r"^decoder\.up_blocks\.(\d)\.upsamplers\.0\.", lambda m: f"decoder.up.{3 - int(m[1])}.upsample."),
+        (r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}."),
+        (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+        (r"\.conv_norm_out\.", ".norm_out."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+    ]
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, value in pipe.vae.state_dict().items():
+        for pattern, replacement in vae_rules:
+            key = re.sub(pattern, replacement, key)
+        if ".attn_1." in key:
+            for diffusers_name, ldm_name in attention.items():
+                key = key.replace(f".attn_1.{diffusers_name}.", f".attn_1.{ldm_name}.")
+            if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
+                value = value[:, :, None, None]
+        out["first_stage_model." + key] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        # transformers 5 names CLIPTextModel's weights without the `text_model.` that checkpoints carry
+        key = key if key.startswith("text_model.") else "text_model." + key
+        out["cond_stage_model.transformer." + key] = value
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def sd15() -> SD15Models:
+    """A private copy of the narrow SD1.5 models: other modules may add adapters to the shared one."""
+    return sd15_models()
+
+
+@pytest.fixture(scope="module")
+def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved models: the base pipeline with full and fp16 weights, a ControlNet, a tiny DPT, a tiny BLIP,
+    a single-file checkpoint; and a hub cache holding the base pipeline under the profile's repo id."""
+    from training.caption import tiny_blip
+
+    root = tmp_path_factory.mktemp("models")
+    base = save_sd15_pipeline(sd15, root / "base")
+    save_sd15_pipeline(sd15, root / "base", variant="fp16")
+    sd15.controlnet.save_pretrained(str(root / "controlnet"), safe_serialization=True)
+    depth_model, depth_processor = tiny.tiny_depth()
+    depth_model.save_pretrained(str(root / "depth"))
+    depth_processor.save_pretrained(str(root / "depth"))
+    blip, blip_processor = tiny_blip()
+    blip.save_pretrained(str(root / "captioner"))
+    blip_processor.save_pretrained(str(root / "captioner"))
+    single = root / "community-model.safetensors"
+    checkpoint = ldm_checkpoint(sd15)
+    save_file(checkpoint, str(single))
+    torch.save({"state_dict": checkpoint}, root / "community-model.ckpt")  # the older pickled form
+    cache = root / "hub"
+    put_in_hub_cache(base, cache, SD15_REPO)
+    return {"root": root, "base": base, "single": single, "cache": cache}
+
+
+@pytest.fixture
+def local_models(hub: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The sd15 profile pointed at the saved models, the hub cache in HF_HUB_CACHE."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub["cache"]))
+    monkeypatch.setenv("EMAKI_CONTROLNET_MODEL", str(hub["root"] / "controlnet"))
+    monkeypatch.setenv("EMAKI_DEPTH_MODEL", str(hub["root"] / "depth"))
+    monkeypatch.setenv("EMAKI_CAPTIONER_MODEL", str(hub["root"] / "captioner"))
+    return hub
+
+
+@pytest.fixture
+def hub_server() -> Iterator[tuple[ThreadingHTTPServer, dict[str, Path], list[str]]]:
+    """A minimal Hugging Face hub over HTTP on localhost: repo info, the file tree and `resolve` downloads
+    (what `list_repo_files` and `snapshot_download` ask for), serving folders put in the dict it yields."""
+    repos: dict[str, Path] = {}
+    requests: list[str] = []
+    commit = "0" * 40
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # no access log on stderr
+            pass
+
+        def reply(self, body: bytes, headers: dict[str, str], code: int = 200) -> None:
+            self.send_response(code)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = unquote(urlparse(self.path).path)
+            requests.append(f"{self.command} {path}")
+            for repo, folder in repos.items():
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                as_json = {"Content-Type": "application/json"}
+                if path == f"/api/models/{repo}/revision/main":
+                    info = {"id": repo, "sha": commit, "siblings": [{"rfilename": f} for f in files]}
+                    return self.reply(json.dumps(info).encode(), as_json)
+                if path.startswith(f"/api/models/{repo}/tree/"):
+                    tree = [
+                        {"type": "file", "path": f, "size": (folder / f).stat().st_size, "oid": f"{i:040x}"}
+                        for i, f in enumerate(files)
+                    ]
+                    return self.reply(json.dumps(tree).encode(), as_json)
+                if path.startswith(f"/{repo}/resolve/{commit}/"):
+                    name = path[len(f"/{repo}/resolve/{commit}/") :]
+                    if name in files:
+                        data = (folder / name).read_bytes()
+                        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+                        return self.reply(data, {"X-Repo-Commit": commit, "ETag": etag})
+            return self.reply(b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"}, code=404)
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, repos, requests
+    server.shutdown()
+
+
+def _same_weights(loaded: torch.nn.Module, saved: torch.nn.Module, dtype: torch.dtype = torch.float32) -> bool:
+    """`loaded` holds exactly `saved`'s weights as stored in `dtype` (without touching `saved`)."""
+    a, b = loaded.state_dict(), saved.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(dtype)) for k in a if b[k].is_floating_point())
+
+
+# --- which files --------------------------------------------------------------------------------
+
+
+def test_the_real_sd15_repo_gives_its_fp16_files_for_half_and_full_files_for_fp32() -> None:
+    half, variant, missing = model_files.select_files(SD15_REPO_FILES, pipeline=True, want_fp16=True)
+    assert variant == "fp16" and not missing
+    weights = [f for f in half if not f.endswith(model_files.CONFIG_SUFFIXES)]
+    assert weights == [
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    # Configs and tokenizer come along; the safety checker, the top-level checkpoints and the docs do not.
+    assert "tokenizer/vocab.json" in half and "model_index.json" in half
+    assert not [f for f in half if f.startswith("safety_checker/") or f.startswith("v1-5") or f == "README.md"]
+    full, variant, _ = model_files.select_files(SD15_REPO_FILES, pipeline=True, want_fp16=False)
+    assert variant is None and "unet/diffusion_pytorch_model.safetensors" in full
+    assert not [f for f in full if ".fp16." in f or f.endswith(".bin")]
+
+
+def test_a_repo_without_the_variant_falls_back_and_one_without_weights_is_named() -> None:
+    files = ["config.json", "diffusion_pytorch_model.bin"]
+    chosen, variant, missing = model_files.select_files(files, pipeline=False, want_fp16=True)
+    assert chosen == files and variant is None and not missing
+    only_half = ["config.json", "model.fp16.safetensors"]
+    assert model_files.select_files(only_half, pipeline=False, want_fp16=False)[1] == "fp16"
+    _, _, missing = model_files.select_files(["model_index.json", "unet/config.json"], pipeline=True, want_fp16=True)
+    assert missing == ["text_encoder", "unet", "vae"]
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def test_hub_id_loads_from_the_cache_with_the_fp16_variant_on_half(
+    local_models: dict[str, Path],
+    sd15: SD15Models,
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    settings = load_settings(dtype="fp16")
+    spec = model_files.profile_models(settings, half=True)[0]
+    found = model_files.resolve(spec)
+    assert found.variant == "fp16" and found.path.parent.parent.name == "models--" + SD15_REPO.replace("/", "--")
+    pipe = load_base_model(spec, settings.base_model_config, torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.safety_checker is None
+    assert _same_weights(pipe.unet, sd15.pipe.unet, torch.float16)
+    spec32 = model_files.profile_models(load_settings(dtype="fp32"), half=False)[0]
+    assert model_files.resolve(spec32).variant is None
+    pipe32 = load_base_model(spec32, "", torch.float32)
+    assert pipe32.unet.dtype == torch.float32 and _same_weights(pipe32.unet, sd15.pipe.unet)
+    # No deprecated argument in our calls (diffusers' `deprecate` warns with a FutureWarning).
+    assert not [str(w.message) for w in recwarn if "deprecat" in str(w.message).lower()]
+
+
+def test_single_file_checkpoints_load_with_a_local_config_or_the_cached_profile_repo(
+    local_models: dict[str, Path],
+    sd15: SD15Models,
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    safetensors, ckpt = str(local_models["single"]), str(local_models["root"] / "community-model.ckpt")
+    base = str(local_models["base"])
+    # A local config folder; the default config (the profile's repo, from the hub cache); a .ckpt.
+    for single, config in ((safetensors, base), (safetensors, ""), (ckpt, base)):
+        settings = load_settings(base_model=single, base_model_config=config or None)
+        assert settings.base_model_config == (config or SD15_REPO)
+        spec = model_files.profile_models(settings, half=False)[0]
+        pipe = load_base_model(spec, settings.base_model_config, torch.float32)
+        for part in ("unet", "vae", "text_encoder"):
+            assert _same_weights(getattr(pipe, part), getattr(sd15.pipe, part)), part
+    assert not [str(w.message) for w in recwarn if "deprecat" in str(w.message).lower()]
+
+
+def test_an_uncached_model_fails_with_one_line_naming_it_where_and_what_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError) as caught:
+        Models(load_settings(device="cpu")).load()
+    message = str(caught.value)
+    assert "\n" not in message and SD15_REPO in message
+    assert str(tmp_path / "empty-cache") in message and "emaki models pull" in message
+    # The same line through the CLI, with exit code 2 and nothing written.
+    out = tmp_path / "a.gif"
+    code = main(["animate", "a cat", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--frames", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: base model") and "emaki models pull" in err[-1]
+    assert not out.exists()
+    # A single file whose config is not cached says so, and how to give one.
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"config '.*' for base model .* EMAKI_BASE_MODEL_CONFIG"):
+        model_files.resolve(model_files.profile_models(load_settings(base_model=str(single)), False)[0], SD15_REPO)
+
+
+def test_local_paths_that_are_missing_or_incomplete_are_named(local_models: dict[str, Path], tmp_path: Path) -> None:
+    def refusal(ref: Path, pipeline: bool = True) -> str:
+        spec = model_files.ModelSpec("base model", "base_model", str(ref), pipeline=pipeline, half=False)
+        with pytest.raises(ModelLoadError) as caught:
+            model_files.resolve(spec)
+        return str(caught.value)
+
+    assert refusal(tmp_path / "nope") == f"cannot load base model: local path '{tmp_path / 'nope'}' does not exist"
+    assert "local path" in refusal(tmp_path / "nope.ckpt")
+    assert refusal(tmp_path).endswith(f"no model_index.json in {tmp_path}")
+    partial = tmp_path / "partial"
+    for name in ("model_index.json", "unet/config.json", "vae/config.json"):
+        (partial / name).parent.mkdir(parents=True, exist_ok=True)
+        (partial / name).write_text("{}")
+    assert refusal(partial).endswith(f"no weights in text_encoder/, unet/, vae/ in {partial}")
+    assert "only the base model can be one file" in refusal(local_models["single"], pipeline=False)
+
+
+# --- emaki models ---------------------------------------------------------------------------------
+
+
+def test_models_check_reports_versions_device_and_what_is_cached_with_sizes(
+    local_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_CONTROLNET_MODEL", "lllyasviel/sd-controlnet-depth")  # not in the cache
+    code = main(["models", "check", "--device", "cpu"])
+    out = capsys.readouterr().out
+    info = scan_cache_dir(local_models["cache"])  # huggingface_hub agrees the cache is valid and sized so
+    (repo,) = [r for r in info.repos if r.repo_id == SD15_REPO]
+    assert code == 1  # something the profile needs is missing
+    assert re.search(rf"versions emaki \S+, torch {re.escape(torch.__version__)}, diffusers \S+, transformers", out)
+    assert "device   cpu" in out and "dtype    fp32" in out and "memory setting auto" in out
+    base_line = next(line for line in out.splitlines() if line.strip().startswith("base model"))
+    assert f"ready, {model_files.human_size(repo.size_on_disk)} on disk" in base_line
+    controlnet_line = next(line for line in out.splitlines() if "depth ControlNet" in line)
+    assert "NOT READY" in controlnet_line and "is not downloaded" in controlnet_line
+    assert "emaki models pull" in controlnet_line
+    assert "depth estimator" in out and "ready" in next(line for line in out.splitlines() if "depth estimator" in line)
+    assert "fits     no GPU" in out
+
+
+def test_doctor_on_the_tiny_profile_reports_the_built_in_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--profile", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("built in (random weights") == 4 and "fits     yes" in out
+
+
+def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
+    local_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
+    assert main(["models", "pull", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("is local, nothing to download") == 4 and "verified" in err
+    monkeypatch.delenv("EMAKI_BASE_MODEL")  # the profile's hub repo again, with HF_HUB_OFFLINE=1 (conftest)
+    assert main(["models", "pull"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: HF_HUB_OFFLINE is set") and "\n" not in err
+
+
+def test_models_pull_downloads_only_what_loads_with_a_bar_then_verifies(
+    local_models: dict[str, Path],
+    hub_server: tuple[ThreadingHTTPServer, dict[str, Path], list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.skip("huggingface_hub was imported with HF_HUB_OFFLINE set: it refuses even a local hub")
+    server, repos, requests = hub_server
+    repo = shutil.copytree(local_models["base"], tmp_path / "repo")  # fp32 and fp16 weights
+    (repo / "safety_checker").mkdir()
+    (repo / "safety_checker" / "model.safetensors").write_bytes(b"never fetched")
+    (repo / "v1-5-pruned.ckpt").write_bytes(b"never fetched either")
+    repos["org/narrow-sd15"] = repo
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("EMAKI_BASE_MODEL", "org/narrow-sd15")
+    monkeypatch.setenv("EMAKI_DTYPE", "fp16")  # what CUDA gets by default
+    assert main(["models", "pull", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    served = model_files.relative_files(repo)
+    expected, variant, _ = model_files.select_files(served, pipeline=True, want_fp16=True)
+    assert variant == "fp16" and len(expected) < len(served)
+    snapshot = model_files.cached_snapshot("org/narrow-sd15", cache)
+    assert snapshot is not None and sorted(model_files.relative_files(snapshot)) == expected
+    assert not [r for r in requests if r.startswith("GET") and ("safety_checker" in r or r.endswith(".ckpt"))]
+    assert f"downloading {len(expected)} files (fp16 weights)" in err
+    assert re.search(rf"Fetching {len(expected)} files: 100%", err)  # emaki's bar, on although hub bars are off
+    assert "all models downloaded and verified" in err
+
+
+def test_parameter_counts_are_read_from_the_files(local_models: dict[str, Path], sd15: SD15Models) -> None:
+    spec = model_files.profile_models(load_settings(), half=True)[0]
+    counts = model_files.parameter_counts(model_files.resolve(spec))
+    assert counts is not None
+    for part in ("unet", "vae", "text_encoder"):
+        assert counts.parts[part] == sum(p.numel() for p in getattr(sd15.pipe, part).parameters())
+    single = load_settings(base_model=str(local_models["single"]), base_model_config=str(local_models["base"]))
+    counts1 = model_files.parameter_counts(
+        model_files.resolve(model_files.profile_models(single, False)[0], single.base_model_config)
+    )
+    assert counts1 is not None and counts1.parts["unet"] == counts.parts["unet"]
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+GIB = 2**30
+# SD1.5 + depth ControlNet + DPT-hybrid in fp16, from bench/archs.py's parameter counts.
+SD15_FP16 = memory.footprint_from_counts(
+    {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    controlnet=361_279_120,
+    depth=122_377_985,
+    largest_tensor=37_945_344,
+    dtype=torch.float16,
+)
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "expected"),
+    [(24.0, "high"), (4.7, "high"), (4.5, "medium"), (3.8, "medium"), (3.7, "low"), (1.0, "low")],
+)
+def test_auto_picks_the_first_mode_that_fits_the_free_vram(free_gib: float, expected: str) -> None:
+    assert memory.choose("auto", torch.device("cuda"), SD15_FP16, free_bytes=int(free_gib * GIB)) == expected
+
+
+def test_the_needs_are_the_resident_weights_plus_the_margin() -> None:
+    assert round(SD15_FP16.resident("high") / GIB, 2) == 3.11  # unet+vae+te+controlnet fp16, DPT fp32
+    assert round(SD15_FP16.resident("medium") / GIB, 2) == 2.27  # unet+controlnet
+    assert SD15_FP16.need("low") == 37_945_344 * 2 + memory.WORKING_MARGIN
+    assert memory.choose("low", torch.device("cuda"), SD15_FP16, free_bytes=100 * GIB) == "low"  # explicit wins
+
+
+def test_memory_modes_are_a_logged_no_op_on_cpu_and_the_setting_is_validated(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="engine.memory"):
+        assert memory.choose("low", torch.device("cpu"), SD15_FP16) == "high"
+    assert "memory mode 'low' has no effect on cpu" in caplog.text
+    monkeypatch.setenv("EMAKI_MEMORY", "medium")
+    assert load_settings().memory == "medium"
+    monkeypatch.setenv("EMAKI_MEMORY", "tiny-gpu")
+    with pytest.raises(InvalidRequest, match="unknown memory mode 'tiny-gpu': use auto, high, medium, low"):
+        load_settings()
+
+
+def _frames(models: Models) -> list[np.ndarray]:
+    generator = lambda: torch.Generator("cpu").manual_seed(3)  # noqa: E731
+    first = models.txt2img("a hill", num_inference_steps=2, height=64, width=64, generator=generator()).images[0]
+    second = models.img2img(
+        "a hill",
+        image=first,
+        control_image=models.depth_map(first),
+        strength=0.5,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=generator(),
+    ).images[0]
+    return [np.asarray(first), np.asarray(second)]
+
+
+def test_model_offload_serves_both_pipelines_and_changes_no_pixel() -> None:
+    """Hooks are set on the shared modules; each pipeline re-arms its own after a call. On the CPU the
+    'GPU' is the CPU, so this checks the plumbing (both pipelines, the depth model), not the saving."""
+    models = Models(Settings(profile="tiny", device="cpu")).load()
+    expected = _frames(models)
+    memory.apply("medium", models.txt2img, models.img2img, models.depth_model, torch.device("cpu"))
+    assert models.txt2img.unet is models.img2img.unet and hasattr(models.img2img.controlnet, "_hf_hook")
+    assert all(np.array_equal(a, b) for a, b in zip(expected, _frames(models), strict=True))
+
+
+def test_low_mode_sets_sequential_offload_on_the_shared_modules_and_tiles_the_vae() -> None:
+    models = Models(Settings(profile="tiny", device="cpu")).load()
+    memory.apply("low", models.txt2img, models.img2img, models.depth_model, torch.device("cpu"))
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(models.txt2img, part)
+        assert module is getattr(models.img2img, part)
+        hooked = [m for m in module.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+        assert hooked, part  # weights live on the CPU and visit the device layer by layer
+    assert models.txt2img.vae.use_tiling and models.txt2img.vae.use_slicing
+    assert any(hasattr(m, "_hf_hook") for m in models.depth_model.modules())
+    # Suspending gives back real weights (sequential offload keeps them on `meta`) and no hooks, so a
+    # style's adapter layers can be injected; leaving sets the offload again, new layers included.
+    models.memory = "low"
+    with models.memory_suspended():
+        unet = models.txt2img.unet
+        assert not [n for n, p in unet.named_parameters() if p.device.type == "meta"]
+        assert not [m for m in unet.modules() if hasattr(m, "_hf_hook")]
+        unet.extra = torch.nn.Linear(2, 2)  # stands for an injected adapter layer
+    assert hasattr(models.txt2img.unet.extra, "_hf_hook")
+
+
+# --- quiet output ---------------------------------------------------------------------------------
+
+# What emaki itself writes on stderr while animating: its bars (story, frame i/N, the format) and the story.
+EMAKI_LINE = re.compile(r"^(story|frame \d+/\d+|gif|webp|mp4):|^  \d+\. |^$")
+
+
+def test_a_terminal_shows_only_emakis_own_lines(local_models: dict[str, Path], tmp_path: Path) -> None:
+    """A real run that loads models through from_pretrained (the sd15 profile on saved narrow models), in
+    a fresh process so that import-time warnings count too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMAKI_", "TRANSFORMERS_", "DIFFUSERS_"))}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_CACHE": str(local_models["cache"]),
+        "HF_HUB_OFFLINE": "1",
+        "EMAKI_CONTROLNET_MODEL": str(local_models["root"] / "controlnet"),
+        "EMAKI_DEPTH_MODEL": str(local_models["root"] / "depth"),
+        "EMAKI_DTYPE": "fp32",
+    }
+    out = tmp_path / "hill.gif"
+    args = ["animate", "a hill, then a windmill", "--frames", "1", "--width", "256", "--height", "256"]
+    args += ["--steps", "1", "--device", "cpu", "--out", str(out), "--data-dir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "emaki", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = re.split(r"[\r\n]+", done.stderr)
+    foreign = [line for line in lines if not EMAKI_LINE.match(line.replace("\x1b[A", "").rstrip())]
+    assert not foreign, foreign[:5]
+    assert any(line.startswith("frame 1/1:") for line in lines) and out.exists()
+
+
+def test_the_fit_verdict_uses_the_counts_read_from_the_files(local_models: dict[str, Path]) -> None:
+    from emaki.models_cmd import _fit_line
+
+    settings = load_settings(dtype="fp16")
+    counts = {}
+    for spec in model_files.profile_models(settings, half=True)[:3]:
+        counts[spec.setting] = model_files.parameter_counts(model_files.resolve(spec, settings.base_model_config))
+    cuda = torch.device("cuda")
+    assert _fit_line(settings, cuda, torch.float16, 8 * GIB, counts).startswith("fits     yes, auto will use high")
+    # The narrow models need little more than the activation allowance; below it nothing fits.
+    assert "not even with EMAKI_MEMORY=low" in _fit_line(settings, cuda, torch.float16, GIB, counts)
+    explicit = load_settings(dtype="fp16", memory="high")
+    assert _fit_line(explicit, cuda, torch.float16, 8 * GIB, counts).startswith("fits     yes (")
+
+
+def test_auto_on_a_cuda_device_this_machine_lacks_is_one_clear_line() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ResourceError, match="no usable CUDA GPU"):
+        memory.choose("auto", torch.device("cuda"), SD15_FP16)
