@@ -9,6 +9,8 @@ before k already copied, so the same `run` serves new, resumed and regenerated j
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -58,14 +60,61 @@ class Engine:
     def job_dir(self, job_id: int) -> Path:
         return self.settings.data_dir / "jobs" / str(job_id)
 
+    def _lock_path(self, job_id: int) -> Path:
+        return self.settings.data_dir / "jobs" / f"{job_id}.lock"
+
+    @contextlib.contextmanager
+    def _holding_lock(self, job_id: int) -> Iterator[bool]:
+        """An advisory lock held while a process renders the job. The OS drops it when the process
+        dies however it dies (kill -9 included), so a `running` row whose lock is free is a job that
+        was interrupted, and a second process never renders the same job at once."""
+        path = self._lock_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def is_rendering(self, job_id: int) -> bool:
+        """Whether some process (this one included) is rendering the job right now."""
+        path = self._lock_path(job_id)
+        if not path.exists():
+            return False
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     # --- creating jobs (rows first, so nothing is acknowledged before it is durable) ----------
     def create_job(self, params: AnimationParams, **owner: Any) -> int:
         return self.store.add_job(kind="animate", idea=params.idea, params=params.to_dict(), **owner)
 
-    def create_regeneration(self, parent_id: int, from_index: int, reseed_all: bool = False, **owner: Any) -> int:
+    def create_from_recipe(self, params: AnimationParams, frames: list[dict[str, Any]], **owner: Any) -> int:
+        """A new job whose every frame recipe (prompt, seed, strength, steps, guidance, style) is given,
+        as a sidecar records them: no story is asked for, so the same models render the same frames."""
+        if len(frames) != params.frames or [f["idx"] for f in frames] != list(range(params.frames)):
+            raise InvalidRequest(f"the recipe must list frames 0..{params.frames - 1} once each")
+        job_id = self.create_job(params, **owner)
+        for frame in frames:
+            recipe = {k: frame[k] for k in ("prompt", "seed", "strength", "steps", "guidance", "style")}
+            self.store.put_frame(job_id, frame["idx"], **recipe, path="")
+        return job_id
+
+    def create_regeneration(
+        self, parent_id: int, from_index: int, reseed_all: bool = False, seed: int | None = None, **owner: Any
+    ) -> int:
         """A new job that keeps the parent's frames before `from_index` byte-for-byte, gives frame
-        `from_index` a new seed and re-chains the frames after it (with their recorded seeds, or new
-        ones too with `reseed_all`: a reroll)."""
+        `from_index` a new seed (`seed` when given) and re-chains the frames after it (with their
+        recorded seeds, or new ones too with `reseed_all`: a reroll)."""
         parent = self.store.job(parent_id)
         frames = self.store.frames(parent_id)
         if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
@@ -90,7 +139,9 @@ class Engine:
                 row["path"] = str(target)
             else:
                 row["path"] = ""
-                if row["idx"] == from_index or reseed_all:
+                if row["idx"] == from_index and seed is not None:
+                    row["seed"] = seed
+                elif row["idx"] == from_index or reseed_all:
                     row["seed"] = frame_seed(parent["params"]["seed"], row["idx"], reroll=job_id)
             self.store.put_frame(job_id, row["idx"], **{k: v for k, v in row.items() if k not in ("job_id", "idx")})
         return job_id
@@ -102,8 +153,17 @@ class Engine:
         """Render a job's frames, yielding events; ends after the last FrameDone, or with Failed.
         Never raises for job errors. Call `finish` afterwards for the GIF."""
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
-        self.store.update_job(job_id, status="running", started_at=now(), error=None)
-        yield Started(job_id)
+        with self._holding_lock(job_id) as mine:
+            if not mine:
+                yield Failed(job_id, f"job {job_id} is being rendered by another process")
+                return
+            self.store.update_job(job_id, status="running", started_at=now(), error=None)
+            yield Started(job_id)
+            yield from self._run_guarded(job_id, cancelled, on_step)
+
+    def _run_guarded(
+        self, job_id: int, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
+    ) -> Iterator[Event]:
         try:
             yield from self._run(job_id, cancelled, on_step)
         except JobCancelled:
