@@ -48,6 +48,37 @@ def save_png_atomic(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def job_lock_path(data_dir: Path, job_id: int) -> Path:
+    return data_dir / "jobs" / f"{job_id}.lock"
+
+
+@contextlib.contextmanager
+def holding_job_lock(data_dir: Path, job_id: int) -> Iterator[bool]:
+    """An advisory lock held while a process renders the job (yields False when another holds it).
+    The OS drops it when the process dies however it dies (kill -9 included), so a `running` row
+    whose lock is free is a job that was interrupted, and two processes never render one job."""
+    path = job_lock_path(data_dir, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_rendering(data_dir: Path, job_id: int) -> bool:
+    """Whether some process (this one included) is rendering the job right now."""
+    if not job_lock_path(data_dir, job_id).exists():
+        return False
+    with holding_job_lock(data_dir, job_id) as free:
+        return not free
+
+
 class Engine:
     def __init__(
         self, settings: Settings, store: Store, models: Models | None = None, story: StoryTeller | None = None
@@ -60,39 +91,8 @@ class Engine:
     def job_dir(self, job_id: int) -> Path:
         return self.settings.data_dir / "jobs" / str(job_id)
 
-    def _lock_path(self, job_id: int) -> Path:
-        return self.settings.data_dir / "jobs" / f"{job_id}.lock"
-
-    @contextlib.contextmanager
-    def _holding_lock(self, job_id: int) -> Iterator[bool]:
-        """An advisory lock held while a process renders the job. The OS drops it when the process
-        dies however it dies (kill -9 included), so a `running` row whose lock is free is a job that
-        was interrupted, and a second process never renders the same job at once."""
-        path = self._lock_path(job_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def is_rendering(self, job_id: int) -> bool:
-        """Whether some process (this one included) is rendering the job right now."""
-        path = self._lock_path(job_id)
-        if not path.exists():
-            return False
-        with open(path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+    def _holding_lock(self, job_id: int) -> contextlib.AbstractContextManager[bool]:
+        return holding_job_lock(self.settings.data_dir, job_id)
 
     # --- creating jobs (rows first, so nothing is acknowledged before it is durable) ----------
     def create_job(self, params: AnimationParams, **owner: Any) -> int:
