@@ -393,7 +393,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
     finally:
         if bar is not None:
             bar.close()
-    args.interrupt_hint = None  # rendered: an interrupted publish is redone by `emaki resume` too
+    args.interrupt_hint = f"job {job_id} is rendered; write its files with: emaki resume {job_id}"
     with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
         path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
         media_bar.update(1)
