@@ -178,3 +178,23 @@ def test_help_version_and_subcommands(capsys: pytest.CaptureFixture[str]) -> Non
     assert "auto, hf, openai, transformers, fallback; default auto" in out
     assert "add" in out and "remove" in out  # styles' subcommands
     assert "--from K" in out and "0..4294967295" in out
+
+
+def test_sidecar_pins_the_style_file_and_weight(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.store import open_store
+    from tests.helpers import make_random_lora
+
+    weights = make_random_lora(tiny_env / "lora")
+    assert main(["styles", "add", "ink", str(weights), "--trigger", "inkwash", "--weight", "0.8"]) == 0
+    one = ["--frames", "1", "--steps", "2", "--width", "32", "--height", "32", "-q"]
+    assert main(["animate", "a fox", "--style", "ink", "--out", "ink.gif", *one]) == 0
+    style = json.loads((tiny_env / "ink.json").read_text())["style"]
+    assert style == {"name": "ink", "sha256": sha(weights), "weight": 0.8, "trigger": "inkwash", "adapter": "lora"}
+
+    open_store(tiny_env / "data").update_style("ink", weight=1.0)
+    assert main(["animate", "--from-sidecar", "ink.json", "-q"]) == 2
+    assert "style 'ink' has weight 1.0 here; the sidecar used 0.8" in capsys.readouterr().err
+    open_store(tiny_env / "data").update_style("ink", weight=0.8)
+    make_random_lora(tiny_env / "lora", seed=8)  # same path, other weights
+    assert main(["animate", "--from-sidecar", "ink.json", "-q"]) == 2
+    assert "is not the file the sidecar used (sha256 differs)" in capsys.readouterr().err
