@@ -155,6 +155,9 @@ class Engine:
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
         with self._holding_lock(job_id) as mine:
             if not mine:
+                # Another process renders it and will write its end: the row must read `running`,
+                # never `queued`, or a queue would pick it again at once.
+                self.store.update_job(job_id, status="running")
                 yield Failed(job_id, f"job {job_id} is being rendered by another process")
                 return
             self.store.update_job(job_id, status="running", started_at=now(), error=None)

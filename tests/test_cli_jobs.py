@@ -198,3 +198,26 @@ def test_sidecar_pins_the_style_file_and_weight(tiny_env: Path, capsys: pytest.C
     make_random_lora(tiny_env / "lora", seed=8)  # same path, other weights
     assert main(["animate", "--from-sidecar", "ink.json", "-q"]) == 2
     assert "is not the file the sidecar used (sha256 differs)" in capsys.readouterr().err
+
+
+def test_ctrl_c_message_starts_its_own_line_after_the_bars(
+    tiny_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    interrupt_after_frames(monkeypatch, kept=1)
+    small = ["--frames", "2", "--steps", "2", "--strength", "0.5", "--width", "32", "--height", "32"]
+    assert main(["animate", "a fox", *small]) == 130  # progress bars on
+    err = capsys.readouterr().err
+    assert "frame 1/2" in err
+    assert "\nerror: interrupted; job 1 stopped; continue it with: emaki resume 1\n" in err
+
+
+def test_a_job_locked_elsewhere_is_left_running_for_its_owner(engine) -> None:
+    from engine.events import Failed
+    from engine.params import build_params
+    from engine.worker import holding_job_lock
+
+    job_id = engine.create_job(build_params(engine.settings, engine.store, "a fox", frames=1, steps=2))
+    with holding_job_lock(engine.settings.data_dir, job_id):
+        events = list(engine.run(job_id))
+    assert isinstance(events[-1], Failed) and "another process" in events[-1].reason
+    assert engine.store.job(job_id)["status"] == "running"  # not `queued`: no queue picks it again
