@@ -221,3 +221,38 @@ def test_a_job_locked_elsewhere_is_left_running_for_its_owner(engine) -> None:
         events = list(engine.run(job_id))
     assert isinstance(events[-1], Failed) and "another process" in events[-1].reason
     assert engine.store.job(job_id)["status"] == "running"  # not `queued`: no queue picks it again
+
+
+def test_kill_9_leaves_a_job_that_resumes(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real `emaki animate` process killed with SIGKILL after its first frame: listed as
+    interrupted, and `emaki resume` finishes it keeping that frame."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    slow = ["--frames", "3", "--steps", "20", "--strength", "1", "--width", "32", "--height", "32", "-q"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "emaki", "animate", "a fox", "--out", "fox.gif", *slow],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = tiny_env / "data" / "jobs" / "1" / "frame_01.png"
+    deadline = time.monotonic() + 300
+    while not first.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the child ended before it could be killed"
+    kept = sha(first)
+    assert jobs_table(capsys)[0][:2] == ["1", "interrupted"]
+    assert not (tiny_env / "fox.gif").exists()
+
+    assert main(["resume", "1", "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(tiny_env / "fox.gif")
+    assert sha(tiny_env / "fox_frames" / "frame_01.png") == kept
+    assert len(frame_hashes(tiny_env / "fox_frames")) == 3 and jobs_table(capsys)[0][:2] == ["1", "done"]
