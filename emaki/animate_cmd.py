@@ -30,7 +30,7 @@ from emaki.common import (
     user_name,
 )
 from engine.errors import EmakiError, InvalidRequest
-from engine.settings import MAX_SEED, Settings
+from engine.settings import MAX_SEED, Settings, check_value
 
 FORMATS = ("gif", "webp", "mp4")
 SIDECAR_VERSION = 1
@@ -292,6 +292,13 @@ def read_sidecar(path: str) -> dict[str, Any]:
         seed = frame.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid seed")
+        if not isinstance(frame.get("style"), str):
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid style")
+        for name in ("steps", "guidance", "strength"):
+            try:
+                check_value(name, frame.get(name))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"sidecar {path}: frame {i + 1}: {exc}") from None
     return data
 
 
@@ -417,69 +424,65 @@ def load_models(settings: Settings) -> Any:
     return Models(settings).load()
 
 
+def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any], dict[str, Any]]:
+    """Settings with the sidecar's models pinned, its idea and its parameters, and the sidecar."""
+    given = [f"--{k.replace('_', '-')}" for k in PARAM_OPTIONS if getattr(args, k) is not None]
+    if args.idea is not None or given:
+        what = ", ".join((["IDEA"] if args.idea is not None else []) + given)
+        raise InvalidRequest(f"--from-sidecar takes everything from the sidecar: drop {what}")
+    sidecar = read_sidecar(args.from_sidecar)
+    pinned = {k: sidecar["models"].get(k) for k in MODEL_KEYS}
+    if args.profile and pinned["profile"] and args.profile != pinned["profile"]:
+        raise InvalidRequest(f"the sidecar was made with --profile {pinned['profile']}, not {args.profile}")
+    pinned["profile"] = args.profile or pinned["profile"]
+    settings = settings_from_args(args, **pinned)
+    recorded = sidecar["params"]
+    names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
+    options = {k: recorded.get(k) for k in (*names, "controlnet_scale", "color_coherence", "frame_duration_ms")}
+    return settings, str(sidecar.get("idea", "")), options, sidecar
+
+
+def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any]]:
+    if args.idea is None:
+        raise InvalidRequest("give an IDEA to animate (or --from-sidecar FILE.json)")
+    names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
+    options = {k: getattr(args, k) for k in names}
+    options |= {"color_coherence": args.color_coherence, "frame_duration_ms": args.duration}
+    return settings_from_args(args), args.idea, options
+
+
 def cmd_animate(args: argparse.Namespace) -> int:
     from engine.params import build_params
     from engine.store import open_store
     from engine.worker import Engine
 
+    # 1. Everything checked; nothing written, nothing loaded.
     sidecar = None
     if args.from_sidecar:
-        given = [f"--{k.replace('_', '-')}" for k in PARAM_OPTIONS if getattr(args, k) is not None]
-        if args.idea is not None or given:
-            what = ", ".join((["IDEA"] if args.idea is not None else []) + given)
-            raise InvalidRequest(f"--from-sidecar takes everything from the sidecar: drop {what}")
-        sidecar = read_sidecar(args.from_sidecar)
-        pinned = {k: sidecar["models"].get(k) for k in MODEL_KEYS}
-        if args.profile and pinned["profile"] and args.profile != pinned["profile"]:
-            raise InvalidRequest(f"the sidecar was made with --profile {pinned['profile']}, not {args.profile}")
-        settings = settings_from_args(
-            args, **{k: v for k, v in pinned.items() if k != "profile"} | {"profile": args.profile or pinned["profile"]}
-        )
-        idea, recorded = sidecar.get("idea", ""), sidecar["params"]
-        options = {k: recorded.get(k) for k in ("frames", "width", "height", "steps", "guidance", "strength", "seed")}
-        options |= {
-            "style": recorded.get("style"),
-            "negative_prompt": recorded.get("negative_prompt"),
-            "controlnet_scale": recorded.get("controlnet_scale"),
-            "color_coherence": recorded.get("color_coherence"),
-            "frame_duration_ms": recorded.get("frame_duration_ms"),
-        }
+        settings, idea, options, sidecar = _request_from_sidecar(args)
     else:
-        if args.idea is None:
-            raise InvalidRequest("give an IDEA to animate (or --from-sidecar FILE.json)")
-        settings = settings_from_args(args)
-        idea = args.idea
-        options = {
-            k: getattr(args, k) for k in ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style")
-        }
-        options |= {
-            "negative_prompt": args.negative_prompt,
-            "color_coherence": args.color_coherence,
-            "frame_duration_ms": args.duration,
-        }
+        settings, idea, options = _request_from_options(args)
     check_data_dir(settings)
     known = existing_store(settings)
     params = build_params(settings, known, idea, **options)
     if sidecar is not None:
         _check_sidecar_style(known, sidecar)
         if len(sidecar["frames"]) != params.frames:
-            raise InvalidRequest(
-                f"sidecar {args.from_sidecar} lists {len(sidecar['frames'])} frames, not {params.frames}"
-            )
+            listed = len(sidecar["frames"])
+            raise InvalidRequest(f"sidecar {args.from_sidecar} lists {listed} frames, not {params.frames}")
         _warn_version_drift(sidecar)
     output = plan_output(args.out, args.format, params.idea, args.force)
 
+    # 2. Models, so one that cannot load leaves no row; then the row, then the work.
     models = load_models(settings)
     store = known or open_store(settings.data_dir)
     engine = Engine(settings, store, models=models)
     if sidecar is not None:
         job_id = engine.create_from_recipe(params, sidecar["frames"], owner_name=user_name())
-        write_meta(
-            engine.settings, job_id, story=sidecar.get("story") or {}, out=_recorded_out(output), format=output.fmt
-        )
+        write_meta(settings, job_id, story=sidecar.get("story") or {})
     else:
         job_id = engine.create_job(params, owner_name=user_name())
-        write_meta(engine.settings, job_id, out=_recorded_out(output), format=output.fmt)
+    write_meta(settings, job_id, out=_recorded_out(output), format=output.fmt)
     print(render_job(args, engine, job_id, output))
     return 0
 

@@ -130,6 +130,15 @@ CASES: dict[str, Case] = {
     "sidecar with options": Case(
         ["animate", "--from-sidecar", "x.json", "--seed", "3"], "drop --seed", setup=_file("x.json", "{}")
     ),
+    "sidecar frame without steps": Case(
+        ["animate", "--from-sidecar", "x.json"],
+        "x.json: frame 1: steps must be a whole number (got None)",
+        setup=_file(
+            "x.json",
+            '{"emaki_sidecar": 1, "params": {}, "models": {}, "frames": '
+            '[{"idx": 0, "prompt": "a fox", "seed": 1, "style": "", "strength": 0.5, "guidance": 7}]}',
+        ),
+    ),
     # jobs, resume, redo
     "jobs limit 0": Case(["jobs", "--limit", "0"], "--limit must be between 1 and 1000"),
     "resume unknown job": Case(["resume", "7"], "there is no animation job 7"),
