@@ -3,7 +3,8 @@
 
 Everything needed to reproduce a frame is in its row before it is rendered. A job interrupted by a
 crash resumes at its first frame without a file; a regeneration job starts with the parent's frames
-before k already copied, so the same `run` serves new, resumed and regenerated jobs.
+before k already copied, so the same `run` serves new, resumed and regenerated jobs. While a process
+renders a job it holds the job's lock file, which is how a `running` row left by a kill is told apart.
 """
 
 from __future__ import annotations
@@ -91,9 +92,6 @@ class Engine:
     def job_dir(self, job_id: int) -> Path:
         return self.settings.data_dir / "jobs" / str(job_id)
 
-    def _holding_lock(self, job_id: int) -> contextlib.AbstractContextManager[bool]:
-        return holding_job_lock(self.settings.data_dir, job_id)
-
     # --- creating jobs (rows first, so nothing is acknowledged before it is durable) ----------
     def create_job(self, params: AnimationParams, **owner: Any) -> int:
         return self.store.add_job(kind="animate", idea=params.idea, params=params.to_dict(), **owner)
@@ -153,7 +151,7 @@ class Engine:
         """Render a job's frames, yielding events; ends after the last FrameDone, or with Failed.
         Never raises for job errors. Call `finish` afterwards for the GIF."""
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
-        with self._holding_lock(job_id) as mine:
+        with holding_job_lock(self.settings.data_dir, job_id) as mine:
             if not mine:
                 # Another process renders it and will write its end: the row must read `running`,
                 # never `queued`, or a queue would pick it again at once.
