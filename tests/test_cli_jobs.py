@@ -167,7 +167,12 @@ def test_a_name_taken_while_rendering_is_not_clobbered(tmp_path: Path) -> None:
 
 
 def test_help_version_and_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--version"], ["animate", "--help"], ["styles", "--help"], ["redo", "--help"]):
+    with pytest.raises(SystemExit):
+        main(["styles", "--help"])
+    styles_help = " ".join(capsys.readouterr().out.split())
+    assert "{add,remove}" in styles_help and "add register" in styles_help and "remove unregister" in styles_help
+    assert "With no subcommand: list styles." in styles_help
+    for argv in (["--version"], ["animate", "--help"], ["redo", "--help"]):
         with pytest.raises(SystemExit) as exited:
             main(argv)
         assert exited.value.code == 0
@@ -176,7 +181,6 @@ def test_help_version_and_subcommands(capsys: pytest.CaptureFixture[str]) -> Non
     assert "(1..150; default 50)" in out and "(above 0, at most 1; default 0.15)" in out  # animate --steps/--strength
     assert "32..256 (tiny)" in out and "default 512 (sd15)" in out  # sizes per profile
     assert "auto, hf, openai, transformers, fallback; default auto" in out
-    assert "add" in out and "remove" in out  # styles' subcommands
     assert "--from K" in out and "0..4294967295" in out
 
 
