@@ -238,7 +238,7 @@ def test_kill_9_leaves_a_job_that_resumes(tiny_env: Path, capsys: pytest.Capture
 
     repo = Path(__file__).parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo))
-    slow = ["--frames", "3", "--steps", "20", "--strength", "1", "--width", "32", "--height", "32", "-q"]
+    slow = ["--frames", "3", "--steps", "8", "--strength", "1", "--width", "32", "--height", "32", "-q"]
     child = subprocess.Popen(
         [sys.executable, "-m", "emaki", "animate", "a fox", "--out", "fox.gif", *slow],
         env=env,
