@@ -1,180 +1,533 @@
-"""`emaki animate`: one idea to an animation file, its frames folder and a sidecar."""
+"""`emaki animate`: one idea (or a sidecar) to an animation file, its frames folder and a sidecar.
+
+Everything is checked before any model loads or any row is written; outputs never replace what is
+there (unless --force) and appear whole or not at all. `render_job` and `publish` also serve
+`emaki resume` and `emaki redo` (emaki/jobs_cmd.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emaki.common import settings_from_args, slug
+from emaki.common import (
+    check_data_dir,
+    check_writable_folder,
+    existing_store,
+    setting_help,
+    settings_from_args,
+    size_help,
+    slug,
+    user_name,
+)
 from engine.errors import EmakiError, InvalidRequest
-from engine.settings import Settings
+from engine.settings import MAX_SEED, Settings, check_value
+
+FORMATS = ("gif", "webp", "mp4")
+SIDECAR_VERSION = 1
+META_FILE = "cli.json"  # in the job's folder: where the CLI was asked to write, and which story backend answered
+# What a sidecar's models section pins; reproducing applies them to the settings.
+MODEL_KEYS = ("profile", "base_model", "controlnet_model", "depth_model", "scheduler")
+PARAM_OPTIONS = (
+    "frames",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "strength",
+    "seed",
+    "style",
+    "negative_prompt",
+    "duration",
+    "color_coherence",
+)
 
 
-def cmd_animate(args: argparse.Namespace) -> int:
+# --- where results go ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Output:
+    """Where an animation goes. `explicit`: the user named it, so exactly that name or an error;
+    otherwise a name from the idea that gets a -2, -3 ... suffix when taken."""
+
+    path: Path
+    fmt: str
+    explicit: bool
+    force: bool = False
+
+    @staticmethod
+    def frames_dir(path: Path) -> Path:
+        return path.with_name(f"{path.stem}_frames")
+
+    @staticmethod
+    def sidecar(path: Path) -> Path:
+        return path.with_suffix(".json")
+
+
+def plan_output(out: str | None, fmt: str | None, idea: str, force: bool = False) -> Output:
+    """Check an output request without writing anything: type, folder, writability, clobbering."""
+    if out:
+        path = Path(out).expanduser()
+        suffix = path.suffix.lstrip(".").lower()
+        if fmt is None:
+            if suffix not in FORMATS:
+                raise InvalidRequest(
+                    f"--out {out} does not end in .gif, .webp or .mp4 (use --format to choose the type)"
+                )
+            fmt = suffix
+        elif suffix != fmt:
+            raise InvalidRequest(f"--out {out} does not end in .{fmt} (use --format to choose the type)")
+    else:
+        fmt = fmt or "gif"
+        path = Path(f"{slug(idea)}.{fmt}")
+    folder = path.parent
+    if not folder.exists():
+        raise InvalidRequest(f"output folder {folder} does not exist")
+    if not folder.is_dir():
+        raise InvalidRequest(f"output folder {folder} is a file, not a folder")
+    if path.is_dir():
+        raise InvalidRequest(f"--out {path} is a folder: give a file name, e.g. {path / f'animation.{fmt}'}")
+    check_writable_folder(folder, "output folder")
+    output = Output(path, fmt, explicit=bool(out), force=force)
+    if output.explicit:
+        frames_dir, sidecar = Output.frames_dir(path), Output.sidecar(path)
+        if force:
+            if frames_dir.exists() and not frames_dir.is_dir():
+                raise InvalidRequest(f"{frames_dir} is a file; --force replaces only a frames folder there")
+            if sidecar.is_dir():
+                raise InvalidRequest(f"{sidecar} is a folder; --force replaces only a sidecar file there")
+        else:
+            for taken in (path, frames_dir, sidecar):
+                if taken.exists() or taken.is_symlink():
+                    raise InvalidRequest(
+                        f"{taken} already exists: choose another --out, or add --force to replace "
+                        f"{path.name}, {frames_dir.name}/ and {sidecar.name}"
+                    )
+    return output
+
+
+def _place_file(source: Path, target: Path, replace: bool) -> None:
+    """Move a finished file into place in one step; without `replace` it fails if the name is taken,
+    even when another process takes it between our check and the move (a hard link never clobbers)."""
+    if replace:
+        os.replace(source, target)
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(source, target)
+    else:
+        source.unlink()
+
+
+def _place_dir(source: Path, target: Path, replace: bool, trash: Path) -> None:
+    """Move a finished folder into place. The empty folder made with mkdir is the reservation (mkdir
+    fails if the name exists); renaming a folder onto an empty one replaces it in one step."""
+    if replace and target.exists():
+        target.rename(trash / "old_frames")
+    else:
+        target.mkdir()
+    source.rename(target)
+
+
+def publish(output: Output, engine: Any, job_id: int, fmt: str, story: dict[str, Any]) -> Path:
+    """Write the animation, its frames folder and its sidecar; the animation appears last, so its
+    presence means the set is whole. Returns the animation's path."""
+    from PIL import Image
+
+    from engine.media import encode_webp, write_mp4
+
+    job = engine.store.job(job_id)
+    rows = engine.store.frames(job_id)
+    folder = output.path.parent
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{output.path.stem}.") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "frames").mkdir()
+        images = []
+        for row in rows:
+            shutil.copyfile(row["path"], tmp / "frames" / Path(row["path"]).name)
+            images.append(Image.open(row["path"]).convert("RGB"))
+        animation = tmp / "animation"
+        if fmt == "gif":
+            shutil.copyfile(job["gif_path"], animation)
+        elif fmt == "webp":
+            animation.write_bytes(encode_webp(images, job["params"]["frame_duration_ms"]))
+        else:
+            write_mp4(images, tmp / "animation.mp4", job["params"]["frame_duration_ms"])
+            (tmp / "animation.mp4").rename(animation)
+
+        path = output.path
+        for n in range(1, 10_000):
+            if not output.explicit:
+                path = output.path.with_name(f"{output.path.stem}{'' if n == 1 else f'-{n}'}.{fmt}")
+                if path.exists() or Output.sidecar(path).exists():
+                    continue
+            try:
+                _place_dir(tmp / "frames", Output.frames_dir(path), output.force, tmp)
+                break
+            except FileExistsError:
+                if output.explicit:
+                    raise InvalidRequest(
+                        f"{Output.frames_dir(path)} appeared while rendering; nothing was replaced. "
+                        f"Write the result elsewhere: emaki resume {job_id} --out OTHER.{fmt}"
+                    ) from None
+        sidecar = build_sidecar(engine, job_id, Output.frames_dir(path).name, story)
+        (tmp / "sidecar.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        try:
+            _place_file(tmp / "sidecar.json", Output.sidecar(path), output.force)
+            _place_file(animation, path, output.force)
+        except FileExistsError as exc:
+            raise InvalidRequest(
+                f"{exc.args[0] if exc.args else path} appeared while rendering; the frames are in "
+                f"{Output.frames_dir(path)}; write the animation elsewhere: emaki resume {job_id} --out OTHER.{fmt}"
+            ) from None
+    return path
+
+
+# --- the sidecar -----------------------------------------------------------------------------------
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Every version that changes the bytes of a frame or of the file they are encoded into."""
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("emaki", "torch", "diffusers", "transformers", "peft", "numpy", "pillow", "imageio"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def model_revision(ref: str, settings: Settings) -> str | None:
+    """The hub snapshot (commit) a model id resolves to in the local cache; None for a local folder
+    or a model not cached. Offline: the cache says which snapshot from_pretrained used."""
+    if settings.is_tiny:
+        return "random weights built in-process (engine/tiny.py, seeded)"
+    if ref.startswith(("/", ".", "~")) or Path(ref).exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model_index.json", "config.json"):
+            cached = try_to_load_from_cache(ref, filename)
+            if isinstance(cached, str):
+                return Path(cached).parent.name
+    except Exception:  # noqa: BLE001 - a revision is a nicety in the sidecar, never a reason to fail
+        return None
+    return None
+
+
+def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[str, Any]) -> dict[str, Any]:
+    settings: Settings = engine.settings
+    job = engine.store.job(job_id)
+    rows = engine.store.frames(job_id)
+    style = None
+    if job["params"].get("style"):
+        row = engine.store.style(job["params"]["style"])
+        if row is not None:
+            style = {
+                "name": row["name"],
+                "sha256": _sha256(row["path"]) if Path(row["path"]).is_file() else None,
+                "weight": row["weight"],
+                "trigger": row["trigger"] or "",
+                "adapter": row["adapter"] or "lora",
+            }
+    models = {k: getattr(settings, k) for k in MODEL_KEYS}
+    models["revisions"] = {
+        k: model_revision(getattr(settings, k), settings) for k in ("base_model", "controlnet_model", "depth_model")
+    }
+    return {
+        "emaki_sidecar": SIDECAR_VERSION,
+        "job_id": job_id,
+        "idea": job["idea"],
+        "params": job["params"],
+        "story": {**story, "frames": [row["prompt"] for row in rows]},
+        "frames": [
+            {k: row[k] for k in ("idx", "prompt", "seed", "strength", "steps", "guidance", "style")}
+            | {"file": f"{frames_dir_name}/{Path(row['path']).name}"}
+            for row in rows
+        ],
+        "style": style,
+        "models": models,
+        "device": str(engine.models.device),
+        "dtype": str(engine.models.dtype).replace("torch.", ""),
+        "versions": versions(),
+    }
+
+
+def read_sidecar(path: str) -> dict[str, Any]:
+    """A sidecar's recipe, its shape checked (the values are checked as any request's are)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"cannot read sidecar {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("emaki_sidecar") != SIDECAR_VERSION:
+        raise InvalidRequest(f"{path} is not an emaki sidecar (version {SIDECAR_VERSION})")
+    params, frames, models = data.get("params"), data.get("frames"), data.get("models")
+    if not isinstance(params, dict) or not isinstance(frames, list) or not isinstance(models, dict):
+        raise InvalidRequest(f"sidecar {path} lacks its params, frames or models")
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, dict) or frame.get("idx") != i or not isinstance(frame.get("prompt"), str):
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no recipe")
+        seed = frame.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid seed")
+        if not isinstance(frame.get("style"), str):
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid style")
+        for name in ("steps", "guidance", "strength"):
+            try:
+                check_value(name, frame.get(name))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"sidecar {path}: frame {i + 1}: {exc}") from None
+    return data
+
+
+def _check_sidecar_style(store: Any, sidecar: dict[str, Any]) -> None:
+    wanted = sidecar.get("style")
+    if not wanted:
+        return
+    row = store.style(wanted["name"]) if store is not None else None
+    if row is None:
+        raise InvalidRequest(f"the sidecar uses style '{wanted['name']}', which is not registered here")
+    if wanted.get("sha256") and (not Path(row["path"]).is_file() or _sha256(row["path"]) != wanted["sha256"]):
+        raise InvalidRequest(f"style '{wanted['name']}' here is not the file the sidecar used (sha256 differs)")
+    if row["weight"] != wanted.get("weight", row["weight"]):
+        raise InvalidRequest(
+            f"style '{wanted['name']}' has weight {row['weight']} here; the sidecar used {wanted['weight']}"
+        )
+
+
+def _warn_version_drift(sidecar: dict[str, Any]) -> None:
+    recorded = sidecar.get("versions") or {}
+    here = versions()
+    drift = [f"{k} {recorded[k]} -> {here[k]}" for k in here if k in recorded and recorded[k] != here[k]]
+    if drift:
+        print(f"warning: versions differ from the sidecar's ({'; '.join(drift)}): frames may differ", file=sys.stderr)
+
+
+# --- the per-job record of what the CLI was asked -------------------------------------------------
+def _meta_path(settings: Settings, job_id: int) -> Path:
+    return settings.data_dir / "jobs" / str(job_id) / META_FILE  # inside Engine.job_dir
+
+
+def read_meta(settings: Settings, job_id: int) -> dict[str, Any]:
+    path = _meta_path(settings, job_id)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_meta(settings: Settings, job_id: int, **fields: Any) -> None:
+    from engine.worker import write_atomic
+
+    meta = read_meta(settings, job_id) | fields
+    _meta_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(_meta_path(settings, job_id), json.dumps(meta, indent=2).encode())
+
+
+# --- rendering with progress -----------------------------------------------------------------------
+def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Output) -> Path:
+    """Run a job to its end with progress bars, then publish it. Ctrl-C leaves the job resumable
+    and says how (main prints the line once the bars are closed)."""
     from tqdm import tqdm
 
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
-    from engine.params import build_params
-    from engine.store import open_store
-    from engine.worker import Engine
 
-    settings = settings_from_args(args)
-    out = Path(args.out or f"{slug(args.idea)}.{args.format}")
-    if out.suffix.lstrip(".").lower() != args.format:
-        raise InvalidRequest(f"--out {out} does not end in .{args.format} (use --format to choose the type)")
-    if not out.parent.exists():
-        raise InvalidRequest(f"output folder {out.parent} does not exist")
-    store = open_store(settings.data_dir)
-    params = build_params(
-        settings,
-        store,
-        args.idea,
-        frames=args.frames,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance=args.guidance,
-        strength=args.strength,
-        seed=args.seed,
-        style=args.style,
-        negative_prompt=args.negative_prompt,
-        color_coherence=None if args.color_coherence is None else args.color_coherence,
-        frame_duration_ms=args.duration,
-    )
-    engine = Engine(settings, store)
-    job_id = engine.create_job(params, owner_name=os.environ.get("USER", "cli"))
     quiet = args.quiet
+    total = engine.store.job(job_id)["params"]["frames"]
     bar: Any = None
 
     def on_step(event: StepProgress) -> None:
         nonlocal bar
         if quiet:
             return
-        if bar is None or bar.desc != f"frame {event.frame_index + 1}/{params.frames}":
+        desc = f"frame {event.frame_index + 1}/{total}"
+        if bar is None or bar.desc != desc:
             if bar is not None:
                 bar.close()
-            bar = tqdm(
-                total=event.total_steps,
-                desc=f"frame {event.frame_index + 1}/{params.frames}",
-                unit="step",
-                leave=True,
-                file=sys.stderr,
-            )
+            bar = tqdm(total=event.total_steps, desc=desc, unit="step", leave=True, file=sys.stderr)
         bar.n = event.step
         bar.refresh()
 
-    with tqdm(total=1, desc="story", disable=quiet, file=sys.stderr) as story_bar:
+    args.interrupt_hint = f"job {job_id} stopped; continue it with: emaki resume {job_id}"
+    try:
+        with tqdm(total=1, desc="story", disable=quiet, file=sys.stderr) as story_bar:
+            events = engine.run_to_end(job_id, on_step=on_step)
+            for event in events:
+                if isinstance(event, StoryReady):
+                    story_bar.set_postfix_str(event.backend)
+                    story_bar.update(1)
+                    if event.backend != "recorded":
+                        write_meta(engine.settings, job_id, story=story_record(engine.settings, event.backend))
+                    break
+                if isinstance(event, Failed):
+                    raise EmakiError(event.reason)
         if not quiet:
-            story_bar.set_postfix_str("loading models")
-        engine.models.load()
-        events = engine.run_to_end(job_id, on_step=on_step)
-        story_event = None
+            for i, row in enumerate(engine.store.frames(job_id), 1):
+                print(f"  {i}. {row['prompt']}", file=sys.stderr)
+        finished = False
         for event in events:
-            if isinstance(event, StoryReady):
-                story_event = event
-                story_bar.set_postfix_str(event.backend)
-                story_bar.update(1)
-                break
-            if isinstance(event, Failed):
+            if isinstance(event, FrameDone) and bar is not None:
+                bar.close()
+                bar = None
+            elif isinstance(event, Failed):
                 raise EmakiError(event.reason)
-    if story_event is not None and not quiet:
-        for i, prompt in enumerate(story_event.frames, 1):
-            print(f"  {i}. {prompt}", file=sys.stderr)
-    result: Finished | None = None
-    for event in events:
-        if isinstance(event, FrameDone) and bar is not None:
+            elif isinstance(event, Finished):
+                finished = True
+        if not finished:
+            raise EmakiError(f"job {job_id} ended without an animation")
+    finally:
+        if bar is not None:
             bar.close()
-            bar = None
-        elif isinstance(event, Failed):
-            raise EmakiError(event.reason)
-        elif isinstance(event, Finished):
-            result = event
-    assert result is not None
-    with tqdm(total=1, desc=args.format, disable=quiet, file=sys.stderr) as media_bar:
-        _write_outputs(out, args.format, result, engine, job_id, settings)
+    args.interrupt_hint = f"job {job_id} is rendered; write its files with: emaki resume {job_id}"
+    with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
+        path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
         media_bar.update(1)
-    print(out)
+    return path
+
+
+def story_record(settings: Settings, backend: str) -> dict[str, Any]:
+    """Which story backend answered (the answer itself is the frames' prompts)."""
+    uses_model = backend in ("hf", "openai", "transformers")
+    return {
+        "backend": backend,
+        "requested": settings.story_backend,
+        "model": settings.llm_model if uses_model else None,
+    }
+
+
+def load_models(settings: Settings) -> Any:
+    """The models, loaded before any row is written: a model that fails to load leaves nothing behind."""
+    from engine.models import Models
+
+    return Models(settings).load()
+
+
+def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any], dict[str, Any]]:
+    """Settings with the sidecar's models pinned, its idea and its parameters, and the sidecar."""
+    given = [f"--{k.replace('_', '-')}" for k in PARAM_OPTIONS if getattr(args, k) is not None]
+    if args.idea is not None or given:
+        what = ", ".join((["IDEA"] if args.idea is not None else []) + given)
+        raise InvalidRequest(f"--from-sidecar takes everything from the sidecar: drop {what}")
+    sidecar = read_sidecar(args.from_sidecar)
+    pinned = {k: sidecar["models"].get(k) for k in MODEL_KEYS}
+    if args.profile and pinned["profile"] and args.profile != pinned["profile"]:
+        raise InvalidRequest(f"the sidecar was made with --profile {pinned['profile']}, not {args.profile}")
+    pinned["profile"] = args.profile or pinned["profile"]
+    settings = settings_from_args(args, **pinned)
+    recorded = sidecar["params"]
+    names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
+    options = {k: recorded.get(k) for k in (*names, "controlnet_scale", "color_coherence", "frame_duration_ms")}
+    return settings, str(sidecar.get("idea", "")), options, sidecar
+
+
+def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any]]:
+    if args.idea is None:
+        raise InvalidRequest("give an IDEA to animate (or --from-sidecar FILE.json)")
+    names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
+    options = {k: getattr(args, k) for k in names}
+    options |= {"color_coherence": args.color_coherence, "frame_duration_ms": args.duration}
+    return settings_from_args(args), args.idea, options
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    from engine.params import build_params
+    from engine.store import open_store
+    from engine.worker import Engine
+
+    # 1. Everything checked; nothing written, nothing loaded.
+    sidecar = None
+    if args.from_sidecar:
+        settings, idea, options, sidecar = _request_from_sidecar(args)
+    else:
+        settings, idea, options = _request_from_options(args)
+    check_data_dir(settings)
+    known = existing_store(settings)
+    params = build_params(settings, known, idea, **options)
+    if sidecar is not None:
+        _check_sidecar_style(known, sidecar)
+        if len(sidecar["frames"]) != params.frames:
+            listed = len(sidecar["frames"])
+            raise InvalidRequest(f"sidecar {args.from_sidecar} lists {listed} frames, not {params.frames}")
+        _warn_version_drift(sidecar)
+    output = plan_output(args.out, args.format, params.idea, args.force)
+
+    # 2. Models, so one that cannot load leaves no row; then the row, then the work.
+    models = load_models(settings)
+    store = known or open_store(settings.data_dir)
+    engine = Engine(settings, store, models=models)
+    if sidecar is not None:
+        job_id = engine.create_from_recipe(params, sidecar["frames"], owner_name=user_name())
+        write_meta(settings, job_id, story=sidecar.get("story") or {})
+    else:
+        job_id = engine.create_job(params, owner_name=user_name())
+    write_meta(settings, job_id, out=_recorded_out(output), format=output.fmt)
+    print(render_job(args, engine, job_id, output))
     return 0
 
 
-def _write_outputs(out: Path, fmt: str, result: Any, engine: Any, job_id: int, settings: Settings) -> None:
-    """Animation, frames folder and JSON sidecar, written in a temp folder and moved into place,
-    so a failure leaves nothing that looks like a result."""
-    import diffusers
-    import torch
-    from PIL import Image
+def _recorded_out(output: Output) -> str | None:
+    return str(output.path.absolute()) if output.explicit else None
 
-    from engine import __name__ as _  # noqa: F401 - keep import order stable for tools
-    from engine.media import encode_webp, write_mp4
 
-    job = engine.store.job(job_id)
-    frames = engine.store.frames(job_id)
-    frames_dir = out.with_name(f"{out.stem}_frames")
-    sidecar = out.with_suffix(".json")
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp_name:
-        tmp = Path(tmp_name)
-        (tmp / "frames").mkdir()
-        images = []
-        for row in frames:
-            shutil.copyfile(row["path"], tmp / "frames" / Path(row["path"]).name)
-            images.append(Image.open(row["path"]).convert("RGB"))
-        if fmt == "gif":
-            shutil.copyfile(result.gif_path, tmp / "animation")
-        elif fmt == "webp":
-            (tmp / "animation").write_bytes(encode_webp(images, job["params"]["frame_duration_ms"]))
-        else:
-            write_mp4(images, tmp / "animation.mp4", job["params"]["frame_duration_ms"])
-            (tmp / "animation.mp4").rename(tmp / "animation")
-        public = settings.public_dict()
-        record = {
-            "job_id": job_id,
-            "idea": job["idea"],
-            "params": job["params"],
-            "frames": [
-                {k: row[k] for k in ("idx", "prompt", "seed", "strength", "steps", "guidance", "style")}
-                | {"file": f"{frames_dir.name}/{Path(row['path']).name}"}
-                for row in frames
-            ],
-            "models": {k: public[k] for k in ("profile", "base_model", "controlnet_model", "depth_model", "scheduler")},
-            "device": str(engine.models.device),
-            "dtype": str(engine.models.dtype).replace("torch.", ""),
-            "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
-        }
-        (tmp / "sidecar.json").write_text(json.dumps(record, indent=2))
-        if frames_dir.exists():
-            shutil.rmtree(frames_dir)
-        (tmp / "frames").rename(frames_dir)
-        os.replace(tmp / "animation", out)
-        os.replace(tmp / "sidecar.json", sidecar)
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", help="output file (default: a name from the idea, with -2, -3 ... when taken); never replaced"
+    )
+    parser.add_argument("--format", choices=FORMATS, help="gif, webp or mp4 (default: --out's extension, else gif)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out file, its _frames folder and .json sidecar"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    animate = sub.add_parser("animate", parents=[common], help="turn an idea into an animation")
-    animate.add_argument("idea")
-    animate.add_argument("--out", help="output file (default: a name from the idea)")
-    animate.add_argument("--format", choices=("gif", "webp", "mp4"), default="gif")
-    animate.add_argument("--frames", type=int)
-    animate.add_argument("--width", type=int)
-    animate.add_argument("--height", type=int)
-    animate.add_argument("--steps", type=int)
-    animate.add_argument("--guidance", type=float)
-    animate.add_argument("--strength", type=float, help="img2img strength for frames 2..N (0, 1]")
-    animate.add_argument("--seed", type=int)
-    animate.add_argument("--style", help="a registered style name (emaki styles)")
-    animate.add_argument("--negative-prompt")
-    animate.add_argument("--duration", type=int, help="milliseconds per frame (default 100)")
+    animate = sub.add_parser(
+        "animate",
+        parents=[common],
+        help="turn an idea into an animation",
+        description="Turn an idea into an animation file, a folder of its frames and a JSON sidecar that "
+        "reproduces it (emaki animate --from-sidecar FILE.json). Defaults are the Ghibli paper's.",
+    )
+    animate.add_argument("idea", nargs="?", help="what should happen, e.g. 'a dragon glides over a town'")
+    animate.add_argument("--from-sidecar", metavar="FILE.json", help="re-render an animation from its sidecar")
+    add_output_options(animate)
+    animate.add_argument("--frames", type=int, help=setting_help("frames", "number of frames; at most max_frames"))
+    animate.add_argument("--width", type=int, help=size_help("width"))
+    animate.add_argument("--height", type=int, help=size_help("height"))
+    animate.add_argument("--steps", type=int, help=setting_help("steps", "denoising steps"))
+    animate.add_argument("--guidance", type=float, help=setting_help("guidance", "classifier-free guidance"))
+    animate.add_argument("--strength", type=float, help=setting_help("strength", "img2img strength for frames 2..N"))
+    animate.add_argument("--seed", type=int, help=f"job seed, 0..{MAX_SEED} (default: random)")
+    animate.add_argument("--style", help="a registered style name (emaki styles; default none)")
+    animate.add_argument("--negative-prompt", help="what to avoid (default: EMAKI_NEGATIVE_PROMPT's)")
+    animate.add_argument("--duration", type=int, help=setting_help("frame_duration_ms", "milliseconds per frame"))
     animate.add_argument(
         "--color-coherence",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="match every frame's colours to frame 1",
+        help=setting_help("color_coherence", "match every frame's colours to frame 1"),
     )
-    animate.add_argument("--story-backend", help="auto, hf, openai, transformers or fallback")
-    animate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    animate.add_argument("--story-backend", help=setting_help("story_backend", "who writes the frames' prompts"))
     animate.set_defaults(func=cmd_animate)

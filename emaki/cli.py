@@ -1,4 +1,5 @@
-"""`emaki animate | styles | bot | train | evaluate | models | doctor`: the parser and the error boundary.
+"""`emaki animate | jobs | resume | redo | styles | train | evaluate | models | doctor | bot`: the parser and
+the error boundary.
 
 Each subcommand lives in its own module (`emaki/*_cmd.py`) with its `add_parser`.
 
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from emaki import animate_cmd, bot_cmd, models_cmd, styles_cmd, train_cmd
+from emaki import animate_cmd, bot_cmd, jobs_cmd, models_cmd, styles_cmd, train_cmd
 from engine.errors import EmakiError
 
 log = logging.getLogger("emaki")
@@ -22,14 +23,16 @@ log = logging.getLogger("emaki")
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--profile", help="model profile: sd15 (default) or tiny (offline, random weights)")
-    common.add_argument("--config", help="TOML settings file (also EMAKI_CONFIG)")
-    common.add_argument("--data-dir", help="where the database and artifacts live (EMAKI_DATA_DIR)")
-    common.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("--config", help="TOML settings file (also EMAKI_CONFIG); secrets never go there")
+    common.add_argument("--data-dir", help="folder of the database and artifacts (EMAKI_DATA_DIR; default ./data)")
+    common.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N (EMAKI_DEVICE; default auto)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log what happens, with library warnings")
 
     parser = argparse.ArgumentParser(prog="emaki", description="Ghibli-style animations from one idea.")
+    parser.add_argument("--version", action="version", version=f"emaki {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     animate_cmd.add_parser(sub, common)
+    jobs_cmd.add_parsers(sub, common)
     styles_cmd.add_parser(sub, common)
     train_cmd.add_parser(sub, common)
     train_cmd.add_evaluate_parser(sub, common)
@@ -53,8 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        # The command closed its progress bars on the way out, so this starts on a line of its own.
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("emaki")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 # Loggers of libraries whose progress bars and advice interleave with emaki's own bars.

@@ -1,22 +1,83 @@
-"""What every subcommand shares: settings from the common options, and names derived from ideas."""
+"""What every subcommand shares: settings from the common options, checks made before any work,
+names derived from ideas, and the help text built from the settings' declared ranges."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
-from engine.settings import Settings, load_settings
+from engine.errors import InvalidRequest, ResourceError
+from engine.settings import PROFILES, Settings, load_settings, rule_of
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "animation"
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        config_file=getattr(args, "config", None),
-        profile=getattr(args, "profile", None),
-        data_dir=getattr(args, "data_dir", None),
-        story_backend=getattr(args, "story_backend", None),
-        device=getattr(args, "device", None),
-    )
+def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Settings from the common options (validated: a bad value is one error line, before any work);
+    `overrides` win over the options (a sidecar's pinned models)."""
+    options = {name: getattr(args, name, None) for name in ("profile", "data_dir", "story_backend", "device")}
+    return load_settings(config_file=getattr(args, "config", None), **(options | overrides))
+
+
+def setting_help(name: str, what: str) -> str:
+    """`what (range; default D)` from the setting's declared rule and default, so --help never
+    disagrees with what is checked."""
+    default = next(f.default for f in dataclasses.fields(Settings) if f.name == name)
+    shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    described = rule_of(name).describe()
+    return f"{what} ({described + '; ' if described else ''}default {shown})".replace("%", "%%")
+
+
+def size_help(name: str) -> str:
+    sizes = ", ".join(f"{p['min_size']}..{p['max_size']} ({n})" for n, p in PROFILES.items())
+    defaults = ", ".join(f"{p[name]} ({n})" for n, p in PROFILES.items())
+    return f"{name} in pixels, a multiple of 8: {sizes}; default {defaults}"
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Really try to create a file there: permission bits, read-only mounts and full quotas all show."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".emaki-probe-"):
+            pass
+    except OSError as exc:
+        raise InvalidRequest(f"cannot write in {what} {folder}: {exc.strerror or exc}") from None
+
+
+def check_data_dir(settings: Settings) -> None:
+    """The data dir can be created and written, and has room, checked without creating anything."""
+    existing = nearest_existing(settings.data_dir)
+    if not existing.is_dir():
+        raise InvalidRequest(f"data dir {settings.data_dir}: {existing} is a file, not a folder")
+    check_writable_folder(existing, "the data dir")
+    free = shutil.disk_usage(existing).free
+    if free < settings.min_free_bytes:
+        raise ResourceError(
+            f"only {free // 2**20} MiB free in {settings.data_dir}; "
+            f"at least {settings.min_free_bytes // 2**20} MiB are needed"
+        )
+
+
+def existing_store(settings: Settings) -> Any:
+    """The store when the data dir already holds one, else None: looking must create nothing."""
+    from engine.store import open_store
+
+    return open_store(settings.data_dir) if (settings.data_dir / "emaki.db").is_file() else None
+
+
+def user_name() -> str:
+    return os.environ.get("USER", "cli")

@@ -49,7 +49,9 @@ def cmd_styles(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    styles = sub.add_parser("styles", parents=[common], help="list, add or remove styles")
+    styles = sub.add_parser(
+        "styles", parents=[common], help="list, add or remove styles", description="With no subcommand: list styles."
+    )
     styles_sub = styles.add_subparsers(dest="action")
     add = styles_sub.add_parser("add", parents=[common], help="register a LoRA safetensors file as a style")
     add.add_argument("name")
@@ -58,6 +60,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     add.add_argument("--step", type=int, help="with --from-run: the kept step to register")
     add.add_argument("--trigger", default="")
     add.add_argument("--weight", type=float, default=1.0)
-    remove = styles_sub.add_parser("remove", parents=[common])
+    remove = styles_sub.add_parser("remove", parents=[common], help="unregister a style (its file stays)")
     remove.add_argument("name")
     styles.set_defaults(func=cmd_styles, action="list")

@@ -7,7 +7,9 @@ Secrets (Discord token, HF token, LLM API key) are read from the environment onl
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +47,45 @@ PROFILES: dict[str, dict[str, Any]] = {
 MEMORY_MODES = ("auto", "high", "medium", "low")
 
 SECRET_FIELDS = ("discord_token", "hf_token", "llm_api_key")
+SECRET_ENV = {"discord_token": "DISCORD_TOKEN", "hf_token": "HF_TOKEN", "llm_api_key": "EMAKI_LLM_API_KEY"}
+
+# Choices, declared once: the CLI's --help, the checks below and engine/models.py's scheduler table
+# (tests/test_settings.py keeps the two in step) all read these.
+STORY_BACKENDS = ("auto", "hf", "openai", "transformers", "fallback")
+SCHEDULER_NAMES = ("default", "dpm++", "euler_a", "unipc")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting may hold. `low_open`: the minimum itself is not allowed (strength > 0)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+    url: bool = False
+
+    def describe(self) -> str:
+        if self.choices:
+            return ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            return f"{self.low:g}..{self.high:g}" if not self.low_open else f"above {self.low:g}, at most {self.high:g}"
+        if self.low is not None:
+            return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return ""
+
+
+def setting(default: Any, rule: Rule | None = None, *, secret: bool = False) -> Any:
+    """A dataclass field carrying its rule (read by `check_value` and the CLI's help)."""
+    return field(default=default, repr=not secret, metadata={"rule": rule or Rule()})
 
 
 @dataclass
 class Settings:
-    profile: str = "sd15"
+    profile: str = setting("sd15", Rule(choices=tuple(PROFILES)))
     base_model: str = ""
     controlnet_model: str = ""
     depth_model: str = ""
@@ -57,55 +93,55 @@ class Settings:
     captioner_model: str = ""  # BLIP, as the Ghibli paper captioned its dataset
     # auto: HF Inference API when an HF token is set, else OpenAI-compatible when llm_base_url is
     # set, else the deterministic fallback. Explicit: hf | openai | transformers | fallback.
-    story_backend: str = "auto"
-    llm_base_url: str = ""
-    hf_inference_url: str = ""  # override the Inference API endpoint (a proxy, or tests)
-    llm_timeout_s: float = 60.0
+    story_backend: str = setting("auto", Rule(choices=STORY_BACKENDS))
+    llm_base_url: str = setting("", Rule(url=True))
+    hf_inference_url: str = setting("", Rule(url=True))  # override the Inference API endpoint (a proxy, or tests)
+    llm_timeout_s: float = setting(60.0, Rule(0, 3600, low_open=True))
     # A second LLM turn: the model checks its own frame list against a checklist and revises it.
     story_refine: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = "auto"  # auto, cpu, mps, cuda, cuda:N (checked against the machine in `validate`)
+    dtype: str = setting("auto", Rule(choices=DTYPES))
     # auto | high | medium | low: how much of the model set stays on the GPU (engine/memory.py).
-    memory: str = "auto"
+    memory: str = setting("auto", Rule(choices=MEMORY_MODES))
     # The diffusers folder or hub id whose configs (and tokenizer) describe a single-file base model
     # (`.safetensors`/`.ckpt` in the original LDM layout); empty: the profile's base model repo.
     base_model_config: str = ""
-    scheduler: str = "default"
+    scheduler: str = setting("default", Rule(choices=SCHEDULER_NAMES))
     data_dir: Path = Path("data")
     # Animation defaults: the Ghibli paper's parameters.
-    frames: int = 5
-    width: int = 0
-    height: int = 0
-    min_size: int = 0
-    max_size: int = 0
-    steps: int = 50
-    guidance: float = 8.5
-    strength: float = 0.15
-    controlnet_scale: float = 1.0
+    frames: int = setting(5, Rule(1, 64))  # also at most max_frames
+    width: int = setting(0, Rule(0, 4096))  # 0: the profile's; else a multiple of 8 in min_size..max_size
+    height: int = setting(0, Rule(0, 4096))
+    min_size: int = setting(0, Rule(0, 4096))
+    max_size: int = setting(0, Rule(0, 4096))
+    steps: int = setting(50, Rule(1, 150))
+    guidance: float = setting(8.5, Rule(0, 30))
+    strength: float = setting(0.15, Rule(0, 1, low_open=True))
+    controlnet_scale: float = setting(1.0, Rule(0, 2))
     negative_prompt: str = "lowres, blurry, deformed, watermark, text, jpeg artifacts"
-    frame_duration_ms: int = 100
+    frame_duration_ms: int = setting(100, Rule(20, 5000))
     color_coherence: bool = True
-    max_frames: int = 16
-    max_idea_chars: int = 500
-    min_free_bytes: int = 200 * 1024 * 1024
-    upload_limit_bytes: int = 10 * 1024 * 1024
+    max_frames: int = setting(16, Rule(1, 64))
+    max_idea_chars: int = setting(500, Rule(1, 10000))
+    min_free_bytes: int = setting(200 * 1024 * 1024, Rule(0))
+    upload_limit_bytes: int = setting(10 * 1024 * 1024, Rule(1))
     # Bot
-    discord_api_base: str = ""
-    discord_gateway: str = ""
-    max_pending_per_member: int = 3
+    discord_api_base: str = setting("", Rule(url=True))
+    discord_gateway: str = setting("", Rule(url=True))
+    max_pending_per_member: int = setting(3, Rule(1, 1000))
     moderator_role: str = ""
-    progress_edit_interval_s: float = 1.5
+    progress_edit_interval_s: float = setting(1.5, Rule(0, 60))
     # Training
-    min_dataset_images: int = 5
-    max_dataset_bytes: int = 200 * 1024 * 1024
-    max_dataset_files: int = 2000
-    max_image_pixels: int = 4096 * 4096
-    eval_samples: int = 100  # the anime paper's 100 generated images
-    train_checkpoint_every: int = 100  # also where a training gives way to waiting animations
+    min_dataset_images: int = setting(5, Rule(1, 100000))
+    max_dataset_bytes: int = setting(200 * 1024 * 1024, Rule(1))
+    max_dataset_files: int = setting(2000, Rule(1))
+    max_image_pixels: int = setting(4096 * 4096, Rule(1))
+    eval_samples: int = setting(100, Rule(2, 10000))  # the anime paper's 100 generated images
+    train_checkpoint_every: int = setting(100, Rule(1, 1000000))  # also where a training gives way to animations
     # Secrets: environment only.
-    discord_token: str = field(default="", repr=False)
-    hf_token: str = field(default="", repr=False)
-    llm_api_key: str = field(default="", repr=False)
+    discord_token: str = setting("", secret=True)
+    hf_token: str = setting("", secret=True)
+    llm_api_key: str = setting("", secret=True)
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -113,11 +149,34 @@ class Settings:
         for key, value in PROFILES[self.profile].items():
             if not getattr(self, key):
                 setattr(self, key, value)
-        self.data_dir = Path(self.data_dir).expanduser()
         if not self.base_model_config:
             self.base_model_config = PROFILES[self.profile]["base_model"]
-        if self.memory not in MEMORY_MODES:
-            raise InvalidRequest(f"unknown memory mode '{self.memory}': use {', '.join(MEMORY_MODES)}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Type and range of every field, then what fields mean together and what this machine has.
+        Runs on every construction, so the CLI, the bot and the trainer all refuse the same things
+        before any model loads or any row is written."""
+        for fld in dataclasses.fields(self):
+            setattr(self, fld.name, check_value(fld.name, getattr(self, fld.name)))
+        self.data_dir = self.data_dir.expanduser()
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise InvalidRequest(f"data_dir {self.data_dir} is a file, not a folder: choose another data dir")
+        if self.frames > self.max_frames:
+            raise InvalidRequest(f"frames must be between 1 and max_frames ({self.max_frames}) (got {self.frames})")
+        if self.min_size % 8 or self.max_size % 8 or not 8 <= self.min_size <= self.max_size:
+            raise InvalidRequest(
+                f"min_size and max_size must be multiples of 8 with 8 <= min_size <= max_size "
+                f"(got {self.min_size} and {self.max_size})"
+            )
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value % 8 or not self.min_size <= value <= self.max_size:
+                raise InvalidRequest(
+                    f"{name} must be a multiple of 8 between {self.min_size} and {self.max_size} "
+                    f"for the {self.profile} profile (got {value})"
+                )
+        check_device(self.device)
 
     @property
     def is_tiny(self) -> bool:
@@ -132,43 +191,143 @@ class Settings:
         return out
 
 
-def _coerce(raw: str, annotation: str) -> Any:
-    if annotation == "int":
-        return int(raw)
-    if annotation == "float":
-        return float(raw)
-    if annotation == "bool":
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if annotation == "Path":
-        return Path(raw)
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def rule_of(name: str) -> Rule:
+    return next(f for f in dataclasses.fields(Settings) if f.name == name).metadata.get("rule", Rule())
+
+
+def check_value(name: str, value: Any) -> Any:
+    """`value` as field `name` holds it (an int is a fine float, a str a fine path), or
+    InvalidRequest naming the field, what it may hold and what it got."""
+    kind = FIELD_TYPES[name]
+    rule = rule_of(name)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{name} must be true or false (got {value!r})")
+        return value
+    if kind in ("int", "float"):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if kind == "int" and not whole:
+            raise InvalidRequest(f"{name} must be a whole number (got {value!r})")
+        if kind == "float" and not (whole or isinstance(value, float)):
+            raise InvalidRequest(f"{name} must be a number (got {value!r})")
+        if kind == "float":
+            value = float(value)
+            if not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number (got {value})")
+        too_low = rule.low is not None and (value <= rule.low if rule.low_open else value < rule.low)
+        too_high = rule.high is not None and value > rule.high
+        if too_low or too_high:
+            raise InvalidRequest(f"{name} must be {_range_words(rule)} (got {value})")
+        return value
+    if kind == "Path":
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRequest(f"{name} must be a folder path (got {value!r})")
+        return Path(value)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string (got {value!r})")
+    if rule.choices and value not in rule.choices:
+        raise InvalidRequest(f"unknown {name} '{value}': use {', '.join(rule.choices)}")
+    if rule.url and value and not re.match(r"^(https?|wss?)://\S+$", value):
+        raise InvalidRequest(f"{name} must be an http(s):// or ws(s):// address (got {value!r})")
+    return value
+
+
+def _range_words(rule: Rule) -> str:
+    if rule.low is not None and rule.high is not None:
+        if rule.low_open:
+            return f"above {rule.low:g} and at most {rule.high:g}"
+        return f"between {rule.low:g} and {rule.high:g}"
+    return rule.describe()
+
+
+def check_device(device: str) -> None:
+    """The device names a kind torch knows and this machine has (torch is imported only to look)."""
+    if not DEVICE_PATTERN.match(device):
+        raise InvalidRequest(f"unknown device '{device}': use auto, cpu, mps, cuda or cuda:N")
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidRequest("device mps is not available on this machine: use --device auto or cpu")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        seen = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise InvalidRequest(f"device {device} is not available: torch sees {seen}; use --device auto or cpu")
+
+
+def _from_env(name: str, raw: str) -> Any:
+    kind = FIELD_TYPES[name]
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        return raw  # check_value names the field and the bad value
+    if kind == "bool":
+        word = raw.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise InvalidRequest(
+            f"EMAKI_{name.upper()}={raw!r}: {name} must be true or false ({'/'.join(TRUE_WORDS + FALSE_WORDS)})"
+        )
     return raw
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from TOML (EMAKI_CONFIG or `config_file`), `EMAKI_*` env and overrides."""
+    """Build settings from TOML (EMAKI_CONFIG or `config_file`), `EMAKI_*` env and overrides.
+
+    Every value is checked where it comes from, so an error names the file key, the variable or the
+    option to fix; nothing is silently coerced or ignored."""
     values: dict[str, Any] = {}
     path = config_file or os.environ.get("EMAKI_CONFIG")
     if path:
         try:
-            values.update(tomllib.loads(Path(path).read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            from_file = tomllib.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InvalidRequest(f"cannot read config file {path}: {exc}") from exc
-    known = {f.name: f for f in dataclasses.fields(Settings)}
-    unknown = set(values) - set(known) - set(SECRET_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown keys in config file {path}: {', '.join(sorted(unknown))}")
-    for name, fld in known.items():
+        secrets_found = sorted(set(from_file) & set(SECRET_FIELDS))
+        if secrets_found:
+            env_names = ", ".join(SECRET_ENV[k] for k in secrets_found)
+            raise InvalidRequest(
+                f"config file {path} holds {', '.join(secrets_found)}: secrets belong in the environment "
+                f"({env_names}), never in a file; remove them from it"
+            )
+        unknown = set(from_file) - set(FIELD_TYPES)
+        if unknown:
+            raise InvalidRequest(f"unknown keys in config file {path}: {', '.join(sorted(unknown))}")
+        for name, value in from_file.items():
+            values[name] = _checked(name, value, f"config file {path}")
+    for name in FIELD_TYPES:
         if name in SECRET_FIELDS:
-            values.pop(name, None)  # secrets never come from a file that may be committed
             continue
         env = os.environ.get(f"EMAKI_{name.upper()}")
         if env is not None and env != "":
-            try:
-                values[name] = _coerce(env, str(fld.type))
-            except ValueError as exc:
-                raise InvalidRequest(f"EMAKI_{name.upper()}={env!r} is not a valid {fld.type}") from exc
+            values[name] = _checked(name, _from_env(name, env), f"EMAKI_{name.upper()}={env!r}")
     values["discord_token"] = os.environ.get("DISCORD_TOKEN", "")
     values["hf_token"] = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN", "")
     values["llm_api_key"] = os.environ.get("EMAKI_LLM_API_KEY", "")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _checked(name, value, f"--{name.replace('_', '-')}")
     return Settings(**values)
+
+
+def _checked(name: str, value: Any, source: str) -> Any:
+    try:
+        return check_value(name, value)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{source}: {exc}") from None

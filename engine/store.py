@@ -143,6 +143,12 @@ class Store:
         with self._locked() as db:
             return [_decode_job(r) for r in db["jobs"].rows_where(where, args, order_by=order_by)]
 
+    def recent_jobs(self, limit: int, kind: str = "animate") -> list[dict[str, Any]]:
+        """The newest `limit` jobs of a kind, newest first (for `emaki jobs`)."""
+        with self._locked() as db:
+            rows = db["jobs"].rows_where("kind = ?", [kind], order_by="id desc", limit=limit)
+            return [_decode_job(r) for r in rows]
+
     def job_by_result_message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.jobs_where("result_message_id = ?", [message_id])
         return rows[0] if rows else None

@@ -3,12 +3,15 @@
 
 Everything needed to reproduce a frame is in its row before it is rendered. A job interrupted by a
 crash resumes at its first frame without a file; a regeneration job starts with the parent's frames
-before k already copied, so the same `run` serves new, resumed and regenerated jobs.
+before k already copied, so the same `run` serves new, resumed and regenerated jobs. While a process
+renders a job it holds the job's lock file, which is how a `running` row left by a kill is told apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -46,6 +49,37 @@ def save_png_atomic(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def job_lock_path(data_dir: Path, job_id: int) -> Path:
+    return data_dir / "jobs" / f"{job_id}.lock"
+
+
+@contextlib.contextmanager
+def holding_job_lock(data_dir: Path, job_id: int) -> Iterator[bool]:
+    """An advisory lock held while a process renders the job (yields False when another holds it).
+    The OS drops it when the process dies however it dies (kill -9 included), so a `running` row
+    whose lock is free is a job that was interrupted, and two processes never render one job."""
+    path = job_lock_path(data_dir, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_rendering(data_dir: Path, job_id: int) -> bool:
+    """Whether some process (this one included) is rendering the job right now."""
+    if not job_lock_path(data_dir, job_id).exists():
+        return False
+    with holding_job_lock(data_dir, job_id) as free:
+        return not free
+
+
 class Engine:
     def __init__(
         self, settings: Settings, store: Store, models: Models | None = None, story: StoryTeller | None = None
@@ -62,10 +96,23 @@ class Engine:
     def create_job(self, params: AnimationParams, **owner: Any) -> int:
         return self.store.add_job(kind="animate", idea=params.idea, params=params.to_dict(), **owner)
 
-    def create_regeneration(self, parent_id: int, from_index: int, reseed_all: bool = False, **owner: Any) -> int:
+    def create_from_recipe(self, params: AnimationParams, frames: list[dict[str, Any]], **owner: Any) -> int:
+        """A new job whose every frame recipe (prompt, seed, strength, steps, guidance, style) is given,
+        as a sidecar records them: no story is asked for, so the same models render the same frames."""
+        if len(frames) != params.frames or [f["idx"] for f in frames] != list(range(params.frames)):
+            raise InvalidRequest(f"the recipe must list frames 0..{params.frames - 1} once each")
+        job_id = self.create_job(params, **owner)
+        for frame in frames:
+            recipe = {k: frame[k] for k in ("prompt", "seed", "strength", "steps", "guidance", "style")}
+            self.store.put_frame(job_id, frame["idx"], **recipe, path="")
+        return job_id
+
+    def create_regeneration(
+        self, parent_id: int, from_index: int, reseed_all: bool = False, seed: int | None = None, **owner: Any
+    ) -> int:
         """A new job that keeps the parent's frames before `from_index` byte-for-byte, gives frame
-        `from_index` a new seed and re-chains the frames after it (with their recorded seeds, or new
-        ones too with `reseed_all`: a reroll)."""
+        `from_index` a new seed (`seed` when given) and re-chains the frames after it (with their
+        recorded seeds, or new ones too with `reseed_all`: a reroll)."""
         parent = self.store.job(parent_id)
         frames = self.store.frames(parent_id)
         if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
@@ -90,7 +137,9 @@ class Engine:
                 row["path"] = str(target)
             else:
                 row["path"] = ""
-                if row["idx"] == from_index or reseed_all:
+                if row["idx"] == from_index and seed is not None:
+                    row["seed"] = seed
+                elif row["idx"] == from_index or reseed_all:
                     row["seed"] = frame_seed(parent["params"]["seed"], row["idx"], reroll=job_id)
             self.store.put_frame(job_id, row["idx"], **{k: v for k, v in row.items() if k not in ("job_id", "idx")})
         return job_id
@@ -102,8 +151,20 @@ class Engine:
         """Render a job's frames, yielding events; ends after the last FrameDone, or with Failed.
         Never raises for job errors. Call `finish` afterwards for the GIF."""
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
-        self.store.update_job(job_id, status="running", started_at=now(), error=None)
-        yield Started(job_id)
+        with holding_job_lock(self.settings.data_dir, job_id) as mine:
+            if not mine:
+                # Another process renders it and will write its end: the row must read `running`,
+                # never `queued`, or a queue would pick it again at once.
+                self.store.update_job(job_id, status="running")
+                yield Failed(job_id, f"job {job_id} is being rendered by another process")
+                return
+            self.store.update_job(job_id, status="running", started_at=now(), error=None)
+            yield Started(job_id)
+            yield from self._run_guarded(job_id, cancelled, on_step)
+
+    def _run_guarded(
+        self, job_id: int, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
+    ) -> Iterator[Event]:
         try:
             yield from self._run(job_id, cancelled, on_step)
         except JobCancelled:

@@ -502,7 +502,7 @@ def test_memory_modes_are_a_logged_no_op_on_cpu_and_the_setting_is_validated(
     monkeypatch.setenv("EMAKI_MEMORY", "medium")
     assert load_settings().memory == "medium"
     monkeypatch.setenv("EMAKI_MEMORY", "tiny-gpu")
-    with pytest.raises(InvalidRequest, match="unknown memory mode 'tiny-gpu': use auto, high, medium, low"):
+    with pytest.raises(InvalidRequest, match="unknown memory 'tiny-gpu': use auto, high, medium, low"):
         load_settings()
 
 

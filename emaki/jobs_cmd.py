@@ -1,0 +1,140 @@
+"""`emaki jobs`, `emaki resume JOB`, `emaki redo JOB --from K [--seed S]`.
+
+A job's rows hold every frame's recipe, so an interrupted job continues at its first missing frame
+and a finished one can be redone from any frame, keeping the frames before it byte for byte (what
+the bot's 🔁 and digit reactions do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from emaki.animate_cmd import Output, add_output_options, load_models, plan_output, read_meta, render_job, write_meta
+from emaki.common import check_data_dir, existing_store, settings_from_args, user_name
+from engine.errors import InvalidRequest
+from engine.settings import MAX_SEED, Settings
+
+MAX_LISTED = 1000
+
+
+def shown_status(settings: Settings, job: dict[str, Any]) -> str:
+    """A `running` row no process is rendering was interrupted (Ctrl-C, kill -9, a crash)."""
+    from engine.worker import is_rendering
+
+    if job["status"] == "running" and not is_rendering(settings.data_dir, job["id"]):
+        return "interrupted"
+    return job["status"]
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not 1 <= args.limit <= MAX_LISTED:
+        raise InvalidRequest(f"--limit must be between 1 and {MAX_LISTED} (got {args.limit})")
+    store = existing_store(settings)
+    jobs = store.recent_jobs(args.limit) if store is not None else []
+    if not jobs:
+        print(f"no jobs yet in {settings.data_dir}")
+        return 0
+    print("id\tstatus\twhen\tidea\terror")
+    for job in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
+        idea = job["idea"] if len(job["idea"]) <= 50 else job["idea"][:49] + "…"
+        error = (job["error"] or "-").splitlines()[0]
+        print(f"{job['id']}\t{shown_status(settings, job)}\t{when}\t{idea}\t{error}")
+    return 0
+
+
+def _job(store: Any, settings: Settings, job_id: int) -> dict[str, Any]:
+    job = store.job(job_id) if store is not None else None
+    if job is None or job["kind"] != "animate":
+        raise InvalidRequest(f"there is no animation job {job_id} in {settings.data_dir} (emaki jobs lists them)")
+    return job
+
+
+def _output(args: argparse.Namespace, idea: str, recorded: dict[str, Any]) -> Output:
+    out = args.out or recorded.get("out")
+    fmt = args.format or (None if args.out else recorded.get("format"))
+    return plan_output(out, fmt, idea, args.force)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine.worker import Engine
+
+    settings = settings_from_args(args)
+    store = existing_store(settings)
+    job = _job(store, settings, args.job)
+    status = shown_status(settings, job)
+    if status == "running":
+        raise InvalidRequest(f"job {args.job} is being rendered right now by another process")
+    check_data_dir(settings)
+    output = _output(args, job["idea"], read_meta(settings, args.job))
+    engine = Engine(settings, store, models=load_models(settings))
+    write_meta(settings, args.job, out=str(output.path.absolute()) if output.explicit else None, format=output.fmt)
+    print(render_job(args, engine, args.job, output))
+    return 0
+
+
+def cmd_redo(args: argparse.Namespace) -> int:
+    from engine.worker import Engine
+
+    settings = settings_from_args(args)
+    store = existing_store(settings)
+    parent = _job(store, settings, args.job)
+    rows = store.frames(args.job)
+    n = parent["params"].get("frames", 0)
+    if parent["status"] != "done" or len(rows) != n or not all(r["path"] and Path(r["path"]).is_file() for r in rows):
+        raise InvalidRequest(f"job {args.job} has no finished animation to redo (emaki resume {args.job} finishes it)")
+    if not 1 <= args.from_frame <= n:
+        raise InvalidRequest(f"--from must be between 1 and {n}, the frames of job {args.job} (got {args.from_frame})")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise InvalidRequest(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
+    check_data_dir(settings)
+    output = _output(args, parent["idea"], {})
+    engine = Engine(settings, store, models=load_models(settings))
+    parent_meta = read_meta(settings, args.job)
+    job_id = engine.create_regeneration(args.job, args.from_frame - 1, seed=args.seed, owner_name=user_name())
+    write_meta(
+        settings,
+        job_id,
+        story=parent_meta.get("story", {}),
+        out=str(output.path.absolute()) if output.explicit else None,
+        format=output.fmt,
+    )
+    print(render_job(args, engine, job_id, output))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    jobs = sub.add_parser("jobs", parents=[common], help="list animation jobs, newest first")
+    jobs.add_argument("--limit", type=int, default=20, help=f"how many to list (1..{MAX_LISTED}; default 20)")
+    jobs.set_defaults(func=cmd_jobs)
+
+    resume = sub.add_parser(
+        "resume",
+        parents=[common],
+        help="continue an interrupted job from its first missing frame",
+        description="Continue an interrupted (Ctrl-C, kill -9, crash) or failed job from its first missing "
+        "frame and write its outputs where the first run was asked to (or --out). A finished job is "
+        "written out again.",
+    )
+    resume.add_argument("job", type=int, help="job id (emaki jobs)")
+    add_output_options(resume)
+    resume.set_defaults(func=cmd_resume)
+
+    redo = sub.add_parser(
+        "redo",
+        parents=[common],
+        help="a new job redoing a finished animation from frame K",
+        description="Make a new job that keeps frames 1..K-1 of a finished animation byte for byte, "
+        "renders frame K with a new seed (or --seed) and re-chains the frames after it.",
+    )
+    redo.add_argument("job", type=int, help="job id of a finished animation (emaki jobs)")
+    redo.add_argument(
+        "--from", dest="from_frame", type=int, required=True, metavar="K", help="first frame to redo (1..N)"
+    )
+    redo.add_argument("--seed", type=int, help=f"frame K's seed, 0..{MAX_SEED} (default: a new one)")
+    add_output_options(redo)
+    redo.set_defaults(func=cmd_redo)
