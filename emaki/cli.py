@@ -42,10 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not {"-v", "--verbose"} & set(words):
+        # Before the parser is built: building it imports the trainer's choices, and with them
+        # diffusers and transformers, which warn while importing.
+        _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.verbose:
-        _quiet_libraries()  # before the subcommand imports torch, diffusers or transformers
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
