@@ -1,0 +1,130 @@
+"""Narrow models with SD1.5's real block structure, for tests that need its real key names.
+
+`engine/tiny.py` keeps the tiny profile as small as possible (2 UNet blocks), so its module names are not
+SD1.5's: a style file written for SD1.5 does not fit it. These models have the same classes, block types,
+nesting and therefore the same module names as `stable-diffusion-v1-5/stable-diffusion-v1-5` (UNet with
+`CrossAttnDownBlock2D x3 + DownBlock2D`, mirrored up blocks, 2 layers per block, 8 attention heads; a CLIP
+text encoder; a 4-block AutoencoderKL; a depth ControlNet made `from_unet`), only with narrow widths
+(32/32/64/64 channels, cross-attention dim 32) and fewer text-encoder layers. Weights are seeded random.
+
+`save_sd15_pipeline` writes them as a pipeline folder in the hub's layout (`model_index.json`, `unet/`,
+`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, ...), optionally as a weight variant (`fp16`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from engine import tiny
+
+WEIGHT_SEED = 0
+BLOCKS = (32, 32, 64, 64)  # SD1.5: (320, 640, 1280, 1280)
+CROSS_ATTENTION_DIM = 32  # SD1.5: 768
+TEXT_LAYERS = 2  # SD1.5: 12; names are `text_model.encoder.layers.N...` either way
+
+
+def sd15_unet() -> UNet2DConditionModel:
+    torch.manual_seed(WEIGHT_SEED)
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=BLOCKS,
+        layers_per_block=2,
+        attention_head_dim=8,  # SD1.5's config value, which diffusers reads as a head count
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        norm_num_groups=32,
+    ).eval()
+
+
+def sd15_text_encoder(vocab_size: int) -> CLIPTextModel:
+    torch.manual_seed(WEIGHT_SEED)
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=CROSS_ATTENTION_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=TEXT_LAYERS,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",  # SD1.5's CLIP ViT-L/14
+    )
+    return CLIPTextModel(config).eval()
+
+
+def sd15_vae() -> AutoencoderKL:
+    torch.manual_seed(WEIGHT_SEED)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=list(BLOCKS),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    ).eval()
+
+
+def sd15_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
+    torch.manual_seed(WEIGHT_SEED + 1)
+    # Four conditioning blocks downsample the depth image by 8, like SD1.5's (16, 32, 96, 256).
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32)).eval()
+
+
+@dataclass
+class SD15Models:
+    pipe: StableDiffusionPipeline
+    controlnet: ControlNetModel
+
+
+def sd15_models() -> SD15Models:
+    """A fresh set (random, seeded: every call gives the same weights)."""
+    tokenizer: CLIPTokenizer = tiny.tiny_tokenizer()
+    unet = sd15_unet()
+    pipe = tiny.sd_pipeline(sd15_vae(), sd15_text_encoder(len(tokenizer)), tokenizer, unet)
+    pipe.set_progress_bar_config(disable=True)
+    return SD15Models(pipe, sd15_controlnet(unet))
+
+
+def save_sd15_pipeline(models: SD15Models, folder: Path, variant: str | None = None) -> Path:
+    """The pipeline as a hub-layout folder (what `from_pretrained` and `huggingface-cli download` give).
+    With `variant="fp16"` the weights are saved in half precision as `*.fp16.safetensors`, as the hub's
+    fp16 variant is."""
+    pipe = models.pipe
+    if variant == "fp16":
+        pipe = copy.deepcopy(pipe).to(torch.float16)  # a copy: the caller's models stay fp32
+    pipe.save_pretrained(str(folder), safe_serialization=True, variant=variant)
+    return folder
+
+
+def save_sd15_controlnet(models: SD15Models, folder: Path) -> Path:
+    models.controlnet.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd15() -> SD15Models:
+    """Built once per session; import this fixture into a test module (`from tests.sd15_layout import sd15`).
+    Tests that add adapters must remove them (or use `sd15_models()` for a private copy)."""
+    return sd15_models()
+
+
+@pytest.fixture(scope="session")
+def sd15_folder(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline saved once in the hub's layout, and its ControlNet beside it in `controlnet/`."""
+    root = tmp_path_factory.mktemp("sd15")
+    save_sd15_controlnet(sd15, root / "controlnet")
+    return save_sd15_pipeline(sd15, root / "stable-diffusion-v1-5")
