@@ -21,6 +21,7 @@ from engine.settings import Settings
 from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
 from training.evaluate import TinyFeatures, fid_kid, temporal_ssim
+from training.export import export_trained_style
 from training.lora import TrainConfig, Trainer, TrainProgress, TrainResult
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def train_style(
     )
     if result.finished:
         assert result.weights is not None
+        export_trained_style(settings, result.weights, name)  # the same style for A1111/ComfyUI
         store.add_style(
             name,
             str(result.weights),
