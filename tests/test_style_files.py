@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, inject_adapter_in_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -420,3 +420,133 @@ def test_loading_a_broken_registered_file_is_one_line(target: Models, tmp_path: 
         target.use_style(StyleRef("old", str(path), adapter="loha"))
     message = str(error.value)
     assert "\n" not in message and len(message) <= MESSAGE_CAP and "style 'old' could not be loaded" in message
+
+
+# --- styles that go out: the kohya-format export ---------------------------------------------------------
+def test_trained_style_is_exported_and_diffusers_kohya_loader_gives_emakis_output(
+    tmp_path: Path, shared_tiny_models: Models
+) -> None:
+    """A style trained through the service (LoRA on the UNet and the text encoder) is also written in kohya
+    format; diffusers' `load_lora_weights` (its kohya conversion: a reader emaki did not write) loads it into
+    a fresh pipeline, and text encoder + UNet give what the style gives inside emaki."""
+    from safetensors.torch import load_file
+
+    from tests.test_training import make_folder
+    from training.lora import TrainConfig
+    from training.service import prepare_dataset, style_dir, train_style
+
+    settings = load_settings(profile="tiny", data_dir=tmp_path / "data")
+    store = open_store(settings.data_dir)
+    config = TrainConfig(
+        steps=3, rank=4, learning_rate=5e-2, resolution=32, checkpoint_every=100, train_text_encoder=True
+    )
+    dataset_id, _ = prepare_dataset(settings, store, make_folder(tmp_path / "ds", n=5), "fox", config=config)
+    assert train_style(settings, store, dataset_id).finished
+    exported = style_dir(settings, "fox") / "final" / "fox.safetensors"
+    keys = set(load_file(str(exported)))
+    assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    assert any(k.startswith("lora_te_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+
+    row = store.style("fox")
+    shared_tiny_models.use_style(StyleRef("fox", row["path"], adapter=row["adapter"]))
+    try:
+        emaki_output = forward(shared_tiny_models.txt2img)
+    finally:
+        shared_tiny_models.use_style(None)
+    base = forward(shared_tiny_models.txt2img)
+    fresh = tiny.tiny_components().txt2img
+    fresh.load_lora_weights(str(exported), adapter_name="kohya")
+    assert (emaki_output - base).abs().max() > 1e-3
+    torch.testing.assert_close(forward(fresh), emaki_output, atol=1e-5, rtol=1e-4)
+
+
+def test_sd15_lora_with_conv_and_alpha_round_trips_through_diffusers(source: SD15Models, tmp_path: Path) -> None:
+    """On SD1.5's real layer names: attention, 3x3 resnet convs, 1x1 proj_in, feed-forward and text encoder,
+    alpha != rank; emaki's own diffusers-format file -> kohya export -> diffusers' kohya loader."""
+    from training.export import write_kohya_file
+
+    unet = lora(modules=[*ATTENTION, "proj_in", "conv1", "ff.net.2"], alpha=2)
+    state, reference = make_adapter(source, {"unet": unet, "text_encoder": lora(modules=TEXT_ATTENTION)}, seed=12)
+    weights = write_diffusers(state, tmp_path / "lora", metadata={"r": 4, "lora_alpha": 2})
+    base_model = str(save_folder(source, tmp_path))
+    exported = write_kohya_file(weights, base_model, tmp_path / "style.safetensors")
+    fresh = sd15_models().pipe
+    fresh.load_lora_weights(str(exported), adapter_name="kohya")
+    torch.testing.assert_close(forward(fresh), reference, atol=1e-4, rtol=1e-4)
+
+
+def save_folder(models: SD15Models, tmp_path: Path) -> Path:
+    from tests.sd15_layout import save_sd15_pipeline
+
+    return save_sd15_pipeline(models, tmp_path / "base")
+
+
+def reader_delta(kind: str, t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The weight change A1111 (extensions-builtin/Lora network_hada/network_lokr/network_ia3) and ComfyUI
+    (comfy/weight_adapter/lokr.py) compute from one kohya-format layer, written from their code: the product,
+    times alpha / rank where the file has a low-rank part and an alpha."""
+    alpha = float(t["alpha"]) if "alpha" in t else None
+    if kind == "ia3":
+        w = t["weight"]
+        return weight * (w if bool(t["on_input"]) else w.reshape(-1, 1))
+    if kind == "loha":
+        diff = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        dim = t["hada_w1_b"].shape[0]
+    else:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        dim = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else None
+        diff = torch.kron(w1, w2)
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return (diff * scale).reshape(weight.shape)
+
+
+LYCORIS_EXPORTS = {
+    "loha": lambda: LoHaConfig(r=4, alpha=2, target_modules=ATTENTION),
+    "lokr-full": lambda: LoKrConfig(r=4, alpha=2, target_modules=ATTENTION),  # both factors full: scale folded
+    "lokr-low-rank": lambda: LoKrConfig(r=2, alpha=1, target_modules=ATTENTION),
+    "ia3": lambda: IA3Config(target_modules=["to_k", "to_v", "ff.net.2"], feedforward_modules=["ff.net.2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_EXPORTS))
+def test_lycoris_and_ia3_exports_give_the_same_weight_change_as_peft(
+    case: str,
+    source: SD15Models,
+    sd15_folder: Path,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """emaki's peft LoHa/LoKr/IA3 folders exported in LyCORIS naming: per layer, the change A1111/ComfyUI
+    would apply equals the change peft applies inside emaki."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    from training.export import write_kohya_file
+
+    kind = case.split("-")[0]
+    config = LYCORIS_EXPORTS[case]()
+    unet = source.pipe.unet
+    inject_adapter_in_model(config, unet, adapter_name="src")
+    generator = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".src" in name or name.endswith("src"):
+                param.copy_((1.0 if kind == "ia3" else 0.0) + torch.randn(param.shape, generator=generator) * 0.3)
+    changes = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if kind == "ia3" and "src" in getattr(module, "ia3_l", {}):  # peft: W * factor (rows, or input columns)
+            changes[name] = module.get_base_layer().weight.detach() * (module.ia3_l["src"].detach() - 1)
+        elif kind != "ia3" and "src" in getattr(module, "scaling", {}):
+            changes[name] = module.get_delta_weight("src").detach()
+    state = {"unet": get_peft_model_state_dict(unet, adapter_name="src")}
+    delete_from([unet], "src")
+    folder = write_peft_folder(state, config, tmp_path / case, prefix="")
+    exported = load_file(str(write_kohya_file(folder, str(sd15_folder), tmp_path / "out.safetensors")))
+    assert len(changes) >= 16
+    for name, change in changes.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        layer = {k[len(key) + 1 :]: v for k, v in exported.items() if k.startswith(key + ".")}
+        weight = unet.get_submodule(name).get_base_layer().weight.detach()
+        torch.testing.assert_close(reader_delta(kind, layer, weight), change, atol=1e-5, rtol=1e-4)
