@@ -169,7 +169,15 @@ class Models:
         as peft layers and injected into the UNet (and the text encoder where it has layers) under its own
         adapter name; styles are switched with peft's layer API, which all four kinds implement
         (diffusers' `set_adapters` assumes LoRA)."""
-        from engine.style_files import Architecture, delete_from, load_into, one_line, read_style
+        from engine.style_files import (
+            Architecture,
+            delete_from,
+            kinds_loaded,
+            load_into,
+            one_line,
+            read_style,
+            unload_all,
+        )
 
         pipe = self.load().txt2img
         assert pipe is not None
@@ -187,6 +195,9 @@ class Models:
                 if adapter in self.loaded_styles:  # replaced or retrained under the same name: reload
                     delete_from(list(models.values()), adapter)
                     del self.loaded_styles[adapter]
+                if kinds_loaded(list(models.values())) - {layers.kind}:  # kinds must not nest: start plain
+                    unload_all(list(models.values()))
+                    self.loaded_styles.clear()
                 load_into(layers, models, adapter)
             except Exception as exc:  # a broken style file must not take the bot down; one line
                 raise ModelLoadError(one_line(f"style '{style.name}' could not be loaded: {exc}")) from exc

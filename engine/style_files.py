@@ -7,8 +7,9 @@ Formats read (never guessed from the file name):
   and `adapter_model.safetensors`: what emaki itself trains for LoHa/LoKr/IA3),
 - the old attention-processor LoRA (`<block>.attn1.processor.to_q_lora.down.weight`),
 - kohya/A1111 names (`lora_unet_<layer>` / `lora_te_<layer>`, `.alpha`) for LoRA (`lora_down`/`lora_up`), LyCORIS
-  LoHa (`hada_w1_a`...), LoKr (`lokr_w1`...) and IA3 (`weight` + `on_input`); LDM block names (`input_blocks_4_1`)
-  are first mapped to diffusers' by diffusers' own `_maybe_map_sgm_blocks_to_diffusers`.
+  LoHa (`hada_w1_a`...), LoKr (`lokr_w1`...) and IA3 (`weight` + `on_input`); a kohya name is looked up among the
+  base model's own layer names (`.` as `_`, as ComfyUI maps them), and LDM spellings (`input_blocks_4_1`,
+  `in_layers_2`) are mapped the way diffusers' kohya conversion maps them.
 
 Every file becomes a `StyleLayers`: per model (`unet`, `text_encoder`) and per layer, the tensors under peft's
 parameter names and the layer's scale (alpha / rank, as the tool that wrote the file applies it). That one form
@@ -28,7 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ class Architecture:
 
     layers: dict[str, dict[str, tuple[str, tuple[int, ...]]]]
     build: Callable[[], dict[str, nn.Module]] | None = None  # fresh (meta) models to check injection on
-    unet_config: dict | None = None
+    unet_config: Any = None
 
     @classmethod
     def of(cls, models: dict[str, nn.Module], build: Callable[[], dict[str, nn.Module]] | None = None) -> Architecture:
@@ -117,7 +118,8 @@ class Architecture:
                 if isinstance(base, nn.Linear | nn.Conv2d) and not _is_adapter_part(name):
                     found[name] = ("conv" if isinstance(base, nn.Conv2d) else "linear", tuple(base.weight.shape))
             layers[key] = found
-        unet_config = dict(models["unet"].config) if hasattr(models.get("unet"), "config") else None
+        # diffusers' config object (attribute access, as `_maybe_map_sgm_blocks_to_diffusers` reads it)
+        unet_config = getattr(models.get("unet"), "config", None)
         return cls(layers, build, unet_config)
 
     @functools.cached_property
@@ -283,11 +285,6 @@ def _alpha(value: torch.Tensor | None) -> float | None:
 
 
 def _from_kohya(tensors: dict[str, torch.Tensor], arch: Architecture) -> StyleLayers:
-    if any(p in k for k in tensors for p in ("input_blocks", "middle_block", "output_blocks")):
-        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
-        # Files written against the LDM UNet name its blocks differently; diffusers maps them.
-        tensors = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), arch.unet_config or {})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         layer, _, param = key.partition(".")
@@ -307,13 +304,58 @@ def _from_kohya(tensors: dict[str, torch.Tensor], arch: Architecture) -> StyleLa
         kinds.add(kind)
         model = "unet" if layer.startswith("lora_unet_") else "text_encoder"
         flat = layer.split("_", 2)[2] if model == "unet" else layer.partition("_te_")[2] or layer[len("lora_te1_") :]
-        name = arch.flat.get(model, {}).get(flat, f"?{layer}")  # `?`: not in the base model, reported later
+        if model == "unet":
+            layer = _ldm_to_diffusers_blocks(layer, arch)
+            flat = layer[len("lora_unet_") :]
+        name = arch.flat.get(model, {}).get(flat) or (_diffusers_unet_layer(layer) if model == "unet" else None)
+        if name is None or name not in arch.layers.get(model, {}):
+            name = f"?{layer}"  # not in the base model: reported by the check
         result.models.setdefault(model, {})[name] = _kohya_layer(kind, params, layer)
     if len(kinds) > 1:
         raise StyleFileError(f"mixes adapter kinds ({', '.join(sorted(kinds))}) in one file; emaki loads one kind")
     result.kind = kinds.pop()
     result.source = f"kohya {KIND_NAMES[result.kind]}"
     return result
+
+
+LDM_BLOCK = re.compile(r"^lora_unet_(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+LDM_MIDDLE = re.compile(r"^lora_unet_middle_block_(\d+)_(.+)$")
+
+
+def _ldm_to_diffusers_blocks(layer: str, arch: Architecture) -> str:
+    """`input_blocks_4_1_…` (the original LDM checkpoint's block numbering) -> `down_blocks_1_attentions_0_…`,
+    with the indices diffusers' `_maybe_map_sgm_blocks_to_diffusers` uses. That function itself cannot be used
+    for SD1.5: it finds a block's keys by substring, so `input_blocks_1` also takes `input_blocks_10`'s."""
+    per_block = int(getattr(arch.unet_config, "layers_per_block", 2)) + 1
+    if match := LDM_MIDDLE.match(layer):
+        index, rest = int(match[1]), match[2]
+        inner = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(index)
+        return f"lora_unet_mid_block_{inner}_{rest}" if inner else layer
+    match = LDM_BLOCK.match(layer)
+    if match is None or (match[1] == "input_blocks" and match[2] == "0"):  # input_blocks_0_0 is conv_in
+        return layer
+    blocks, number, part, rest = match[1], int(match[2]), int(match[3]), match[4]
+    if blocks == "input_blocks":
+        if rest.startswith("op"):
+            return f"lora_unet_down_blocks_{(number - 1) // per_block}_downsamplers_0_{rest}"
+        inner = ("resnets", "attentions")[min(part, 1)]
+        return f"lora_unet_down_blocks_{(number - 1) // per_block}_{inner}_{(number - 1) % per_block}_{rest}"
+    inner = ("resnets", "attentions", "upsamplers")[min(part, 2)]
+    index = number % per_block if part < 2 else 0
+    return f"lora_unet_up_blocks_{number // per_block}_{inner}_{index}_{rest}"
+
+
+def _diffusers_unet_layer(layer: str) -> str | None:
+    """A kohya UNet name that is not a plain dotted layer name (LDM spellings such as `input_blocks_1_1`,
+    `in_layers_2`, `skip_connection`), mapped with diffusers' own kohya key converter."""
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    converted = _convert_unet_lora_key(f"{layer}.lora_down.weight")  # string rewrites only
+    peft_key = next(iter(convert_unet_state_dict_to_peft({converted: None})))
+    if not peft_key.endswith(".lora_A.weight"):
+        return None
+    return peft_key.replace(".processor.", ".").removesuffix(".lora_A.weight").removeprefix("unet.")
 
 
 def _kohya_layer(kind: str, params: dict[str, torch.Tensor], layer: str) -> LayerWeights:
@@ -635,3 +677,29 @@ def _adapter_names(module: nn.Module) -> set[str]:
     for attr in getattr(module, "adapter_layer_names", ()):
         names.update(getattr(module, attr, {}).keys())
     return names
+
+
+def kinds_loaded(models: list[nn.Module]) -> set[str]:
+    """The adapter kinds injected into these models (peft records each adapter's config on the model)."""
+    return {
+        str(config.peft_type.value).lower()
+        for model in models
+        for config in (getattr(model, "peft_config", None) or {}).values()
+    }
+
+
+def unload_all(models: list[nn.Module]) -> None:
+    """Put every adapted layer back to its plain base layer and forget every adapter. Layers of two kinds must
+    not nest (peft's LoRA cannot wrap a LoHa-wrapped conv, for one), so a style of another kind than those
+    loaded starts from the plain model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        outermost = [n for n in wrapped if not any(n.startswith(other + ".") for other in wrapped)]
+        for name in outermost:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, model.get_submodule(name).get_base_layer())
+        if hasattr(model, "peft_config"):
+            del model.peft_config

@@ -10,7 +10,8 @@ included) and differ from the base model.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from engine import tiny
 from engine.models import Components, Models, StyleRef, _activate
 from engine.settings import load_settings
 from engine.store import open_store
-from engine.style_files import MESSAGE_CAP, delete_from
+from engine.style_files import MESSAGE_CAP, unload_all
 from tests.sd15_layout import SD15Models, sd15, sd15_folder, sd15_models  # noqa: F401 - fixtures
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -34,6 +35,15 @@ State = dict[str, dict[str, torch.Tensor]]  # model -> peft state dict (no adapt
 
 
 # --- models and references -------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """These models are tiny: a second thread only adds synchronisation (5x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def source() -> SD15Models:
     """The copy adapters are created on (and removed from again after each file is written)."""
@@ -71,10 +81,12 @@ def make_adapter(source: SD15Models, configs: dict[str, PeftConfig], seed: int =
                 if ".src" in name or name.endswith("src"):
                     base = 1.0 if "ia3_l" in name else 0.0
                     param.copy_(base + torch.randn(param.shape, generator=generator) * std)
-    _activate(list(models.values()), "src", 1.0)
-    reference = forward(pipe)
-    state = {key: get_peft_model_state_dict(models[key], adapter_name="src") for key in configs}
-    delete_from(list(models.values()), "src")
+    try:
+        _activate(list(models.values()), "src", 1.0)
+        reference = forward(pipe)
+        state = {key: get_peft_model_state_dict(models[key], adapter_name="src") for key in configs}
+    finally:
+        unload_all(list(models.values()))  # the source copy is plain again for the next file
     return state, reference
 
 
@@ -217,6 +229,45 @@ def emaki_peft_ia3(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
     return write_peft_folder(state, config, tmp / "ia3", prefix=""), ref
 
 
+def kohya_ia3(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
+    """LyCORIS/A1111 IA3: `weight` is the factor minus 1, `on_input` says it scales input columns."""
+    config = IA3Config(target_modules=["to_k", "to_v", "ff.net.2"], feedforward_modules=["ff.net.2"])
+    state, ref = make_adapter(source, {"unet": config}, 14, std=0.5)
+    out = {}
+    for key, factor in state["unet"].items():
+        layer, _ = split(key)
+        out[f"{kohya_name('unet', layer)}.weight"] = (factor - 1).reshape(-1).contiguous()
+        out[f"{kohya_name('unet', layer)}.on_input"] = torch.tensor(factor.shape[0] == 1)
+    save_file(out, str(tmp / "kohya_ia3.safetensors"))
+    return tmp / "kohya_ia3.safetensors", ref
+
+
+def ldm_name(layer: str) -> str:
+    """SD1.5's LDM (original checkpoint) block names, as some kohya files spell layers."""
+    inner = {"attentions": 1, "resnets": 0}
+    if match := re.match(r"(down|up)_blocks\.(\d)\.(attentions|resnets)\.(\d)\.(.*)", layer):
+        side, block, kind, index, rest = match.groups()
+        number = 3 * int(block) + int(index) + (1 if side == "down" else 0)
+        blocks = f"{'input' if side == 'down' else 'output'}_blocks_{number}_{inner[kind]}"
+    else:
+        kind, index, rest = re.match(r"mid_block\.(attentions|resnets)\.(\d)\.(.*)", layer).groups()
+        blocks = f"middle_block_{1 if kind == 'attentions' else 2 * int(index)}"
+    rest = rest.replace("conv1", "in_layers.2")
+    return f"lora_unet_{blocks}_{rest.replace('.', '_')}"
+
+
+def kohya_lora_ldm_names(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
+    state, ref = make_adapter(source, {"unet": lora(modules=[*ATTENTION, "conv1"], alpha=2)}, seed=15)
+    out = {}
+    for key, tensor in state["unet"].items():
+        layer, param = split(key)
+        out[f"{ldm_name(layer)}.{'lora_down' if 'lora_A' in param else 'lora_up'}.weight"] = tensor.contiguous()
+        out[f"{ldm_name(layer)}.alpha"] = torch.tensor(2.0)
+    assert any("input_blocks_1_0_in_layers_2" in k for k in out) and any("middle_block_1_" in k for k in out)
+    save_file(out, str(tmp / "kohya_ldm.safetensors"))
+    return tmp / "kohya_ldm.safetensors", ref
+
+
 LOADS: list[tuple[Case, str]] = [
     (diffusers_unet_and_text, "lora"),
     (peft_lora_folder, "lora"),
@@ -225,6 +276,8 @@ LOADS: list[tuple[Case, str]] = [
     (kohya_lora_with_conv_and_text, "lora"),
     (kohya_loha, "loha"),
     (kohya_lokr, "lokr"),
+    (kohya_ia3, "ia3"),
+    (kohya_lora_ldm_names, "lora"),
     (emaki_peft_loha, "loha"),
     (emaki_peft_lokr, "lokr"),
     (emaki_peft_ia3, "ia3"),
@@ -278,6 +331,26 @@ def test_a_registered_style_changes_rendered_frames(
     finally:
         target.use_style(None)
     assert np.abs(plain - styled).mean() > 0.5
+
+
+def test_switching_between_styles_of_different_kinds_stays_exact(
+    source: SD15Models, target: Models, sd15_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A LoHa on convs, then a LoRA on the same convs, then the LoHa again: kinds are never stacked on one
+    layer (peft cannot wrap one kind in another), and each comes back exactly."""
+    loha_path, loha_ref = kohya_loha(source, sd15_env)
+    lora_path, lora_ref = kohya_lora_with_conv_and_text(source, sd15_env)
+    for name, path in (("a", loha_path), ("b", lora_path)):
+        assert main(["styles", "add", name, str(path)]) == 0, capsys.readouterr().err
+    store = open_store(sd15_env / "data")
+    refs = {"a": loha_ref, "b": lora_ref}
+    try:
+        for name in ("a", "b", "a"):
+            row = store.style(name)
+            target.use_style(StyleRef(name, row["path"], adapter=row["adapter"]))
+            torch.testing.assert_close(forward(target.txt2img), refs[name], atol=1e-4, rtol=1e-4)
+    finally:
+        target.use_style(None)
 
 
 # --- refusals: one line, exit 2, nothing registered ---------------------------------------------------
@@ -536,17 +609,17 @@ def test_lycoris_and_ia3_exports_give_the_same_weight_change_as_peft(
     for name, module in unet.named_modules():
         if not isinstance(module, BaseTunerLayer):
             continue
+        weight = module.get_base_layer().weight.detach()
         if kind == "ia3" and "src" in getattr(module, "ia3_l", {}):  # peft: W * factor (rows, or input columns)
-            changes[name] = module.get_base_layer().weight.detach() * (module.ia3_l["src"].detach() - 1)
+            changes[name] = weight, weight * (module.ia3_l["src"].detach() - 1)
         elif kind != "ia3" and "src" in getattr(module, "scaling", {}):
-            changes[name] = module.get_delta_weight("src").detach()
+            changes[name] = weight, module.get_delta_weight("src").detach()
     state = {"unet": get_peft_model_state_dict(unet, adapter_name="src")}
-    delete_from([unet], "src")
+    unload_all([unet])
     folder = write_peft_folder(state, config, tmp_path / case, prefix="")
     exported = load_file(str(write_kohya_file(folder, str(sd15_folder), tmp_path / "out.safetensors")))
     assert len(changes) >= 16
-    for name, change in changes.items():
+    for name, (weight, change) in changes.items():
         key = "lora_unet_" + name.replace(".", "_")
         layer = {k[len(key) + 1 :]: v for k, v in exported.items() if k.startswith(key + ".")}
-        weight = unet.get_submodule(name).get_base_layer().weight.detach()
         torch.testing.assert_close(reader_delta(kind, layer, weight), change, atol=1e-5, rtol=1e-4)
