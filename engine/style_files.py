@@ -118,7 +118,7 @@ class Architecture:
                 if isinstance(base, nn.Linear | nn.Conv2d) and not _is_adapter_part(name):
                     found[name] = ("conv" if isinstance(base, nn.Conv2d) else "linear", tuple(base.weight.shape))
             layers[key] = found
-        # diffusers' config object (attribute access, as `_maybe_map_sgm_blocks_to_diffusers` reads it)
+        # diffusers' config object: LDM block numbers depend on its `layers_per_block`
         unet_config = getattr(models.get("unet"), "config", None)
         return cls(layers, build, unet_config)
 
