@@ -200,6 +200,7 @@ class Models:
                     self.loaded_styles.clear()
                 load_into(layers, models, adapter)
             except Exception as exc:  # a broken style file must not take the bot down; one line
+                delete_from(list(models.values()), adapter)  # nothing half-loaded stays behind
                 raise ModelLoadError(one_line(f"style '{style.name}' could not be loaded: {exc}")) from exc
             self.loaded_styles[adapter] = style.path
         _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
