@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emaki.common import settings_from_args
 from engine.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+    from engine.store import Store
 
 
 def cmd_styles(args: argparse.Namespace) -> int:
@@ -24,14 +30,7 @@ def cmd_styles(args: argparse.Namespace) -> int:
     if args.action == "add":
         if not args.path:
             raise InvalidRequest("give the weights file, or --from-run RUN --step S")
-        path = Path(args.path).expanduser().resolve()
-        if not path.is_file():
-            raise InvalidRequest(f"style weights file {args.path} does not exist")
-        if not args.name.strip():
-            raise InvalidRequest("the style name is empty")
-        store.add_style(args.name.strip(), str(path), trigger=args.trigger or "", adapter="lora", weight=args.weight)
-        print(f"registered style {args.name}")
-        return 0
+        return _add(settings, store, args)
     if args.action == "remove":
         if store.style(args.name) is None:
             raise InvalidRequest(f"unknown style '{args.name}'")
@@ -48,18 +47,56 @@ def cmd_styles(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_STYLE_WEIGHT = 2.0  # beyond this a style overpowers the base model into noise
+
+
+def _add(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+    """Check everything before the store is touched: a refused file registers nothing and replaces nothing."""
+    from engine.style_files import KIND_NAMES, base_architecture, locate, read_style
+
+    name = args.name.strip()
+    if not name:
+        raise InvalidRequest("the style name is empty")
+    if not (math.isfinite(args.weight) and 0 < args.weight <= MAX_STYLE_WEIGHT):
+        raise InvalidRequest(f"--weight must be a number above 0 and at most {MAX_STYLE_WEIGHT:g} (got {args.weight})")
+    path = Path(args.path).expanduser().resolve()
+    if not path.exists():
+        raise InvalidRequest(f"style weights file {args.path} does not exist")
+    existing = store.style(name)
+    if existing is not None and not args.replace:
+        trained = " (trained here, with its metrics)" if existing.get("dataset_id") is not None else ""
+        raise InvalidRequest(f"a style named '{name}' already exists{trained}; add --replace to replace it")
+    layers = read_style(path, base_architecture(settings.base_model))
+    weights, _ = locate(path)
+    fields = {"trigger": args.trigger or "", "adapter": layers.kind, "weight": args.weight}
+    if existing is None:
+        store.add_style(name, str(weights), **fields)
+    else:
+        store.replace_style(name, str(weights), **fields)
+    verb = "replaced" if existing is not None else "registered"
+    print(f"{verb} style {name}: {KIND_NAMES[layers.kind]} from a {layers.source} file, {layers.n_layers} layers")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     styles = sub.add_parser(
         "styles", parents=[common], help="list, add or remove styles", description="With no subcommand: list styles."
     )
     styles_sub = styles.add_subparsers(dest="action")
-    add = styles_sub.add_parser("add", parents=[common], help="register a LoRA safetensors file as a style")
+    add = styles_sub.add_parser(
+        "add",
+        parents=[common],
+        help="register a style file: LoRA (diffusers, peft, kohya/A1111), LyCORIS LoHa/LoKr, IA3, or a peft folder",
+    )
     add.add_argument("name")
-    add.add_argument("path", nargs="?", help="weights file (or --from-run)")
-    add.add_argument("--from-run", help="a training run's name: register one of its kept saves")
+    add.add_argument(
+        "path", nargs="?", help="a .safetensors file, or a peft adapter folder (adapter_config.json + weights)"
+    )
+    add.add_argument("--from-run", help="instead of a file: a training run's name, to register one of its kept saves")
     add.add_argument("--step", type=int, help="with --from-run: the kept step to register")
     add.add_argument("--trigger", default="")
-    add.add_argument("--weight", type=float, default=1.0)
+    add.add_argument("--weight", type=float, default=1.0, help=f"strength, above 0 and at most {MAX_STYLE_WEIGHT:g}")
+    add.add_argument("--replace", action="store_true", help="replace an existing style of the same name")
     remove = styles_sub.add_parser("remove", parents=[common], help="unregister a style (its file stays)")
     remove.add_argument("name")
     styles.set_defaults(func=cmd_styles, action="list")

@@ -206,10 +206,12 @@ class Models:
     def use_style(self, style: StyleRef | None) -> None:
         """Activate one style (loading it the first time) or none; the base weights stay loaded.
 
-        LoRA styles load through diffusers' `load_lora_weights` (the format other SD tools share);
-        LoHa, LoKr and IA3 styles are peft adapters (adapter_config.json beside the weights) loaded
-        through peft. All live in the one UNet under their own adapter names and are switched with
-        peft's layer API, which all four kinds implement (diffusers' `set_adapters` assumes LoRA)."""
+        Every style file (diffusers/peft/kohya LoRA, LyCORIS LoHa/LoKr, IA3; see engine/style_files) is read
+        as peft layers and injected into the UNet (and the text encoder where it has layers) under its own
+        adapter name; styles are switched with peft's layer API, which all four kinds implement
+        (diffusers' `set_adapters` assumes LoRA)."""
+        from engine.style_files import delete_from, one_line
+
         pipe = self.load().txt2img
         assert pipe is not None
         if style is None:
@@ -217,23 +219,32 @@ class Models:
             return
         adapter = _adapter_name(style.name)
         if self.loaded_styles.get(adapter) != style.path:
-            if adapter in self.loaded_styles:  # retrained under the same name: reload
-                pipe.unet.delete_adapters(adapter)
             path = Path(style.path)
             if not path.exists():
                 raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
+            models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
             try:
-                if style.adapter == "lora":
-                    pipe.load_lora_weights(str(path), adapter_name=adapter)
-                else:
-                    _load_peft_adapter(pipe.unet, path, adapter)
-                    text_half = path.parent / "text_encoder" / path.name  # trained with the text encoder
-                    if text_half.is_file():
-                        _load_peft_adapter(pipe.text_encoder, text_half, adapter)
-            except Exception as exc:  # a broken style file must not take the bot down
-                raise ModelLoadError(f"style '{style.name}' could not be loaded: {exc}") from exc
+                # Offload hooks (EMAKI_MEMORY=medium/low) would miss layers injected under them.
+                with self.memory_suspended():
+                    self._load_style_layers(path, adapter, models)
+            except Exception as exc:  # a broken style file must not take the bot down; one line
+                delete_from(list(models.values()), adapter)  # nothing half-loaded stays behind
+                raise ModelLoadError(one_line(f"style '{style.name}' could not be loaded: {exc}")) from exc
             self.loaded_styles[adapter] = style.path
         _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
+
+    def _load_style_layers(self, path: Path, adapter: str, models: dict[str, torch.nn.Module]) -> None:
+        """Read the file as peft layers and inject them; kinds that cannot nest start from plain models."""
+        from engine.style_files import Architecture, delete_from, kinds_loaded, load_into, read_style, unload_all
+
+        layers = read_style(path, Architecture.of(models))
+        if adapter in self.loaded_styles:  # replaced or retrained under the same name: reload
+            delete_from(list(models.values()), adapter)
+            del self.loaded_styles[adapter]
+        if kinds_loaded(list(models.values())) - {layers.kind}:  # kinds must not nest: start plain
+            unload_all(list(models.values()))
+            self.loaded_styles.clear()
+        load_into(layers, models, adapter)
 
     # --- depth -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -249,17 +260,6 @@ class Models:
         depth = (depth - low) / (high - low + 1e-8)
         array = (depth.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(np.stack([array] * 3, axis=-1))
-
-
-def _load_peft_adapter(unet: torch.nn.Module, weights: Path, adapter: str) -> None:
-    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    config = PeftConfig.from_pretrained(str(weights.parent))
-    inject_adapter_in_model(config, unet, adapter_name=adapter)
-    result = set_peft_model_state_dict(unet, load_file(str(weights)), adapter_name=adapter)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"weights do not fit the base model: {result.unexpected_keys[:3]}")
 
 
 def _activate(models: list[torch.nn.Module], adapter: str | None, weight: float) -> None:

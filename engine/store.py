@@ -172,6 +172,16 @@ class Store:
         with self._locked() as db:
             db["styles"].upsert(row, pk="name")
 
+    def replace_style(self, name: str, path: str, trigger: str = "", adapter: str = "lora", **fields: Any) -> None:
+        """A new file under an existing name. INSERT OR REPLACE swaps the whole row in one statement, so the
+        old style's metrics, steps and dataset do not stay attached to the new weights."""
+        if isinstance(fields.get("metrics"), dict):
+            fields["metrics"] = json.dumps(fields["metrics"])
+        row = {"name": name, "path": path, "trigger": trigger, "adapter": adapter, "created_at": now(), "weight": 1.0}
+        row.update(fields)
+        with self._locked() as db:
+            db["styles"].insert(row, pk="name", replace=True)
+
     def update_style(self, name: str, **fields: Any) -> None:
         if isinstance(fields.get("metrics"), dict):
             fields["metrics"] = json.dumps(fields["metrics"])

@@ -23,6 +23,7 @@ from engine.settings import Settings
 from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
 from training.evaluate import TinyFeatures, clip_score, fid_kid, temporal_ssim, tiny_clip
+from training.export import export_trained_style
 from training.images import load_upright_rgb
 from training.lora import (
     TrainConfig,
@@ -124,6 +125,7 @@ def train_style(
     if result.finished:
         assert result.weights is not None
         tail = result.losses[-20:]
+        export_trained_style(settings, result.weights, name)  # the same style for A1111/ComfyUI
         register_trained_style(
             store,
             name,
