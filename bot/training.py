@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -16,10 +17,11 @@ from discord import app_commands
 from PIL import Image
 
 from bot import render
+from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
 from engine.media import contact_sheet, png_bytes
 from engine.store import now
-from training.dataset import DatasetError, check_style_name
+from training.dataset import DatasetError, check_style_name, load_dataset
 from training.lora import TrainConfig, TrainProgress
 from training.service import evaluate_style, prepare_dataset, train_style
 
@@ -106,23 +108,18 @@ def register(bot: EmakiBot) -> None:
         finally:
             upload.unlink(missing_ok=True)
         # The dataset row exists: from here on nothing the member sent can be lost.
-        row = bot.store.dataset(dataset_id)
-        assert row is not None
-        sheet = await asyncio.to_thread(_sheet, ds)  # the dataset prepare_dataset just validated
-        preview = await interaction.channel.send(  # type: ignore[union-attr]
-            render.dataset_preview(row, ds.captions, _training_steps(bot, row)),
-            file=discord.File(io.BytesIO(sheet), filename="dataset.png"),
-            allowed_mentions=discord.AllowedMentions.none(),
-        )
-        bot.store.update_dataset(dataset_id, preview_message_id=preview.id)
-        for emoji in (render.APPROVE, render.DELETE):
-            await preview.add_reaction(emoji)
+        posted = await post_preview(bot, dataset_id, ds)
+        note = "" if posted else " The preview could not be posted in the channel yet; it is retried every minute."
         await interaction.followup.send(
-            f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.", ephemeral=True
+            f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.{note}",
+            ephemeral=True,
+            allowed_mentions=NO_MENTIONS,
         )
 
     async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
         if bot.user is None or payload.user_id == bot.user.id:
+            return
+        if payload.member is not None and payload.member.bot:
             return
         rows = bot.store.datasets_where("preview_message_id = ? and status = 'pending'", [payload.message_id])
         emoji = str(payload.emoji)
@@ -136,7 +133,10 @@ def register(bot: EmakiBot) -> None:
         bot.store.update_dataset(row["id"], status="approved" if approved else "rejected")
         with contextlib.suppress(discord.HTTPException):  # the decision is already stored
             preview = await channel.fetch_message(payload.message_id)  # type: ignore[attr-defined]
-            await preview.edit(content=render.dataset_decided(preview.content, approved, payload.user_id))
+            await preview.edit(
+                content=render.dataset_decided(preview.content, approved, payload.user_id),
+                allowed_mentions=NO_MENTIONS,
+            )
         if approved:
             job_id = bot.store.add_job(
                 kind="train",
@@ -146,9 +146,45 @@ def register(bot: EmakiBot) -> None:
                 channel_id=row["channel_id"],
                 params={"dataset_id": row["id"], "style": row["style_name"]},
             )
-            await bot.announce(job_id, channel)
+            await bot.announce(job_id)
 
     bot.add_listener(on_raw_reaction_add)
+
+
+async def post_preview(bot: EmakiBot, dataset_id: int, ds: Any | None = None) -> bool:
+    """Post a pending dataset's preview for moderators. False (and logged) if Discord did not take
+    it: the dataset stays pending and the sweep posts the preview later. The nonce keeps a retry
+    from doubling it."""
+    row = bot.store.dataset(dataset_id)
+    if row is None or row.get("preview_message_id") or row["status"] != "pending":
+        return True
+    try:
+        if ds is None:
+            ds = await asyncio.to_thread(load_dataset, Path(row["path"]), bot.settings)
+        sheet = await asyncio.to_thread(_sheet, ds)
+        channel = await bot.channel_for(row["channel_id"])
+        async with bot.outbox.slot(row["channel_id"]):
+            preview = await channel.send(
+                render.dataset_preview(row, ds.captions, _training_steps(bot, row)),
+                file=discord.File(io.BytesIO(sheet), filename="dataset.png"),
+                allowed_mentions=NO_MENTIONS,
+                nonce=preview_nonce(dataset_id),
+            )
+    except (discord.HTTPException, EmakiError) as exc:
+        log.warning("posting the preview of dataset %s failed: %s", dataset_id, exc)
+        return False
+    bot.store.update_dataset(dataset_id, preview_message_id=preview.id)
+    try:
+        for emoji in (render.APPROVE, render.DELETE):
+            await preview.add_reaction(emoji)
+    except discord.HTTPException as exc:  # moderators can add ✅/❌ themselves
+        log.warning("adding reactions to the preview of dataset %s failed: %s", dataset_id, exc.status)
+    return True
+
+
+async def post_pending_previews(bot: EmakiBot) -> None:
+    for row in bot.store.datasets_where("status = 'pending' and preview_message_id is null", []):
+        await post_preview(bot, row["id"])
 
 
 class TrainReporter:
@@ -170,14 +206,14 @@ class TrainReporter:
 
     def post(self, state: str) -> None:
         self.last_edit = self.bot.loop.time()
-        files = [discord.File(io.BytesIO(self.sample), filename="sample.png")] if self.sample else []
-        self.bot.spawn(self._edit(render.training(self.job, state), files))
+        sample = self.sample
+        content = render.training(self.job, state)
 
-    async def _edit(self, content: str, files: list[discord.File]) -> None:
-        try:
-            await self.bot.edit_status(self.job, content=content, attachments=files)
-        except discord.HTTPException as exc:
-            log.warning("training progress edit failed: %s", exc.status)
+        async def fields(row: dict[str, Any]) -> dict[str, Any]:
+            files = [discord.File(io.BytesIO(sample), filename="sample.png")] if sample else []
+            return {"content": content, "attachments": files}
+
+        self.bot.set_status(self.job["id"], fields)
 
 
 async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> None:
@@ -225,11 +261,8 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
         note = f"(not evaluated: {exc})"
     bot.store.update_job(job_id, status="done", finished_at=now(), posted=1)
     reporter.post(f"✅ Trained in {result.step} steps.")
-    channel = await bot.channel_for(job["channel_id"])
     try:
-        await channel.send(
-            render.style_ready(job, metrics, note),
-            allowed_mentions=discord.AllowedMentions(users=[discord.Object(job["owner_id"])]),
-        )
+        channel = await bot.channel_for(job["channel_id"])
+        await channel.send(render.style_ready(job, metrics, note), allowed_mentions=only(job["owner_id"]))
     except discord.HTTPException as exc:
         log.warning("announcing style %s failed: %s", job["params"]["style"], exc.status)

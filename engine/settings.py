@@ -86,6 +86,7 @@ class Settings:
     max_pending_per_member: int = 3
     moderator_role: str = ""
     progress_edit_interval_s: float = 1.5
+    position_edit_interval_s: float = 5.0  # a waiting member's position message: at most this often
     # Training
     min_dataset_images: int = 5
     max_dataset_bytes: int = 200 * 1024 * 1024

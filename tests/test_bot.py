@@ -22,7 +22,12 @@ pytestmark = pytest.mark.simcord(settle_timeout=120)
 @pytest.fixture
 def bot_settings(tmp_path: Path) -> Settings:
     return load_settings(
-        profile="tiny", data_dir=tmp_path / "data", steps=6, strength=0.5, progress_edit_interval_s=0.0
+        profile="tiny",
+        data_dir=tmp_path / "data",
+        steps=6,
+        strength=0.5,
+        progress_edit_interval_s=0.0,
+        position_edit_interval_s=0.0,
     )
 
 
@@ -31,6 +36,7 @@ def simcord_bot(bot_settings: Settings, shared_tiny_models: Models) -> EmakiBot:
     shared_tiny_models.use_style(None)
     bot = create_bot(bot_settings, models=shared_tiny_models)
     bot.post_retry_delays = (0.01, 0.01)
+    bot.outbox.retry_base_s = 0.01
     return bot
 
 
@@ -133,6 +139,9 @@ async def test_restart_finishes_queued_job_and_old_results_still_react(world, bo
     await env.restart_bot(create_bot(bot_settings, models=shared_tiny_models))  # a fresh process's bot
 
     store = bot_of(env).store
+    assert store.job(2)["status"] == "queued" and store.job(3)["status"] == "queued"  # still paused
+    await mod.slash(channel, "resume")
+    assert [j["id"] for j in sorted(store.jobs_where("id in (2, 3)", []), key=lambda j: j["started_at"])] == [3, 2]
     for job_id, answer in ((2, queued), (3, interrupted)):
         assert store.job(job_id)["status"] == "done" and store.job(job_id)["posted"] == 1
         status = next(m for m in channel.history() if m.id == answer.response.id)
