@@ -59,6 +59,7 @@ class EmakiBot(commands.Bot):
         self._posting: set[int] = set()  # jobs whose result is being posted right now
         self._announcing: set[int] = set()  # jobs whose first status message is being sent
         self._shown: dict[int, str] = {}  # queued job -> the position text last queued for it
+        self.train_names_in_check: set[str] = set()  # /train names whose upload is being checked
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
