@@ -209,6 +209,22 @@ async def test_crash_after_job_row_before_announce(world, bot_settings, shared_t
     assert next(m for m in channel.history() if m.id == job["status_message_id"]).content.startswith("✅")
 
 
+async def test_pause_and_fairness_survive_a_restart(world, bot_settings, shared_tiny_models) -> None:
+    env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
+    await alice.slash(channel, "animate", prompt="alice was served last", frames=1)
+    await mod.slash(channel, "pause")
+    await alice.slash(channel, "animate", prompt="alice again", frames=1)
+    await bob.slash(channel, "animate", prompt="bob's first", frames=1)
+    await env.restart_bot(create_bot(bot_settings, models=shared_tiny_models))
+    store = bot_of(env).store
+    assert [store.job(i)["status"] for i in (2, 3)] == ["queued", "queued"]  # still paused
+    queue = await bob.slash(channel, "queue")
+    assert "The queue is paused" in queue.response.content and "position 1" in queue.response.content
+    await mod.slash(channel, "resume")
+    done = sorted(store.jobs_where("id in (2, 3)", []), key=lambda j: j["started_at"])
+    assert [j["id"] for j in done] == [3, 2]  # bob before alice, as before the restart
+
+
 # --- the GPU never waits for Discord -------------------------------------------------------------
 async def test_next_job_renders_while_discord_edits_hang(world) -> None:
     env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
