@@ -60,6 +60,7 @@ class EmakiBot(commands.Bot):
         self._announcing: set[int] = set()  # jobs whose first status message is being sent
         self._shown: dict[int, str] = {}  # queued job -> the position text last queued for it
         self.train_names_in_check: set[str] = set()  # /train names whose upload is being checked
+        self.previewing: set[int] = set()  # datasets whose preview is being posted
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -112,13 +113,13 @@ class EmakiBot(commands.Bot):
         """Render one job in the GPU thread. Returns as soon as the render ends: status edits, the
         GIF, the upload and the reactions go beside the next job (the outbox and a task of their
         own), so the GPU never waits for Discord."""
+        self.show_positions()  # everyone behind this job moved up
         job = self.store.job(job_id)
         if job is not None and job["kind"] == "train":
             from bot.training import run_train_job
 
             await run_train_job(self, job_id, cancel)
             return
-        self.show_positions()  # everyone behind this job moved up
         reporter = ProgressReporter(self, job_id)
         failed = False
         async for event in stream_job(self.engine, self.gpu, job_id, cancel):

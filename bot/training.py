@@ -243,6 +243,17 @@ async def post_preview(bot: EmakiBot, dataset_id: int, ds: Any | None = None) ->
     row = bot.store.dataset(dataset_id)
     if row is None or row.get("preview_message_id") or row["status"] != "pending":
         return True
+    if dataset_id in bot.previewing:  # the submission itself or the sweep is already on it
+        return True
+    bot.previewing.add(dataset_id)
+    try:
+        return await _post_preview(bot, row, ds)
+    finally:
+        bot.previewing.discard(dataset_id)
+
+
+async def _post_preview(bot: EmakiBot, row: dict[str, Any], ds: Any | None) -> bool:
+    dataset_id = row["id"]
     try:
         if ds is None:
             ds = await asyncio.to_thread(load_dataset, Path(row["path"]), bot.settings)

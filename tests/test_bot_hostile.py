@@ -373,6 +373,21 @@ async def test_concurrent_submissions_of_one_name(world, train_settings) -> None
     assert row["owner_id"] == alice.id and row["n_images"] == 6
 
 
+async def test_failed_preview_is_posted_by_the_sweep(world, train_settings) -> None:
+    env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
+    env.inject_error("POST", "/channels/*/messages", status=403, code=50013, message="Missing Permissions", times=1)
+    answer = await alice.slash(channel, "train", name="wren", dataset=("w.zip", zip_with([f"w {i}" for i in range(6)])))
+    assert "received: 6 images" in last_answer(answer) and "retried every minute" in last_answer(answer)
+    store = bot_of(env).store
+    [row] = store.datasets_where("1 = 1", [])
+    assert row["status"] == "pending" and row["preview_message_id"] is None  # stored, not lost
+    await env.advance_time(61)
+    preview = channel.last_message
+    assert store.dataset(row["id"])["preview_message_id"] == preview.id and "**wren**" in preview.content
+    await mod.react(preview, "❌")  # moderators can decide on it as usual
+    assert store.dataset(row["id"])["status"] == "rejected"
+
+
 async def test_upload_larger_than_declared_is_cut_off(world, train_settings) -> None:
     from bot.training import write_capped
 
