@@ -188,6 +188,24 @@ async def test_crash_between_send_and_record_posts_once(world, bot_settings, sha
     assert store.job(1)["posted"] == 1 and store.job(1)["result_message_id"] == posted.id
 
 
+async def test_crash_during_the_send_posts_once_after_restart(world, bot_settings, shared_tiny_models) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    bot = bot_of(env)
+    request = bot.http.request
+
+    async def dies_posting_gifs(route: Any, **kwargs: Any) -> Any:
+        if route.method == "POST" and kwargs.get("files"):  # the result upload: the process dies mid-send
+            raise Crash
+        return await request(route, **kwargs)
+
+    bot.http.request = dies_posting_gifs  # type: ignore[method-assign]
+    await alice.slash(channel, "animate", prompt="a moth at a lamp", frames=1)
+    assert results(channel) == [] and bot.store.job(1)["post_state"] == "sending"
+    await env.restart_bot(create_bot(bot_settings, models=shared_tiny_models))
+    [posted] = results(channel)  # not in the channel, so sent (with the same nonce), once
+    assert bot_of(env).store.job(1)["result_message_id"] == posted.id
+
+
 async def test_crash_after_job_row_before_announce(world, bot_settings, shared_tiny_models) -> None:
     env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
     await alice.slash(channel, "animate", prompt="a fox in the snow", frames=1)
