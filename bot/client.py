@@ -200,13 +200,6 @@ class EmakiBot(commands.Bot):
         )
         self.store.update_job(job["id"], status_message_id=message.id, status_sends=sends + 1)
 
-    async def edit_status(self, job: dict[str, Any], **fields: Any) -> None:
-        """Edit the status message now, raising what Discord answers (for callers that report it)."""
-        if job.get("status_message_id") and job.get("channel_id"):
-            fields.setdefault("allowed_mentions", NO_MENTIONS)
-            channel = await self.channel_for(job["channel_id"])
-            await channel.get_partial_message(job["status_message_id"]).edit(**fields)  # type: ignore[attr-defined]
-
     async def post_pending_results(self) -> None:
         """Results not yet posted: never tried, interrupted mid-post, or refused and due again."""
         rows = self.store.jobs_where(
