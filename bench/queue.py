@@ -10,12 +10,25 @@ only noise. Two ways of running are measured side by side in one process:
 - serial: finishing sits between jobs.
 engine_busy_s is the time the single GPU-thread executor spent running engine work. The last line is
 one JSON object.
+
+    python -m bench.queue --discord --jobs 50 --members 10
+
+The bot's job path (the real queue, GPU-thread runner, finishing, and the bot's own Discord outbox)
+with a simulated Discord client whose every write waits for its channel's bucket (`--rate` writes
+per second; Discord's own is about 5 per 5 s for edits, scaled up so the run takes a minute, not an
+hour). `--jobs` tiny jobs from `--members` members, all in one channel, every status and position
+edit and result post a write. Measured side by side in one run: as the bot ships (Discord I/O
+beside the GPU) with the rate-limited Discord and with an instant one, and, as the baseline, the
+next job waiting for the last one's Discord writes (how the bot worked before). Printed: the
+GPU-idle share between jobs (gaps between one render ending and the next starting, over the span
+of all renders) and the largest gap.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import tempfile
 import threading
@@ -96,11 +109,176 @@ async def run_queue(models: Models, jobs: int, steps: int | None, overlapped: bo
         return {"wall_s": wall, "engine_busy_s": gpu.busy_s, "busy_fraction": gpu.busy_s / wall}
 
 
+class RenderClock(ThreadPoolExecutor):
+    """The bot's one GPU thread, recording when each piece of work starts and ends."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1, thread_name_prefix="bench-gpu")
+        self.spans: list[tuple[float, float]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        def timed() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spans.append((started, time.perf_counter()))
+
+        return super().submit(timed)
+
+    def idle(self) -> dict[str, float]:
+        spans = sorted(self.spans)
+        gaps = [max(0.0, b[0] - a[1]) for a, b in itertools.pairwise(spans)]
+        span = spans[-1][1] - spans[0][0]
+        return {"gpu_idle_share": sum(gaps) / span, "max_gap_s": max(gaps, default=0.0), "span_s": span}
+
+
+class ChannelBuckets:
+    """A rate-limited Discord: each channel allows `rate` REST calls per second, the rest wait."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next_free: dict[str, float] = {}
+        self.calls = 0
+
+    async def wait(self, path: str) -> None:
+        self.calls += 1
+        if not self.interval or not path.startswith("/channels/"):
+            return
+        channel = path.split("/")[2]
+        now = time.perf_counter()
+        at = max(now, self.next_free.get(channel, now))
+        self.next_free[channel] = at + self.interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+
+async def run_discord(models: Models, jobs: int, members: int, steps: int, rate: float, inline: bool) -> dict[str, Any]:
+    """The bot's job path with a simulated rate-limited Discord client in place of discord.py: the
+    real queue (JobQueue, round-robin over `members`), the real GPU-thread runner (stream_job), the
+    bot's own Discord outbox (bot.outbox.Outbox: coalesced, throttled, bounded per channel) and the
+    real finishing; every Discord write (status edit, position edit, result post) is a call that
+    waits for its channel's bucket. `inline` is the baseline: the next job starts only once this
+    job's Discord writes are done (how the bot worked before)."""
+    from bot.outbox import Outbox
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(profile="tiny", data_dir=tmp, story_backend="fallback", steps=steps)
+        store = open_store(settings.data_dir)
+        engine = Engine(settings, store, models=models)
+        gpu = RenderClock()
+        buckets = ChannelBuckets(rate)
+        background: set[asyncio.Task[Any]] = set()
+
+        def spawn(coro: Any) -> asyncio.Task[Any]:
+            task = asyncio.get_running_loop().create_task(coro)
+            background.add(task)
+            task.add_done_callback(background.discard)
+            return task
+
+        outbox = Outbox(spawn)
+        progress_interval = 0.0 if inline else 1.5  # the bot's defaults; before, every change was sent
+        position_interval = 0.0 if inline else 5.0
+        shown: dict[int, int] = {}
+        posted: list[int] = []
+
+        async def discord_write() -> None:  # one REST call in the jobs' channel
+            await buckets.wait("/channels/1/messages")
+
+        def show_positions() -> None:
+            for position, job in enumerate(queue.pending(), start=1):
+                if shown.get(job["id"]) != position:
+                    shown[job["id"]] = position
+                    outbox.edit(1, ("status", job["id"]), discord_write, position_interval)
+
+        async def finish_and_post(job_id: int) -> None:
+            await asyncio.to_thread(engine.finish, job_id)
+            frames = [Image.open(r["path"]).convert("RGB") for r in store.frames(job_id)]
+            await asyncio.to_thread(fit_to_bytes, frames, settings.upload_limit_bytes)
+            async with outbox.slot(1):
+                await discord_write()
+            posted.append(job_id)
+            outbox.edit(1, ("status", job_id), discord_write)  # the status links the result
+
+        async def run_job(job_id: int, cancel: threading.Event) -> None:
+            show_positions()
+            async for _event in stream_job(engine, gpu, job_id, cancel):
+                outbox.edit(1, ("status", job_id), discord_write, progress_interval)
+            if inline:
+                await finish_and_post(job_id)
+                show_positions()
+                await outbox.idle()
+            else:
+                spawn(finish_and_post(job_id))
+
+        queue = JobQueue(store, run_job, max_pending_per_member=jobs)
+        for n in range(jobs):
+            params = build_params(settings, store, f"a paper boat sails down a stream, take {n}", seed=n, frames=1)
+            engine.create_job(params, owner_id=n % members)
+        started = time.perf_counter()
+        queue.kick()
+        await queue.idle()
+        while background:
+            await asyncio.gather(*background)
+        await outbox.idle()
+        wall = time.perf_counter() - started
+        gpu.shutdown()
+    assert sorted(posted) == list(range(1, jobs + 1)), "every job must be posted"
+    return {**gpu.idle(), "wall_s": wall, "discord_calls": buckets.calls}
+
+
+def main_discord(args: argparse.Namespace) -> None:
+    models = Models(load_settings(profile="tiny", story_backend="fallback")).load()
+    steps = args.steps or 2
+    asyncio.run(run_discord(models, 2, 2, steps, 0, inline=False))  # warm-up: first-call costs
+    runs = {
+        "waits for Discord": asyncio.run(run_discord(models, args.jobs, args.members, steps, args.rate, inline=True)),
+        "instant Discord": asyncio.run(run_discord(models, args.jobs, args.members, steps, 0, inline=False)),
+        "rate-limited": asyncio.run(run_discord(models, args.jobs, args.members, steps, args.rate, inline=False)),
+    }
+    print(f"{'':20}{'wall s':>9}{'GPU idle':>10}{'max gap s':>11}{'REST calls':>12}")
+    for name, r in runs.items():
+        print(
+            f"{name:20}{r['wall_s']:>9.2f}{r['gpu_idle_share']:>10.1%}{r['max_gap_s']:>11.3f}{r['discord_calls']:>12}"
+        )
+    shipped, baseline = runs["rate-limited"], runs["waits for Discord"]
+    print(
+        json.dumps(
+            {
+                "mode": "discord",
+                "jobs": args.jobs,
+                "members": args.members,
+                "rate_per_channel_s": args.rate,
+                "gpu_idle_share": round(shipped["gpu_idle_share"], 4),
+                "max_gap_s": round(shipped["max_gap_s"], 4),
+                "wall_s": round(shipped["wall_s"], 3),
+                "instant_gpu_idle_share": round(runs["instant Discord"]["gpu_idle_share"], 4),
+                "baseline_gpu_idle_share": round(baseline["gpu_idle_share"], 4),
+                "baseline_max_gap_s": round(baseline["max_gap_s"], 4),
+                "baseline_wall_s": round(baseline["wall_s"], 3),
+                "render_span_s": round(shipped["span_s"], 3),
+                "baseline_render_span_s": round(baseline["span_s"], 3),
+                # How much more of the time between renders the GPU sat idle when jobs waited for
+                # Discord (wall times on a shared machine are mostly other load; this is not).
+                "idle_ratio_baseline_vs_shipped": round(
+                    baseline["gpu_idle_share"] / max(shipped["gpu_idle_share"], 1e-6), 1
+                ),
+            }
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.queue", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=6)
     parser.add_argument("--steps", type=int, help="denoising steps per job (default: the profile's, 50)")
+    parser.add_argument("--discord", action="store_true", help="the whole bot against a rate-limited Discord")
+    parser.add_argument("--members", type=int, default=10, help="with --discord: members sharing the jobs")
+    parser.add_argument("--rate", type=float, default=50.0, help="with --discord: REST calls per second per channel")
     args = parser.parse_args(argv)
+    if args.discord:
+        main_discord(args)
+        return
     models = Models(load_settings(profile="tiny", story_backend="fallback")).load()
     asyncio.run(run_queue(models, 1, args.steps, overlapped=True))  # warm-up: first-call costs
     serial = asyncio.run(run_queue(models, args.jobs, args.steps, overlapped=False))

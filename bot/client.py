@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,9 +16,10 @@ from discord.ext import commands, tasks
 from PIL import Image
 
 from bot import render
+from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
-from engine.errors import EmakiError
-from engine.events import Event, Failed
+from engine.errors import EmakiError, InvalidRequest
+from engine.events import Failed
 from engine.jobs import JobQueue
 from engine.media import fit_to_bytes
 from engine.models import Models
@@ -29,20 +30,37 @@ from engine.worker import Engine, stream_job
 log = logging.getLogger(__name__)
 
 
+# A result Discord refused (403 missing permissions, 404 unknown channel) is tried again by the
+# minutely sweep after these delays, the last one repeating: it is posted once the channel accepts
+# it again. (30 s: the next sweep; the sweep runs every 60 s.)
+REFUSED_RETRY_S = (30.0, 300.0, 900.0, 3600.0)
+UNANSWERED_RETRY_S = 30.0  # Discord kept failing (5xx/429): the next sweep tries again
+
+
 class EmakiBot(commands.Bot):
     # Seconds between attempts to post a finished result; afterwards the periodic sweep retries.
     post_retry_delays: tuple[float, ...] = (1.0, 3.0, 9.0)
 
     def __init__(self, settings: Settings, models: Models | None = None) -> None:
         intents = discord.Intents.default()  # guilds + reactions; no privileged intents needed
-        super().__init__(command_prefix=commands.when_mentioned, intents=intents, help_command=None)
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            allowed_mentions=NO_MENTIONS,  # the default for every write; pings are opted into per message
+        )
         self.settings = settings
         self.store: Store = open_store(settings.data_dir)
         self.engine = Engine(settings, self.store, models=models)
         self.queue = JobQueue(self.store, self.run_job, settings.max_pending_per_member)
         # One GPU thread: jobs never overlap on the device, and the event loop stays free.
         self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emaki-gpu")
-        self._post_lock = asyncio.Lock()
+        self.outbox = Outbox(self.spawn)
+        self._posting: set[int] = set()  # jobs whose result is being posted right now
+        self._announcing: set[int] = set()  # jobs whose first status message is being sent
+        self._shown: dict[int, str] = {}  # queued job -> the position text last queued for it
+        self.train_names_in_check: set[str] = set()  # /train names whose upload is being checked
+        self.previewing: set[int] = set()  # datasets whose preview is being posted
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -61,6 +79,7 @@ class EmakiBot(commands.Bot):
     async def on_ready(self) -> None:
         log.info("connected as %s to %d guild(s)", self.user, len(self.guilds))
         self.queue.kick()
+        self.show_positions()  # also sends the status messages that a crash or a failed write left out
         self.spawn(self.post_pending_results())
         if not self.repost_sweep.is_running():
             self.repost_sweep.start()
@@ -72,19 +91,29 @@ class EmakiBot(commands.Bot):
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = self.loop.create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
+    @staticmethod
+    def clock() -> float:
+        """Wall-clock seconds for scheduling retries (Discord's clock under SimCord)."""
+        return discord.utils.utcnow().timestamp()
+
     @tasks.loop(seconds=60)
     async def repost_sweep(self) -> None:
         await self.post_pending_results()
+        from bot.training import post_pending_previews
+
+        await post_pending_previews(self)
 
     # --- jobs --------------------------------------------------------------------------------
     async def run_job(self, job_id: int, cancel: threading.Event) -> None:
-        """Render one job in the GPU thread, editing its status message as events arrive. The GIF,
-        the upload and the reactions happen in a task of their own, overlapping the next job."""
+        """Render one job in the GPU thread. Returns as soon as the render ends: status edits, the
+        GIF, the upload and the reactions go beside the next job (the outbox and a task of their
+        own), so the GPU never waits for Discord."""
+        self.show_positions()  # everyone behind this job moved up
         job = self.store.job(job_id)
         if job is not None and job["kind"] == "train":
             from bot.training import run_train_job
@@ -95,27 +124,37 @@ class EmakiBot(commands.Bot):
         failed = False
         async for event in stream_job(self.engine, self.gpu, job_id, cancel):
             failed = failed or isinstance(event, Failed)
-            await self._report(reporter, event)
-        if not failed:
+            reporter.handle(event)
+        if failed:
+            self.outbox.forget(("status", job_id))
+        else:
             self.spawn(self.complete(job_id, reporter))
-        await self.refresh_queue_positions()
 
     async def complete(self, job_id: int, reporter: ProgressReporter) -> None:
-        await self._report(reporter, await asyncio.to_thread(self.engine.finish, job_id))
+        reporter.handle(await asyncio.to_thread(self.engine.finish, job_id))
+        self.outbox.forget(("status", job_id))
         await self.post_result(job_id)
 
-    @staticmethod
-    async def _report(reporter: ProgressReporter, event: Event) -> None:
-        try:
-            await reporter.handle(event)
-        except discord.HTTPException as exc:  # a failed progress edit must not lose the job
-            log.warning("progress edit for job %s failed: %s", reporter.job_id, exc.status)
+    def show_positions(self) -> None:
+        """Queue a position edit for every waiting member whose text changed; each message is
+        edited at most every `position_edit_interval_s`. Returns at once."""
+        pending = self.queue.pending()
+        waiting = {job["id"] for job in pending}
+        for job_id in [j for j in self._shown if j not in waiting]:
+            del self._shown[job_id]
+            self.outbox.forget(("status", job_id))
+        for position, job in enumerate(pending, start=1):
+            if job["id"] in self._announcing:
+                continue  # its first message is on its way; it gets positions after that
+            text = render.queued(job, position, self.queue.eta_seconds(position))
+            if self._shown.get(job["id"]) == text:
+                continue
+            self._shown[job["id"]] = text
 
-    async def refresh_queue_positions(self) -> None:
-        for position, job in enumerate(self.queue.pending(), start=1):
-            if job.get("status_message_id"):
-                with contextlib.suppress(discord.HTTPException):  # a stale position is cosmetic
-                    await self.edit_status(job, content=render.queued(job, position, self.queue.eta_seconds(position)))
+            async def still_queued(row: dict[str, Any], text: str = text) -> dict[str, Any] | None:
+                return {"content": text} if row["status"] == "queued" else None  # else: it has moved on
+
+            self.set_status(job["id"], still_queued, self.settings.position_edit_interval_s)
 
     # --- Discord I/O -------------------------------------------------------------------------
     async def channel_for(self, channel_id: int) -> discord.abc.Messageable:
@@ -124,77 +163,213 @@ class EmakiBot(commands.Bot):
             channel = await self.fetch_channel(channel_id)
         return channel  # type: ignore[return-value]
 
-    async def edit_status(self, job: dict[str, Any], **fields: Any) -> None:
-        if not job.get("status_message_id") or not job.get("channel_id"):
+    def set_status(self, job_id: int, fields: StatusFields | dict[str, Any], min_interval: float = 0.0) -> None:
+        """Queue an edit of the job's status message (coalesced, beside the GPU). `fields` may be a
+        function of the job's row at the moment the edit goes out, returning None to skip it."""
+        job = self.store.job(job_id)
+        if job is None or not job.get("channel_id"):
             return
+
+        async def write() -> None:
+            row = self.store.job(job_id)
+            if row is None:
+                return
+            values = await fields(row) if callable(fields) else dict(fields)
+            if values is not None:
+                await self.write_status(row, values)
+
+        self.outbox.edit(job["channel_id"], ("status", job_id), write, min_interval)
+
+    async def write_status(self, job: dict[str, Any], fields: dict[str, Any]) -> None:
+        """Edit the job's status message now; where it has none (a failed announce, a crash before
+        it was recorded) or it was deleted, send one, with a nonce so a retry does not double it."""
+        fields.setdefault("allowed_mentions", NO_MENTIONS)
         channel = await self.channel_for(job["channel_id"])
-        await channel.get_partial_message(job["status_message_id"]).edit(**fields)  # type: ignore[attr-defined]
+        if job.get("status_message_id"):
+            try:
+                await channel.get_partial_message(job["status_message_id"]).edit(**fields)  # type: ignore[attr-defined]
+                return
+            except discord.NotFound:
+                log.info("status message of job %s is gone; sending a new one", job["id"])
+        sends = job.get("status_sends") or 0
+        message = await channel.send(
+            fields["content"],
+            files=fields.get("attachments") or [],
+            allowed_mentions=fields["allowed_mentions"],
+            nonce=status_nonce(job["id"], sends),
+        )
+        self.store.update_job(job["id"], status_message_id=message.id, status_sends=sends + 1)
 
     async def post_pending_results(self) -> None:
-        for job in self.store.jobs_where(
-            "kind = 'animate' and status = 'done' and posted = 0 and channel_id is not null", []
-        ):
-            await self.post_result(job["id"])
+        """Results not yet posted: never tried, interrupted mid-post, or refused and due again."""
+        rows = self.store.jobs_where(
+            "kind = 'animate' and status = 'done' and channel_id is not null and coalesce(posted, 0) != 1 "
+            "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
+            "and coalesce(next_post_at, 0) <= ?",
+            [self.clock()],
+        )
+        for job in rows:
+            self.spawn(self.post_result(job["id"]))
 
-    async def post_result(self, job_id: int) -> bool:
-        """Post a finished job's GIF with its reactions. Retries 5xx; a result that still cannot be
-        posted stays `posted = 0` in the store and is retried by the sweep and at start-up."""
-        async with self._post_lock:
-            job = self.store.job(job_id)
-            if job is None or job["status"] != "done" or job["posted"] or not job.get("channel_id"):
-                return False
+    async def post_result(self, job_id: int) -> str:
+        """Post a finished job's GIF with its reactions; returns the job's post state afterwards.
+        One job's retries (1+3+9 s by default) wait only for that job: each attempt holds a slot of
+        its channel's bound, never one lock for every result."""
+        if job_id in self._posting:
+            return "busy"
+        self._posting.add(job_id)
+        try:
+            return await self._post_result(job_id)
+        finally:
+            self._posting.discard(job_id)
+
+    async def _post_result(self, job_id: int) -> str:
+        job = self.store.job(job_id)
+        if job is None or job["status"] != "done" or job["kind"] != "animate" or not job.get("channel_id"):
+            return "none"
+        state = post_state(job)
+        if state in ("posted", "failed"):
+            return state
+        try:
             channel = await self.channel_for(job["channel_id"])
-            guild = getattr(channel, "guild", None)
-            limit = min(self.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
-            frames = self.store.frames(job_id)
-            images = [Image.open(f["path"]).convert("RGB") for f in frames]
+            if state == "sending":  # a send may have reached Discord before a crash
+                earlier = await self._find_result(channel, job_id)
+                if earlier is not None:
+                    self._record_posted(job, earlier)
+                    return "posted"
+        except discord.HTTPException as exc:
+            return self._post_not_taken(job, exc)
+        guild = getattr(channel, "guild", None)
+        limit = min(self.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
+        frames = self.store.frames(job_id)
+        try:
+            data, fitted = await asyncio.to_thread(_fit_result, frames, limit, job["params"]["frame_duration_ms"])
+        except EmakiError as exc:
+            self.store.update_job(job_id, posted=-1, post_state="failed", error=str(exc), post_error=str(exc))
+            self.set_status(job_id, {"content": render.failed(job, str(exc)), "attachments": []})
+            return "failed"
+        content = render.result(job, frames, fitted)
+        nonce = result_nonce(job_id, job.get("post_generation") or 0)
+        self.store.update_job(job_id, post_state="sending")  # from here a crash may leave a post behind
+        error: discord.HTTPException | None = None
+        for delay in (0.0, *self.post_retry_delays):
+            if delay:
+                await asyncio.sleep(delay)
             try:
-                data, fitted = await asyncio.to_thread(fit_to_bytes, images, limit, job["params"]["frame_duration_ms"])
-            except EmakiError as exc:
-                self.store.update_job(job_id, posted=-1, error=str(exc))
-                await self.edit_status(job, content=render.failed(job, str(exc)))
-                return False
-            content = render.result(job, frames, fitted)
-            message = None
-            for delay in (0.0, *self.post_retry_delays):
-                if delay:
-                    await asyncio.sleep(delay)
-                try:
+                async with self.outbox.slot(job["channel_id"]):
                     message = await channel.send(
                         content,
-                        file=discord.File(io.BytesIO(data), filename=f"emaki-{job_id}.gif"),
-                        allowed_mentions=discord.AllowedMentions(users=[discord.Object(job["owner_id"])]),
+                        file=discord.File(io.BytesIO(data), filename=result_filename(job_id)),
+                        allowed_mentions=only(job["owner_id"]),
+                        nonce=nonce,  # the same on every retry and restart: Discord keeps one post
                     )
-                    break
-                except discord.HTTPException as exc:
-                    if exc.status < 500 and exc.status != 429:
-                        log.error("posting job %s was refused (%s): %s", job_id, exc.status, exc.text)
-                        self.store.update_job(job_id, posted=-1, error=f"Discord refused the post: {exc.text}")
-                        return False
-                    log.warning("posting job %s failed with %s; retrying", job_id, exc.status)
-            if message is None:
-                return False
-            self.store.update_job(job_id, posted=1, result_message_id=message.id)
-        n_frames = min(len(frames), len(render.DIGITS))
+            except discord.HTTPException as exc:
+                if not retryable(exc):
+                    return self._post_not_taken(job, exc)
+                log.warning("posting job %s failed with %s; retrying", job_id, exc.status)
+                error = exc
+                continue
+            self._record_posted(job, message)
+            return "posted"
+        assert error is not None
+        return self._post_not_taken(job, error)
+
+    def _record_posted(self, job: dict[str, Any], message: discord.Message) -> None:
+        self.store.update_job(
+            job["id"], posted=1, post_state="posted", result_message_id=message.id, post_error=None, next_post_at=None
+        )
+        self.spawn(self._decorate(job, message))
+
+    async def _decorate(self, job: dict[str, Any], message: discord.Message) -> None:
+        """The reactions members use, and the status message's link to the result. Both only help:
+        the result is posted and recorded whatever happens here."""
+        self.set_status(job["id"], {"content": render.finished(job, message.jump_url), "attachments": []})
+        n_frames = min(job["params"]["frames"], len(render.DIGITS))
         try:
             for emoji in (render.REROLL, *render.DIGITS[:n_frames], render.DELETE):
-                await message.add_reaction(emoji)
-            await self.edit_status(job, content=render.finished(job, message.jump_url), attachments=[])
+                async with self.outbox.slot(job["channel_id"]):
+                    await message.add_reaction(emoji)
         except discord.HTTPException as exc:
-            log.warning("decorating result of job %s failed: %s", job_id, exc.status)
-        return True
+            log.warning("adding reactions to the result of job %s failed: %s", job["id"], exc.status)
 
-    async def announce(self, job_id: int, channel: discord.abc.Messageable) -> None:
-        """For jobs started from a reaction: a status message of their own, then the queue."""
-        job = self.store.job(job_id)
-        assert job is not None
-        position = max(self.queue.position(job_id), 1)
-        message = await channel.send(
-            render.queued(job, position, self.queue.eta_seconds(position)),
-            allowed_mentions=discord.AllowedMentions.none(),
+    async def _find_result(self, channel: discord.abc.Messageable, job_id: int) -> discord.Message | None:
+        """The result of a send interrupted before it was recorded, if it reached the channel."""
+        assert self.user is not None
+        name = result_filename(job_id)
+        async for message in channel.history(limit=100):
+            if message.author.id == self.user.id and any(a.filename == name for a in message.attachments):
+                return message
+        return None
+
+    def _post_not_taken(self, job: dict[str, Any], exc: discord.HTTPException) -> str:
+        """Discord did not take the result: keep it, tell the member, and try again later."""
+        attempts = (job.get("post_attempts") or 0) + 1
+        reason = describe_http_error(exc)
+        if retryable(exc):
+            state, delay = "pending", UNANSWERED_RETRY_S
+        else:
+            state, delay = "refused", REFUSED_RETRY_S[min(attempts, len(REFUSED_RETRY_S)) - 1]
+        log.warning("result of job %s not posted (%s): %s", job["id"], state, reason)
+        self.store.update_job(
+            job["id"],
+            posted=-1 if state == "refused" else 0,
+            post_state=state,
+            post_error=reason,
+            post_attempts=attempts,
+            next_post_at=self.clock() + delay,
         )
-        self.store.update_job(job_id, status_message_id=message.id)
+        self.set_status(job["id"], {"content": render.post_waiting(job, reason, state), "attachments": []})
+        return state
+
+    async def repost(self, job_id: int, channel_id: int | None = None) -> str:
+        """An admin's repost: now, with a new nonce (the old post may have been deleted), optionally
+        into another channel."""
+        job = self.store.job(job_id)
+        if job is None or job["kind"] != "animate" or job["status"] != "done":
+            raise InvalidRequest(f"job #{job_id} has no finished animation to post")
+        if post_state(job) == "posted" and job.get("result_message_id"):
+            raise InvalidRequest(f"job #{job_id} is already posted; delete the post with ❌ first to post it again")
+        fields: dict[str, Any] = {
+            "post_state": "pending",
+            "posted": 0,
+            "next_post_at": None,
+            "post_generation": (job.get("post_generation") or 0) + 1,
+        }
+        if channel_id is not None:
+            fields["channel_id"] = channel_id
+        self.store.update_job(job_id, **fields)
+        return await self.post_result(job_id)
+
+    async def announce(self, job_id: int) -> None:
+        """For jobs started from a reaction or a moderator's approval: the queue runs the job whether
+        or not Discord takes the message; the message is sent beside it (and re-sent later if it
+        fails, see show_positions)."""
         self.queue.kick()
+        self.show_positions()
+
+
+StatusFields = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+def post_state(job: dict[str, Any]) -> str:
+    """pending | sending | posted | refused | failed (rows from before the column: from `posted`)."""
+    if job.get("post_state"):
+        return str(job["post_state"])
+    return {1: "posted", -1: "refused"}.get(job.get("posted") or 0, "pending")
+
+
+def result_filename(job_id: int) -> str:
+    return f"emaki-{job_id}.gif"
+
+
+def describe_http_error(exc: discord.HTTPException) -> str:
+    text = (exc.text or "").strip() or getattr(exc.response, "reason", "") or "error"
+    return f"{exc.status} {render.clip(text, 200)}"
+
+
+def _fit_result(frames: list[dict[str, Any]], limit: int, duration_ms: int) -> tuple[bytes, dict[str, float]]:
+    images = [Image.open(f["path"]).convert("RGB") for f in frames]
+    return fit_to_bytes(images, limit, duration_ms)
 
 
 def create_bot(settings: Settings | None = None, *, models: Models | None = None) -> EmakiBot:

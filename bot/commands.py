@@ -3,14 +3,16 @@ ephemeral message that says what to change; nothing reaches the engine unvalidat
 
 from __future__ import annotations
 
-import contextlib
 import json
-from typing import TYPE_CHECKING
+import logging
+import unicodedata
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 
 from bot import render
+from bot.outbox import NO_MENTIONS
 from engine.errors import EmakiError, InvalidRequest
 from engine.params import build_params
 
@@ -18,8 +20,53 @@ if TYPE_CHECKING:
     from bot.client import EmakiBot
 
 
+log = logging.getLogger(__name__)
+
+
 async def refuse(interaction: discord.Interaction, message: str) -> None:
-    await interaction.response.send_message(f"⚠️ {message}", ephemeral=True)
+    await interaction.response.send_message(f"⚠️ {message}", ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+
+def visible_text(text: str) -> str:
+    """The text without invisible format characters (zero-width space/joiner, BOM, bidi marks):
+    an idea made only of those is empty, whatever its length."""
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
+def open_jobs_text(bot: EmakiBot, owner_id: int) -> str:
+    """A member's jobs as /queue shows them, including results that are rendered but not posted."""
+    from bot.client import post_state
+
+    mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [owner_id])
+    unposted = bot.store.jobs_where(
+        "owner_id = ? and kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 "
+        "and coalesce(post_state, 'pending') != 'posted'",
+        [owner_id],
+    )
+    lines = []
+    for job in mine:
+        position = bot.queue.position(job["id"])
+        wait = render.eta(bot.queue.eta_seconds(position))
+        where = "rendering now" if position == 0 else f"position {position}, {wait}"
+        lines.append(f"`#{job['id']}` **{render.clip(job['idea'], 80)}**: {where}")
+    for job in unposted:
+        state = post_state(job)
+        reason = job.get("post_error") or ""
+        if state == "failed":
+            where = f"rendered, but it cannot be posted: {reason}"
+        elif state == "refused":
+            where = (
+                f"rendered, but Discord refused the post ({reason}); retried until the channel accepts it, "
+                f"or an admin can `/repost job:{job['id']}`"
+            )
+        else:
+            where = "rendered, posting the result" + (f" (Discord: {reason}; retrying)" if reason else "")
+        lines.append(f"`#{job['id']}` **{render.clip(job['idea'], 80)}**: {where}")
+    if not lines:
+        return "You have no jobs waiting."
+    total = len(bot.queue.pending())
+    paused = " The queue is paused by an admin." if bot.queue.paused else ""
+    return render.clip("\n".join([*lines, f"{total} job(s) queued in all.{paused}"]))
 
 
 def register(bot: EmakiBot) -> None:
@@ -48,6 +95,8 @@ def register(bot: EmakiBot) -> None:
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
         try:
+            if not visible_text(prompt):
+                raise InvalidRequest("the idea is empty: describe what happens, in one line")
             bot.queue.check_cap(interaction.user.id)
             params = build_params(
                 bot.settings,
@@ -74,13 +123,20 @@ def register(bot: EmakiBot) -> None:
         job = bot.store.job(job_id)
         assert job is not None
         position = max(bot.queue.position(job_id), 1)
-        await interaction.response.send_message(
-            render.queued(job, position, bot.queue.eta_seconds(position)),
-            allowed_mentions=discord.AllowedMentions.none(),
-        )
-        message = await interaction.original_response()
-        bot.store.update_job(job_id, status_message_id=message.id)
-        bot.queue.kick()
+        bot._announcing.add(job_id)
+        text = render.queued(job, position, bot.queue.eta_seconds(position))
+        try:
+            await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
+            message = await interaction.original_response()
+            bot.store.update_job(job_id, status_message_id=message.id)
+            bot._shown[job_id] = text  # what the member sees: no edit until it changes
+        except discord.HTTPException as exc:
+            # The job is stored and runs; its status message is sent into the channel instead.
+            log.warning("answering /animate for job %s failed: %s", job_id, exc.status)
+        finally:
+            bot._announcing.discard(job_id)
+            bot.queue.kick()
+            bot.show_positions()
 
     @animate.autocomplete("style")
     async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -91,18 +147,9 @@ def register(bot: EmakiBot) -> None:
     @tree.command(name="queue", description="Your jobs and their place in line")
     @app_commands.guild_only()
     async def queue(interaction: discord.Interaction) -> None:
-        mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [interaction.user.id])
-        if not mine:
-            await interaction.response.send_message("You have no jobs waiting.", ephemeral=True)
-            return
-        lines = []
-        for job in mine:
-            position = bot.queue.position(job["id"])
-            wait = render.eta(bot.queue.eta_seconds(position))
-            where = "rendering now" if position == 0 else f"position {position}, {wait}"
-            lines.append(f"`#{job['id']}` **{render.clip(job['idea'], 80)}**: {where}")
-        total = len(bot.queue.pending())
-        await interaction.response.send_message("\n".join([*lines, f"{total} job(s) queued in all."]), ephemeral=True)
+        await interaction.response.send_message(
+            open_jobs_text(bot, interaction.user.id), ephemeral=True, allowed_mentions=NO_MENTIONS
+        )
 
     @tree.command(name="cancel", description="Cancel your queued or running job (the latest, or by number)")
     @app_commands.guild_only()
@@ -121,10 +168,9 @@ def register(bot: EmakiBot) -> None:
         if state == "queued":
             row = bot.store.job(target["id"])
             assert row is not None
+            bot.set_status(row["id"], {"content": render.failed(row, "cancelled"), "attachments": []})
+            bot.show_positions()
             await interaction.response.send_message(f"Cancelled job #{target['id']}.", ephemeral=True)
-            with contextlib.suppress(discord.HTTPException):  # the cancel itself is already durable
-                await bot.edit_status(row, content=render.failed(row, "cancelled"))
-            await bot.refresh_queue_positions()
         else:
             await interaction.response.send_message(f"Stopping job #{target['id']} at its next step.", ephemeral=True)
 
@@ -132,7 +178,9 @@ def register(bot: EmakiBot) -> None:
     async def styles(interaction: discord.Interaction) -> None:
         rows = bot.store.styles()
         if not rows:
-            await interaction.response.send_message("No styles yet: train one with /train.", ephemeral=True)
+            await interaction.response.send_message(
+                "No styles yet: train one with /train.", ephemeral=True, allowed_mentions=NO_MENTIONS
+            )
             return
         lines = []
         for row in rows:
@@ -140,7 +188,9 @@ def register(bot: EmakiBot) -> None:
             score = f" · KID {metrics['kid']:.3f}" if isinstance(metrics.get("kid"), float) else ""
             trigger = f" · trigger `{row['trigger']}`" if row["trigger"] else ""
             lines.append(f"**{row['name']}** ({row['adapter']}){trigger}{score}")
-        await interaction.response.send_message(render.clip("\n".join(lines)), ephemeral=True)
+        await interaction.response.send_message(
+            render.clip("\n".join(lines)), ephemeral=True, allowed_mentions=NO_MENTIONS
+        )
 
     @tree.command(name="help", description="How to use emaki")
     async def help_command(interaction: discord.Interaction) -> None:
@@ -150,9 +200,9 @@ def register(bot: EmakiBot) -> None:
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     async def pause(interaction: discord.Interaction) -> None:
-        bot.queue.paused = True
+        bot.queue.paused = True  # stored: a restart keeps the queue paused
         await interaction.response.send_message(
-            "Queue paused: queued jobs wait; the running one finishes.", ephemeral=True
+            "Queue paused (also across restarts): queued jobs wait; the running one finishes.", ephemeral=True
         )
 
     @tree.command(name="resume", description="Resume the queue")
@@ -162,3 +212,27 @@ def register(bot: EmakiBot) -> None:
         bot.queue.paused = False
         bot.queue.kick()
         await interaction.response.send_message("Queue resumed.", ephemeral=True)
+
+    @tree.command(name="repost", description="Post a finished result again (after fixing the channel permissions)")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.describe(job="Job number (from the status message or /queue)", here="Post it in this channel instead")
+    async def repost(interaction: discord.Interaction, job: int, here: bool = False) -> None:
+        assert interaction.channel is not None
+        row = bot.store.job(job)
+        if row is None or row.get("guild_id") != interaction.guild_id:
+            await refuse(interaction, f"there is no job #{job} in this server")
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)  # posting can take a while
+        answer: dict[str, Any] = {"ephemeral": True, "allowed_mentions": NO_MENTIONS}
+        try:
+            state = await bot.repost(job, interaction.channel.id if here else None)
+        except EmakiError as exc:
+            await interaction.followup.send(f"⚠️ {exc}", **answer)
+            return
+        after = bot.store.job(job) or {}
+        if state == "posted":
+            await interaction.followup.send(f"Posted job #{job}.", **answer)
+        else:
+            reason = after.get("post_error") or state
+            await interaction.followup.send(f"⚠️ job #{job} is still not posted: {reason}", **answer)

@@ -1,7 +1,10 @@
-"""Turns one job's engine events into edits of its status message, throttled for rate limits."""
+"""Turns one job's engine events into edits of its status message. `handle` never waits for
+Discord: it queues the newest state in the bot's outbox, which edits at most once per interval and
+skips states that a newer one replaced before they went out. Stage ends are queued without delay."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import TYPE_CHECKING, Any
@@ -25,7 +28,6 @@ class ProgressReporter:
         self.job_id = job_id
         self.prompts: list[str] = []
         self.images: list[Image.Image] = []
-        self.last_edit = float("-inf")
 
     @property
     def job(self) -> dict[str, Any]:
@@ -33,29 +35,29 @@ class ProgressReporter:
         assert job is not None
         return job
 
-    async def handle(self, event: Event) -> None:
+    def handle(self, event: Event) -> None:
         if isinstance(event, Started):
-            await self._edit(render.progress(self.job, [], 0), force=True)
+            self._show(render.progress(self.job, [], 0), force=True)
         elif isinstance(event, StoryReady):
             self.prompts = event.frames
-            await self._edit(render.progress(self.job, self.prompts, 0))
+            self._show(render.progress(self.job, self.prompts, 0))
         elif isinstance(event, FrameDone):
             self.images.append(event.image)
-            await self._edit(render.progress(self.job, self.prompts, len(self.images)), sheet=True)
+            self._show(render.progress(self.job, self.prompts, len(self.images)), sheet=True)
         elif isinstance(event, Finished):
-            await self._edit(render.finished(self.job, None), sheet=True, force=True)
+            self._show(render.finished(self.job, None), sheet=True, force=True)
         elif isinstance(event, Failed):
-            await self._edit(render.failed(self.job, event.reason), force=True)
+            self._show(render.failed(self.job, event.reason), force=True)
 
-    async def _edit(self, content: str, sheet: bool = False, force: bool = False) -> None:
-        """Edit the status message at most once per interval; transitions that end a stage force it.
-        A skipped edit loses nothing: the next one carries the latest state, and the end is forced."""
-        loop_time = self.bot.loop.time()
-        if not force and loop_time - self.last_edit < self.bot.settings.progress_edit_interval_s:
-            return
-        self.last_edit = loop_time
-        attachments: list[discord.File] = []
-        if sheet and self.images:
-            image = contact_sheet(self.images, total=self.job["params"]["frames"])
-            attachments = [discord.File(io.BytesIO(png_bytes(image)), filename="progress.png")]
-        await self.bot.edit_status(self.job, content=content, attachments=attachments)
+    def _show(self, content: str, sheet: bool = False, force: bool = False) -> None:
+        images = list(self.images) if sheet else []
+        total = self.job["params"]["frames"]
+
+        async def fields(row: dict[str, Any]) -> dict[str, Any]:
+            attachments: list[discord.File] = []
+            if images:  # built only for the edit that goes out, off the event loop
+                png = await asyncio.to_thread(lambda: png_bytes(contact_sheet(images, total=total)))
+                attachments = [discord.File(io.BytesIO(png), filename="progress.png")]
+            return {"content": content, "attachments": attachments}
+
+        self.bot.set_status(self.job_id, fields, 0.0 if force else self.bot.settings.progress_edit_interval_s)

@@ -6,12 +6,14 @@ the store maps result message ids to jobs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import discord
 
 from bot import render
+from bot.outbox import only
 from engine.errors import EmakiError
 
 if TYPE_CHECKING:
@@ -24,6 +26,8 @@ def register(bot: EmakiBot) -> None:
     async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
         if bot.user is None or payload.user_id == bot.user.id or payload.guild_id is None:
             return
+        if payload.member is not None and payload.member.bot:
+            return  # other bots' reactions start nothing (and cannot loop with another bot)
         job = bot.store.job_by_result_message(payload.message_id)
         if job is None:
             return
@@ -35,7 +39,8 @@ def register(bot: EmakiBot) -> None:
                 member is not None and channel.permissions_for(member).manage_messages  # type: ignore[attr-defined]
             )
             if may_delete:
-                await channel.get_partial_message(payload.message_id).delete()  # type: ignore[attr-defined]
+                with contextlib.suppress(discord.NotFound):  # a second ❌ on a post already deleted
+                    await channel.get_partial_message(payload.message_id).delete()  # type: ignore[attr-defined]
                 bot.store.update_job(job["id"], result_message_id=None)
             return
         if emoji == render.REROLL:
@@ -60,11 +65,9 @@ def register(bot: EmakiBot) -> None:
             )
         except EmakiError as exc:
             # Reactions have no ephemeral reply: a short mention tells the member why nothing happens.
-            await channel.send(
-                f"<@{payload.user_id}> ⚠️ {exc}",
-                allowed_mentions=discord.AllowedMentions(users=[discord.Object(payload.user_id)]),
-            )
+            with contextlib.suppress(discord.HTTPException):  # nothing was stored; nothing to lose
+                await channel.send(f"<@{payload.user_id}> ⚠️ {exc}", allowed_mentions=only(payload.user_id))
             return
-        await bot.announce(new_id, channel)
+        await bot.announce(new_id)
 
     bot.add_listener(on_raw_reaction_add)

@@ -53,6 +53,19 @@ def finished(job: dict[str, Any], result_url: str | None) -> str:
     return clip(f"✅ {_head(job)}\nDone{where}")
 
 
+def post_waiting(job: dict[str, Any], reason: str, state: str) -> str:
+    """Rendered, but Discord did not take the result: what happened and what happens next."""
+    if state == "refused":
+        why = (
+            f"Discord refused to post the result here ({reason}): the bot may lack Send Messages or Attach "
+            "Files in this channel. It is posted as soon as the channel accepts it; an admin can also "
+            f"`/repost job:{job['id']}`."
+        )
+    else:
+        why = f"Discord is not answering ({reason}); the result is posted when it does."
+    return clip(f"⏳ {_head(job)}\nRendered, not posted yet: {why}")
+
+
 def failed(job: dict[str, Any], reason: str) -> str:
     if reason == "cancelled":
         return clip(f"🛑 {_head(job)}\nCancelled.")

@@ -8,18 +8,24 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import discord
 from discord import app_commands
+from discord.http import HTTPClient
 from PIL import Image
 
 from bot import render
+from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
 from engine.media import contact_sheet, png_bytes
 from engine.store import now
-from training.dataset import DatasetError, check_style_name
+from training.dataset import DatasetError, check_style_name, load_dataset
 from training.lora import TrainConfig, TrainProgress
 from training.service import evaluate_style, prepare_dataset, train_style
 
@@ -48,6 +54,95 @@ def _sheet(ds: Any) -> bytes:
     return png_bytes(contact_sheet([Image.open(item.path).convert("RGB") for item in ds.items[:10]], tile=128))
 
 
+async def _answer(interaction: discord.Interaction, text: str) -> None:
+    try:
+        await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    except discord.HTTPException as exc:  # an expired interaction: the outcome is in the store/channel
+        log.warning("answering /train failed: %s", exc.status)
+
+
+async def write_capped(chunks: AsyncIterator[bytes], path: Path, cap: int, name: str) -> int:
+    """Write a download to `path`, stopping (and removing it) as soon as it passes `cap` bytes:
+    the size an attachment declares is not trusted, and nothing is held in memory."""
+    written = 0
+    try:
+        with path.open("wb") as sink:
+            async for chunk in chunks:
+                written += len(chunk)
+                if written > cap:
+                    raise DatasetError(f"{name}: larger than the limit of {cap // 2**20} MiB")
+                sink.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+async def download(bot: EmakiBot, attachment: discord.Attachment, path: Path, cap: int) -> int:
+    """Stream an attachment to disk with a cap. discord.py's own `Attachment.save` reads the whole
+    file into memory first; here it arrives in 64 KiB chunks over the bot's HTTP session. A transport
+    that replaces discord.py's CDN fetch (SimCord's simulated CDN) is asked through that fetch."""
+    chunk = 1 << 16
+    session = getattr(bot.http, "_HTTPClient__session", None)
+    if type(bot.http).get_from_cdn is HTTPClient.get_from_cdn and isinstance(session, aiohttp.ClientSession):
+        async with session.get(attachment.url, proxy=bot.http.proxy, proxy_auth=bot.http.proxy_auth) as resp:
+            if resp.status != 200:
+                raise DatasetError(f"{attachment.filename}: Discord did not hand over the file ({resp.status})")
+            return await write_capped(resp.content.iter_chunked(chunk), path, cap, attachment.filename)
+
+    async def from_transport() -> AsyncIterator[bytes]:
+        data = await attachment.read()
+        for start in range(0, len(data), chunk):
+            yield data[start : start + chunk]
+
+    return await write_capped(from_transport(), path, cap, attachment.filename)
+
+
+def _clear_stale(bot: EmakiBot, style: str) -> None:
+    """A rejected or failed submission of this name left its extracted files (and maybe training
+    checkpoints): a new submission must start from its own upload, never from those."""
+    from training.service import dataset_dir, style_dir
+
+    for folder in (dataset_dir(bot.settings, style), style_dir(bot.settings, style)):
+        if folder.exists() and folder.resolve().is_relative_to(bot.settings.data_dir.resolve()):
+            shutil.rmtree(folder)
+
+
+async def _receive(
+    bot: EmakiBot,
+    interaction: discord.Interaction,
+    attachment: discord.Attachment,
+    style: str,
+    trigger: str,
+    steps: int | None,
+) -> tuple[int, Any]:
+    """Download, validate and store one submission; its files live only in its own folders."""
+    assert interaction.guild is not None and interaction.channel is not None
+    settings = bot.settings
+    uploads = settings.data_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    upload = uploads / f"{interaction.id}.zip"
+    try:
+        await download(bot, attachment, upload, settings.max_dataset_bytes)
+        await asyncio.to_thread(_clear_stale, bot, style)
+        return await asyncio.to_thread(
+            prepare_dataset,
+            settings,
+            bot.store,
+            upload,
+            style,
+            trigger,
+            False,
+            "pending",
+            TrainConfig(steps=steps or 0, checkpoint_every=settings.train_checkpoint_every),
+            owner_id=interaction.user.id,
+            guild_id=interaction.guild.id,
+            channel_id=interaction.channel.id,
+        )
+    finally:
+        upload.unlink(missing_ok=True)
+
+
 def register(bot: EmakiBot) -> None:
     @bot.tree.command(name="train", description="Submit a captioned image dataset (zip) to train a community style")
     @app_commands.guild_only()
@@ -68,6 +163,8 @@ def register(bot: EmakiBot) -> None:
         settings = bot.settings
         try:
             style = check_style_name(name, bot.store)
+            if style in bot.train_names_in_check:  # another submission of this name is being checked
+                raise DatasetError(f"a dataset for style '{style}' is being checked right now: choose another name")
             if not dataset.filename.lower().endswith(".zip"):
                 raise DatasetError(f"{dataset.filename}: attach a .zip of images with a metadata.csv")
             if dataset.size > settings.max_dataset_bytes:
@@ -78,51 +175,34 @@ def register(bot: EmakiBot) -> None:
             if steps is not None and not 1 <= steps <= MAX_STEPS:
                 raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS} (got {steps})")
         except EmakiError as exc:
-            await interaction.response.send_message(f"⚠️ {exc}", ephemeral=True)
+            await interaction.response.send_message(f"⚠️ {exc}", ephemeral=True, allowed_mentions=NO_MENTIONS)
             return
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        uploads = settings.data_dir / "uploads"
-        uploads.mkdir(parents=True, exist_ok=True)
-        upload = uploads / f"{interaction.id}.zip"
+        # Claimed until the dataset row exists (or the submission fails): the store cannot yet say
+        # that this name is taken, and two submissions must not share one dataset folder.
+        bot.train_names_in_check.add(style)
         try:
-            await dataset.save(upload)
-            dataset_id, ds = await asyncio.to_thread(
-                prepare_dataset,
-                settings,
-                bot.store,
-                upload,
-                style,
-                trigger or "",
-                False,
-                "pending",
-                TrainConfig(steps=steps or 0, checkpoint_every=settings.train_checkpoint_every),
-                owner_id=interaction.user.id,
-                guild_id=interaction.guild.id,
-                channel_id=interaction.channel.id,
-            )
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            dataset_id, ds = await _receive(bot, interaction, dataset, style, trigger or "", steps)
         except EmakiError as exc:
-            await interaction.followup.send(f"⚠️ {exc}", ephemeral=True)
+            await _answer(interaction, f"⚠️ {exc}")
+            return
+        except Exception:  # whatever broke, the member hears back instead of "thinking..." forever
+            log.exception("receiving the dataset for style %s failed", style)
+            await _answer(interaction, "⚠️ the dataset could not be read (an internal error); nothing was stored")
             return
         finally:
-            upload.unlink(missing_ok=True)
+            bot.train_names_in_check.discard(style)
         # The dataset row exists: from here on nothing the member sent can be lost.
-        row = bot.store.dataset(dataset_id)
-        assert row is not None
-        sheet = await asyncio.to_thread(_sheet, ds)  # the dataset prepare_dataset just validated
-        preview = await interaction.channel.send(  # type: ignore[union-attr]
-            render.dataset_preview(row, ds.captions, _training_steps(bot, row)),
-            file=discord.File(io.BytesIO(sheet), filename="dataset.png"),
-            allowed_mentions=discord.AllowedMentions.none(),
-        )
-        bot.store.update_dataset(dataset_id, preview_message_id=preview.id)
-        for emoji in (render.APPROVE, render.DELETE):
-            await preview.add_reaction(emoji)
-        await interaction.followup.send(
-            f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.", ephemeral=True
+        posted = await post_preview(bot, dataset_id, ds)
+        note = "" if posted else " The preview could not be posted in the channel yet; it is retried every minute."
+        await _answer(
+            interaction, f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.{note}"
         )
 
     async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
         if bot.user is None or payload.user_id == bot.user.id:
+            return
+        if payload.member is not None and payload.member.bot:
             return
         rows = bot.store.datasets_where("preview_message_id = ? and status = 'pending'", [payload.message_id])
         emoji = str(payload.emoji)
@@ -134,9 +214,14 @@ def register(bot: EmakiBot) -> None:
         row = rows[0]
         approved = emoji == render.APPROVE
         bot.store.update_dataset(row["id"], status="approved" if approved else "rejected")
+        if not approved:  # nothing of a rejected submission may reach a later one
+            await asyncio.to_thread(_clear_stale, bot, row["style_name"])
         with contextlib.suppress(discord.HTTPException):  # the decision is already stored
             preview = await channel.fetch_message(payload.message_id)  # type: ignore[attr-defined]
-            await preview.edit(content=render.dataset_decided(preview.content, approved, payload.user_id))
+            await preview.edit(
+                content=render.dataset_decided(preview.content, approved, payload.user_id),
+                allowed_mentions=NO_MENTIONS,
+            )
         if approved:
             job_id = bot.store.add_job(
                 kind="train",
@@ -146,9 +231,56 @@ def register(bot: EmakiBot) -> None:
                 channel_id=row["channel_id"],
                 params={"dataset_id": row["id"], "style": row["style_name"]},
             )
-            await bot.announce(job_id, channel)
+            await bot.announce(job_id)
 
     bot.add_listener(on_raw_reaction_add)
+
+
+async def post_preview(bot: EmakiBot, dataset_id: int, ds: Any | None = None) -> bool:
+    """Post a pending dataset's preview for moderators. False (and logged) if Discord did not take
+    it: the dataset stays pending and the sweep posts the preview later. The nonce keeps a retry
+    from doubling it."""
+    row = bot.store.dataset(dataset_id)
+    if row is None or row.get("preview_message_id") or row["status"] != "pending":
+        return True
+    if dataset_id in bot.previewing:  # the submission itself or the sweep is already on it
+        return True
+    bot.previewing.add(dataset_id)
+    try:
+        return await _post_preview(bot, row, ds)
+    finally:
+        bot.previewing.discard(dataset_id)
+
+
+async def _post_preview(bot: EmakiBot, row: dict[str, Any], ds: Any | None) -> bool:
+    dataset_id = row["id"]
+    try:
+        if ds is None:
+            ds = await asyncio.to_thread(load_dataset, Path(row["path"]), bot.settings)
+        sheet = await asyncio.to_thread(_sheet, ds)
+        channel = await bot.channel_for(row["channel_id"])
+        async with bot.outbox.slot(row["channel_id"]):
+            preview = await channel.send(
+                render.dataset_preview(row, ds.captions, _training_steps(bot, row)),
+                file=discord.File(io.BytesIO(sheet), filename="dataset.png"),
+                allowed_mentions=NO_MENTIONS,
+                nonce=preview_nonce(dataset_id),
+            )
+    except (discord.HTTPException, EmakiError) as exc:
+        log.warning("posting the preview of dataset %s failed: %s", dataset_id, exc)
+        return False
+    bot.store.update_dataset(dataset_id, preview_message_id=preview.id)
+    try:
+        for emoji in (render.APPROVE, render.DELETE):
+            await preview.add_reaction(emoji)
+    except discord.HTTPException as exc:  # moderators can add ✅/❌ themselves
+        log.warning("adding reactions to the preview of dataset %s failed: %s", dataset_id, exc.status)
+    return True
+
+
+async def post_pending_previews(bot: EmakiBot) -> None:
+    for row in bot.store.datasets_where("status = 'pending' and preview_message_id is null", []):
+        await post_preview(bot, row["id"])
 
 
 class TrainReporter:
@@ -170,14 +302,14 @@ class TrainReporter:
 
     def post(self, state: str) -> None:
         self.last_edit = self.bot.loop.time()
-        files = [discord.File(io.BytesIO(self.sample), filename="sample.png")] if self.sample else []
-        self.bot.spawn(self._edit(render.training(self.job, state), files))
+        sample = self.sample
+        content = render.training(self.job, state)
 
-    async def _edit(self, content: str, files: list[discord.File]) -> None:
-        try:
-            await self.bot.edit_status(self.job, content=content, attachments=files)
-        except discord.HTTPException as exc:
-            log.warning("training progress edit failed: %s", exc.status)
+        async def fields(row: dict[str, Any]) -> dict[str, Any]:
+            files = [discord.File(io.BytesIO(sample), filename="sample.png")] if sample else []
+            return {"content": content, "attachments": files}
+
+        self.bot.set_status(self.job["id"], fields)
 
 
 async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> None:
@@ -225,11 +357,8 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
         note = f"(not evaluated: {exc})"
     bot.store.update_job(job_id, status="done", finished_at=now(), posted=1)
     reporter.post(f"✅ Trained in {result.step} steps.")
-    channel = await bot.channel_for(job["channel_id"])
     try:
-        await channel.send(
-            render.style_ready(job, metrics, note),
-            allowed_mentions=discord.AllowedMentions(users=[discord.Object(job["owner_id"])]),
-        )
+        channel = await bot.channel_for(job["channel_id"])
+        await channel.send(render.style_ready(job, metrics, note), allowed_mentions=only(job["owner_id"]))
     except discord.HTTPException as exc:
         log.warning("announcing style %s failed: %s", job["params"]["style"], exc.status)

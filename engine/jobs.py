@@ -2,9 +2,12 @@
 
 There is no separate in-memory list to lose or keep in sync: pending jobs are the `queued` rows, an
 interrupted (`running` at start-up) job is put back in front, and the next job is picked round-robin
-between members (the member served least recently goes first; within a member, oldest first). A
-drain task runs while there is work and ends when the queue is empty, started on enqueue and at
-start-up, so nothing waits forever on an empty queue.
+between members (the member served least recently goes first; within a member, oldest first). The
+pause and the round-robin history are rows too, so a restart keeps both. A drain task runs while
+there is work and ends when the queue is empty, started on enqueue and at start-up, so nothing
+waits forever on an empty queue. The drain awaits only the render: whatever a front end does with
+the result (posting, status edits) must run beside it, so the next job starts the moment the GPU
+is free.
 """
 
 from __future__ import annotations
@@ -50,21 +53,30 @@ class JobQueue:
         self.store = store
         self.run_job = run_job
         self.max_pending = max_pending_per_member
-        self.last_served: dict[int, int] = {}
-        self._serve_clock = 0
         self.running_id: int | None = None
         self.cancel_events: dict[int, threading.Event] = {}
-        self.paused = False
         self._drain_task: asyncio.Task[None] | None = None
         self.job_seconds: list[float] = []  # recent job durations, for ETAs
 
     # --- state from the store ---------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self.store.queue_flag("paused") == "1"
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.store.set_queue_flag("paused", "1" if value else "0")
+
+    @property
+    def last_served(self) -> dict[int, int]:
+        return self.store.served()
+
     def recover(self) -> list[int]:
-        """At start-up: jobs left `running` by a crash are queued again (they resume at their first
-        missing frame). Returns their ids."""
+        """At start-up: jobs left `running` by a crash are queued again, in front of everything
+        (they resume at their first missing frame). Returns their ids."""
         interrupted = [j["id"] for j in self.store.jobs_where("status = 'running'", [])]
         for job_id in interrupted:
-            self.store.update_job(job_id, status="queued")
+            self.store.update_job(job_id, status="queued", resume_first=1)
         for job in self.store.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:20]:
             self.job_seconds.append(job["finished_at"] - job["started_at"])
         return interrupted
@@ -73,9 +85,11 @@ class JobQueue:
         """Animations first, then trainings: a training gives way at its next checkpoint (it checks
         for queued animations), so a 40-minute run never blocks the channel."""
         queued = self.store.jobs_where("status = 'queued'", [])
-        animations = [j for j in queued if j["kind"] != "train"]
-        trainings = [j for j in queued if j["kind"] == "train"]
-        return fair_order(animations, self.last_served) + fair_order(trainings, self.last_served)
+        resumed = [j for j in queued if j.get("resume_first")]
+        animations = [j for j in queued if j["kind"] != "train" and not j.get("resume_first")]
+        trainings = [j for j in queued if j["kind"] == "train" and not j.get("resume_first")]
+        served = self.last_served
+        return resumed + fair_order(animations, served) + fair_order(trainings, served)
 
     def animations_waiting(self) -> bool:
         return bool(self.store.jobs_where("status = 'queued' and kind = 'animate'", []))
@@ -115,9 +129,9 @@ class JobQueue:
             if not order:
                 return
             job = order[0]
-            owner = job["owner_id"] or 0
-            self._serve_clock += 1
-            self.last_served[owner] = self._serve_clock
+            self.store.mark_served(job["owner_id"] or 0)
+            if job.get("resume_first"):
+                self.store.update_job(job["id"], resume_first=0)
             cancel = self.cancel_events.setdefault(job["id"], threading.Event())
             self.running_id = job["id"]
             started = time.monotonic()

@@ -131,6 +131,9 @@ class Settings:
     max_pending_per_member: int = setting(3, Rule(1, 1000))
     moderator_role: str = ""
     progress_edit_interval_s: float = setting(1.5, Rule(0, 60))
+    position_edit_interval_s: float = setting(
+        5.0, Rule(0, 600)
+    )  # a waiting member's position message: at most this often
     # Training
     min_dataset_images: int = setting(5, Rule(1, 100000))
     max_dataset_bytes: int = setting(200 * 1024 * 1024, Rule(1))

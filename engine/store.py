@@ -117,6 +117,53 @@ class Store:
                 pk="id",
                 if_not_exists=True,
             )
+            self._migrate_bot_state(db)
+
+    def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
+        """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
+        restart finds everything as it was. Databases from before these columns are upgraded."""
+        jobs = db["jobs"]
+        columns = jobs.columns_dict
+        added = {
+            # pending | sending (a send may have reached Discord) | posted | refused (Discord said
+            # no: retried when the channel accepts again) | failed (cannot be posted at all)
+            "post_state": str,
+            "post_error": str,
+            "post_attempts": int,
+            "next_post_at": float,
+            "post_generation": int,  # part of the result's nonce; bumped only by an admin repost
+            "status_sends": int,  # part of the status message's nonce
+            "resume_first": int,  # interrupted by a crash: runs before everything else
+        }
+        for name, kind in added.items():
+            if name not in columns:
+                jobs.add_column(name, kind)
+        if "post_state" not in columns:  # old rows: derive the state from the old flag
+            db.execute("update jobs set post_state = 'posted' where posted = 1")
+            db.execute("update jobs set post_state = 'refused' where posted = -1")
+        db["queue_state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db["served"].create({"owner_id": int, "clock": int}, pk="owner_id", if_not_exists=True)
+
+    # --- queue state (pause, fairness history): rows, not memory -----------------------------
+    def queue_flag(self, key: str) -> str | None:
+        with self._locked() as db:
+            rows = list(db["queue_state"].rows_where("key = ?", [key]))
+        return rows[0]["value"] if rows else None
+
+    def set_queue_flag(self, key: str, value: str) -> None:
+        with self._locked() as db:
+            db["queue_state"].upsert({"key": key, "value": value}, pk="key")
+
+    def served(self) -> dict[int, int]:
+        """owner -> a counter of when they were last served (higher = more recent)."""
+        with self._locked() as db:
+            return {r["owner_id"]: r["clock"] for r in db["served"].rows}
+
+    def mark_served(self, owner_id: int) -> int:
+        with self._locked() as db:
+            clock = (db.execute("select max(clock) from served").fetchone()[0] or 0) + 1
+            db["served"].upsert({"owner_id": owner_id, "clock": clock}, pk="owner_id")
+            return int(clock)
 
     # --- jobs -----------------------------------------------------------------------------
     def add_job(self, **fields: Any) -> int:

@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -78,11 +79,15 @@ def _safe_member_path(info: zipfile.ZipInfo) -> PurePosixPath:
     return path
 
 
+# What reading a lying or damaged zip member raises (zipfile, zlib, bz2/lzma, encryption).
+DATA_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError)
+
+
 def extract_zip(zip_path: Path, dest: Path, settings: Settings) -> Path:
     """Extract a dataset zip into `dest` (created), after checking every entry. Returns `dest`."""
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DatasetError(f"{zip_path.name}: not a readable zip file ({exc})") from exc
     with archive:
         entries = [i for i in archive.infolist() if not i.is_dir()]
@@ -105,13 +110,18 @@ def extract_zip(zip_path: Path, dest: Path, settings: Settings) -> Path:
                 if dest.resolve() not in target.resolve().parents:
                     raise DatasetError(f"{info.filename}: path leaves the dataset folder")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(info) as source, open(target, "wb") as sink:
-                    written = 0
-                    while chunk := source.read(1 << 16):
-                        written += len(chunk)
-                        if written > info.file_size:  # headers can lie: trust only what was declared
-                            raise DatasetError(f"{info.filename}: inflates past its declared size")
-                        sink.write(chunk)
+                try:
+                    with archive.open(info) as source, open(target, "wb") as sink:
+                        written = 0
+                        while chunk := source.read(1 << 16):
+                            written += len(chunk)
+                            if written > info.file_size:  # headers can lie: trust only what was declared
+                                raise DatasetError(f"{info.filename}: inflates past its declared size")
+                            sink.write(chunk)
+                except DATA_ERRORS as exc:
+                    # A damaged member, a bad CRC, sizes in the headers that disagree with the data,
+                    # an encrypted entry or an unknown compression method: one clear refusal.
+                    raise DatasetError(f"{info.filename}: damaged or unreadable in the zip ({exc})") from exc
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise

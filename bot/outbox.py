@@ -1,0 +1,145 @@
+"""Discord writes that never hold up the GPU: who may be pinged, nonces, and a per-channel outbox.
+
+Every message and edit the bot makes goes through here or names its `allowed_mentions` itself: a
+member's text (prompt, style name, trigger, captions) is echoed into messages, and Discord parses
+`@everyone`, `@here`, `<@&role>` and `<@user>` in whatever it is sent unless told not to.
+
+Status edits are coalesced: an edit for a message replaces any edit for it that has not gone out
+yet (the newest carries the newest state), a message is edited at most once per `min_interval`,
+and each channel has one flusher task writing its edits one at a time. Sends share a small
+per-channel bound with those edits, so a flood of work in one channel queues in memory (one entry
+per message) instead of in Discord's rate limiter, and never in front of the next render.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+
+log = logging.getLogger(__name__)
+
+NO_MENTIONS = discord.AllowedMentions.none()
+SENDS_PER_CHANNEL = 2  # Discord's per-channel buckets make more parallel writes pointless
+EDIT_RETRIES = 3
+
+
+def only(user_id: int | None) -> discord.AllowedMentions:
+    """Pings at most this one member: never everyone/here, never a role, never anyone else."""
+    if user_id is None:
+        return NO_MENTIONS
+    return discord.AllowedMentions(everyone=False, roles=False, replied_user=False, users=[discord.Object(user_id)])
+
+
+def retryable(exc: discord.HTTPException) -> bool:
+    """Discord's trouble (5xx) or a rate limit (429): the same write can succeed later. Anything
+    else (403 missing permissions, 404 unknown channel) needs something to change first."""
+    return exc.status >= 500 or exc.status == 429
+
+
+def result_nonce(job_id: int, generation: int) -> str:
+    """Discord de-duplicates sends with the same nonce (`enforce_nonce`): a retry or a restart that
+    re-sends a result gets the first message back instead of a second post."""
+    return f"emaki-r{job_id}.{generation}"
+
+
+def status_nonce(job_id: int, sends: int) -> str:
+    return f"emaki-s{job_id}.{sends}"
+
+
+def preview_nonce(dataset_id: int) -> str:
+    return f"emaki-d{dataset_id}"
+
+
+# Builds the edit when it is about to go out (so skipped edits cost nothing) and performs it; a
+# write that no longer applies returns without writing.
+Write = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    write: Write
+    min_interval: float
+    attempts: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class _Channel:
+    limit: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SENDS_PER_CHANNEL))
+    edits: dict[Any, _Pending] = field(default_factory=dict)
+    flusher: asyncio.Task[None] | None = None
+
+
+class Outbox:
+    retry_base_s = 2.0  # a failed edit is retried after 2, then 4 seconds
+
+    def __init__(self, spawn: Callable[[Any], asyncio.Task[Any]]) -> None:
+        self._spawn = spawn
+        self._channels: dict[int, _Channel] = {}
+        self._last_edit: dict[Any, float] = {}
+        self.writes = 0  # Discord calls made through the outbox (for the benchmark and logs)
+
+    @staticmethod
+    def _clock() -> float:
+        return asyncio.get_running_loop().time()  # the clock asyncio.sleep counts in
+
+    def _channel(self, channel_id: int) -> _Channel:
+        return self._channels.setdefault(channel_id, _Channel())
+
+    def slot(self, channel_id: int) -> asyncio.Semaphore:
+        """Hold for one send (not across retry sleeps): bounds the writes in flight per channel."""
+        return self._channel(channel_id).limit
+
+    def edit(self, channel_id: int, key: Any, write: Write, min_interval: float = 0.0) -> None:
+        """Queue a write for `key` (one message), replacing one not yet made. Returns at once."""
+        channel = self._channel(channel_id)
+        previous = channel.edits.get(key)
+        channel.edits[key] = _Pending(write, min_interval, not_before=previous.not_before if previous else 0.0)
+        if channel.flusher is None or channel.flusher.done():
+            channel.flusher = self._spawn(self._flush(channel_id, channel))
+
+    def forget(self, key: Any) -> None:
+        """The message will not be throttled again (its job ended): drop its last-edit time."""
+        self._last_edit.pop(key, None)
+
+    def pending(self) -> int:
+        return sum(len(c.edits) for c in self._channels.values())
+
+    async def _flush(self, channel_id: int, channel: _Channel) -> None:
+        """Write the channel's queued edits, each when its message may be edited again; ends when
+        none are left (a later edit starts a new flusher), so nothing idles between bursts."""
+        while channel.edits:
+            now = self._clock()
+            due_at = {
+                key: max(p.not_before, self._last_edit.get(key, float("-inf")) + p.min_interval)
+                for key, p in channel.edits.items()
+            }
+            key = min(due_at, key=due_at.__getitem__)
+            if due_at[key] > now:
+                await asyncio.sleep(due_at[key] - now)
+                continue
+            pending = channel.edits.pop(key)
+            if pending.min_interval > 0:  # remembered only where it throttles anything
+                self._last_edit[key] = self._clock()
+            try:
+                async with channel.limit:
+                    self.writes += 1
+                    await pending.write()
+            except discord.HTTPException as exc:
+                if retryable(exc) and pending.attempts + 1 < EDIT_RETRIES and key not in channel.edits:
+                    pending.attempts += 1
+                    pending.not_before = self._clock() + self.retry_base_s * 2 ** (pending.attempts - 1)
+                    channel.edits[key] = pending
+                log.warning("Discord write %s in channel %s failed: %s", key, channel_id, exc.status)
+            except Exception:  # one broken write must not stop the channel's others
+                log.exception("Discord write %s in channel %s crashed", key, channel_id)
+
+    async def idle(self) -> None:
+        """Wait until every queued write has been made (tests, benchmark, shutdown)."""
+        while any(c.flusher is not None and not c.flusher.done() for c in self._channels.values()):
+            await asyncio.gather(*(c.flusher for c in self._channels.values() if c.flusher is not None))
