@@ -13,7 +13,6 @@ from typing import Any
 import discord
 import yarl
 from discord.ext import commands, tasks
-from PIL import Image
 
 from bot import render
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
@@ -25,7 +24,7 @@ from engine.media import fit_to_bytes
 from engine.models import Models
 from engine.settings import Settings, load_settings
 from engine.store import Store, open_store
-from engine.worker import Engine, stream_job
+from engine.worker import Engine, clip_images, stream_job
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +242,7 @@ class EmakiBot(commands.Bot):
         limit = min(self.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
         frames = self.store.frames(job_id)
         try:
-            data, fitted = await asyncio.to_thread(_fit_result, frames, limit, job["params"]["frame_duration_ms"])
+            data, fitted = await asyncio.to_thread(_fit_result, self.settings, job, frames, limit)
         except EmakiError as exc:
             self.store.update_job(job_id, posted=-1, post_state="failed", error=str(exc), post_error=str(exc))
             self.set_status(job_id, {"content": render.failed(job, str(exc)), "attachments": []})
@@ -367,9 +366,11 @@ def describe_http_error(exc: discord.HTTPException) -> str:
     return f"{exc.status} {render.clip(text, 200)}"
 
 
-def _fit_result(frames: list[dict[str, Any]], limit: int, duration_ms: int) -> tuple[bytes, dict[str, float]]:
-    images = [Image.open(f["path"]).convert("RGB") for f in frames]
-    return fit_to_bytes(images, limit, duration_ms)
+def _fit_result(
+    settings: Settings, job: dict[str, Any], frames: list[dict[str, Any]], limit: int
+) -> tuple[bytes, dict[str, float]]:
+    images, frame_ms = clip_images(settings, job, frames)  # in-betweens included
+    return fit_to_bytes(images, limit, frame_ms)
 
 
 def create_bot(settings: Settings | None = None, *, models: Models | None = None) -> EmakiBot:

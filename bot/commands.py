@@ -82,6 +82,7 @@ def register(bot: EmakiBot) -> None:
         strength="How much each frame may change from the previous one (0-1, default 0.15)",
         steps="Denoising steps (default 50)",
         guidance="How closely to follow the prompt (default 8.5)",
+        interpolate="Smooth in-between frames per pair of frames (0-8); the clip keeps its length",
     )
     async def animate(
         interaction: discord.Interaction,
@@ -92,6 +93,7 @@ def register(bot: EmakiBot) -> None:
         strength: float | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        interpolate: int | None = None,
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
         try:
@@ -108,6 +110,7 @@ def register(bot: EmakiBot) -> None:
                 strength=strength,
                 steps=steps,
                 guidance=guidance,
+                interpolate=interpolate,
             )
         except EmakiError as exc:
             await refuse(interaction, str(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -48,6 +49,9 @@ PARAM_OPTIONS = (
     "style",
     "negative_prompt",
     "duration",
+    "seconds",
+    "fps",
+    "interpolate",
     "color_coherence",
 )
 
@@ -145,9 +149,8 @@ def _place_dir(source: Path, target: Path, replace: bool, trash: Path) -> None:
 def publish(output: Output, engine: Any, job_id: int, fmt: str, story: dict[str, Any]) -> Path:
     """Write the animation, its frames folder and its sidecar; the animation appears last, so its
     presence means the set is whole. Returns the animation's path."""
-    from PIL import Image
-
     from engine.media import encode_webp, write_mp4
+    from engine.worker import clip_images
 
     job = engine.store.job(job_id)
     rows = engine.store.frames(job_id)
@@ -155,18 +158,18 @@ def publish(output: Output, engine: Any, job_id: int, fmt: str, story: dict[str,
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{output.path.stem}.") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "frames").mkdir()
-        images = []
         for row in rows:
             shutil.copyfile(row["path"], tmp / "frames" / Path(row["path"]).name)
-            images.append(Image.open(row["path"]).convert("RGB"))
         animation = tmp / "animation"
         if fmt == "gif":
             shutil.copyfile(job["gif_path"], animation)
-        elif fmt == "webp":
-            animation.write_bytes(encode_webp(images, job["params"]["frame_duration_ms"]))
         else:
-            write_mp4(images, tmp / "animation.mp4", job["params"]["frame_duration_ms"])
-            (tmp / "animation.mp4").rename(animation)
+            images, frame_ms = clip_images(engine.settings, job, rows)  # in-betweens included
+            if fmt == "webp":
+                animation.write_bytes(encode_webp(images, frame_ms))
+            else:
+                write_mp4(images, tmp / "animation.mp4", frame_ms)
+                (tmp / "animation.mp4").rename(animation)
 
         path = output.path
         for n in range(1, 10_000):
@@ -238,6 +241,8 @@ def model_revision(ref: str, settings: Settings) -> str | None:
 
 
 def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[str, Any]) -> dict[str, Any]:
+    from engine.worker import METRICS_FILE, STORY_FILE, job_record
+
     settings: Settings = engine.settings
     job = engine.store.job(job_id)
     rows = engine.store.frames(job_id)
@@ -261,7 +266,12 @@ def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[st
         "job_id": job_id,
         "idea": job["idea"],
         "params": job["params"],
-        "story": {**story, "frames": [row["prompt"] for row in rows]},
+        "story": {
+            **story,
+            **job_record(settings, job_id, STORY_FILE),  # the LLM's raw answers, refine turn included
+            "frames": [row["prompt"] for row in rows],
+        },
+        "metrics": job_record(settings, job_id, METRICS_FILE),  # warping error: on random weights, tooling only
         "frames": [
             {k: row[k] for k in ("idx", "prompt", "seed", "strength", "steps", "guidance", "style")}
             | {"file": f"{frames_dir_name}/{Path(row['path']).name}"}
@@ -408,7 +418,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
 
 
 def story_record(settings: Settings, backend: str) -> dict[str, Any]:
-    """Which story backend answered (the answer itself is the frames' prompts)."""
+    """Which story backend answered; its raw answers are in the job's story file."""
     uses_model = backend in ("hf", "openai", "transformers")
     return {
         "backend": backend,
@@ -438,7 +448,8 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     settings = settings_from_args(args, **pinned)
     recorded = sidecar["params"]
     names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
-    options = {k: recorded.get(k) for k in (*names, "controlnet_scale", "color_coherence", "frame_duration_ms")}
+    recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate")
+    options = {k: recorded.get(k) for k in recorded_keys}
     return settings, str(sidecar.get("idea", "")), options, sidecar
 
 
@@ -447,8 +458,34 @@ def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict
         raise InvalidRequest("give an IDEA to animate (or --from-sidecar FILE.json)")
     names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
     options = {k: getattr(args, k) for k in names}
-    options |= {"color_coherence": args.color_coherence, "frame_duration_ms": args.duration}
-    return settings_from_args(args), args.idea, options
+    settings = settings_from_args(args)
+    options |= {
+        "color_coherence": args.color_coherence,
+        "interpolate": args.interpolate,
+        "frame_duration_ms": _keyframe_ms(args, settings),
+    }
+    return settings, args.idea, options
+
+
+def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
+    """--duration, --seconds or --fps as the length each keyframe stands for (in-betweens share it).
+    Values they cannot be turned into are left for build_params to refuse with its own line."""
+    given = [f"--{name}" for name in ("duration", "seconds", "fps") if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise InvalidRequest(f"give one of {', '.join(given)}: each sets the clip's timing")
+    frames = args.frames if args.frames is not None else settings.frames
+    count = args.interpolate if args.interpolate is not None else settings.interpolate
+    if args.duration is not None or not (isinstance(frames, int) and frames >= 1 and 0 <= count <= 8):
+        return args.duration
+    for name, value in (("seconds", args.seconds), ("fps", args.fps)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InvalidRequest(f"--{name} must be a number above 0 (got {value})")
+    if args.seconds is not None:
+        return round(args.seconds * 1000 / frames)
+    if args.fps is not None:
+        clip_frames = frames + (frames - 1) * count
+        return round(1000 / args.fps * clip_frames / frames)
+    return None
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
@@ -522,7 +559,17 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     animate.add_argument("--seed", type=int, help=f"job seed, 0..{MAX_SEED} (default: random)")
     animate.add_argument("--style", help="a registered style name (emaki styles; default none)")
     animate.add_argument("--negative-prompt", help="what to avoid (default: EMAKI_NEGATIVE_PROMPT's)")
-    animate.add_argument("--duration", type=int, help=setting_help("frame_duration_ms", "milliseconds per frame"))
+    animate.add_argument(
+        "--duration", type=int, help=setting_help("frame_duration_ms", "milliseconds each keyframe stands for")
+    )
+    animate.add_argument("--seconds", type=float, help="length of the whole clip in seconds (instead of --duration)")
+    animate.add_argument("--fps", type=float, help="frames per second of the clip, in-betweens included")
+    animate.add_argument(
+        "--interpolate",
+        type=int,
+        metavar="K",
+        help=setting_help("interpolate", "optical-flow in-betweens per pair of keyframes; the clip keeps its length"),
+    )
     animate.add_argument(
         "--color-coherence",
         action=argparse.BooleanOptionalAction,

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -104,23 +106,41 @@ def _digest(image: Image.Image) -> str:
 
 
 class Inbetweener:
-    """Builds the full frame sequence from keyframes, remembering each pair's in-betweens by content,
-    so a changed keyframe costs only the two pairs it belongs to."""
+    """Builds the full frame sequence from keyframes, remembering each pair's in-betweens by content
+    (in memory, and as PNGs under `cache_dir` when given, so a regeneration job in another process
+    reuses them too): a changed keyframe costs only the two pairs it belongs to."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, cache_dir: Path | None = None) -> None:
         if not 0 <= count <= MAX_INBETWEENS:
             raise ValueError(f"in-betweens per pair must be 0..{MAX_INBETWEENS}, not {count}")
         self.count = count
+        self.cache_dir = cache_dir
         self._cache: dict[tuple[str, str], list[Image.Image]] = {}
         self.pairs_computed = 0
 
+    def _files(self, key: tuple[str, str]) -> list[Path]:
+        assert self.cache_dir is not None
+        stem = f"{key[0][:24]}-{key[1][:24]}-k{self.count}"
+        return [self.cache_dir / f"{stem}-{i}.png" for i in range(1, self.count + 1)]
+
     def pair(self, first: Image.Image, second: Image.Image) -> list[Image.Image]:
         key = (_digest(first), _digest(second))
-        if key not in self._cache:
-            frames = inbetweens(np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB")), self.count)
-            self._cache[key] = [Image.fromarray(f) for f in frames]
+        if key in self._cache:
+            return self._cache[key]
+        files = self._files(key) if self.cache_dir is not None else []
+        if files and all(f.exists() for f in files):
+            frames = [Image.open(f).convert("RGB") for f in files]
+        else:
+            arrays = inbetweens(np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB")), self.count)
+            frames = [Image.fromarray(a) for a in arrays]
             self.pairs_computed += 1
-        return self._cache[key]
+            for image, path in zip(frames, files, strict=False):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(f".{path.name}.{os.getpid()}")
+                image.save(partial, format="PNG")
+                os.replace(partial, path)  # a reader never sees half a file
+        self._cache[key] = frames
+        return frames
 
     def sequence(self, keyframes: Sequence[Image.Image]) -> list[Image.Image]:
         out: list[Image.Image] = []
@@ -129,12 +149,6 @@ class Inbetweener:
                 out.extend(self.pair(keyframes[index - 1], frame))
             out.append(frame)
         return out
-
-
-def frame_duration_ms(keyframes: int, count: int, keyframe_duration_ms: int) -> int:
-    """Per-frame duration that keeps the clip as long as its keyframes alone would have played."""
-    total_frames = keyframes + max(keyframes - 1, 0) * count
-    return max(1, round(keyframes * keyframe_duration_ms / total_frames))
 
 
 def warping_error(frames: Sequence[Image.Image]) -> float:

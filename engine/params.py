@@ -18,6 +18,8 @@ from engine.store import Store
 # The ranges are the settings' own (engine/settings.py declares them once).
 MAX_STEPS = int(rule_of("steps").high or 0)
 MAX_GUIDANCE = float(rule_of("guidance").high or 0)
+# Browsers and Discord play GIF frames shorter than this at 100 ms: a clip that fast would crawl.
+MIN_CLIP_FRAME_MS = 20
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,17 @@ class AnimationParams:
     negative_prompt: str
     controlnet_scale: float
     color_coherence: bool
-    frame_duration_ms: int
+    frame_duration_ms: int  # per keyframe: with in-betweens the clip keeps frames x this length
+    interpolate: int = 0  # in-betweens per pair of keyframes
+
+    @property
+    def clip_frames(self) -> int:
+        return self.frames + max(self.frames - 1, 0) * self.interpolate
+
+    @property
+    def clip_frame_ms(self) -> int:
+        """How long each frame of the clip shows: the keyframes' length spread over every frame."""
+        return max(1, round(self.frames * self.frame_duration_ms / self.clip_frames))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,6 +74,7 @@ def build_params(
     controlnet_scale: float | None = None,
     color_coherence: bool | None = None,
     frame_duration_ms: int | None = None,
+    interpolate: int | None = None,
 ) -> AnimationParams:
     idea = " ".join((idea or "").split())
     if not idea:
@@ -82,6 +95,7 @@ def build_params(
         controlnet_scale=settings.controlnet_scale if controlnet_scale is None else controlnet_scale,
         color_coherence=settings.color_coherence if color_coherence is None else color_coherence,
         frame_duration_ms=settings.frame_duration_ms if frame_duration_ms is None else frame_duration_ms,
+        interpolate=settings.interpolate if interpolate is None else interpolate,
     )
     if isinstance(p.frames, bool) or not isinstance(p.frames, int) or not 1 <= p.frames <= settings.max_frames:
         raise InvalidRequest(f"frames must be between 1 and {settings.max_frames} (got {p.frames})")
@@ -95,6 +109,17 @@ def build_params(
             )
     for name in ("steps", "guidance", "strength", "controlnet_scale", "frame_duration_ms", "color_coherence"):
         check_value(name, getattr(p, name))  # type, finiteness and range: one message per field
+    check_value("interpolate", p.interpolate)
+    if p.clip_frames > settings.max_clip_frames:
+        raise InvalidRequest(
+            f"{p.frames} frames with {p.interpolate} in-betweens make {p.clip_frames} frames; "
+            f"the limit is {settings.max_clip_frames}: use fewer frames or in-betweens"
+        )
+    if p.clip_frame_ms < MIN_CLIP_FRAME_MS:
+        raise InvalidRequest(
+            f"with {p.interpolate} in-betweens each frame would show {p.clip_frame_ms} ms; players show GIF frames "
+            f"under {MIN_CLIP_FRAME_MS} ms at 100 ms: make the clip longer or use fewer in-betweens"
+        )
     if not isinstance(p.negative_prompt, str):
         raise InvalidRequest("the negative prompt must be text")
     if p.frames > 1 and int(p.steps * p.strength) < 1:

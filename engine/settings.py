@@ -121,6 +121,9 @@ class Settings:
     negative_prompt: str = "lowres, blurry, deformed, watermark, text, jpeg artifacts"
     frame_duration_ms: int = setting(100, Rule(20, 5000))
     color_coherence: bool = True
+    # Optical-flow in-between frames per pair of keyframes (engine/interpolate.py); 0: keyframes only.
+    interpolate: int = setting(0, Rule(0, 8))
+    max_clip_frames: int = setting(128, Rule(1, 1000))  # keyframes + in-betweens in one clip
     max_frames: int = setting(16, Rule(1, 64))
     max_idea_chars: int = setting(500, Rule(1, 10000))
     min_free_bytes: int = setting(200 * 1024 * 1024, Rule(0))

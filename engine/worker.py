@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from PIL import Image
 from engine.animate import FramePlan, frame_seed, render_frames
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
 from engine.events import Event, Failed, Finished, FrameDone, Started, StepProgress, StoryReady
+from engine.interpolate import Inbetweener, warping_error
 from engine.media import encode_gif
 from engine.models import Models, StyleRef
 from engine.params import AnimationParams
@@ -34,6 +36,10 @@ from engine.store import Store, now
 from engine.story import StoryTeller
 
 log = logging.getLogger(__name__)
+
+
+STORY_FILE = "story.json"  # in the job folder: the story teller's raw answers
+METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timing and warping error
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -205,7 +211,12 @@ class Engine:
     def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
         rows = self.store.frames(job_id)
         if len(rows) != params.frames:  # new job: ask the story teller, record every frame's recipe
-            prompts, source = self.story.frames(params.idea, params.frames, style.trigger if style else "")
+            story = self.story.tell(params.idea, params.frames, style.trigger if style else "")
+            prompts, source = story.frames, story.source
+            # The LLM's raw answers (first and refine turn), for the sidecar: the frames alone do not
+            # say whether the refine turn changed anything.
+            self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+            write_atomic(self.job_dir(job_id) / STORY_FILE, json.dumps(story.record(), indent=2).encode())
             for i, prompt in enumerate(prompts):
                 self.store.put_frame(
                     job_id,
@@ -275,9 +286,11 @@ class Engine:
         if job is None or not rows or not all(r["path"] and Path(r["path"]).exists() for r in rows):
             return Failed(job_id, "the job has no complete set of frames")
         try:
-            images = [Image.open(r["path"]).convert("RGB") for r in rows]
+            images, frame_ms = clip_images(self.settings, job, rows)
             gif_path = self.job_dir(job_id) / "animation.gif"
-            write_atomic(gif_path, encode_gif(images, duration_ms=job["params"]["frame_duration_ms"]))
+            write_atomic(gif_path, encode_gif(images, duration_ms=frame_ms))
+            metrics = {"clip_frames": len(images), "frame_ms": frame_ms, "warping_error": warping_error(images)}
+            write_atomic(self.job_dir(job_id) / METRICS_FILE, json.dumps(metrics, indent=2).encode())
         except OSError as exc:
             self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
             return Failed(job_id, f"could not write the animation: {exc}")
@@ -293,6 +306,26 @@ class Engine:
             if isinstance(event, Failed):
                 return
         yield self.finish(job_id)
+
+
+def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[Image.Image], int]:
+    """The frames a clip shows, in-betweens included, and how long each shows (ms). In-betweens are
+    cached by the content of their two keyframes, so a redone keyframe recomputes only its pairs."""
+    params = AnimationParams.from_dict(job["params"])
+    keyframes = [Image.open(r["path"]).convert("RGB") for r in rows]
+    if not params.interpolate:
+        return keyframes, params.frame_duration_ms
+    inbetweener = Inbetweener(params.interpolate, cache_dir=settings.data_dir / "inbetweens")
+    return inbetweener.sequence(keyframes), params.clip_frame_ms
+
+
+def job_record(settings: Settings, job_id: int, name: str) -> dict[str, Any]:
+    """A JSON file the engine wrote beside a job's frames (STORY_FILE, METRICS_FILE), or {}."""
+    path = settings.data_dir / "jobs" / str(job_id) / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 async def stream_job(

@@ -422,3 +422,14 @@ def test_rest_proxy_settings_reach_discord_py(bot_settings: Settings, monkeypatc
     create_bot(bot_settings)
     assert discord.http.Route("GET", "/gateway/bot").url == "http://proxy.local:8080/api/v10/gateway/bot"
     assert yarl.URL("ws://proxy.local:8081/") == discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+
+
+async def test_animate_with_in_betweens_posts_the_smooth_clip(world) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    await alice.slash(channel, "animate", prompt="a leaf falls", frames=2, seed=2, interpolate=2)
+    [posted] = results(channel)
+    assert await gif_frames(posted) == 2 + 2  # two keyframes, two in-betweens
+    assert bot_of(env).store.job(1)["params"]["interpolate"] == 2
+    refused = await alice.slash(channel, "animate", prompt="a leaf falls", frames=2, interpolate=9)
+    assert refused.ephemeral and "interpolate must be between 0 and 8" in refused.response.content
+    assert len(bot_of(env).store.recent_jobs(10, "animate")) == 1  # nothing queued for the bad one

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.interpolate import Inbetweener, frame_duration_ms, inbetween, inbetweens, warping_error
+from engine.interpolate import Inbetweener, inbetween, inbetweens, warping_error
 
 SHIFT = 8
 
@@ -75,15 +75,20 @@ def test_inbetween_count_outside_the_range_is_refused(count: int) -> None:
         Inbetweener(count)
 
 
-def test_frame_duration_keeps_the_clip_length() -> None:
-    assert frame_duration_ms(5, 0, 100) == 100
-    assert frame_duration_ms(5, 3, 100) == round(500 / 17)
-    assert frame_duration_ms(1, 4, 100) == 100
-
-
 def test_warping_error_is_lower_for_smooth_motion_than_for_a_cut() -> None:
     scene = _scene(seed=3)
     smooth = [Image.fromarray(_window(scene, o)) for o in (0, 2, 4, 6)]
     cut = [Image.fromarray(_window(scene, 0)), Image.fromarray(_window(_scene(seed=4), 0))]
     assert warping_error(smooth) < warping_error(cut) / 4
     assert warping_error(smooth[:1]) == 0.0
+
+
+def test_in_betweens_are_reused_from_disk_by_another_process(tmp_path) -> None:
+    scene = _scene(seed=5)
+    keys = [Image.fromarray(_window(scene, offset)) for offset in (0, 4, 8)]
+    first = Inbetweener(1, cache_dir=tmp_path).sequence(keys)
+    later = Inbetweener(1, cache_dir=tmp_path)  # a fresh object, as in the next job's process
+    again = later.sequence([*keys[:2], Image.fromarray(_window(scene, 12))])
+    assert later.pairs_computed == 1  # the untouched pair came from disk
+    assert again[1].tobytes() == first[1].tobytes()
+    assert len(list(tmp_path.glob("*.png"))) == 3
