@@ -6,7 +6,9 @@ prompt embeddings between beats, and denoises in overlapping windows of the adap
 length, so clips longer than its 16 frames stay coherent. The pipeline is built with `from_pipe` from
 the chain's txt2img pipeline: UNet, VAE, text encoder and tokenizer are the same objects, and the
 motion mode adds only the adapter's weights (plus the motion UNet wrapper, which reuses the 2D
-weights). Style LoRAs loaded into the shared UNet apply here too.
+weights). Not done yet: the motion UNet is built from the 2D UNet's plain weights, so it must be built
+before style adapters are injected into that UNet, and styles are not yet applied in motion mode;
+nor is motion mode selectable from the CLI or the bot.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3"}
 MAX_ABS_WEIGHT = 1e3  # trained adapter weights are O(1); anything this large is broken or not an adapter
 MESSAGE_CAP = 300
 PEFT_CONFIG_NAME = "adapter_config.json"
+TEXT_ENCODER_DIR = "text_encoder"  # emaki-trained peft styles: the text encoder's half, beside the UNet's
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 MODELS = ("unet", "text_encoder")
 
@@ -250,6 +251,15 @@ def read_style(path: Path, arch: Architecture, check: bool = True) -> StyleLayer
     tensors, metadata = load_tensors(weights)
     try:
         layers = _parse(tensors, config, metadata, arch)
+        text_half = weights.parent / TEXT_ENCODER_DIR
+        if config is not None and (text_half / PEFT_WEIGHTS_NAME).is_file():
+            # emaki's trainer keeps a LoHa/LoKr/IA3 text encoder's half in a peft folder of its own.
+            _, text_config = locate(text_half)
+            text_tensors, _ = load_tensors(text_half / PEFT_WEIGHTS_NAME)
+            text_layers = _from_peft({f"text_encoder.{k}": v for k, v in text_tensors.items()}, text_config, arch)
+            if text_layers.kind != layers.kind:
+                raise StyleFileError(f"its {TEXT_ENCODER_DIR}/ half is {text_layers.kind}, the UNet's {layers.kind}")
+            layers.models.setdefault("text_encoder", {}).update(text_layers.models.get("text_encoder", {}))
         if check:
             _check_values(layers)
             _check_layers(layers, arch)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.models import Models
 from engine.motion import MotionRenderer, prompt_schedule, tiny_motion_adapter
 
 BEATS = ["a fox wakes", "the fox runs", "the fox leaps"]
@@ -22,8 +21,17 @@ def test_prompt_schedule_spreads_beats_over_the_clip() -> None:
 
 
 @pytest.fixture(scope="module")
-def renderer(shared_tiny_models: Models) -> MotionRenderer:
-    return MotionRenderer(shared_tiny_models.txt2img, tiny_motion_adapter())
+def chain_pipe():
+    # Fresh models: the session's shared ones carry style adapters from other tests, and the motion
+    # UNet is built from plain 2D weights (see MotionRenderer).
+    from engine import tiny
+
+    return tiny.tiny_components().txt2img
+
+
+@pytest.fixture(scope="module")
+def renderer(chain_pipe) -> MotionRenderer:
+    return MotionRenderer(chain_pipe, tiny_motion_adapter())
 
 
 def _render(renderer: MotionRenderer, seed: int, beats: list[str] = BEATS, frames: int = 4) -> list:
@@ -43,7 +51,7 @@ def _render(renderer: MotionRenderer, seed: int, beats: list[str] = BEATS, frame
     return out
 
 
-def test_motion_mode_renders_the_clip_seeded_and_shares_weights(renderer, shared_tiny_models: Models) -> None:
+def test_motion_mode_renders_the_clip_seeded_and_shares_weights(renderer, chain_pipe) -> None:
     first = _render(renderer, seed=3)
     assert len(first) == 4 and first[0].size == (32, 32)
     again = _render(renderer, seed=3)
@@ -51,8 +59,8 @@ def test_motion_mode_renders_the_clip_seeded_and_shares_weights(renderer, shared
     other = _render(renderer, seed=4)
     assert not np.array_equal(np.asarray(first[0]), np.asarray(other[0]))
     # One copy of the base weights: the motion pipeline's VAE and text encoder are the chain's.
-    assert renderer.pipe.vae is shared_tiny_models.txt2img.vae
-    assert renderer.pipe.text_encoder is shared_tiny_models.txt2img.text_encoder
+    assert renderer.pipe.vae is chain_pipe.vae
+    assert renderer.pipe.text_encoder is chain_pipe.text_encoder
 
 
 def test_the_prompt_schedule_reaches_the_pipeline(renderer) -> None:

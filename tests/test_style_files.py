@@ -206,25 +206,25 @@ def kohya_lokr(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
 
 
 def emaki_peft_loha(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
-    from training.lora import adapter_config
+    from training.lora import TrainConfig, adapter_config
 
-    config = adapter_config("loha", 4)
+    config = adapter_config("loha", TrainConfig(adapter="loha", rank=4))
     state, ref = make_adapter(source, {"unet": config}, 9)
     return write_peft_folder(state, config, tmp / "loha", prefix=""), ref
 
 
 def emaki_peft_lokr(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
-    from training.lora import adapter_config
+    from training.lora import TrainConfig, adapter_config
 
-    config = adapter_config("lokr", 4)
+    config = adapter_config("lokr", TrainConfig(adapter="lokr", rank=4))
     state, ref = make_adapter(source, {"unet": config}, 10)
     return write_peft_folder(state, config, tmp / "lokr", prefix="") / "adapter_model.safetensors", ref
 
 
 def emaki_peft_ia3(source: SD15Models, tmp: Path) -> tuple[Path, torch.Tensor]:
-    from training.lora import adapter_config
+    from training.lora import TrainConfig, adapter_config
 
-    config = adapter_config("ia3", 4)
+    config = adapter_config("ia3", TrainConfig(adapter="ia3", rank=4))
     state, ref = make_adapter(source, {"unet": config}, 11, std=0.5)
     return write_peft_folder(state, config, tmp / "ia3", prefix=""), ref
 
