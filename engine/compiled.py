@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
+from engine.settings import COMPILE_MODES
+
 log = logging.getLogger(__name__)
 
 SLOT = "emaki_style"
 # Every UNet layer kind that SD1.5 LoRAs (diffusers, kohya, the attention-processor era) train.
 SLOT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 
 
 class NotHotSwappable(ValueError):
@@ -65,8 +66,14 @@ def _copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def use_compile_cache(data_dir: Path) -> None:
-    """Keep inductor's compiled kernels under the data dir, so a restart reuses them."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(data_dir) / "compile-cache"))
+    """Keep inductor's compiled kernels under the data dir, so a restart reuses them instead of
+    compiling again, unless the operator chose a folder. (Inductor writes its own default into the
+    variable when first imported, so the default does not count as a choice.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given is None or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(data_dir).resolve() / "compile-cache")
 
 
 class CompiledUNet:

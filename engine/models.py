@@ -161,6 +161,8 @@ class Models:
         self.depth_processor: Any = None
         self.loaded_styles: dict[str, str] = {}  # style name -> adapter file it was loaded from
         self.memory = "high"  # the memory mode in use (engine/memory.py), known once loaded
+        self.compiled: Any = None  # engine.compiled.CompiledUNet when EMAKI_COMPILE is on and compiling worked
+        self._style_layers: dict[str, Any] = {}  # style file -> its parsed layers (compiled mode reads them once)
 
     # --- loading ---------------------------------------------------------------------------
     def load(self) -> Models:
@@ -194,7 +196,51 @@ class Models:
         img2img.set_progress_bar_config(disable=True)
         memory.apply(self.memory, txt2img, img2img, self.depth_model, self.device)
         self.txt2img, self.img2img = txt2img, img2img
+        if s.compile != "off":
+            self._compile()
         log.info("models ready on %s (%s, memory %s), profile %s", self.device, self.dtype, self.memory, s.profile)
+
+    def _compile(self) -> None:
+        """Compile the shared UNet and warm both pipelines up, so the first member does not pay for it.
+        Anything that goes wrong leaves the eager UNet in place, with one log line."""
+        from engine.compiled import SLOT, CompiledUNet, use_compile_cache
+        from engine.style_files import delete_from, one_line
+
+        assert self.txt2img is not None and self.img2img is not None
+        if self.memory != "high":
+            log.warning("EMAKI_COMPILE needs the models resident (memory 'high', not %r): running eager", self.memory)
+            return
+        use_compile_cache(self.settings.data_dir)
+        eager = self.txt2img.unet
+        try:
+            compiled = CompiledUNet(self.txt2img, self.settings.compile_max_rank, self.settings.compile)
+            self.img2img.unet = self.txt2img.unet
+            self.compiled = compiled
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop the bot: eager still renders
+            log.warning("torch.compile failed, running eager: %s", one_line(f"{type(exc).__name__}: {exc}"))
+            self.compiled = None
+            self.txt2img.unet = self.img2img.unet = eager
+            delete_from([eager], SLOT)
+
+    def _warm_up(self) -> None:
+        """One tiny txt2img and one img2img call at the default size: both UNet graphs compile now."""
+        assert self.txt2img is not None and self.img2img is not None
+        s = self.settings
+        blank = Image.new("RGB", (s.width, s.height))
+        generator = torch.Generator("cpu").manual_seed(0)
+        self.txt2img(
+            "warm-up", num_inference_steps=1, width=s.width, height=s.height, output_type="latent", generator=generator
+        )
+        self.img2img(
+            "warm-up",
+            image=blank,
+            control_image=blank,
+            strength=0.5,
+            num_inference_steps=2,
+            output_type="latent",
+            generator=generator,
+        )
 
     def memory_suspended(self) -> Any:
         """A context in which the models carry no offload hooks (for changing their modules, e.g. loading
@@ -214,6 +260,9 @@ class Models:
 
         pipe = self.load().txt2img
         assert pipe is not None
+        if self.compiled is not None:
+            self._use_style_compiled(style)
+            return
         if style is None:
             _activate([pipe.unet, pipe.text_encoder], None, 1.0)
             return
@@ -232,6 +281,58 @@ class Models:
                 raise ModelLoadError(one_line(f"style '{style.name}' could not be loaded: {exc}")) from exc
             self.loaded_styles[adapter] = style.path
         _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
+
+    def _use_style_compiled(self, style: StyleRef | None) -> None:
+        """Compiled UNet: the style's LoRA is hot-swapped into the UNet's one slot (its scale and weight
+        folded into B), its text-encoder layers (that model is not compiled) load as usual."""
+        from engine.compiled import NotHotSwappable
+        from engine.style_files import (
+            KIND_NAMES,
+            Architecture,
+            StyleLayers,
+            delete_from,
+            load_into,
+            one_line,
+            read_style,
+        )
+
+        assert self.txt2img is not None and self.compiled is not None
+        text_encoder = self.txt2img.text_encoder
+        if style is None:
+            self.compiled.use(None)
+            _activate([text_encoder], None, 1.0)
+            return
+        layers = self._style_layers.get(style.path)
+        if layers is None:
+            layers = read_style(
+                Path(style.path), Architecture.of({"unet": self.compiled.eager_unet, "text_encoder": text_encoder})
+            )
+            self._style_layers[style.path] = layers
+        if layers.kind != "lora":
+            raise InvalidRequest(
+                f"style '{style.name}' is a {KIND_NAMES[layers.kind]}: with EMAKI_COMPILE on only LoRA styles can be "
+                "swapped into the compiled model; the admin can set EMAKI_COMPILE=off to use it"
+            )
+        unet_state = {
+            f"unet.{layer}.{param}": tensor * (weights.scale * style.weight if param.startswith("lora_B") else 1.0)
+            for layer, weights in layers.models.get("unet", {}).items()
+            for param, tensor in weights.params.items()
+        }
+        try:
+            self.compiled.use(unet_state, 1.0, key=f"{style.path}@{style.weight}")
+        except NotHotSwappable as exc:
+            raise InvalidRequest(one_line(f"style '{style.name}' cannot be used with EMAKI_COMPILE on: {exc}")) from exc
+        adapter = _adapter_name(style.name)
+        text_layers = layers.models.get("text_encoder")
+        if text_layers and self.loaded_styles.get(adapter) != style.path:
+            delete_from([text_encoder], adapter)
+            load_into(
+                StyleLayers(layers.kind, layers.source, {"text_encoder": text_layers}),
+                {"text_encoder": text_encoder},
+                adapter,
+            )
+            self.loaded_styles[adapter] = style.path
+        _activate([text_encoder], adapter if text_layers else None, style.weight)
 
     def _load_style_layers(self, path: Path, adapter: str, models: dict[str, torch.nn.Module]) -> None:
         """Read the file as peft layers and inject them; kinds that cannot nest start from plain models."""

@@ -45,6 +45,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 MEMORY_MODES = ("auto", "high", "medium", "low")
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # torch.compile modes (engine/compiled.py)
 
 SECRET_FIELDS = ("discord_token", "hf_token", "llm_api_key")
 SECRET_ENV = {"discord_token": "DISCORD_TOKEN", "hf_token": "HF_TOKEN", "llm_api_key": "EMAKI_LLM_API_KEY"}
@@ -103,6 +104,9 @@ class Settings:
     dtype: str = setting("auto", Rule(choices=DTYPES))
     # auto | high | medium | low: how much of the model set stays on the GPU (engine/memory.py).
     memory: str = setting("auto", Rule(choices=MEMORY_MODES))
+    # torch.compile of the UNet, warmed up at start-up; LoRA styles are hot-swapped without recompiling.
+    compile: str = setting("off", Rule(choices=COMPILE_MODES))
+    compile_max_rank: int = setting(64, Rule(1, 1024))  # the highest LoRA rank a compiled UNet accepts
     # The diffusers folder or hub id whose configs (and tokenizer) describe a single-file base model
     # (`.safetensors`/`.ckpt` in the original LDM layout); empty: the profile's base model repo.
     base_model_config: str = ""

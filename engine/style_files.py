@@ -125,11 +125,30 @@ class Architecture:
 
     @functools.cached_property
     def flat(self) -> dict[str, dict[str, str]]:
-        """kohya's names: the layer name with every `.` as `_` (exact, since it is built from the model)."""
-        return {key: {name.replace(".", "_"): name for name in layers} for key, layers in self.layers.items()}
+        """kohya's names: the layer name with every `.` as `_` (exact, since it is built from the model).
+        Text-encoder layers are also known by their other spelling (see `text_encoder_alias`)."""
+        flat = {key: {name.replace(".", "_"): name for name in layers} for key, layers in self.layers.items()}
+        text = flat.get("text_encoder", {})
+        for name in list(self.layers.get("text_encoder", {})):
+            text.setdefault(text_encoder_alias(name).replace(".", "_"), name)
+        return flat
+
+    def canonical(self, model: str, layer: str) -> str:
+        """The base model's own name for a style's layer name: CLIP's layers are `text_model.encoder...`
+        in files made with transformers 4 (every SD1.5 LoRA in the wild) and `encoder...` in a
+        transformers-5 model, so a text-encoder name is tried in both spellings."""
+        known = self.layers.get(model, {})
+        if model == "text_encoder" and layer not in known and text_encoder_alias(layer) in known:
+            return text_encoder_alias(layer)
+        return layer
 
     def model_of(self, layer: str) -> str | None:
         return next((key for key in MODELS if layer in self.layers.get(key, {})), None)
+
+
+def text_encoder_alias(name: str) -> str:
+    """A CLIP text-encoder layer name in the other transformers generation's spelling."""
+    return name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
 
 
 def _is_adapter_part(name: str) -> bool:
@@ -251,6 +270,8 @@ def read_style(path: Path, arch: Architecture, check: bool = True) -> StyleLayer
     tensors, metadata = load_tensors(weights)
     try:
         layers = _parse(tensors, config, metadata, arch)
+        for model, named in layers.models.items():
+            layers.models[model] = {arch.canonical(model, layer): w for layer, w in named.items()}
         text_half = weights.parent / TEXT_ENCODER_DIR
         if config is not None and (text_half / PEFT_WEIGHTS_NAME).is_file():
             # emaki's trainer keeps a LoHa/LoKr/IA3 text encoder's half in a peft folder of its own.

@@ -121,6 +121,9 @@ def test_from_sidecar_reproduces_byte_for_byte_and_records_everything(
         "backend": "fallback",
         "requested": "auto",
         "model": None,
+        "source": "fallback",
+        "refined": False,
+        "answers": [],  # the LLM's raw answers: none without an LLM
         "frames": [f["prompt"] for f in sidecar["frames"]],
     }
     assert {"emaki", "torch", "diffusers", "transformers", "peft", "pillow"} <= set(sidecar["versions"])

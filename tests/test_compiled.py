@@ -76,3 +76,63 @@ def test_a_style_outside_the_slot_is_refused_and_leaves_the_slot_as_it_was() -> 
     assert engine.active is None
     with pytest.raises(ValueError, match="compile mode"):
         CompiledUNet(_pipe(), mode="fastest")
+
+
+def _save_lora(path, unet, rank: int, seed: int, with_text: bool = False):
+    """A diffusers-format LoRA file (the keys `load_lora_weights` reads) over the attention projections."""
+    from safetensors.torch import save_file
+
+    state = _style(unet, rank, seed)
+    if with_text:
+        state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(rank, 32)
+        state["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(32, rank)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_models_in_compiled_mode_render_styles_like_eager_without_recompiling(tmp_path) -> None:
+    """The engine's own compiled mode (EMAKI_COMPILE) on the tiny profile: warmed up at load, two LoRA
+    styles (one with text-encoder layers) switched back and forth with no new graph, and the frames
+    within float tolerance of the eager engine; a LoHa style is refused with one line."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from engine.errors import InvalidRequest
+    from engine.models import Models, StyleRef
+    from engine.settings import load_settings
+
+    torch._dynamo.reset()
+    compiled = Models(load_settings(profile="tiny", data_dir=tmp_path / "c", compile="default", compile_max_rank=8))
+    eager = Models(load_settings(profile="tiny", data_dir=tmp_path / "e"))
+    compiled.load()
+    eager.load()
+    assert compiled.compiled is not None and (tmp_path / "c" / "compile-cache").is_dir()
+    a = StyleRef("a", str(_save_lora(tmp_path / "a.safetensors", eager.txt2img.unet, 4, 1)), weight=1.0)
+    b = StyleRef("b", str(_save_lora(tmp_path / "b.safetensors", eager.txt2img.unet, 8, 2, with_text=True)), weight=0.7)
+
+    def frame(models: Models, style: StyleRef | None) -> np.ndarray:
+        models.use_style(style)
+        image = models.txt2img(
+            "a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(3)
+        ).images[0]
+        return np.asarray(image, dtype=np.float32)
+
+    frame(compiled, None)  # the warm-up compiled this size (the profile's default) already
+    graphs = counters["stats"]["unique_graphs"]
+    for style in (a, b, None, a, b):
+        got, want = frame(compiled, style), frame(eager, style)
+        assert np.abs(got - want).max() <= 2.0, style  # 8-bit pixels: float-order noise only
+    assert counters["stats"]["unique_graphs"] == graphs, "a style switch recompiled"
+    assert np.abs(frame(compiled, a) - frame(compiled, None)).mean() > 0.5  # the style does something
+
+    from peft import LoHaConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    donor = tiny.tiny_unet()
+    inject_adapter_in_model(LoHaConfig(r=4, target_modules=["to_q"], init_weights=False), donor, adapter_name="x")
+    folder = tmp_path / "loha"  # emaki's own peft layout: adapter_config.json + adapter_model.safetensors
+    donor.peft_config["x"].save_pretrained(str(folder))
+    save_file(get_peft_model_state_dict(donor, adapter_name="x"), str(folder / "adapter_model.safetensors"))
+    with pytest.raises(InvalidRequest, match="only LoRA styles") as caught:
+        compiled.use_style(StyleRef("h", str(folder / "adapter_model.safetensors"), adapter="loha"))
+    assert "\n" not in str(caught.value)

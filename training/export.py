@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine.settings import Settings
-from engine.style_files import StyleLayers, base_architecture, read_style
+from engine.style_files import StyleLayers, base_architecture, read_style, text_encoder_alias
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ def kohya_state_dict(layers: StyleLayers) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for model, named in layers.models.items():
         for name, weights in named.items():
+            if model == "text_encoder" and not name.startswith("text_model."):
+                name = text_encoder_alias(name)  # A1111/ComfyUI know CLIP's layers as text_model.encoder...
             key = PREFIXES[model] + name.replace(".", "_")
             p = {k: v.detach().float().cpu().contiguous() for k, v in weights.params.items()}
             if layers.kind == "lora":
