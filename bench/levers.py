@@ -25,14 +25,10 @@ import torch
 
 
 def _build_unet(arch: str) -> torch.nn.Module:
-    if arch == "tiny":
-        from engine import tiny
-
-        return tiny.tiny_unet()
     from bench.archs import BUILDERS
 
     torch.manual_seed(0)
-    return BUILDERS["unet"]()
+    return BUILDERS[arch]["unet"]()
 
 
 def _inputs(unet: torch.nn.Module, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
