@@ -80,6 +80,7 @@ class EmakiBot(commands.Bot):
         self.queue.kick()
         self.show_positions()  # also sends the status messages that a crash or a failed write left out
         self.spawn(self.post_pending_results())
+        self.finish_status_messages()
         if not self.repost_sweep.is_running():
             self.repost_sweep.start()
 
@@ -162,9 +163,13 @@ class EmakiBot(commands.Bot):
             channel = await self.fetch_channel(channel_id)
         return channel  # type: ignore[return-value]
 
-    def set_status(self, job_id: int, fields: StatusFields | dict[str, Any], min_interval: float = 0.0) -> None:
+    def set_status(
+        self, job_id: int, fields: StatusFields | dict[str, Any], min_interval: float = 0.0, final: bool = False
+    ) -> None:
         """Queue an edit of the job's status message (coalesced, beside the GPU). `fields` may be a
-        function of the job's row at the moment the edit goes out, returning None to skip it."""
+        function of the job's row at the moment the edit goes out, returning None to skip it.
+        `final`: the edit that links the posted result; recorded once it lands, so a restart that
+        finds it missing sends it again."""
         job = self.store.job(job_id)
         if job is None or not job.get("channel_id"):
             return
@@ -176,6 +181,8 @@ class EmakiBot(commands.Bot):
             values = await fields(row) if callable(fields) else dict(fields)
             if values is not None:
                 await self.write_status(row, values)
+                if final:
+                    self.store.update_job(job_id, status_final=1)
 
         self.outbox.edit(job["channel_id"], ("status", job_id), write, min_interval)
 
@@ -198,6 +205,23 @@ class EmakiBot(commands.Bot):
             nonce=status_nonce(job["id"], sends),
         )
         self.store.update_job(job["id"], status_message_id=message.id, status_sends=sends + 1)
+
+    def finish_status_messages(self) -> None:
+        """Posted results whose status message never got its final edit (the bot stopped with the
+        edit still queued): send it now, so no member is left reading "posting..."."""
+        rows = self.store.jobs_where(
+            "kind = 'animate' and posted = 1 and result_message_id is not null and channel_id is not null "
+            "and coalesce(status_final, 0) != 1",
+            [],
+        )
+
+        async def final_fields(row: dict[str, Any]) -> dict[str, Any]:
+            channel = await self.channel_for(row["channel_id"])
+            url = channel.get_partial_message(row["result_message_id"]).jump_url  # type: ignore[attr-defined]
+            return {"content": render.finished(row, url), "attachments": []}
+
+        for job in rows:
+            self.set_status(job["id"], final_fields, final=True)
 
     async def post_pending_results(self) -> None:
         """Results not yet posted: never tried, interrupted mid-post, or refused and due again."""
@@ -282,7 +306,7 @@ class EmakiBot(commands.Bot):
     async def _decorate(self, job: dict[str, Any], message: discord.Message) -> None:
         """The reactions members use, and the status message's link to the result. Both only help:
         the result is posted and recorded whatever happens here."""
-        self.set_status(job["id"], {"content": render.finished(job, message.jump_url), "attachments": []})
+        self.set_status(job["id"], {"content": render.finished(job, message.jump_url), "attachments": []}, final=True)
         n_frames = min(job["params"]["frames"], len(render.DIGITS))
         try:
             for emoji in (render.REROLL, *render.DIGITS[:n_frames], render.DELETE):

@@ -133,11 +133,14 @@ class Store:
             "next_post_at": float,
             "post_generation": int,  # part of the result's nonce; bumped only by an admin repost
             "status_sends": int,  # part of the status message's nonce
+            "status_final": int,  # 1 once the status message shows the posted result's link
             "resume_first": int,  # interrupted by a crash: runs before everything else
         }
         for name, kind in added.items():
             if name not in columns:
                 jobs.add_column(name, kind)
+        if "status_final" not in columns:  # results posted before this column: their edit was sent then
+            db.execute("update jobs set status_final = 1 where posted = 1")
         if "post_state" not in columns:  # old rows: derive the state from the old flag
             db.execute("update jobs set post_state = 'posted' where posted = 1")
             db.execute("update jobs set post_state = 'refused' where posted = -1")

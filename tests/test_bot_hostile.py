@@ -453,3 +453,25 @@ def test_the_requester_only_policy_stands_on_its_own() -> None:
 
     assert only(5).to_dict() == {"parse": [], "users": [5]}
     assert NO_MENTIONS.to_dict() == {"parse": []}
+
+
+async def test_final_status_edit_lost_in_a_crash_is_sent_after_restart(world, bot_settings, shared_tiny_models) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    bot = bot_of(env)
+    real_set_status = bot.set_status
+
+    def dies_before_final_edit(job_id: int, fields: Any, min_interval: float = 0.0, final: bool = False) -> None:
+        if not final:  # the result is posted and recorded; the process stops before its last edit
+            real_set_status(job_id, fields, min_interval, final)
+
+    bot.set_status = dies_before_final_edit  # type: ignore[method-assign]
+    await alice.slash(channel, "animate", prompt="a kettle steams", frames=1)
+    [posted] = results(channel)
+    job = bot.store.job(1)
+    status = next(m for m in channel.history() if m.id == job["status_message_id"])
+    assert "posting the result" in status.content and posted.jump_url not in status.content
+    assert not job.get("status_final")
+    await env.restart_bot(create_bot(bot_settings, models=shared_tiny_models))
+    status = next(m for m in channel.history() if m.id == job["status_message_id"])
+    assert posted.jump_url in status.content and "posting the result" not in status.content
+    assert bot_of(env).store.job(1)["status_final"] == 1 and results(channel) == [posted]
