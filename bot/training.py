@@ -10,7 +10,8 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,8 @@ from engine.errors import EmakiError, InvalidRequest, JobCancelled
 from engine.media import contact_sheet, png_bytes
 from engine.store import now
 from training.dataset import DatasetError, check_style_name, load_dataset
-from training.lora import TrainConfig, TrainProgress
+from training.lora import ADAPTERS, SAMPLE_NAME, TrainConfig, TrainProgress
+from training.presets import PRESETS, preset_config
 from training.service import evaluate_style, prepare_dataset, train_style
 
 if TYPE_CHECKING:
@@ -114,7 +116,7 @@ async def _receive(
     attachment: discord.Attachment,
     style: str,
     trigger: str,
-    steps: int | None,
+    recipe: Callable[[int], TrainConfig],
 ) -> tuple[int, Any]:
     """Download, validate and store one submission; its files live only in its own folders."""
     assert interaction.guild is not None and interaction.channel is not None
@@ -125,7 +127,7 @@ async def _receive(
     try:
         await download(bot, attachment, upload, settings.max_dataset_bytes)
         await asyncio.to_thread(_clear_stale, bot, style)
-        return await asyncio.to_thread(
+        dataset_id, ds = await asyncio.to_thread(
             prepare_dataset,
             settings,
             bot.store,
@@ -134,13 +136,33 @@ async def _receive(
             trigger,
             False,
             "pending",
-            TrainConfig(steps=steps or 0, checkpoint_every=settings.train_checkpoint_every),
+            recipe(1),
             owner_id=interaction.user.id,
             guild_id=interaction.guild.id,
             channel_id=interaction.channel.id,
         )
+        # Some preset values (save every N epochs) depend on the image count, known only now.
+        bot.store.update_dataset(dataset_id, params=json.dumps(asdict(recipe(len(ds.items)))))
+        return dataset_id, ds
     finally:
         upload.unlink(missing_ok=True)
+
+
+def _recipe(
+    preset: str | None, adapter: str | None, steps: int | None, checkpoint_every: int, save_every: int | None = None
+) -> Callable[[int], TrainConfig]:
+    """The training config for a dataset of n images: the preset's values (some depend on n), then
+    what the member chose."""
+    overrides: dict[str, Any] = {"checkpoint_every": checkpoint_every}
+    if steps:
+        overrides["steps"] = steps
+    if save_every:
+        overrides["save_every"] = save_every
+    if adapter:
+        if adapter not in ADAPTERS:
+            raise InvalidRequest(f"unknown adapter '{adapter}': use {', '.join(ADAPTERS)}")
+        overrides["adapter"] = adapter
+    return lambda n_images: preset_config(preset or "", overrides, n_images)
 
 
 def register(bot: EmakiBot) -> None:
@@ -151,6 +173,13 @@ def register(bot: EmakiBot) -> None:
         dataset="A .zip of images with metadata.csv (file_name,caption)",
         trigger="A word that will call up the style in prompts",
         steps="Training steps (default: from the dataset size)",
+        preset="A known recipe: ghibli-lora (the Ghibli paper) or anime-ia3-prodigy (the anime paper)",
+        adapter="Adapter kind (default: the preset's, else LoRA)",
+        save_every="Keep the adapter and a sample every N steps, to pick a step later (default: only the end)",
+    )
+    @app_commands.choices(
+        preset=[app_commands.Choice(name=p, value=p) for p in PRESETS],
+        adapter=[app_commands.Choice(name=a, value=a) for a in ADAPTERS],
     )
     async def train(
         interaction: discord.Interaction,
@@ -158,6 +187,9 @@ def register(bot: EmakiBot) -> None:
         dataset: discord.Attachment,
         trigger: str | None = None,
         steps: int | None = None,
+        preset: str | None = None,
+        adapter: str | None = None,
+        save_every: int | None = None,
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
         settings = bot.settings
@@ -174,6 +206,10 @@ def register(bot: EmakiBot) -> None:
                 )
             if steps is not None and not 1 <= steps <= MAX_STEPS:
                 raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS} (got {steps})")
+            if save_every is not None and not 1 <= save_every <= MAX_STEPS:
+                raise InvalidRequest(f"save_every must be between 1 and {MAX_STEPS} (got {save_every})")
+            recipe = _recipe(preset, adapter, steps, settings.train_checkpoint_every, save_every)
+            recipe(1)  # an unknown preset or adapter is refused before anything is downloaded
         except EmakiError as exc:
             await interaction.response.send_message(f"⚠️ {exc}", ephemeral=True, allowed_mentions=NO_MENTIONS)
             return
@@ -182,7 +218,7 @@ def register(bot: EmakiBot) -> None:
         bot.train_names_in_check.add(style)
         try:
             await interaction.response.defer(ephemeral=True, thinking=True)
-            dataset_id, ds = await _receive(bot, interaction, dataset, style, trigger or "", steps)
+            dataset_id, ds = await _receive(bot, interaction, dataset, style, trigger or "", recipe)
         except EmakiError as exc:
             await _answer(interaction, f"⚠️ {exc}")
             return
@@ -300,6 +336,17 @@ class TrainReporter:
         self.sample = png_bytes(image)
         self.post(f"Training: step {step} · checkpoint saved; a sample so far:")
 
+    def saved(self, step: int, folder: Path) -> None:
+        """A kept save (the trainer's --save-every): its fixed-prompt sample, and how to pick it."""
+        sample = folder / SAMPLE_NAME
+        if sample.is_file():
+            self.sample = sample.read_bytes()
+        run = self.job["params"]["style"]
+        self.post(
+            f"Training: step {step} · save kept; the admin can register it: emaki styles add NAME "
+            f"--from-run {run} --step {step}"
+        )
+
     def post(self, state: str) -> None:
         self.last_edit = self.bot.loop.time()
         sample = self.sample
@@ -328,6 +375,7 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
             on_step=lambda p: loop.call_soon_threadsafe(reporter.step, p),
             should_yield=bot.queue.animations_waiting,
             on_checkpoint=lambda step, image: loop.call_soon_threadsafe(reporter.checkpoint, step, image),
+            on_save=lambda step, folder: loop.call_soon_threadsafe(reporter.saved, step, folder),
             should_stop=cancel.is_set,
         )
 

@@ -433,3 +433,33 @@ async def test_animate_with_in_betweens_posts_the_smooth_clip(world) -> None:
     refused = await alice.slash(channel, "animate", prompt="a leaf falls", frames=2, interpolate=9)
     assert refused.ephemeral and "interpolate must be between 0 and 8" in refused.response.content
     assert len(bot_of(env).store.recent_jobs(10, "animate")) == 1  # nothing queued for the bad one
+
+
+async def test_train_takes_a_preset_and_an_adapter(world, train_settings) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    answer = await alice.slash(
+        channel, "train", name="Inkwash", dataset=("ink.zip", dataset_zip_bytes()), preset="anime-ia3-prodigy", steps=4
+    )
+    assert "received: 6 images" in last_answer(answer)
+    [row] = bot_of(env).store.datasets_where("1 = 1", [])
+    params = json.loads(row["params"])
+    # The anime paper's kohya_ss preset, with the member's step count on top; its "save every 10
+    # epochs" is counted on the 6 images actually received.
+    assert (params["adapter"], params["optimizer"], params["steps"]) == ("ia3", "prodigy", 4)
+    assert params["save_every"] == 10 * 6
+    chosen = await alice.slash(
+        channel, "train", name="Heron", dataset=("h.zip", dataset_zip_bytes()), adapter="loha", steps=4, save_every=2
+    )
+    assert "received: 6 images" in last_answer(chosen)
+    heron = bot_of(env).store.datasets_where("style_name = ?", ["heron"])[0]
+    assert (json.loads(heron["params"])["adapter"], json.loads(heron["params"])["save_every"]) == ("loha", 2)
+    await world.mod.react(channel.last_message, "✅")  # approve Heron: trains, keeps saves at steps 2 and 4
+    job = bot_of(env).store.jobs_where("kind = 'train'", [])[0]
+    edits = [r.json for r in env.http_requests if r.method == "PATCH" and str(job["status_message_id"]) in r.path]
+    kept = [e for e in edits if "save kept" in (e.get("content") or "")]
+    assert kept and "--from-run heron --step 2" in kept[0]["content"]
+    assert kept[0]["attachments"] == [{"id": 0, "filename": "sample.png"}]
+    # Discord itself offers only the listed presets and adapters (SimCord enforces choices as Discord does).
+    with pytest.raises(Exception, match="only allows"):
+        await alice.slash(channel, "train", name="Crane", dataset=("c.zip", dataset_zip_bytes()), adapter="dora")
+    assert bot_of(env).store.datasets_where("style_name = ?", ["crane"]) == []
