@@ -22,29 +22,18 @@ SD_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 def tiny_safety_checker(threshold: float = 0.0) -> tuple[Any, Any]:
     """A random-weight checker over a tiny CLIP vision tower, every concept threshold at `threshold`."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from engine.tiny import tiny_clip_config, tiny_clip_image_processor, tiny_tokenizer
 
     torch.manual_seed(4)
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
+    config = tiny_clip_config(len(tiny_tokenizer()))
     model = StableDiffusionSafetyChecker(config).eval()
     with torch.no_grad():
         model.concept_embeds.copy_(torch.randn(model.concept_embeds.shape))
         model.special_care_embeds.copy_(torch.randn(model.special_care_embeds.shape))
         model.concept_embeds_weights.fill_(threshold)
         model.special_care_embeds_weights.fill_(10.0)  # the 'special care' boost stays out of the tiny model
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return model, processor
+    return model, tiny_clip_image_processor()
 
 
 class SafetyChecker:

@@ -7,7 +7,7 @@ Seeding makes every process build byte-identical weights, so a seed reproduces f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -126,6 +126,41 @@ def tiny_depth() -> tuple[DPTForDepthEstimation, DPTImageProcessor]:
     )
     processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
     return DPTForDepthEstimation(config).eval(), processor
+
+
+def tiny_clip_config(vocab_size: int) -> Any:
+    """A tiny CLIP (text and vision towers) with the tiny tokenizer's vocabulary: for the offline CLIP
+    score and the offline safety checker (the same class family the real ones use)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+
+
+def tiny_clip_image_processor() -> Any:
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 def sd_pipeline(

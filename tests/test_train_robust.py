@@ -5,7 +5,6 @@ input before any work (tiny profile, tiny resolution: every run here is a few st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +22,6 @@ from training.presets import preset_config
 from training.service import prepare_dataset, style_dir, train_style
 
 QUICK = dict(rank=4, resolution=16, checkpoint_every=1000)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny models are far too small to gain from threads; on a loaded 2-core machine torch's
-    # worker threads spin against each other and a step takes 50x longer.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +51,6 @@ def good_entries(n: int = 6) -> dict[str, bytes]:
     entries = {f"img{i}.png": png(i) for i in range(n)}
     entries["metadata.csv"] = ("file_name,caption\n" + "".join(f"img{i}.png,a fox {i}\n" for i in range(n))).encode()
     return entries
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads; on a loaded 2-core machine torch's threads spin
-    # against each other and a training step takes 50x longer.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

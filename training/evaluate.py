@@ -99,34 +99,13 @@ def clip_score(images: Sequence[Image.Image], captions: Sequence[str], model: An
 def tiny_clip() -> tuple[Any, Any]:
     """A seeded random CLIP with the tiny profile's tokenizer: the CLIP score's code runs offline,
     but its numbers mean nothing (say so wherever they are shown)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPModel, CLIPProcessor
 
-    from engine.tiny import tiny_tokenizer
+    from engine.tiny import tiny_clip_config, tiny_clip_image_processor, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "max_position_embeddings": 77,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = tiny_clip_config(len(tokenizer))
+    image_processor = tiny_clip_image_processor()
     with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
         torch.manual_seed(0)
         model = CLIPModel(config).eval()
