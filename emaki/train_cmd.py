@@ -235,7 +235,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from training.lora import ADAPTERS, DEFAULT_LR, GRADIENT_CHECKPOINTING, LR_SCHEDULERS, OPTIMIZERS
+    from training.options import ADAPTERS, DEFAULT_LR, GRADIENT_CHECKPOINTING, LR_SCHEDULERS, OPTIMIZERS
     from training.presets import PRESETS
 
     lr_defaults = ", ".join(f"{kind} {lr:g}" for kind, lr in DEFAULT_LR.items())

@@ -44,13 +44,10 @@ from engine.models import pick_device
 from engine.settings import Settings
 from training.dataset import Dataset
 from training.images import Bucket, bucket_resolutions, fit_to_bucket, load_upright_rgb, parse_colour, pick_bucket
+from training.options import ADAPTERS, DEFAULT_LR, GRADIENT_CHECKPOINTING, LR_SCHEDULERS, OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
-ADAPTERS = ("lora", "loha", "lokr", "ia3")
-OPTIMIZERS = ("adamw", "prodigy")
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # LoRA: the name diffusers' loader looks for
@@ -58,10 +55,6 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # LoHa/LoKr/IA3: peft's own lay
 TEXT_ENCODER_DIR = "text_encoder"  # LoHa/LoKr/IA3: the text encoder's half, in peft's layout too
 SAMPLE_NAME = "sample.png"
 MAX_SEED = 2**32 - 1
-# AdamW learning rates that move each kind on a few hundred steps. LyCORIS' guidance: LoRA ~1e-4,
-# LoHa/LoKr several times higher (their products of small factors start tiny), iA3 5e-3..1e-2 (it
-# learns one scale per channel). Prodigy estimates its own step size: 1.0 means "as estimated".
-DEFAULT_LR = {"lora": 1e-4, "loha": 1e-3, "lokr": 1e-3, "ia3": 5e-3}
 LOG_EVERY = 10  # losses are read back from the device (one sync) every this many steps
 DIVERGED_LOSS = 1e3  # targets have unit variance: a sane model's MSE is ~0.1-1
 HOLDOUT_FROM = 20  # datasets this large keep 10% of their images out of training, for evaluation

@@ -17,10 +17,12 @@ options given on the command line win over it.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequest
-from training.lora import TrainConfig
+
+if TYPE_CHECKING:
+    from training.lora import TrainConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     "ghibli-lora": {
@@ -79,6 +81,8 @@ SAVE_EVERY_EPOCHS = {"anime-ia3-prodigy": 10}
 
 def preset_config(name: str, overrides: dict[str, Any], n_images: int) -> TrainConfig:
     """The preset's values, then `overrides` (only what the user actually gave) on top."""
+    from training.lora import TrainConfig  # torch and diffusers: only when a config is built
+
     if name and name not in PRESETS:
         raise InvalidRequest(f"unknown preset '{name}': use {', '.join(PRESETS)}")
     values = dict(PRESETS.get(name, {}))
