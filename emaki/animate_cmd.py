@@ -31,7 +31,7 @@ from emaki.common import (
     user_name,
 )
 from engine.errors import EmakiError, InvalidRequest
-from engine.settings import MAX_SEED, Settings, check_value
+from engine.settings import MAX_SEED, Settings, check_value, rule_of
 
 FORMATS = ("gif", "webp", "mp4")
 SIDECAR_VERSION = 1
@@ -481,11 +481,20 @@ def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise InvalidRequest(f"--{name} must be a number above 0 (got {value})")
     if args.seconds is not None:
-        return round(args.seconds * 1000 / frames)
-    if args.fps is not None:
+        option, keyframe_ms = f"--seconds {args.seconds:g}", args.seconds * 1000 / frames
+    elif args.fps is not None:
         clip_frames = frames + (frames - 1) * count
-        return round(1000 / args.fps * clip_frames / frames)
-    return None
+        option, keyframe_ms = f"--fps {args.fps:g}", 1000 / args.fps * clip_frames / frames
+    else:
+        return None
+    rule = rule_of("frame_duration_ms")
+    assert rule.low is not None and rule.high is not None
+    if not (math.isfinite(keyframe_ms) and rule.low <= keyframe_ms <= rule.high):
+        raise InvalidRequest(
+            f"{option} gives each of the {frames} keyframes {keyframe_ms:.3g} ms; it must come to "
+            f"{rule.low:g}..{rule.high:g} ms a keyframe"
+        )
+    return round(keyframe_ms)
 
 
 def cmd_animate(args: argparse.Namespace) -> int:

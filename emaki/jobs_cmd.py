@@ -47,8 +47,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer
+
+
 def _job(store: Any, settings: Settings, job_id: int) -> dict[str, Any]:
-    job = store.job(job_id) if store is not None else None
+    known = store is not None and 1 <= job_id <= MAX_JOB_ID
+    job = store.job(job_id) if known else None
     if job is None or job["kind"] != "animate":
         raise InvalidRequest(f"there is no animation job {job_id} in {settings.data_dir} (emaki jobs lists them)")
     return job

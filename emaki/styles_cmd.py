@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from emaki.common import settings_from_args
+from emaki.common import existing_store, settings_from_args
 from engine.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -20,10 +20,16 @@ def cmd_styles(args: argparse.Namespace) -> int:
     from engine.store import open_store
 
     settings = settings_from_args(args)
-    store = open_store(settings.data_dir)
+    # Read-only until a change is accepted: a refused command leaves no data dir and no database.
+    store = existing_store(settings)
+    if args.action == "add":
+        _check_name_and_trigger(args.name, args.trigger)
     if args.action == "add" and args.from_run:
-        from training.service import register_saved_step
+        from training.service import register_saved_step, style_dir
 
+        if not style_dir(settings, args.from_run.strip().lower()).is_dir():
+            raise InvalidRequest(f"run '{args.from_run}' has no kept saves in {settings.data_dir}")
+        store = store or open_store(settings.data_dir)
         weights = register_saved_step(settings, store, args.name, args.from_run, args.step)
         print(f"registered style {args.name} from run {args.from_run} at step {args.step}: {weights}")
         return 0
@@ -32,12 +38,12 @@ def cmd_styles(args: argparse.Namespace) -> int:
             raise InvalidRequest("give the weights file, or --from-run RUN --step S")
         return _add(settings, store, args)
     if args.action == "remove":
-        if store.style(args.name) is None:
+        if store is None or store.style(args.name) is None:
             raise InvalidRequest(f"unknown style '{args.name}'")
         store.db["styles"].delete(args.name)
         print(f"removed style {args.name}")
         return 0
-    rows = store.styles()
+    rows = store.styles() if store is not None else []
     if not rows:
         print("no styles registered (emaki styles add NAME FILE, or emaki train)")
     for row in rows:
@@ -50,11 +56,30 @@ def cmd_styles(args: argparse.Namespace) -> int:
 MAX_STYLE_WEIGHT = 2.0  # beyond this a style overpowers the base model into noise
 
 
-def _add(settings: Settings, store: Store, args: argparse.Namespace) -> int:
+MAX_TRIGGER_CHARS = 100  # a trigger goes into every prompt of the style, and into Discord messages
+
+
+def _check_name_and_trigger(name: str, trigger: str | None) -> None:
+    """The same name rule as trained styles (the name becomes a folder, a Discord option, a sidecar
+    entry): lower-case letters, digits, '-' and '_'."""
+    from training.dataset import STYLE_NAME
+
+    cleaned = (name or "").strip().lower()
+    if not STYLE_NAME.match(cleaned):
+        raise InvalidRequest(
+            f"style name '{cleaned[:40]}' must be 1-32 characters of a-z, 0-9, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    if trigger and (len(trigger) > MAX_TRIGGER_CHARS or any(c in trigger for c in "\r\n")):
+        raise InvalidRequest(f"--trigger must be one line of at most {MAX_TRIGGER_CHARS} characters")
+
+
+def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> int:
     """Check everything before the store is touched: a refused file registers nothing and replaces nothing."""
+    from engine.store import open_store
     from engine.style_files import KIND_NAMES, base_architecture, locate, read_style
 
-    name = args.name.strip()
+    name = args.name.strip().lower()  # as trained styles are named
     if not name:
         raise InvalidRequest("the style name is empty")
     if not (math.isfinite(args.weight) and 0 < args.weight <= MAX_STYLE_WEIGHT):
@@ -62,13 +87,14 @@ def _add(settings: Settings, store: Store, args: argparse.Namespace) -> int:
     path = Path(args.path).expanduser().resolve()
     if not path.exists():
         raise InvalidRequest(f"style weights file {args.path} does not exist")
-    existing = store.style(name)
+    existing = store.style(name) if store is not None else None
     if existing is not None and not args.replace:
         trained = " (trained here, with its metrics)" if existing.get("dataset_id") is not None else ""
         raise InvalidRequest(f"a style named '{name}' already exists{trained}; add --replace to replace it")
     layers = read_style(path, base_architecture(settings.base_model))
     weights, _ = locate(path)
     fields = {"trigger": args.trigger or "", "adapter": layers.kind, "weight": args.weight}
+    store = store or open_store(settings.data_dir)  # everything checked: now the store may be created
     if existing is None:
         store.add_style(name, str(weights), **fields)
     else:

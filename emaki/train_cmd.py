@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from emaki.common import settings_from_args
+from emaki.common import existing_store, settings_from_args
 from engine.errors import InvalidRequest
 
 MAX_EVAL_SAMPLES = 10_000
@@ -101,6 +101,8 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
     from training.lora import TrainConfig, kept_saves
     from training.service import prepare_dataset, style_dir, train_style
 
+    if not source.exists():  # before the store: a refused start writes nothing, not even a database
+        raise InvalidRequest(f"dataset {source} does not exist (a .zip, or a folder of images with metadata.csv)")
     store = open_store(settings.data_dir)
     if store.style(name) is not None:
         raise InvalidRequest(f"a style named '{name}' already exists: choose another name")
@@ -196,15 +198,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from engine.models import Models
-    from engine.store import open_store
     from training.evaluate import report
     from training.service import evaluate_style
 
     settings = settings_from_args(args)
     if args.samples is not None and not 2 <= args.samples <= MAX_EVAL_SAMPLES:
         raise InvalidRequest(f"--samples must be a whole number from 2 to {MAX_EVAL_SAMPLES} (got {args.samples})")
-    store = open_store(settings.data_dir)
-    if store.style(args.style) is None:
+    store = existing_store(settings)
+    if store is None or store.style(args.style) is None:
         raise InvalidRequest(f"unknown style '{args.style}'")
     bar = tqdm(desc="generating", unit="image", disable=args.quiet, file=sys.stderr)
 

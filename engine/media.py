@@ -4,6 +4,7 @@ and fitting an animation under an upload limit."""
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,13 @@ def shared_palette(frames: Sequence[Image.Image], colors: int = 256) -> Image.Im
     return strip.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
 
 
+def gif_durations(count: int, frame_ms: float) -> list[int]:
+    """Per-frame GIF delays for frames of `frame_ms`: GIF counts in 10 ms steps (Pillow truncates), so
+    the steps are spread (170, 160, 170, ... for 166 ms) and the clip keeps its length."""
+    edges = [round(i * frame_ms / 10) * 10 for i in range(count + 1)]
+    return [max(10, later - earlier) for earlier, later in itertools.pairwise(edges)]
+
+
 def encode_gif(frames: Sequence[Image.Image], duration_ms: int = 100, colors: int = 256, loop: int = 0) -> bytes:
     palette = shared_palette(frames, colors)
     indexed = [f.convert("RGB").quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for f in frames]
@@ -36,7 +44,7 @@ def encode_gif(frames: Sequence[Image.Image], duration_ms: int = 100, colors: in
         format="GIF",
         save_all=True,
         append_images=indexed[1:],
-        duration=duration_ms,
+        duration=gif_durations(len(indexed), duration_ms),
         loop=loop,
         disposal=1,
         # Naming the palette makes Pillow write it once as the global table and no local tables;

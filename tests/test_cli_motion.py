@@ -34,6 +34,12 @@ def test_in_betweens_keep_the_clip_length_and_are_recorded(tiny_env: Path, capsy
     assert len(list((tiny_env / "smooth_frames").glob("frame_*.png"))) == 3
 
 
+def test_gif_steps_are_spread_so_the_clip_keeps_its_length(tiny_env: Path) -> None:  # noqa: F811
+    assert main(["animate", "a fox", "--out", "d.gif", "--duration", "333", "--interpolate", "2", *SMALL]) == 0
+    count, durations = _gif_frames(tiny_env / "d.gif")  # 7 frames of 142.7 ms: GIF keeps 10 ms steps
+    assert count == 7 and set(durations) <= {140, 150} and abs(sum(durations) - 999) <= 10
+
+
 def test_seconds_and_fps_set_the_timing(tiny_env: Path) -> None:  # noqa: F811
     assert main(["animate", "a fox", "--out", "s.gif", "--seconds", "1.5", "--interpolate", "1", *SMALL]) == 0
     count, durations = _gif_frames(tiny_env / "s.gif")
@@ -64,6 +70,9 @@ BAD_TIMING = [
     (["--seconds", "0"], "--seconds must be a number above 0"),
     (["--fps", "nan"], "--fps must be a number above 0"),
     (["--fps", "10", "--seconds", "2"], "give one of --seconds, --fps"),
+    (["--seconds", "1e308"], "--seconds 1e+308 gives each of the 3 keyframes"),
+    (["--fps", "5e-324"], "--fps 4.94066e-324 gives each"),
+    (["--fps", "1e9"], "it must come to 20..5000 ms a keyframe"),
     (["--interpolate", "8", "--duration", "100"], "each frame would show 16 ms"),
     (["--interpolate", "8", "--frames", "16"], "the limit is 128"),
 ]
