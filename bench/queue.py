@@ -49,32 +49,12 @@ from engine.store import open_store
 from engine.worker import Engine, stream_job
 
 
-class TimedExecutor(ThreadPoolExecutor):
-    """The one GPU thread, adding up how long its work runs."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=1, thread_name_prefix="bench-gpu")
-        self.busy_s = 0.0
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        def timed() -> Any:
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.busy_s += time.perf_counter() - started
-
-        return super().submit(timed)
-
-
 async def run_queue(models: Models, jobs: int, steps: int | None, overlapped: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(profile="tiny", data_dir=tmp, story_backend="fallback")
         store = open_store(settings.data_dir)
         engine = Engine(settings, store, models=models)
-        gpu = TimedExecutor()
+        gpu = RenderClock()
         outbox = Path(tmp) / "outbox"
         outbox.mkdir()
         finishing: set[asyncio.Task[None]] = set()
@@ -125,6 +105,10 @@ class RenderClock(ThreadPoolExecutor):
                 self.spans.append((started, time.perf_counter()))
 
         return super().submit(timed)
+
+    @property
+    def busy_s(self) -> float:
+        return sum(end - start for start, end in self.spans)
 
     def idle(self) -> dict[str, float]:
         spans = sorted(self.spans)

@@ -337,7 +337,9 @@ def _warn_version_drift(sidecar: dict[str, Any]) -> None:
 
 # --- the per-job record of what the CLI was asked -------------------------------------------------
 def _meta_path(settings: Settings, job_id: int) -> Path:
-    return settings.data_dir / "jobs" / str(job_id) / META_FILE  # inside Engine.job_dir
+    from engine.worker import job_dir
+
+    return job_dir(settings, job_id) / META_FILE
 
 
 def read_meta(settings: Settings, job_id: int) -> dict[str, Any]:
@@ -483,8 +485,9 @@ def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
     if args.seconds is not None:
         option, keyframe_ms = f"--seconds {args.seconds:g}", args.seconds * 1000 / frames
     elif args.fps is not None:
-        clip_frames = frames + (frames - 1) * count
-        option, keyframe_ms = f"--fps {args.fps:g}", 1000 / args.fps * clip_frames / frames
+        from engine.params import clip_frame_count
+
+        option, keyframe_ms = f"--fps {args.fps:g}", 1000 / args.fps * clip_frame_count(frames, count) / frames
     else:
         return None
     rule = rule_of("frame_duration_ms")

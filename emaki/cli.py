@@ -42,13 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    if not {"-v", "--verbose"} & set(words):
-        # Before the parser is built: building it imports the trainer's choices, and with them
-        # diffusers and transformers, which warn while importing.
-        _quiet_libraries()
-    parser = build_parser()
-    args = parser.parse_args(words)
+    parser = build_parser()  # imports no model library (training/options.py holds the trainer's choices)
+    args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()  # before the subcommand imports torch, diffusers or transformers
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -60,16 +60,10 @@ MAX_TRIGGER_CHARS = 100  # a trigger goes into every prompt of the style, and in
 
 
 def _check_name_and_trigger(name: str, trigger: str | None) -> None:
-    """The same name rule as trained styles (the name becomes a folder, a Discord option, a sidecar
-    entry): lower-case letters, digits, '-' and '_'."""
-    from training.dataset import STYLE_NAME
+    """Trained styles' name rule (training.dataset.style_name), and a one-line, capped trigger."""
+    from training.dataset import style_name
 
-    cleaned = (name or "").strip().lower()
-    if not STYLE_NAME.match(cleaned):
-        raise InvalidRequest(
-            f"style name '{cleaned[:40]}' must be 1-32 characters of a-z, 0-9, '-' or '_', "
-            "starting with a letter or digit"
-        )
+    style_name(name)
     if trigger and (len(trigger) > MAX_TRIGGER_CHARS or any(c in trigger for c in "\r\n")):
         raise InvalidRequest(f"--trigger must be one line of at most {MAX_TRIGGER_CHARS} characters")
 

@@ -97,7 +97,7 @@ class CompiledUNet:
         """Swap a LoRA state dict (diffusers/peft keys, `unet.` prefixed) into the slot, or the neutral
         one for `None`. `key` names what is loaded so repeating the same request costs nothing."""
         wanted = None if lora_state is None else (key, weight)
-        if wanted == self.active and wanted is not None:
+        if wanted == self.active:  # None at first too: the slot starts out neutral
             return
         if lora_state is None:
             state = _copied(self._neutral)

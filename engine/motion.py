@@ -37,14 +37,6 @@ def tiny_motion_adapter() -> Any:
     ).eval()
 
 
-def load_motion_adapter(ref: str, dtype: torch.dtype) -> Any:
-    from diffusers import MotionAdapter
-
-    if ref == "tiny":
-        return tiny_motion_adapter().to(dtype)
-    return MotionAdapter.from_pretrained(ref, dtype=dtype)
-
-
 def prompt_schedule(beats: list[str], num_frames: int) -> dict[int, str]:
     """Beat k of N starts at frame round(k * F / N); beats that would share a frame keep the first."""
     schedule: dict[int, str] = {}

@@ -22,6 +22,11 @@ MAX_GUIDANCE = float(rule_of("guidance").high or 0)
 MIN_CLIP_FRAME_MS = 20
 
 
+def clip_frame_count(keyframes: int, interpolate: int) -> int:
+    """Frames a clip shows: the keyframes and `interpolate` in-betweens in each gap between them."""
+    return keyframes + max(keyframes - 1, 0) * interpolate
+
+
 @dataclass(frozen=True)
 class AnimationParams:
     idea: str
@@ -41,7 +46,7 @@ class AnimationParams:
 
     @property
     def clip_frames(self) -> int:
-        return self.frames + max(self.frames - 1, 0) * self.interpolate
+        return clip_frame_count(self.frames, self.interpolate)
 
     @property
     def clip_frame_ms(self) -> int:

@@ -40,7 +40,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
+def tiny_text_encoder(vocab_size: int, layers: int = 2) -> CLIPTextModel:
     torch.manual_seed(WEIGHT_SEED)
     config = CLIPTextConfig(
         bos_token_id=0,
@@ -50,7 +50,7 @@ def tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
         intermediate_size=37,
         layer_norm_eps=1e-5,
         num_attention_heads=4,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         vocab_size=vocab_size,
         max_position_embeddings=77,
     )

@@ -96,7 +96,7 @@ class Engine:
         self.story = story or StoryTeller(settings)
 
     def job_dir(self, job_id: int) -> Path:
-        return self.settings.data_dir / "jobs" / str(job_id)
+        return job_dir(self.settings, job_id)
 
     # --- creating jobs (rows first, so nothing is acknowledged before it is durable) ----------
     def create_job(self, params: AnimationParams, **owner: Any) -> int:
@@ -319,9 +319,14 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
     return inbetweener.sequence(keyframes), params.clip_frame_ms
 
 
+def job_dir(settings: Settings, job_id: int) -> Path:
+    """Where a job's frames, GIF and records live."""
+    return settings.data_dir / "jobs" / str(job_id)
+
+
 def job_record(settings: Settings, job_id: int, name: str) -> dict[str, Any]:
     """A JSON file the engine wrote beside a job's frames (STORY_FILE, METRICS_FILE), or {}."""
-    path = settings.data_dir / "jobs" / str(job_id) / name
+    path = job_dir(settings, job_id) / name
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

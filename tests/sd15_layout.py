@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine import tiny
 
@@ -47,20 +47,9 @@ def sd15_unet() -> UNet2DConditionModel:
 
 
 def sd15_text_encoder(vocab_size: int) -> CLIPTextModel:
-    torch.manual_seed(WEIGHT_SEED)
-    config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=CROSS_ATTENTION_DIM,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=TEXT_LAYERS,
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",  # SD1.5's CLIP ViT-L/14
-    )
-    return CLIPTextModel(config).eval()
+    # CLIP's module names do not depend on its width or depth, and its default activation (quick_gelu)
+    # is SD1.5's: the tiny builder with this module's layer count.
+    return tiny.tiny_text_encoder(vocab_size, layers=TEXT_LAYERS)
 
 
 def sd15_vae() -> AutoencoderKL:

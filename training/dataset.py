@@ -50,14 +50,22 @@ class Dataset:
         return [item.caption for item in self.items]
 
 
-def check_style_name(name: str, store: Store) -> str:
+def style_name(name: str) -> str:
+    """The name, lower-cased, if it is a valid style name (it becomes a folder, a Discord option and a
+    sidecar entry), else DatasetError with one line."""
     name = (name or "").strip().lower()
     if not name:
         raise DatasetError("the style name is empty")
     if not STYLE_NAME.match(name):
         raise DatasetError(
-            f"style name '{name}' must be 1-32 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+            f"style name '{name[:40]}' must be 1-32 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
         )
+    return name
+
+
+def check_style_name(name: str, store: Store) -> str:
+    """A valid name that no style or waiting dataset uses yet."""
+    name = style_name(name)
     if store.style(name) is not None:
         raise DatasetError(f"a style named '{name}' already exists: choose another name")
     if store.datasets_where("style_name = ? and status in ('pending', 'approved')", [name]):
