@@ -175,7 +175,7 @@ CASES: dict[str, Case] = {
         "motion mode needs at least 2 frames",
         env={"EMAKI_MOTION_ADAPTER": "tiny"},
     ),
-    "motion depth in chain mode": Case([*FOX, "--motion-depth"], "motion depth guidance applies to --motion animatediff"),
+    "motion depth in chain mode": Case([*FOX, "--motion-depth"], "motion depth guidance applies to --motion"),
     "EMAKI_MOTION_FEWSTEP=turbo": Case(FOX, "unknown motion_fewstep 'turbo'", env={"EMAKI_MOTION_FEWSTEP": "turbo"}),
     # jobs, resume, redo
     "jobs limit 0": Case(["jobs", "--limit", "0"], "--limit must be between 1 and 1000"),
