@@ -95,6 +95,9 @@ HELP = f"""**emaki** turns one idea into a short Ghibli-style animation.
 `/queue` your jobs and their place in line · `/cancel` your latest job · `/styles` the styles you can use
 On a result: {REROLL} reroll with new seeds · {DIGITS[0]}…{DIGITS[9]} redo from that frame (earlier frames kept) \
 · {DELETE} delete (the requester or someone with Manage Messages). Rerolls by others are queued as their own jobs.
+With `motion:animatediff` the clip is rendered at once and the frames listed are its story beats: \
+{DIGITS[0]}…{DIGITS[9]} redo that beat (new noise for its stretch of the clip, the other beats keep theirs; \
+the whole clip is re-rendered) · {REROLL} new noise everywhere.
 Admins (Manage Server): `/pause` and `/resume` the queue."""
 
 

@@ -209,3 +209,64 @@ def test_redo_beat_k_changes_only_its_noise_window_and_a_reroll_all(motion_engin
     # Every beat's file of the redo is the redo's own render, in-betweens included.
     images, _ = clip_images(motion_engine.settings, motion_engine.store.job(redo), rows[1])
     assert len(images) == 5 and all(str(redo) in Path(r["path"]).parent.name for r in rows[1])
+
+
+# --- the bot: /animate motion:animatediff on SimCord ---------------------------------------------------
+@pytest.fixture
+def simcord_bot(tmp_path: Path, motion_models: Models):
+    from bot.client import create_bot
+
+    settings = load_settings(
+        profile="tiny",
+        motion_adapter="tiny",
+        data_dir=tmp_path / "data",
+        steps=2,
+        progress_edit_interval_s=0.0,
+        position_edit_interval_s=0.0,
+    )
+    motion_models.use_style(None)
+    bot = create_bot(settings, models=motion_models)
+    bot.post_retry_delays = (0.01, 0.01)
+    bot.outbox.retry_base_s = 0.01
+    return bot
+
+
+@pytest.mark.simcord(settle_timeout=120)
+async def test_the_bot_renders_a_motion_clip_and_redoes_a_beat(simcord_env) -> None:
+    import io
+
+    from PIL import Image
+
+    from bot import render
+
+    guild = simcord_env.create_guild("ghibli fans")
+    channel = guild.create_text_channel("animations")
+    alice = guild.add_member(simcord_env.create_user("alice"))
+    answer = await alice.slash(channel, "animate", prompt="a leaf falls", frames=2, seed=2, motion="animatediff")
+    assert not answer.ephemeral
+    gifs = [m for m in channel.history() if m.attachments and m.attachments[0].filename.endswith(".gif")]
+    [posted] = gifs
+    clip = Image.open(io.BytesIO(await posted.attachments[0].read()))
+    assert clip.n_frames == 2 + 3  # two beats and the default 3 motion frames between them
+    store = simcord_env.bot.store
+    assert store.job(1)["params"]["motion"] == "animatediff"
+    await alice.react(posted, "2️⃣")  # redo beat 2: a new seed for its row, the whole clip re-rendered
+    child = store.job_by_result_message(
+        [m for m in channel.history() if m.attachments and m.attachments[0].filename.endswith(".gif")][-1].id
+    )
+    assert child["parent_job_id"] == 1 and child["regen_from"] == 1
+    parent_rows, child_rows = store.frames(1), store.frames(child["id"])
+    assert parent_rows[0]["seed"] == child_rows[0]["seed"] and parent_rows[1]["seed"] != child_rows[1]["seed"]
+    helped = await alice.slash(channel, "help")
+    assert "motion:animatediff" in helped.response.content and helped.response.content == render.HELP
+
+
+@pytest.mark.simcord(settle_timeout=120)
+async def test_the_bot_refuses_motion_without_an_adapter_ephemerally(simcord_env, monkeypatch) -> None:
+    guild = simcord_env.create_guild("ghibli fans")
+    channel = guild.create_text_channel("animations")
+    alice = guild.add_member(simcord_env.create_user("alice"))
+    monkeypatch.setattr(simcord_env.bot.settings, "motion_adapter", "")
+    answer = await alice.slash(channel, "animate", prompt="a leaf falls", motion="animatediff")
+    assert answer.ephemeral and "motion mode needs a motion adapter" in answer.response.content
+    assert simcord_env.bot.store.jobs_where("1 = 1", []) == []
