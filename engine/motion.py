@@ -156,7 +156,7 @@ def load_adapter(settings: Settings, device: torch.device, dtype: torch.dtype) -
     if settings.motion_adapter == "tiny":
         adapter = tiny_motion_adapter()
     else:
-        adapter = _load(adapter_spec(settings), MotionAdapter.from_pretrained, torch_dtype=dtype)
+        adapter = _load(adapter_spec(settings), MotionAdapter.from_pretrained, dtype=dtype)
     return adapter.to(device, dtype).eval()
 
 
