@@ -157,10 +157,9 @@ class GuildSettings:
 def _check_int(key: str, value: int, current: Settings, operator: Settings) -> None:
     """Ranges that depend on other values: a default within this server's maximum, a maximum within
     the operator's, a size a multiple of 8 within the size limits."""
-    if key in ("max_frames", "max_steps", "max_size", "max_pending_per_member"):
-        if value > getattr(operator, key):
-            limit = getattr(operator, key)
-            raise InvalidRequest(f"{key} must be between 1 and {limit}, the bot operator's limit (got {value})")
+    if KEYS[key].bound and value > getattr(operator, key):
+        limit = getattr(operator, key)
+        raise InvalidRequest(f"{key} must be between 1 and {limit}, the bot operator's limit (got {value})")
     if key == "frames" and not 1 <= value <= current.max_frames:
         raise InvalidRequest(f"frames must be between 1 and max_frames ({current.max_frames}) (got {value})")
     if key == "steps" and not 1 <= value <= current.max_steps:
