@@ -21,6 +21,7 @@ from discord import app_commands
 from discord.http import HTTPClient
 from PIL import Image
 
+from bot import guild_settings as server_rules
 from bot import render
 from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
@@ -43,7 +44,7 @@ def is_moderator(bot: EmakiBot, member: discord.Member | None, channel: Any) -> 
         return False
     if channel.permissions_for(member).manage_guild:
         return True
-    role = bot.settings.moderator_role
+    role = server_rules.limits(bot, member.guild.id).moderator_role  # the server's own, else the operator's
     return bool(role) and any(r.name == role or str(r.id) == role for r in member.roles)
 
 
@@ -127,6 +128,7 @@ async def _receive(
     try:
         await download(bot, attachment, upload, settings.max_dataset_bytes)
         await asyncio.to_thread(_clear_stale, bot, style)
+        rules = server_rules.server(bot, interaction.guild.id)
         dataset_id, ds = await asyncio.to_thread(
             prepare_dataset,
             settings,
@@ -141,6 +143,13 @@ async def _receive(
             guild_id=interaction.guild.id,
             channel_id=interaction.channel.id,
         )
+        blocked = server_rules.blocked_entry(rules, list(ds.captions))
+        if blocked is not None:
+            # Captions are known only once the zip is read: the row goes before anything else can see it
+            # (no await in between), then the extracted files.
+            bot.store.delete_dataset(dataset_id)
+            await asyncio.to_thread(_clear_stale, bot, style)
+            raise DatasetError(server_rules.blocked_message(blocked, "captions") + "; nothing was stored")
         # Some preset values (save every N epochs) depend on the image count, known only now.
         bot.store.update_dataset(dataset_id, params=json.dumps(asdict(recipe(len(ds.items)))))
         return dataset_id, ds
@@ -193,7 +202,14 @@ def register(bot: EmakiBot) -> None:
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
         settings = bot.settings
+        rules = server_rules.server(bot, interaction.guild.id)
         try:
+            pointer = server_rules.channel_pointer(rules.train_channels, interaction.channel, "train")
+            if pointer is not None:
+                raise InvalidRequest(pointer)
+            blocked = server_rules.blocked_entry(rules, [name, trigger or ""])
+            if blocked is not None:
+                raise InvalidRequest(server_rules.blocked_message(blocked, "style names and triggers"))
             style = check_style_name(name, bot.store)
             if style in bot.train_names_in_check:  # another submission of this name is being checked
                 raise DatasetError(f"a dataset for style '{style}' is being checked right now: choose another name")
