@@ -223,7 +223,7 @@ def register(bot: EmakiBot) -> None:
 
     @tree.command(name="help", description="How to use emaki")
     async def help_command(interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(render.HELP, ephemeral=True)
+        await interaction.response.send_message(f"{render.HELP}\n{render.COMMUNITY_HELP}", ephemeral=True)
 
     @tree.command(name="pause", description="Pause the queue (jobs stay queued)")
     @app_commands.guild_only()
