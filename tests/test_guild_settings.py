@@ -250,3 +250,18 @@ def test_server_values_are_clamped_to_the_operator_and_round_trip(settings) -> N
     settings.max_frames = 8  # the operator lowers the limit later: obeyed at once
     limits = server.limits(settings)
     assert (limits.max_frames, limits.frames) == (8, 8)
+
+
+async def test_a_style_trained_from_a_servers_dataset_is_that_servers(two, bot_settings) -> None:
+    env, helper = two.env, two.helper
+    bot_settings.eval_samples, bot_settings.train_checkpoint_every = 2, 2
+    await two.admin.slash(two.animations, "settings set", key="moderator_role", value=f"<@&{two.helpers.id}>")
+    await two.alice.slash(two.animations, "train", name="snowfox", dataset=("s.zip", dataset_zip_bytes()), steps=2)
+    await helper.react(two.animations.last_message, "✅")  # this server's moderator role approves
+    store = bot_of(env).store
+    style = store.style("snowfox")
+    assert style is not None and style["guild_id"] == two.a.id and not style["shared"]
+    assert "**snowfox**" in (await two.alice.slash(two.animations, "styles")).response.content
+    assert "snowfox" not in (await two.alice_b.slash(two.art, "styles")).response.content
+    refused = await two.alice_b.slash(two.art, "animate", prompt="a fox", style="snowfox")
+    assert refused.ephemeral and "unknown style 'snowfox'" in refused.response.content

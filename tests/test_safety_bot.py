@@ -96,3 +96,13 @@ def test_a_regeneration_follows_its_parents_decision(settings: Settings, store: 
     assert not screens(store, settings, store.job(grandchild))
     store.update_job(parent, screen=1)
     assert screens(store, settings, store.job(grandchild))
+
+
+def test_bench_prints_the_checkers_cost_per_frame(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bench import safety as bench_safety
+
+    bench_safety.main(["--arch", "tiny", "--frames", "2"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["arch"] == "tiny" and result["frames"] == 2 and result["ms_per_frame_median"] > 0
