@@ -109,8 +109,10 @@ def register(bot: EmakiBot) -> None:
             blocked = server_rules.blocked_entry(rules, [prompt])
             if blocked is not None:
                 raise InvalidRequest(server_rules.blocked_message(blocked, "prompts"))
-            bot.queue.check_cap(interaction.user.id)
-            server_rules.check_member_cap(bot, interaction.user.id, limits.max_pending_per_member)
+            bot.queue.check_cap(interaction.user.id)  # the operator's cap, as the queue holds it
+            if rules.max_pending_per_member is not None:  # a server may only lower it
+                cap = min(rules.max_pending_per_member, bot.queue.max_pending)
+                server_rules.check_member_cap(bot, interaction.user.id, cap)
             check_steps(limits, steps)
             if style and style.strip():
                 server_rules.usable_style(bot, interaction.guild.id, style)  # other servers' styles stay unknown

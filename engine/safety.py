@@ -23,6 +23,7 @@ from PIL import Image
 from engine.errors import EmakiError
 
 if TYPE_CHECKING:
+    from engine.models import Models
     from engine.settings import Settings
     from engine.store import Store
     from engine.worker import Engine
@@ -132,6 +133,11 @@ def checker_for(
         return _checkers[key]
 
 
+def image_passes(settings: Settings, models: Models, image: Image.Image) -> bool:
+    """The checker's verdict on one image, on the models' device (call it from the GPU thread)."""
+    return not checker_for(settings, models.device, models.dtype).flagged([image])[0]
+
+
 def screens(store: Store, settings: Settings, job: dict[str, Any]) -> bool:
     """Whether a job's frames pass the checker: the decision recorded when the job was created (the bot
     records one for every job it makes). A regeneration made without one follows its parent; a job with
@@ -151,11 +157,7 @@ def screen_frame(engine: Engine, job: dict[str, Any], image: Image.Image) -> Non
     """Called by the engine for each newly rendered frame, before anything (a progress thumbnail
     included) can show it. A flagged frame ends the job: the job's folder (its earlier frames too)
     is deleted and ContentFlagged is raised, which the engine records as the job's failure."""
-    if not screens(engine.store, engine.settings, job):
-        return
-    models = engine.models
-    checker = checker_for(engine.settings, models.device, models.dtype)
-    if not checker.flagged([image])[0]:
+    if not screens(engine.store, engine.settings, job) or image_passes(engine.settings, engine.models, image):
         return
     folder = Path(engine.job_dir(job["id"]))
     log.warning("job %s: a frame was flagged by the safety checker; deleting %s", job["id"], folder)

@@ -82,6 +82,11 @@ async def test_settings_change_one_key_and_stay_in_their_server(two) -> None:
     reset = await admin.slash(two.animations, "settings set", key="max_frames", value="default")
     assert reset.ephemeral and "`max_frames` is now 16 (default)" in reset.response.content
     assert store.guild_settings(two.a.id) == {"frames": 2}
+    # A lower per-member cap: bob has one job waiting.
+    await admin.slash(two.animations, "settings set", key="max_pending_per_member", value="1")
+    capped = await two.bob.slash(two.animations, "animate", prompt="a second heron")
+    assert capped.ephemeral and "the limit is 1 in this server" in capped.response.content
+    assert len(jobs(env)) == 4
 
 
 SETTINGS_BAD = [
@@ -265,3 +270,19 @@ async def test_a_style_trained_from_a_servers_dataset_is_that_servers(two, bot_s
     assert "snowfox" not in (await two.alice_b.slash(two.art, "styles")).response.content
     refused = await two.alice_b.slash(two.art, "animate", prompt="a fox", style="snowfox")
     assert refused.ephemeral and "unknown style 'snowfox'" in refused.response.content
+
+
+def test_cli_lists_each_styles_server(tmp_path: Path, monkeypatch, capsys) -> None:
+    from emaki.cli import main
+    from engine.store import open_store
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    store = open_store(tmp_path / "data")
+    store.add_style("inkwash", "ink.safetensors", guild_id=1234)
+    store.add_style("pastel", "pastel.safetensors")
+    store.add_style("sumi", "sumi.safetensors", guild_id=1234, shared=1)
+    assert main(["styles"]) == 0
+    out = capsys.readouterr().out
+    assert "inkwash\ttrigger=-\tlora\tserver 1234\t" in out and "pastel\ttrigger=-\tlora\tglobal\t" in out
+    assert "sumi\ttrigger=-\tlora\tserver 1234 (shared)\t" in out

@@ -106,3 +106,18 @@ def test_bench_prints_the_checkers_cost_per_frame(capsys: pytest.CaptureFixture[
     bench_safety.main(["--arch", "tiny", "--frames", "2"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["arch"] == "tiny" and result["frames"] == 2 and result["ms_per_frame_median"] > 0
+
+
+@pytest.mark.simcord(settle_timeout=120)
+async def test_training_samples_are_screened_too(world, bot_settings: Settings) -> None:
+    from tests.test_bot import dataset_zip_bytes
+
+    env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
+    bot_settings.eval_samples, bot_settings.train_checkpoint_every = 2, 2
+    bot_settings.safety_tiny_threshold = FLAG_EVERYTHING
+    await alice.slash(channel, "train", name="owl", dataset=("o.zip", dataset_zip_bytes()), steps=4, save_every=2)
+    await mod.react(channel.last_message, "✅")
+    store = bot_of(env).store
+    [job] = store.jobs_where("kind = 'train'", [])
+    assert job["screen"] == 1 and job["status"] == "done"  # the style is trained; only its samples are held back
+    assert not any("sample.png" in str(r.json) for r in env.http_requests if r.json)
