@@ -9,6 +9,7 @@ a button (bot/buttons.py). One implementation, so the two ways never disagree on
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,10 @@ if TYPE_CHECKING:
     from bot.client import EmakiBot
     from engine.settings import Settings
 
+log = logging.getLogger(__name__)
+
 MP4_FILE = "animation.mp4"  # in the job folder, made on the first request and reused after
+MP4_MISSING = 'MP4 needs imageio-ffmpeg on the bot\'s machine (pip install "emaki[mp4]"); the GIF has the same frames'
 
 
 def may_delete(job: dict[str, Any], user_id: int, permissions: discord.Permissions | None) -> bool:
@@ -83,16 +87,33 @@ def mp4_of(settings: Settings, job: dict[str, Any], frames: list[dict[str, Any]]
         return target
     if not frames or not all(r["path"] and Path(r["path"]).is_file() for r in frames):
         raise InvalidRequest(f"job {job['id']}'s frames are no longer on disk: there is nothing to make an MP4 from")
+    if not ffmpeg_available():
+        raise InvalidRequest(MP4_MISSING)
     images, frame_ms = clip_images(settings, job, frames)
     # A unique temporary name (two clicks at once each write their own), ".mp4" so ffmpeg picks
     # the container; renamed into place whole.
     handle, tmp_name = tempfile.mkstemp(prefix=".mp4-", suffix=".mp4", dir=folder)
     tmp = Path(tmp_name)
+    os.close(handle)
     try:
-        with open(handle, "wb"):
-            pass
-        write_mp4(images, tmp, duration_ms=frame_ms)
+        try:
+            write_mp4(images, tmp, duration_ms=frame_ms)
+        except InvalidRequest as exc:  # ffmpeg's own complaint is many lines: the log keeps it
+            log.warning("MP4 of job %s failed: %s", job["id"], exc)
+            reason = f"the MP4 of job {job['id']} could not be made; an admin can find why in the bot's log"
+            raise InvalidRequest(reason) from exc
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def ffmpeg_available() -> bool:
+    """Whether imageio can find its ffmpeg (the imageio-ffmpeg package and its binary)."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return False
+    return True
