@@ -115,7 +115,7 @@ async def test_details_is_ephemeral_with_prompts_seeds_and_the_warping_error(wor
 
 
 async def test_mp4_button_sends_the_clip_as_a_playable_file(world) -> None:
-    env, channel, alice, bob = world.env, world.channel, world.alice, world.bob
+    channel, alice, bob = world.channel, world.alice, world.bob
     await alice.slash(channel, "animate", prompt="a leaf falls", frames=2, seed=2, interpolate=1)
     [posted] = results(channel)
     sent = await bob.click(posted, label="MP4")
