@@ -44,6 +44,23 @@ async def test_result_carries_buttons_and_reactions(world) -> None:
     assert component_labels(posted) == ["Reroll", "Details", "MP4", "Delete", "Redo from frame…"]
     select = posted.components[1].children[0]
     assert [o.value for o in select.options] == ["1", "2", "3"]
+    helped = await alice.slash(channel, "help")
+    assert "**Reroll**" in helped.response.content and "**MP4**" in helped.response.content
+
+
+async def test_button_answers_ping_nobody(world) -> None:
+    from tests.test_bot_hostile import assert_pings_at_most
+
+    env, channel, alice, bob = world.env, world.channel, world.alice, world.bob
+    role = world.guild.create_role("everybody-role", mentionable=True)
+    hostile = f"@everyone @here <@&{role.id}> <@{bob.id}> a fox"
+    await alice.slash(channel, "animate", prompt=hostile, frames=1)
+    [posted] = results(channel)
+    details = await bob.click(posted, label="Details")
+    assert hostile in details.response.content  # echoed as written, pinging no one
+    await bob.click(posted, label="Delete")  # refused, ephemerally
+    await bob.click(posted, label="MP4")
+    assert_pings_at_most(env, alice.id)
 
 
 async def test_reroll_and_redo_buttons_queue_regenerations_that_render(world) -> None:
