@@ -98,7 +98,8 @@ def _delete_job_files(settings: Settings, store: Store, job: dict[str, Any]) -> 
 
 
 def _inbetween_files(settings: Settings, job: dict[str, Any], frames: list[dict[str, Any]]) -> list[Path]:
-    """The in-between cache files of the job's keyframe pairs (engine/interpolate.py's naming)."""
+    """The in-between cache files of the job's keyframe pairs. The names come from
+    engine/interpolate.py's own (private) digest and file naming, so they can never drift apart."""
     from engine.interpolate import Inbetweener, _digest
 
     count = int((job.get("params") or {}).get("interpolate") or 0)
