@@ -152,6 +152,9 @@ class Settings:
     discord_token: str = setting("", secret=True)
     hf_token: str = setting("", secret=True)
     llm_api_key: str = setting("", secret=True)
+    # --- retention (issue 13) ---
+    # Days a finished job's files (frames, GIF, MP4, in-betweens) are kept; its rows stay. 0: forever.
+    keep_days: int = setting(30, Rule(0, 36500))
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
