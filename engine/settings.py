@@ -152,6 +152,9 @@ class Settings:
     discord_token: str = setting("", secret=True)
     hf_token: str = setting("", secret=True)
     llm_api_key: str = setting("", secret=True)
+    # --- retention (issue 13) ---
+    # Days a finished job's files (frames, GIF, MP4, in-betweens) are kept; its rows stay. 0: forever.
+    keep_days: int = setting(30, Rule(0, 36500))
     # --- community controls (issue 13) ---
     # Each server may lower these in /settings (stored per guild, engine/guild_settings.py); never raise them.
     max_steps: int = setting(150, Rule(1, 150))  # the most denoising steps a member may ask for

@@ -118,6 +118,7 @@ class Store:
                 if_not_exists=True,
             )
             self._migrate_bot_state(db)
+            self._migrate_retention(db)
 
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
@@ -161,6 +162,47 @@ class Store:
             db["styles"].add_column("shared", int)
         if "screen" not in db["jobs"].columns_dict:  # 1: every frame passes the safety checker
             db["jobs"].add_column("screen", int)
+
+    def _migrate_retention(self, db: sqlite_utils.Database) -> None:
+        """Additive: when the retention sweep deleted a job's files (its rows stay, so the record of
+        what was made and by whom outlives the pixels), and after how many days, for the message a
+        member gets when they try to regenerate from it."""
+        columns = db["jobs"].columns_dict
+        for name, kind in {"purged_at": float, "purged_days": int}.items():
+            if name not in columns:
+                db["jobs"].add_column(name, kind)
+        db["jobs"].create_index(["finished_at"], if_not_exists=True)
+
+    # --- retention ------------------------------------------------------------------------------
+    def purge_candidates(self, finished_before: float) -> list[dict[str, Any]]:
+        """Animation jobs that ended before the cutoff and still have their files, whose files no
+        one waits for: never queued or running ones, never a result still to be posted (pending,
+        sending, refused or failed to post: an admin may still /repost it). Jobs made by the CLI
+        (no channel) have nothing to post."""
+        return self.jobs_where(
+            "kind = 'animate' and purged_at is null and finished_at is not null and finished_at < ? "
+            "and (status in ('failed', 'cancelled') or (status = 'done' and "
+            "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1)))",
+            [finished_before],
+        )
+
+    def mark_purged(self, job_id: int, at: float, days: int) -> None:
+        self.update_job(job_id, purged_at=at, purged_days=days)
+
+    # --- figures for /stats ---------------------------------------------------------------------
+    def count_jobs(self, where: str, args: list[Any]) -> int:
+        with self._locked() as db:
+            return int(db.execute(f"select count(*) from jobs where {where}", args).fetchone()[0])
+
+    def recent_job_seconds(self, limit: int) -> list[float]:
+        """Render-to-GIF seconds of the newest `limit` finished animations."""
+        with self._locked() as db:
+            rows = db.execute(
+                "select finished_at - started_at from jobs where kind = 'animate' and status = 'done' "
+                "and started_at is not null and finished_at is not null order by finished_at desc limit ?",
+                [limit],
+            ).fetchall()
+        return [float(r[0]) for r in rows]
 
     # --- queue state (pause, fairness history): rows, not memory -----------------------------
     def queue_flag(self, key: str) -> str | None:

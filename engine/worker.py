@@ -31,6 +31,7 @@ from engine.interpolate import Inbetweener, warping_error
 from engine.media import encode_gif
 from engine.models import Models, StyleRef
 from engine.params import AnimationParams
+from engine.retention import purged_reason
 from engine.safety import screen_frame
 from engine.settings import Settings
 from engine.store import Store, now
@@ -121,6 +122,9 @@ class Engine:
         `from_index` a new seed (`seed` when given) and re-chains the frames after it (with their
         recorded seeds, or new ones too with `reseed_all`: a reroll)."""
         parent = self.store.job(parent_id)
+        purged = purged_reason(parent) if parent is not None else None
+        if purged:  # the retention sweep took its frames: say so, not "file not found"
+            raise InvalidRequest(purged)
         frames = self.store.frames(parent_id)
         if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
             raise InvalidRequest(f"job {parent_id} has no finished animation to regenerate from")
