@@ -152,6 +152,11 @@ def stats(
     )
 
 
+COMMUNITY_HELP = """Server rules: admins (Manage Server) see and change this server's settings with `/settings show` \
+and `/settings set` (channels, frame/step/size limits, the moderator role, the age-restricted policy, styles \
+from other servers) and its blocklist with `/settings blocklist`. Moderators `/style remove` or `/style share` \
+this server's styles. Frames are checked by a content safety checker outside age-restricted channels."""
+
 # --- community styles -------------------------------------------------------------------------
 APPROVE = "✅"
 

@@ -32,6 +32,7 @@ from engine.media import encode_gif
 from engine.models import Models, StyleRef
 from engine.params import AnimationParams
 from engine.retention import purged_reason
+from engine.safety import screen_frame
 from engine.settings import Settings
 from engine.store import Store, now
 from engine.story import StoryTeller
@@ -276,6 +277,7 @@ class Engine:
             on_step=step_hook,
             cancelled=cancelled,
         ):
+            screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
             save_png_atomic(image, path)
             self.store.put_frame(job_id, index, path=str(path))
