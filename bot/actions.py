@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot import guild_settings as server_rules
 from engine.errors import InvalidRequest
 from engine.media import write_mp4
 from engine.retention import purged_reason
@@ -53,6 +54,9 @@ async def regenerate(
     if job.get("guild_id") is not None and job["guild_id"] != guild_id:
         raise InvalidRequest(f"job {job['id']} belongs to another server")
     bot.queue.check_cap(user_id)
+    rules = server_rules.server(bot, guild_id)
+    if rules.max_pending_per_member is not None:  # the server's cap applies to rerolls as to /animate
+        server_rules.check_member_cap(bot, user_id, min(rules.max_pending_per_member, bot.queue.max_pending))
     new_id = bot.engine.create_regeneration(
         job["id"],
         from_index,

@@ -15,7 +15,7 @@ from bot.client import EmakiBot
 from engine.guild_settings import GuildSettings
 from tests import test_bot as base
 from tests.helpers import make_random_lora
-from tests.test_bot import dataset_zip_bytes, last_answer
+from tests.test_bot import dataset_zip_bytes, last_answer, results
 
 bot_settings = base.bot_settings
 simcord_bot = base.simcord_bot
@@ -286,3 +286,15 @@ def test_cli_lists_each_styles_server(tmp_path: Path, monkeypatch, capsys) -> No
     out = capsys.readouterr().out
     assert "inkwash\ttrigger=-\tlora\tserver 1234\t" in out and "pastel\ttrigger=-\tlora\tglobal\t" in out
     assert "sumi\ttrigger=-\tlora\tserver 1234 (shared)\t" in out
+
+
+async def test_a_servers_member_cap_applies_to_reroll_buttons_too(two) -> None:
+    env, admin, alice, bob = two.env, two.admin, two.alice, two.bob
+    await alice.slash(two.animations, "animate", prompt="a heron waits", frames=1)
+    [posted] = results(two.animations)
+    await admin.slash(two.animations, "pause")
+    await admin.slash(two.animations, "settings set", key="max_pending_per_member", value="1")
+    await bob.slash(two.animations, "animate", prompt="bob's first idea", frames=1)
+    refused = await bob.click(posted, label="Reroll")
+    assert refused.ephemeral and "the limit is 1 in this server" in refused.response.content
+    assert bot_of(env).store.jobs_where("parent_job_id is not null", []) == []
