@@ -152,6 +152,19 @@ class Settings:
     discord_token: str = setting("", secret=True)
     hf_token: str = setting("", secret=True)
     llm_api_key: str = setting("", secret=True)
+    # --- retention (issue 13) ---
+    # Days a finished job's files (frames, GIF, MP4, in-betweens) are kept; its rows stay. 0: forever.
+    keep_days: int = setting(30, Rule(0, 36500))
+    # --- community controls (issue 13) ---
+    # Each server may lower these in /settings (stored per guild, engine/guild_settings.py); never raise them.
+    max_steps: int = setting(150, Rule(1, 150))  # the most denoising steps a member may ask for
+    # Age-restricted channels: `screen` runs the safety checker there too, `allow` does not (a server may change it).
+    # Outside them every frame a bot job renders is always screened.
+    nsfw_policy: str = setting("screen", Rule(choices=("screen", "allow")))
+    safety_cli: bool = False  # screen frames of jobs started from the command line too
+    # `tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never flags
+    # and -2 flags every frame; tests place it).
+    safety_tiny_threshold: float = setting(2.0, Rule(-2, 2))
     # --- motion (issue 15) ---
     # The AnimateDiff SD1.5 motion adapter `--motion animatediff` renders with: a diffusers folder, a hub id
     # in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches none of

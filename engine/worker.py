@@ -33,6 +33,8 @@ from engine.models import Models, StyleRef
 from engine.motion import clip_images as motion_clip_images
 from engine.motion import save_inbetweens
 from engine.params import AnimationParams
+from engine.retention import purged_reason
+from engine.safety import screen_frame
 from engine.settings import Settings
 from engine.store import Store, now
 from engine.story import StoryTeller
@@ -122,6 +124,9 @@ class Engine:
         `from_index` a new seed (`seed` when given) and re-chains the frames after it (with their
         recorded seeds, or new ones too with `reseed_all`: a reroll)."""
         parent = self.store.job(parent_id)
+        purged = purged_reason(parent) if parent is not None else None
+        if purged:  # the retention sweep took its frames: say so, not "file not found"
+            raise InvalidRequest(purged)
         frames = self.store.frames(parent_id)
         if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
             raise InvalidRequest(f"job {parent_id} has no finished animation to regenerate from")
@@ -274,6 +279,7 @@ class Engine:
             on_step=step_hook,
             cancelled=cancelled,
         ):
+            screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
             save_png_atomic(image, path)
             save_inbetweens(image, path)  # motion mode: the clip frames up to the next beat (none in chain mode)
