@@ -338,11 +338,14 @@ def inbetween_paths(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_in_{i}.png") for i in range(1, count + 1)]
 
 
-def save_inbetweens(image: Image.Image, path: Path) -> None:
-    """Write the motion frames a beat's image carries beside its file (nothing in chain mode)."""
+def save_inbetweens(image: Image.Image, path: Path, screen: Callable[[Image.Image], None] = lambda frame: None) -> None:
+    """Write the motion frames a beat's image carries beside its file (nothing in chain mode). Each is
+    passed to `screen` first (the safety check, which raises to end the job) before any is written."""
     from engine.worker import save_png_atomic
 
     frames = image.info.get(INBETWEENS_KEY, [])
+    for frame in frames:
+        screen(frame)
     for frame, target in zip(frames, inbetween_paths(path, len(frames)), strict=True):
         save_png_atomic(frame, target)
 

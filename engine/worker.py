@@ -282,7 +282,8 @@ class Engine:
             screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
             save_png_atomic(image, path)
-            save_inbetweens(image, path)  # motion mode: the clip frames up to the next beat (none in chain mode)
+            # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
+            save_inbetweens(image, path, screen=lambda frame: screen_frame(self, job, frame))
             self.store.put_frame(job_id, index, path=str(path))
             images.append(image)
             yield FrameDone(job_id, index, params.frames, image, path)

@@ -237,8 +237,6 @@ async def test_the_bot_renders_a_motion_clip_and_redoes_a_beat(simcord_env) -> N
 
     from PIL import Image
 
-    from bot import render
-
     guild = simcord_env.create_guild("ghibli fans")
     channel = guild.create_text_channel("animations")
     alice = guild.add_member(simcord_env.create_user("alice"))
@@ -258,7 +256,7 @@ async def test_the_bot_renders_a_motion_clip_and_redoes_a_beat(simcord_env) -> N
     parent_rows, child_rows = store.frames(1), store.frames(child["id"])
     assert parent_rows[0]["seed"] == child_rows[0]["seed"] and parent_rows[1]["seed"] != child_rows[1]["seed"]
     helped = await alice.slash(channel, "help")
-    assert "motion:animatediff" in helped.response.content and helped.response.content == render.HELP
+    assert "motion:animatediff" in helped.response.content and "redo that beat" in helped.response.content
 
 
 @pytest.mark.simcord(settle_timeout=120)
@@ -270,3 +268,18 @@ async def test_the_bot_refuses_motion_without_an_adapter_ephemerally(simcord_env
     answer = await alice.slash(channel, "animate", prompt="a leaf falls", motion="animatediff")
     assert answer.ephemeral and "motion mode needs a motion adapter" in answer.response.content
     assert simcord_env.bot.store.jobs_where("1 = 1", []) == []
+
+
+def test_every_clip_frame_of_a_motion_job_is_screened(motion_engine: Engine, monkeypatch) -> None:
+    import engine.worker
+
+    screened: list[tuple[int, int]] = []
+    real = engine.worker.screen_frame
+    monkeypatch.setattr(
+        engine.worker, "screen_frame", lambda eng, job, image: screened.append(image.size) or real(eng, job, image)
+    )
+    params = build_params(
+        motion_engine.settings, None, "a fox", frames=2, interpolate=2, steps=1, seed=6, motion="animatediff"
+    )
+    _run(motion_engine, motion_engine.create_job(params))
+    assert len(screened) == 2 + 2  # both beats' frames and the two the motion model rendered between them
