@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
@@ -85,6 +85,7 @@ def register(bot: EmakiBot) -> None:
         steps="Denoising steps (default 50)",
         guidance="How closely to follow the prompt (default 8.5)",
         interpolate="Smooth in-between frames per pair of frames (0-8); the clip keeps its length",
+        motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once",
     )
     async def animate(
         interaction: discord.Interaction,
@@ -96,6 +97,7 @@ def register(bot: EmakiBot) -> None:
         steps: int | None = None,
         guidance: float | None = None,
         interpolate: int | None = None,
+        motion: Literal["chain", "animatediff"] | None = None,
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
         rules = server_rules.server(bot, interaction.guild.id)
@@ -127,6 +129,7 @@ def register(bot: EmakiBot) -> None:
                 steps=steps,
                 guidance=guidance,
                 interpolate=interpolate,
+                motion=motion,
             )
         except EmakiError as exc:
             await refuse(interaction, str(exc))

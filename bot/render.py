@@ -97,6 +97,9 @@ On a result: {REROLL} reroll with new seeds · {DIGITS[0]}…{DIGITS[9]} redo fr
 · {DELETE} delete (the requester or someone with Manage Messages). Rerolls by others are queued as their own jobs.
 The buttons under a result do the same (**Reroll**, **Redo from frame…**, **Delete**) and more: **Details** shows \
 each frame's prompt and seed (only to you), **MP4** sends you the clip as a video.
+With `motion:animatediff` the clip is rendered at once and the frames listed are its story beats: \
+{DIGITS[0]}…{DIGITS[9]} redo that beat (new noise for its stretch of the clip, the other beats keep theirs; \
+the whole clip is re-rendered) · {REROLL} new noise everywhere.
 Admins (Manage Server): `/pause` and `/resume` the queue · `/stats` queue, jobs today, disk and GPU."""
 
 

@@ -165,6 +165,20 @@ class Settings:
     # `tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never flags
     # and -2 flags every frame; tests place it).
     safety_tiny_threshold: float = setting(2.0, Rule(-2, 2))
+    # --- motion (issue 15) ---
+    # The AnimateDiff SD1.5 motion adapter `--motion animatediff` renders with: a diffusers folder, a hub id
+    # in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches none of
+    # it yet), or `tiny` (random weights built in-process, tiny profile only). Empty: motion mode is off.
+    motion_adapter: str = ""
+    # Few-step sampling, with the scheduler its model card names: none (the base scheduler), lcm (AnimateLCM:
+    # LCMScheduler, linear betas) or lightning (AnimateDiff-Lightning: Euler, trailing timesteps, linear
+    # betas, no CFG). The adapter must be the matching distilled one; `tiny` runs the schedulers on random weights.
+    motion_fewstep: str = setting("none", Rule(choices=("none", "lcm", "lightning")))
+    # Frames the motion model renders between two beats when --interpolate is not given: 5 beats make 17
+    # frames, just over the adapter's 16-frame context, so FreeNoise's sliding window is exercised by default.
+    motion_inbetweens: int = setting(3, Rule(0, 8))
+    # Depth guidance in motion mode (AnimateDiffControlNetPipeline with the chain's depth ControlNet).
+    motion_depth: bool = False
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:

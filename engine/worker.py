@@ -30,6 +30,8 @@ from engine.events import Event, Failed, Finished, FrameDone, Started, StepProgr
 from engine.interpolate import Inbetweener, warping_error
 from engine.media import encode_gif
 from engine.models import Models, StyleRef
+from engine.motion import clip_images as motion_clip_images
+from engine.motion import save_inbetweens
 from engine.params import AnimationParams
 from engine.retention import purged_reason
 from engine.safety import screen_frame
@@ -280,6 +282,8 @@ class Engine:
             screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
             save_png_atomic(image, path)
+            # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
+            save_inbetweens(image, path, screen=lambda frame: screen_frame(self, job, frame))
             self.store.put_frame(job_id, index, path=str(path))
             images.append(image)
             yield FrameDone(job_id, index, params.frames, image, path)
@@ -318,6 +322,8 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
     """The frames a clip shows, in-betweens included, and how long each shows (ms). In-betweens are
     cached by the content of their two keyframes, so a redone keyframe recomputes only its pairs."""
     params = AnimationParams.from_dict(job["params"])
+    if params.motion != "chain":  # the motion model rendered the in-betweens; they lie beside the keyframes
+        return motion_clip_images(params, rows)
     keyframes = [Image.open(r["path"]).convert("RGB") for r in rows]
     if not params.interpolate:
         return keyframes, params.frame_duration_ms
