@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.blocklist import Blocklist
+from engine.blocklist import Blocklist, same_entry
 from engine.errors import InvalidRequest
 from engine.settings import FALSE_WORDS, TRUE_WORDS, Settings, check_value, rule_of
 from engine.store import Store
@@ -131,11 +131,11 @@ class GuildSettings:
         entry = pattern.strip()
         if not entry:
             raise InvalidRequest("the pattern is empty")
-        if entry in self.blocklist:
+        if any(same_entry(entry, kept) for kept in self.blocklist):
             raise InvalidRequest(f"'{entry}' is already on the blocklist")
         if len(self.blocklist) >= MAX_BLOCKLIST_ENTRIES:
             raise InvalidRequest(f"the blocklist holds {MAX_BLOCKLIST_ENTRIES} entries at most: remove one first")
-        Blocklist.parse([entry])
+        Blocklist.parse([entry], probe=True)
         return dataclasses.replace(self, blocklist=(*self.blocklist, entry))
 
     def without_pattern(self, pattern: str) -> GuildSettings:

@@ -32,3 +32,53 @@ def test_bad_entries_are_refused_with_one_line(entry: str, message: str) -> None
     with pytest.raises(InvalidRequest, match=message) as caught:
         Blocklist.parse(["fine", entry])
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "text", "expected"),
+    [
+        (r"\Afoo", "foo at dawn", True),  # case-folding the pattern once turned \A into a bell
+        (r"cat\S+", "a catnip field", True),  # ... and \S into \s
+        (r"cat\S+", "a cat nip", False),
+        (r"foo\Z", "all foo", True),
+        (r"GORE\w*", "gorefest", True),  # upper-case patterns match lower-case text
+        ("Crème", "CREME brulee", True),  # accents in the entry are dropped as in the text
+    ],
+)
+def test_regex_syntax_keeps_its_meaning(entry: str, text: str, expected: bool) -> None:
+    assert (Blocklist.parse([entry]).first_match(text) == entry) is expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("\u200b", "no visible characters"),  # would have matched every prompt
+        ("\u0301", "no visible characters"),
+        (".*", "matches empty text"),
+        ("x?", "matches empty text"),
+        ("(a|aa)+$", "too slow to match"),
+        ("(x|xx)+y", "too slow to match"),
+    ],
+)
+def test_entries_that_would_block_everything_or_hang_are_refused(entry: str, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message) as caught:
+        Blocklist.parse([entry], probe=True)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_catastrophic_entry_already_stored_cannot_hang_matching() -> None:
+    """An entry stored before probing existed (or one the probe misses): the match gives up within its
+    time budget and counts as a hit, so the prompt is refused, not let through, and nothing hangs."""
+    blocklist = Blocklist.parse(["(a|aa)+$"])  # no probe: as if read back from an older store
+    assert blocklist.first_match("a" * 80 + "!") == "(a|aa)+$"
+    # The classic `(a+)+$` is no danger with the regex engine: it is accepted and answers at once.
+    assert Blocklist.parse(["(a+)+$"], probe=True).first_match("a" * 100 + "!") is None
+
+
+def test_the_same_word_in_another_case_is_one_entry() -> None:
+    from engine.guild_settings import GuildSettings
+
+    settings = GuildSettings().with_pattern("cat")
+    for duplicate in ("CAT", " Cat ", "ćat"):
+        with pytest.raises(InvalidRequest, match="already on the blocklist"):
+            settings.with_pattern(duplicate)
