@@ -8,6 +8,7 @@ a button (bot/buttons.py). One implementation, so the two ways never disagree on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,8 +20,10 @@ import discord
 
 from bot import guild_settings as server_rules
 from engine.errors import InvalidRequest
+from engine.guild_settings import must_screen
 from engine.media import write_mp4
 from engine.retention import purged_reason
+from engine.safety import image_passes, screens
 from engine.worker import clip_images, job_dir
 
 if TYPE_CHECKING:
@@ -46,17 +49,36 @@ async def regenerate(
     user_id: int,
     user_name: str,
     guild_id: int,
-    channel_id: int,
+    channel: Any,
 ) -> int:
     """Queue a reroll (`reseed_all`, from frame 0) or a redo from `from_index` as the member's own
-    job; returns its id once its rows are committed. Raises EmakiError (cap reached, purged parent,
-    no such frame) with nothing stored."""
+    job; returns its id once its rows are committed. A regeneration is a new job in `channel`, so it
+    meets every rule /animate meets there today (not when the parent was made): the server's channels,
+    cap, blocklist, style visibility and content screening. Raises EmakiError with nothing stored."""
     if job.get("guild_id") is not None and job["guild_id"] != guild_id:
         raise InvalidRequest(f"job {job['id']} belongs to another server")
-    bot.queue.check_cap(user_id)
     rules = server_rules.server(bot, guild_id)
+    limits = rules.limits(bot.settings)
+    pointer = server_rules.channel_pointer(rules.animate_channels, channel, "animate")
+    if pointer is not None:
+        raise InvalidRequest(pointer)
+    bot.queue.check_cap(user_id)
     if rules.max_pending_per_member is not None:  # the server's cap applies to rerolls as to /animate
-        server_rules.check_member_cap(bot, user_id, min(rules.max_pending_per_member, bot.queue.max_pending))
+        cap = min(rules.max_pending_per_member, bot.queue.max_pending)
+        server_rules.check_member_cap(bot, user_id, cap, guild_id)
+    blocked = server_rules.blocked_entry(rules, [job["idea"]])
+    if blocked is not None:
+        raise InvalidRequest(server_rules.blocked_message(blocked, "prompts"))
+    style = (job["params"].get("style") or "").strip()
+    if style:  # unshared or removed since: other servers' styles stay unknown here
+        server_rules.usable_style(bot, guild_id, style)
+    screen = must_screen(server_rules.age_restricted(channel), limits.nsfw_policy)
+    if screen and not screens(bot.store, bot.settings, job) and from_index > 0:
+        # The kept frames were made unscreened (an age-restricted channel that allowed it): they are
+        # screened now, before they could be shown here.
+        kept = [row["path"] for row in bot.store.frames(job["id"])[:from_index]]
+        if not await asyncio.to_thread(frames_pass, bot, kept):
+            raise InvalidRequest("the frames this redo would keep do not pass this channel's content filter")
     new_id = bot.engine.create_regeneration(
         job["id"],
         from_index,
@@ -64,10 +86,25 @@ async def regenerate(
         owner_id=user_id,
         owner_name=user_name,
         guild_id=guild_id,
-        channel_id=channel_id,
+        channel_id=channel.id,
+        screen=int(screen),  # recorded, as /animate records it: decided by where it is asked for
     )
     await bot.announce(new_id)
     return new_id
+
+
+def frames_pass(bot: EmakiBot, paths: list[str]) -> bool:
+    """Whether every frame file passes the safety checker (blocking: call it in a thread)."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if not image_passes(bot.settings, bot.engine.models, image.convert("RGB")):
+                    return False
+        except OSError:
+            return False  # a kept frame that cannot be read cannot be shown either
+    return True
 
 
 async def delete_result(bot: EmakiBot, job: dict[str, Any], channel: Any, message_id: int) -> None:

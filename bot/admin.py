@@ -77,6 +77,10 @@ def register(bot: EmakiBot) -> tasks.Loop[Any]:
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     async def stats(interaction: discord.Interaction) -> None:
+        from bot.commands import lacks_manage_guild
+
+        if await lacks_manage_guild(interaction, "stats"):
+            return
         await interaction.response.defer(ephemeral=True, thinking=True)  # sizing the data dir takes a moment
         text = await asyncio.to_thread(stats_text, bot, interaction.guild_id, now())
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)

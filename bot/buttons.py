@@ -69,7 +69,7 @@ async def _regenerate(interaction: discord.Interaction, job_id: int, from_index:
             user_id=interaction.user.id,
             user_name=interaction.user.display_name,
             guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id,
+            channel=interaction.channel,
         )
     except EmakiError as exc:
         await refuse(interaction, str(exc))

@@ -23,6 +23,7 @@ from engine.events import Failed
 from engine.jobs import JobQueue
 from engine.media import fit_to_bytes
 from engine.models import Models
+from engine.retention import purged_reason
 from engine.settings import Settings, load_settings
 from engine.store import Store, open_store
 from engine.worker import Engine, clip_images, stream_job
@@ -273,9 +274,10 @@ class EmakiBot(commands.Bot):
         frames = self.store.frames(job_id)
         try:
             data, fitted = await asyncio.to_thread(_fit_result, self.settings, job, frames, limit)
-        except EmakiError as exc:
-            self.store.update_job(job_id, posted=-1, post_state="failed", error=str(exc), post_error=str(exc))
-            self.set_status(job_id, {"content": render.failed(job, str(exc)), "attachments": []})
+        except (EmakiError, OSError) as exc:  # OSError: frames gone (purged, deleted by hand) since it rendered
+            reason = purged_reason(job) or (str(exc) if isinstance(exc, EmakiError) else f"its files are gone ({exc})")
+            self.store.update_job(job_id, posted=-1, post_state="failed", error=reason, post_error=reason)
+            self.set_status(job_id, {"content": render.failed(job, reason), "attachments": []})
             return "failed"
         content = render.result(job, frames, fitted)
         nonce = result_nonce(job_id, job.get("post_generation") or 0)
@@ -357,6 +359,9 @@ class EmakiBot(commands.Bot):
         job = self.store.job(job_id)
         if job is None or job["kind"] != "animate" or job["status"] != "done":
             raise InvalidRequest(f"job #{job_id} has no finished animation to post")
+        purged = purged_reason(job)
+        if purged:
+            raise InvalidRequest(purged)
         if post_state(job) == "posted" and job.get("result_message_id"):
             raise InvalidRequest(f"job #{job_id} is already posted; delete the post with ❌ first to post it again")
         fields: dict[str, Any] = {

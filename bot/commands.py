@@ -17,6 +17,7 @@ from bot.outbox import NO_MENTIONS
 from engine.errors import EmakiError, InvalidRequest
 from engine.guild_settings import check_steps, must_screen
 from engine.params import build_params
+from engine.safety import screens
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot
@@ -26,7 +27,17 @@ log = logging.getLogger(__name__)
 
 
 async def refuse(interaction: discord.Interaction, message: str) -> None:
-    await interaction.response.send_message(f"⚠️ {message}", ephemeral=True, allowed_mentions=NO_MENTIONS)
+    text = render.clip(f"⚠️ {message}")  # one line the member reads, never over Discord's 2,000 characters
+    await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+
+async def lacks_manage_guild(interaction: discord.Interaction, command: str) -> bool:
+    """Discord hides admin commands from members without Manage Server, but a server can grant a
+    command to anyone in its integration settings: the permission is checked again here."""
+    if interaction.guild is not None and interaction.permissions.manage_guild:
+        return False
+    await refuse(interaction, f"/{command} needs the Manage Server permission")
+    return True
 
 
 def visible_text(text: str) -> str:
@@ -114,7 +125,7 @@ def register(bot: EmakiBot) -> None:
             bot.queue.check_cap(interaction.user.id)  # the operator's cap, as the queue holds it
             if rules.max_pending_per_member is not None:  # a server may only lower it
                 cap = min(rules.max_pending_per_member, bot.queue.max_pending)
-                server_rules.check_member_cap(bot, interaction.user.id, cap)
+                server_rules.check_member_cap(bot, interaction.user.id, cap, interaction.guild.id)
             check_steps(limits, steps)
             if style and style.strip():
                 server_rules.usable_style(bot, interaction.guild.id, style)  # other servers' styles stay unknown
@@ -234,6 +245,8 @@ def register(bot: EmakiBot) -> None:
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     async def pause(interaction: discord.Interaction) -> None:
+        if await lacks_manage_guild(interaction, "pause"):
+            return
         bot.queue.paused = True  # stored: a restart keeps the queue paused
         await interaction.response.send_message(
             "Queue paused (also across restarts): queued jobs wait; the running one finishes.", ephemeral=True
@@ -243,6 +256,8 @@ def register(bot: EmakiBot) -> None:
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     async def resume(interaction: discord.Interaction) -> None:
+        if await lacks_manage_guild(interaction, "resume"):
+            return
         bot.queue.paused = False
         bot.queue.kick()
         await interaction.response.send_message("Queue resumed.", ephemeral=True)
@@ -252,10 +267,25 @@ def register(bot: EmakiBot) -> None:
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.describe(job="Job number (from the status message or /queue)", here="Post it in this channel instead")
     async def repost(interaction: discord.Interaction, job: int, here: bool = False) -> None:
-        assert interaction.channel is not None
+        assert interaction.channel is not None and interaction.guild is not None
+        if await lacks_manage_guild(interaction, "repost"):
+            return
         row = bot.store.job(job)
         if row is None or row.get("guild_id") != interaction.guild_id:
             await refuse(interaction, f"there is no job #{job} in this server")
+            return
+        target = interaction.channel if here else bot.get_channel(row["channel_id"] or 0)
+        policy = server_rules.limits(bot, interaction.guild.id).nsfw_policy
+        if (
+            target is not None
+            and must_screen(server_rules.age_restricted(target), policy)
+            and not screens(bot.store, bot.settings, row)
+        ):
+            await refuse(
+                interaction,
+                f"job #{job} was made without the content filter (an age-restricted channel allowed it): "
+                "it can only be posted where this server allows unscreened results",
+            )
             return
         await interaction.response.defer(ephemeral=True, thinking=True)  # posting can take a while
         answer: dict[str, Any] = {"ephemeral": True, "allowed_mentions": NO_MENTIONS}

@@ -7,6 +7,7 @@ operator's bounds and only then written, one key per command."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import shutil
@@ -63,8 +64,12 @@ def blocked_message(entry: str, what: str) -> str:
     return f"this server's blocklist does not allow '{render.clip(entry, 60)}' in {what}: change it and try again"
 
 
-def check_member_cap(bot: EmakiBot, owner_id: int, cap: int) -> None:
-    open_jobs = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [owner_id])
+def check_member_cap(bot: EmakiBot, owner_id: int, cap: int, guild_id: int) -> None:
+    """A server's own cap counts the member's jobs in that server only (the operator's cap, checked
+    by the queue, counts them everywhere)."""
+    open_jobs = bot.store.jobs_where(
+        "owner_id = ? and guild_id = ? and status in ('queued', 'running')", [owner_id, guild_id]
+    )
     if len(open_jobs) >= cap:
         raise InvalidRequest(
             f"you already have {len(open_jobs)} jobs waiting (the limit is {cap} in this server); "
@@ -172,7 +177,7 @@ def settings_text(server_settings: gs.GuildSettings, operator: Settings) -> str:
 
 
 async def _answer(interaction: discord.Interaction, text: str) -> None:
-    await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    await interaction.response.send_message(render.clip(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
 async def _may_manage(interaction: discord.Interaction) -> bool:
@@ -236,7 +241,15 @@ def register(bot: EmakiBot) -> None:
             return
         entries = server(bot, interaction.guild_id).blocklist
         text = "\n".join(f"`{e}`" for e in entries) if entries else "The blocklist is empty."
-        await _answer(interaction, render.clip(text))
+        if len(text) <= render.MAX_CONTENT:
+            await _answer(interaction, text)
+            return
+        # 200 entries of up to 200 characters do not fit a message: an admin must see every entry to
+        # remove one, so the whole list goes as a text file.
+        listing = discord.File(io.BytesIO("\n".join(entries).encode()), filename="blocklist.txt")
+        await interaction.response.send_message(
+            f"{len(entries)} entries, one per line:", file=listing, ephemeral=True, allowed_mentions=NO_MENTIONS
+        )
 
     async def _change_blocklist(interaction: discord.Interaction, pattern: str, adding: bool) -> None:
         if not await _may_manage(interaction):

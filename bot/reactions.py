@@ -58,7 +58,7 @@ def register(bot: EmakiBot) -> None:
                 user_id=payload.user_id,
                 user_name=name,
                 guild_id=payload.guild_id,
-                channel_id=payload.channel_id,
+                channel=channel,
             )
         except EmakiError as exc:
             # Reactions have no ephemeral reply: a short mention tells the member why nothing happens.

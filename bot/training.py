@@ -29,13 +29,30 @@ from engine.guild_settings import must_screen
 from engine.media import contact_sheet, png_bytes
 from engine.safety import image_passes, screens
 from engine.store import now
-from training.dataset import DatasetError, check_style_name, load_dataset
+from training.dataset import DatasetError, check_style_name, load_dataset, style_name
 from training.lora import ADAPTERS, SAMPLE_NAME, TrainConfig, TrainProgress
 from training.presets import PRESETS, preset_config
 from training.service import evaluate_style, prepare_dataset, train_style
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot
+
+
+def name_for_server(bot: EmakiBot, name: str, guild_id: int | None) -> str:
+    """check_style_name, in words that do not confirm another server's private style or dataset:
+    style names are global (one folder each), so a name taken elsewhere is "not available"."""
+    try:
+        return check_style_name(name, bot.store)
+    except DatasetError:
+        taken = style_name(name)
+        style = bot.store.style(taken)
+        waiting = bot.store.datasets_where("style_name = ? and status in ('pending', 'approved')", [taken])
+        if (style is not None and style.get("guild_id") not in (None, guild_id)) or any(
+            row.get("guild_id") != guild_id for row in waiting
+        ):
+            raise DatasetError(f"the style name '{taken}' is not available: choose another name") from None
+        raise
+
 
 log = logging.getLogger(__name__)
 MAX_STEPS = 20000
@@ -212,7 +229,7 @@ def register(bot: EmakiBot) -> None:
             blocked = server_rules.blocked_entry(rules, [name, trigger or ""])
             if blocked is not None:
                 raise InvalidRequest(server_rules.blocked_message(blocked, "style names and triggers"))
-            style = check_style_name(name, bot.store)
+            style = name_for_server(bot, name, interaction.guild_id)
             if style in bot.train_names_in_check:  # another submission of this name is being checked
                 raise DatasetError(f"a dataset for style '{style}' is being checked right now: choose another name")
             if not dataset.filename.lower().endswith(".zip"):

@@ -10,6 +10,8 @@ operator. No discord import: the bot resolves channel and role names to ids befo
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +110,7 @@ class GuildSettings:
         """A copy with `key` set to `value` (already typed: ints, a tuple of channel ids, a role), or reset
         with None; InvalidRequest naming the key and what it may hold when the value does not fit."""
         if key not in KEYS:
-            raise InvalidRequest(f"unknown setting '{key}': use one of {', '.join(KEYS)}")
+            raise InvalidRequest(f"unknown setting {_echo(key)}: use one of {', '.join(KEYS)}")
         if value is None:
             default = GuildSettings()
             return dataclasses.replace(self, **{key: getattr(default, key)})
@@ -164,6 +166,13 @@ def _check_int(key: str, value: int, current: Settings, operator: Settings) -> N
         raise InvalidRequest(f"frames must be between 1 and max_frames ({current.max_frames}) (got {value})")
     if key == "steps" and not 1 <= value <= current.max_steps:
         raise InvalidRequest(f"steps must be between 1 and max_steps ({current.max_steps}) (got {value})")
+    if key in ("steps", "max_steps") and int(value * operator.strength) < 1:
+        # img2img runs int(steps x strength) steps: below one, every default /animate would be refused.
+        least = math.ceil(1 / operator.strength)
+        raise InvalidRequest(
+            f"{key} must be at least {least}: at the default strength {operator.strength} fewer steps leave "
+            f"frames after the first no denoising step (got {value})"
+        )
     if key in ("width", "height", "max_size"):
         high = operator.max_size if key == "max_size" else current.max_size
         if value % 8 or not operator.min_size <= value <= high:
@@ -174,19 +183,24 @@ def parse_scalar(key: str, raw: str) -> Any:
     """A /settings value typed as text, as its key holds it (channels and roles: the bot's job)."""
     spec = KEYS.get(key)
     if spec is None:
-        raise InvalidRequest(f"unknown setting '{key}': use one of {', '.join(KEYS)}")
+        raise InvalidRequest(f"unknown setting {_echo(key)}: use one of {', '.join(KEYS)}")
     text = raw.strip()
     if spec.kind == "int":
-        try:
-            return int(text)
-        except ValueError:
-            raise InvalidRequest(f"{key} must be a whole number (got {raw!r})") from None
+        # ASCII digits only and at most 9 of them: int() would take "٣", "1_0" and 5000-digit numbers.
+        if not re.fullmatch(r"[+-]?[0-9]{1,9}", text):
+            raise InvalidRequest(f"{key} must be a whole number (got {_echo(raw)})")
+        return int(text)
     if spec.kind == "bool":
         word = text.lower()
         if word in TRUE_WORDS or word in FALSE_WORDS:
             return word in TRUE_WORDS
-        raise InvalidRequest(f"{key} must be on or off (got {raw!r})")
+        raise InvalidRequest(f"{key} must be on or off (got {_echo(raw)})")
     return text
+
+
+def _echo(raw: str, limit: int = 40) -> str:
+    """A member's value quoted back, cut short: the answer must fit Discord's 2,000 characters."""
+    return repr(raw if len(raw) <= limit else raw[:limit] + "…")
 
 
 def load(store: Store, guild_id: int | None) -> GuildSettings:

@@ -57,8 +57,9 @@ def sweep(settings: Settings, store: Store, now: float) -> SweepReport:
     for job in store.purge_candidates(cutoff):
         if is_rendering(settings.data_dir, job["id"]):  # a CLI `emaki resume` of an old failed job
             continue
-        freed, cache_files = _delete_job_files(settings, store, job)
+        # Marked first: a regeneration asked for while the files go says "purged", not "file not found".
         store.mark_purged(job["id"], now, settings.keep_days)
+        freed, cache_files = _delete_job_files(settings, store, job)
         report.jobs.append(job["id"])
         report.bytes_freed += freed
         report.cache_files += cache_files

@@ -132,6 +132,8 @@ class Engine:
             raise InvalidRequest(f"job {parent_id} has no finished animation to regenerate from")
         if not 0 <= from_index < len(frames):
             raise InvalidRequest(f"frame {from_index + 1} does not exist: this animation has {len(frames)} frames")
+        if not all(row["path"] and Path(row["path"]).is_file() for row in frames[:from_index]):
+            raise InvalidRequest(frames_gone(parent_id))
         job_id = self.store.add_job(
             kind="animate",
             idea=parent["idea"],
@@ -146,7 +148,14 @@ class Engine:
             row = dict(row, job_id=job_id)
             if row["idx"] < from_index:
                 target = job_dir / Path(row["path"]).name
-                shutil.copyfile(row["path"], target)
+                try:
+                    shutil.copyfile(row["path"], target)
+                except OSError as exc:  # deleted between the check and the copy (a sweep, by hand)
+                    # The row exists already: it must not stay queued, render something nobody asked
+                    # for and count against the member's cap.
+                    self.store.update_job(job_id, status="failed", error=f"the parent's frames went away: {exc}")
+                    shutil.rmtree(job_dir, ignore_errors=True)
+                    raise InvalidRequest(frames_gone(parent_id)) from exc
                 row["path"] = str(target)
             else:
                 row["path"] = ""
@@ -329,6 +338,10 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
         return keyframes, params.frame_duration_ms
     inbetweener = Inbetweener(params.interpolate, cache_dir=settings.data_dir / "inbetweens")
     return inbetweener.sequence(keyframes), params.clip_frame_ms
+
+
+def frames_gone(job_id: int) -> str:
+    return f"job {job_id}'s frames are no longer on disk: start a new animation"
 
 
 def job_dir(settings: Settings, job_id: int) -> Path:
