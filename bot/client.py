@@ -18,7 +18,7 @@ from bot import render
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
 from engine.errors import EmakiError, InvalidRequest
-from engine.events import Failed
+from engine.events import Failed, Requeued
 from engine.jobs import JobQueue
 from engine.media import fit_to_bytes
 from engine.models import Models
@@ -51,9 +51,10 @@ class EmakiBot(commands.Bot):
         self.settings = settings
         self.store: Store = open_store(settings.data_dir)
         self.engine = Engine(settings, self.store, models=models)
-        self.queue = JobQueue(self.store, self.run_job, settings.max_pending_per_member)
-        # One GPU thread: jobs never overlap on the device, and the event loop stays free.
-        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emaki-gpu")
+        slots = self.engine.slots  # 1 in-process; one per renderer actor in cluster mode
+        self.queue = JobQueue(self.store, self.run_job, settings.max_pending_per_member, workers=slots)
+        # One thread per renderer: a renderer never runs two jobs at once, and the event loop stays free.
+        self.gpu = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="emaki-gpu")
         self.outbox = Outbox(self.spawn)
         self._posting: set[int] = set()  # jobs whose result is being posted right now
         self._announcing: set[int] = set()  # jobs whose first status message is being sent
@@ -89,6 +90,7 @@ class EmakiBot(commands.Bot):
             self.repost_sweep.cancel()
         await super().close()
         self.gpu.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -121,13 +123,14 @@ class EmakiBot(commands.Bot):
             await run_train_job(self, job_id, cancel)
             return
         reporter = ProgressReporter(self, job_id)
-        failed = False
+        failed = requeued = False
         async for event in stream_job(self.engine, self.gpu, job_id, cancel):
             failed = failed or isinstance(event, Failed)
+            requeued = requeued or isinstance(event, Requeued)
             reporter.handle(event)
         if failed:
             self.outbox.forget(("status", job_id))
-        else:
+        elif not requeued:  # a requeued job is picked again by the queue and completes then, once
             self.spawn(self.complete(job_id, reporter))
 
     async def complete(self, job_id: int, reporter: ProgressReporter) -> None:
