@@ -23,12 +23,13 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from engine.errors import ResourceError
 from engine.events import StepProgress
@@ -39,6 +40,7 @@ from engine.store import Store, now
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = -1  # Ray restarts a dead renderer actor as often as it dies; each restart reloads the models
+RESTART_WAIT_S = 600.0  # how long a restarting actor may take to come back (loading sd15 from disk)
 
 
 def connect(settings: Settings) -> None:
@@ -126,12 +128,11 @@ class RayRenderers:
                 "the Ray cluster has no GPU for a renderer: start workers with `ray start --address=... "
                 "--num-gpus=N`, or set EMAKI_GPU_WORKERS"
             )
-        actor = ray.remote(RendererWorker).options(
+        actor = ray.remote(concurrency_groups={"control": 2})(RendererWorker).options(
             num_gpus=1,
             num_cpus=0,  # the GPU is what a renderer holds; CPU is not what limits how many fit
             max_restarts=MAX_RESTARTS,
             max_task_retries=0,  # a lost job is resumed by the coordinator from its frames, not replayed
-            concurrency_groups={"control": 2},
         )
         shipped = worker_settings(settings)
         self.actors = [actor.remote(shipped, cache_dir, load) for _ in range(count)]
@@ -153,7 +154,7 @@ class RayRenderers:
 
     def wait_ready(self) -> list[dict[str, Any]]:
         """Block until every actor has loaded its models; what each says about itself."""
-        infos = ray.get([a.describe.remote() for a in self.actors])
+        infos = [_describe(actor) for actor in self.actors]
         for index, info in enumerate(infos):
             self._described[index] = True
             self._record(index, "idle", info=info)
@@ -175,7 +176,7 @@ class RayRenderers:
         lost = False
         try:
             if not self._described[index]:  # first job after a (re)start: waits for its models to load
-                self._record(index, "idle", info=ray.get(actor.describe.remote()))
+                self._record(index, "idle", info=_describe(actor))
                 self._described[index] = True
             self._record(index, "busy", recipe.job_id)
             stream = actor.render.remote(recipe)
@@ -213,6 +214,19 @@ class RayRenderers:
         if info is not None:
             fields.update(node=info["node"], gpu=info["gpu"])
         self.store.put_worker(f"renderer-{index}", **fields)
+
+
+def _describe(actor: Any) -> dict[str, Any]:
+    """The actor's description, once it is up: a restarting actor answers only after its models loaded,
+    and Ray refuses calls for a moment while it restarts (ActorUnavailableError), so those are retried."""
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            return ray.get(actor.describe.remote())
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _get(ref: Any) -> Any:
