@@ -417,5 +417,5 @@ def run_bot(settings: Settings) -> None:
             "DISCORD_TOKEN is not set: create a bot at https://discord.com/developers and export its token"
         )
     bot = create_bot(settings)
-    bot.engine.models.load()  # warm before connecting: the first job should not wait for loading
+    bot.engine.warm()  # before connecting (every renderer, in cluster mode): the first job should not wait
     bot.run(settings.discord_token, log_handler=logging.StreamHandler(), log_level=logging.INFO, root_logger=True)

@@ -160,6 +160,9 @@ class RayRenderers:
             self._record(index, "idle", info=info)
         return infos
 
+    def warm(self) -> None:
+        self.wait_ready()
+
     def share(self, path: Path) -> tuple[str, Any]:
         """Put a file's (or folder's) content in the object store once per content hash."""
         sha256 = content_hash(path)

@@ -263,6 +263,8 @@ class Renderers(Protocol):
 
     def share(self, path: Path) -> tuple[str, Any]: ...  # a file's content hash and a handle a renderer can fetch
 
+    def warm(self) -> None: ...  # load every renderer's models now
+
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
     ) -> Iterator[FrameRendered]: ...  # may raise WorkerLost
@@ -283,6 +285,9 @@ class LocalRenderers:
 
     def share(self, path: Path) -> tuple[str, Any]:
         return "", None  # the renderer reads the coordinator's own file: no hash, no copy
+
+    def warm(self) -> None:
+        self.renderer.load()
 
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None

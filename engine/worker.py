@@ -120,6 +120,10 @@ class Engine:
         """How many jobs can render at once (one per renderer)."""
         return self.renderers.slots
 
+    def warm(self) -> None:
+        """Load the models before the first job: in-process here, or wait until every actor has."""
+        self.renderers.warm()
+
     def close(self) -> None:
         if self._renderers is not None:
             self._renderers.close()
