@@ -18,6 +18,7 @@ RayActorError; the pool raises WorkerLost, the coordinator puts the job back in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,6 +40,8 @@ from engine.store import Store, now
 
 log = logging.getLogger(__name__)
 
+# Work other than rendering, run on a worker: (worker settings, its file cache, payload, flagged) -> events.
+Task = Callable[[Settings, ContentCache, Any, Callable[[str], bool]], Iterator[Any]]
 MAX_RESTARTS = -1  # Ray restarts a dead renderer actor as often as it dies; each restart reloads the models
 RESTART_WAIT_S = 600.0  # how long a restarting actor may take to come back (loading sd15 from disk)
 
@@ -87,10 +90,22 @@ class RendererWorker:
         self.renderer = load(self.settings) if load else Renderer(self.settings, cache=self.cache).load()
         self.renderer.cache = self.cache
         self.cancelled: set[int] = set()
+        self.flags = set()
 
     def render(self, recipe: Recipe) -> Iterator[StepProgress | FrameRendered]:
         self.cancelled.discard(recipe.job_id)
         yield from self.renderer.render(recipe, cancelled=lambda: recipe.job_id in self.cancelled)
+
+    def run_task(self, task: Task, payload: Any) -> Iterator[Any]:
+        """Other GPU work through the same seam (a training): `task(settings, cache, payload, flagged)`
+        is a module-level function of the caller's package (engine imports no trainer), streaming its
+        events back; `flagged(name)` reads the flags the coordinator raised (`flag`)."""
+        self.flags: set[str] = set()
+        yield from task(self.settings, self.cache, payload, lambda name: name in self.flags)
+
+    @ray.method(concurrency_group="control")
+    def flag(self, name: str) -> None:
+        self.flags.add(name)
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: int) -> None:
@@ -112,6 +127,8 @@ class RendererWorker:
 class RayRenderers:
     """The coordinator's side: a pool of renderer actors. `frames` blocks the calling thread (one of the
     bot's executor threads, one per actor) until an actor is free, then streams its events."""
+
+    remote = True  # actors may be on other machines: files travel by content hash, training via run_task
 
     def __init__(
         self,
@@ -174,17 +191,9 @@ class RayRenderers:
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
     ) -> Iterator[FrameRendered]:
-        index = self._free.get()
-        actor = self.actors[index]
-        lost = False
-        try:
-            if not self._described[index]:  # first job after a (re)start: waits for its models to load
-                self._record(index, "idle", info=_describe(actor))
-                self._described[index] = True
-            self._record(index, "busy", recipe.job_id)
-            stream = actor.render.remote(recipe)
+        with self._checkout(recipe.job_id) as actor:
             cancel_sent = False
-            for ref in stream:
+            for ref in actor.render.remote(recipe):
                 if cancelled() and not cancel_sent:
                     actor.cancel.remote(recipe.job_id)  # it stops at its next step and raises JobCancelled
                     cancel_sent = True
@@ -194,10 +203,37 @@ class RayRenderers:
                         on_step(event)
                 else:
                     yield event
+
+    def run_task(
+        self, task: Task, payload: Any, flags: Callable[[], set[str]], job_id: int | None = None
+    ) -> Iterator[Any]:
+        """`task` on a free actor (see RendererWorker.run_task), its events as they come. `flags()` is
+        polled at each event; a flag it names is raised on the actor once (e.g. "yield", "stop")."""
+        with self._checkout(job_id, "training") as actor:
+            raised: set[str] = set()
+            for ref in actor.run_task.remote(task, payload):
+                for name in flags() - raised:
+                    actor.flag.remote(name)
+                    raised.add(name)
+                yield _get(ref)
+
+    @contextlib.contextmanager
+    def _checkout(self, job_id: int | None, state: str = "busy") -> Iterator[Any]:
+        """A free actor for one job (blocking until one is), back in the pool afterwards; its death
+        while in use becomes WorkerLost."""
+        index = self._free.get()
+        actor = self.actors[index]
+        lost = False
+        try:
+            if not self._described[index]:  # first job after a (re)start: waits for its models to load
+                self._record(index, "idle", info=_describe(actor))
+                self._described[index] = True
+            self._record(index, state, job_id)
+            yield actor
         except RayActorError as exc:
             lost = True
             self._described[index] = False
-            self._record(index, "lost", recipe.job_id)
+            self._record(index, "lost", job_id)
             raise WorkerLost(f"renderer {index} died: {type(exc).__name__}") from exc
         finally:
             if not lost:

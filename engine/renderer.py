@@ -231,32 +231,52 @@ class Renderer:
         (a Ray streaming generator). The frame chain reports steps through a callback and a generator
         cannot yield from inside one, so the chain runs on a thread of its own and hands its events
         over a queue. Closing the iterator stops the chain at its next step."""
-        events: queue.Queue[RenderEvent | Exception | None] = queue.Queue()
-        closed = threading.Event()
 
-        def chain() -> None:
-            try:
-                for frame in self.frames(recipe, lambda: closed.is_set() or cancelled(), events.put):
-                    events.put(frame)
-            except Exception as exc:  # noqa: BLE001 (not swallowed: raised again on the consumer's side)
-                events.put(exc)
-            finally:
-                events.put(None)
+        def chain(emit: Callable[[Any], None], closed: Callable[[], bool]) -> None:
+            for frame in self.frames(recipe, lambda: closed() or cancelled(), emit):
+                emit(frame)
 
-        thread = threading.Thread(target=chain, name=f"emaki-render-{recipe.job_id}", daemon=True)
-        thread.start()
+        yield from callbacks_as_events(chain, f"emaki-render-{recipe.job_id}")
+
+
+def callbacks_as_events(work: Callable[[Callable[[Any], None], Callable[[], bool]], None], name: str) -> Iterator[Any]:
+    """Run `work(emit, closed)` on a thread of its own and yield what it emits, as it emits it; an
+    exception it raises is raised here. For work that reports through callbacks (the frame chain's
+    steps, the trainer's losses) whose consumer can only receive yielded values (a Ray streaming
+    generator). `closed()` turns true when the consumer stops early: the work should check it."""
+    events: queue.Queue[Any] = queue.Queue()
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
         try:
-            while (item := events.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            work(events.put, stop.is_set)
+        except Exception as exc:  # noqa: BLE001 (not swallowed: raised again on the consumer's side)
+            events.put(_Raised(exc))
         finally:
-            closed.set()
-            thread.join()
+            events.put(done)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := events.get()) is not done:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    exc: Exception
 
 
 class Renderers(Protocol):
     """What the coordinator renders with: in-process (LocalRenderers) or Ray actors (cluster.RayRenderers)."""
+
+    remote: bool  # True when renderers do not share this process's files (tasks then run via run_task)
 
     @property
     def slots(self) -> int: ...  # how many jobs may render at once
@@ -278,6 +298,8 @@ class LocalRenderers:
 
     def __init__(self, renderer: Renderer) -> None:
         self.renderer = renderer
+
+    remote = False  # renderers share this process's files (training runs here as it always did)
 
     @property
     def slots(self) -> int:

@@ -156,7 +156,7 @@ class Store:
                 "name": str,  # renderer-N
                 "node": str,  # the machine's address, as Ray reports it
                 "gpu": str,  # the GPU id(s) Ray gave the actor
-                "state": str,  # starting | idle | busy | lost (restarting)
+                "state": str,  # starting | idle | busy (animating) | training | lost (restarting)
                 "job_id": int,  # the job it renders now, if busy (or lost it)
                 "updated_at": float,
             },

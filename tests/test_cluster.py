@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +157,46 @@ def test_style_registered_after_start_reaches_a_worker_without_its_file(
     again = list(local.run_to_end(local.create_from_recipe(params, engine.store.frames(events[-1].job_id))))
     assert sha(again[-1].frame_paths[0]) == sha(events[-1].frame_paths[0])
     shared_tiny_models.use_style(None)
+
+
+def test_training_runs_on_one_worker_while_the_other_animates(cluster_engine: Engine, tmp_path: Path) -> None:
+    from tests.test_train_robust import QUICK, make_folder
+    from training.lora import TrainConfig
+    from training.service import prepare_dataset, style_dir, train_style
+
+    engine = cluster_engine
+    store, settings = engine.store, engine.settings
+    config = TrainConfig(steps=6, learning_rate=5e-2, **QUICK)
+    dataset_id, _ = prepare_dataset(
+        settings, store, make_folder(tmp_path / "ds"), "fox", status="approved", config=config
+    )
+    job_id = engine.create_job(build_params(settings, store, "a meadow", frames=3, seed=2, **FAST))
+    training = threading.Event()
+    animated = threading.Event()
+    states: list[set[str]] = []
+
+    def on_train_step(_: Any) -> None:
+        training.set()  # the worker is training: now the animation starts
+        animated.wait(120)  # this training keeps its worker until the animation is done on the other
+
+    def train() -> Any:
+        return train_style(settings, store, dataset_id, on_step=on_train_step, renderers=engine.renderers)
+
+    def animate() -> Event:
+        assert training.wait(120)
+        on_step = lambda _: states.append({w["state"] for w in store.workers()})  # noqa: E731
+        try:
+            return list(engine.run_to_end(job_id, on_step=on_step))[-1]
+        finally:
+            animated.set()
+
+    with ThreadPoolExecutor(2) as threads:
+        trained, animation = threads.submit(train), threads.submit(animate)
+        end, result = animation.result(), trained.result()
+    assert isinstance(end, Finished) and result.finished and result.step == 6
+    assert {"busy", "training"} in states  # one worker animating while the other held the training
+    # The style came back from the worker and is registered here, usable by the next job.
+    style = store.style("fox")
+    assert style is not None and Path(style["path"]).is_file()
+    assert Path(style["path"]).is_relative_to(style_dir(settings, "fox"))
+    assert store.dataset(dataset_id)["status"] == "trained"
