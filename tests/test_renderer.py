@@ -124,3 +124,56 @@ print("ok")
 def test_engine_keeps_working_with_a_renderer_given(engine: Engine) -> None:
     # The seam is used, not bypassed: the Engine's frames come from its renderers.
     assert engine.slots == 1 and isinstance(engine.renderers.renderer, Renderer)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EMAKI_RAY_ADDRESS": "http://head:6379"}, "ray_address must be local, auto or ray://host:port"),
+        ({"EMAKI_RAY_ADDRESS": "ray://head"}, "ray_address must be local, auto or ray://host:port"),
+        ({"EMAKI_GPU_WORKERS": "-1"}, "gpu_workers must be between 0 and 1024"),
+        ({"EMAKI_GPU_WORKERS": "2"}, "gpu_workers=2 needs ray_address"),
+    ],
+)
+def test_cluster_settings_are_checked_where_they_come_from(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    from engine.errors import InvalidRequest
+    from engine.settings import load_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InvalidRequest, match=message):
+        load_settings(profile="tiny")
+
+
+def test_cluster_settings_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.settings import load_settings
+
+    for address in ("local", "auto", "ray://10.0.0.5:10001"):
+        monkeypatch.setenv("EMAKI_RAY_ADDRESS", address)
+        monkeypatch.setenv("EMAKI_GPU_WORKERS", "4")
+        settings = load_settings(profile="tiny")
+        assert (settings.ray_address, settings.gpu_workers) == (address, 4)
+
+
+def test_emaki_jobs_lists_workers_when_there_are_any(
+    settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(settings.data_dir))
+    store.add_job(kind="animate", idea="a kite", params={}, status="done")
+    assert main(["jobs"]) == 0
+    assert "worker" not in capsys.readouterr().out  # in-process mode: no workers section
+    store.put_worker("renderer-0", node="10.0.0.7", gpu="0", state="busy", job_id=1, updated_at=0.0)
+    store.put_worker("renderer-1", node="10.0.0.8", gpu="1", state="idle", job_id=None, updated_at=0.0)
+    assert main(["jobs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("worker\tnode\tgpu\tstate\tjob\tsince") + 1 :]
+    assert [row.split("\t")[:5] for row in table] == [
+        ["renderer-0", "10.0.0.7", "0", "busy", "1"],
+        ["renderer-1", "10.0.0.8", "1", "idle", "-"],
+    ]
+    assert store.workers()[0]["name"] == "renderer-0"
