@@ -47,6 +47,7 @@ class StyleSpec:
     adapter: str = "lora"
     path: str = ""
     blob: Any = None
+    folder: bool = False  # a style saved as a folder travels as a tar
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class Renderer:
         if self.cache is None:
             path = spec.path
         else:
-            path = str(self.cache.get(spec.sha256, spec.filename, spec.blob, is_folder=not Path(spec.filename).suffix))
+            path = str(self.cache.get(spec.sha256, spec.filename, spec.blob, is_folder=spec.folder))
         return StyleRef(name=spec.name, path=path, trigger=spec.trigger, weight=spec.weight, adapter=spec.adapter)
 
     def frames(
@@ -306,7 +307,7 @@ class LocalRenderers:
         return 1
 
     def share(self, path: Path) -> tuple[str, Any]:
-        return "", None  # the renderer reads the coordinator's own file: no hash, no copy
+        return content_hash(path), None  # the renderer reads the coordinator's own file: no copy
 
     def warm(self) -> None:
         self.renderer.load()

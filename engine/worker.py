@@ -254,7 +254,9 @@ class Engine:
         if not path.exists():
             raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
         sha256, blob = self.renderers.share(path)
-        return StyleSpec(style.name, sha256, path.name, style.trigger, style.weight, style.adapter, str(path), blob)
+        return StyleSpec(
+            style.name, sha256, path.name, style.trigger, style.weight, style.adapter, str(path), blob, path.is_dir()
+        )
 
     def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
         rows = self.store.frames(job_id)
