@@ -15,6 +15,7 @@ import yarl
 from discord.ext import commands, tasks
 
 from bot import render
+from bot.buttons import result_view
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
 from engine.errors import EmakiError, InvalidRequest
@@ -62,15 +63,18 @@ class EmakiBot(commands.Bot):
         self.train_names_in_check: set[str] = set()  # /train names whose upload is being checked
         self.previewing: set[int] = set()  # datasets whose preview is being posted
         self._background: set[asyncio.Task[Any]] = set()
+        self.retention_loop: tasks.Loop[Any] | None = None  # bot/admin.py's daily sweep
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def setup_hook(self) -> None:
+        from bot import admin, buttons, reactions, training
         from bot import commands as slash
-        from bot import reactions, training
 
         slash.register(self)
         reactions.register(self)
+        buttons.register(self)  # the result buttons' templates: clicks on older posts are answered too
         training.register(self)
+        self.retention_loop = admin.register(self)
         await self.tree.sync()
         interrupted = self.queue.recover()
         if interrupted:
@@ -88,6 +92,8 @@ class EmakiBot(commands.Bot):
     async def close(self) -> None:
         if self.repost_sweep.is_running():
             self.repost_sweep.cancel()
+        if self.retention_loop is not None:
+            self.retention_loop.cancel()
         await super().close()
         self.gpu.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
@@ -288,6 +294,7 @@ class EmakiBot(commands.Bot):
                         file=discord.File(io.BytesIO(data), filename=result_filename(job_id)),
                         allowed_mentions=only(job["owner_id"]),
                         nonce=nonce,  # the same on every retry and restart: Discord keeps one post
+                        view=result_view(job),  # Reroll, redo, Delete, Details, MP4 (bot/buttons.py)
                     )
             except discord.HTTPException as exc:
                 if not retryable(exc):

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
 
+from bot import guild_settings as server_rules
 from bot import render
 from bot.outbox import NO_MENTIONS
 from engine.errors import EmakiError, InvalidRequest
+from engine.guild_settings import check_steps, must_screen
 from engine.params import build_params
 
 if TYPE_CHECKING:
@@ -83,6 +85,7 @@ def register(bot: EmakiBot) -> None:
         steps="Denoising steps (default 50)",
         guidance="How closely to follow the prompt (default 8.5)",
         interpolate="Smooth in-between frames per pair of frames (0-8); the clip keeps its length",
+        motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once",
     )
     async def animate(
         interaction: discord.Interaction,
@@ -94,14 +97,29 @@ def register(bot: EmakiBot) -> None:
         steps: int | None = None,
         guidance: float | None = None,
         interpolate: int | None = None,
+        motion: Literal["chain", "animatediff"] | None = None,
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
+        rules = server_rules.server(bot, interaction.guild.id)
+        limits = rules.limits(bot.settings)  # the operator's settings under this server's defaults and limits
         try:
+            pointer = server_rules.channel_pointer(rules.animate_channels, interaction.channel, "animate")
+            if pointer is not None:
+                raise InvalidRequest(pointer)
             if not visible_text(prompt):
                 raise InvalidRequest("the idea is empty: describe what happens, in one line")
-            bot.queue.check_cap(interaction.user.id)
+            blocked = server_rules.blocked_entry(rules, [prompt])
+            if blocked is not None:
+                raise InvalidRequest(server_rules.blocked_message(blocked, "prompts"))
+            bot.queue.check_cap(interaction.user.id)  # the operator's cap, as the queue holds it
+            if rules.max_pending_per_member is not None:  # a server may only lower it
+                cap = min(rules.max_pending_per_member, bot.queue.max_pending)
+                server_rules.check_member_cap(bot, interaction.user.id, cap)
+            check_steps(limits, steps)
+            if style and style.strip():
+                server_rules.usable_style(bot, interaction.guild.id, style)  # other servers' styles stay unknown
             params = build_params(
-                bot.settings,
+                limits,
                 bot.store,
                 prompt,
                 frames=frames,
@@ -111,6 +129,7 @@ def register(bot: EmakiBot) -> None:
                 steps=steps,
                 guidance=guidance,
                 interpolate=interpolate,
+                motion=motion,
             )
         except EmakiError as exc:
             await refuse(interaction, str(exc))
@@ -122,6 +141,8 @@ def register(bot: EmakiBot) -> None:
             owner_name=interaction.user.display_name,
             guild_id=interaction.guild.id,
             channel_id=interaction.channel.id,
+            # Recorded with the job: regenerations follow it, and a policy changed later does not reach back.
+            screen=int(must_screen(server_rules.age_restricted(interaction.channel), limits.nsfw_policy)),
         )
         job = bot.store.job(job_id)
         assert job is not None
@@ -144,7 +165,9 @@ def register(bot: EmakiBot) -> None:
     @animate.autocomplete("style")
     async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         needle = current.lower()
-        names = [s["name"] for s in bot.store.styles() if needle in s["name"].lower()]
+        shared = server_rules.server(bot, interaction.guild_id).other_styles
+        rows = bot.store.styles_visible_in(interaction.guild_id, shared)
+        names = [s["name"] for s in rows if needle in s["name"].lower()]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
 
     @tree.command(name="queue", description="Your jobs and their place in line")
@@ -179,7 +202,9 @@ def register(bot: EmakiBot) -> None:
 
     @tree.command(name="styles", description="Styles you can use with /animate")
     async def styles(interaction: discord.Interaction) -> None:
-        rows = bot.store.styles()
+        # This server's styles, the operator's, and what other servers share (where this one shows them).
+        shared = server_rules.server(bot, interaction.guild_id).other_styles
+        rows = bot.store.styles_visible_in(interaction.guild_id, shared)
         if not rows:
             await interaction.response.send_message(
                 "No styles yet: train one with /train.", ephemeral=True, allowed_mentions=NO_MENTIONS
@@ -190,14 +215,20 @@ def register(bot: EmakiBot) -> None:
             metrics = json.loads(row["metrics"]) if row.get("metrics") else {}
             score = f" · KID {metrics['kid']:.3f}" if isinstance(metrics.get("kid"), float) else ""
             trigger = f" · trigger `{row['trigger']}`" if row["trigger"] else ""
-            lines.append(f"**{row['name']}** ({row['adapter']}){trigger}{score}")
+            owner = row.get("guild_id")
+            origin = ""
+            if owner is not None and owner != interaction.guild_id:
+                origin = " · shared by another server"
+            elif owner is not None and row.get("shared"):
+                origin = " · shared with other servers"
+            lines.append(f"**{row['name']}** ({row['adapter']}){trigger}{score}{origin}")
         await interaction.response.send_message(
             render.clip("\n".join(lines)), ephemeral=True, allowed_mentions=NO_MENTIONS
         )
 
     @tree.command(name="help", description="How to use emaki")
     async def help_command(interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(render.HELP, ephemeral=True)
+        await interaction.response.send_message(f"{render.HELP}\n{render.COMMUNITY_HELP}", ephemeral=True)
 
     @tree.command(name="pause", description="Pause the queue (jobs stay queued)")
     @app_commands.guild_only()
@@ -239,3 +270,5 @@ def register(bot: EmakiBot) -> None:
         else:
             reason = after.get("post_error") or state
             await interaction.followup.send(f"⚠️ job #{job} is still not posted: {reason}", **answer)
+
+    server_rules.register(bot)  # /settings and /style remove|share

@@ -1,7 +1,8 @@
 """Reactions on a result: 🔁 reroll, 1️⃣..🔟 redo from that frame, ❌ delete.
 
 Raw events, so results posted before a restart (not in discord.py's message cache) still work:
-the store maps result message ids to jobs.
+the store maps result message ids to jobs. What each reaction does is bot/actions.py, shared with the
+result's buttons.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot import render
+from bot import actions, render
 from bot.outbox import only
 from engine.errors import EmakiError
 
@@ -35,13 +36,9 @@ def register(bot: EmakiBot) -> None:
         channel = await bot.channel_for(payload.channel_id)
         if emoji == render.DELETE:
             member = payload.member
-            may_delete = payload.user_id == job["owner_id"] or (
-                member is not None and channel.permissions_for(member).manage_messages  # type: ignore[attr-defined]
-            )
-            if may_delete:
-                with contextlib.suppress(discord.NotFound):  # a second ❌ on a post already deleted
-                    await channel.get_partial_message(payload.message_id).delete()  # type: ignore[attr-defined]
-                bot.store.update_job(job["id"], result_message_id=None)
+            permissions = channel.permissions_for(member) if member is not None else None  # type: ignore[attr-defined]
+            if actions.may_delete(job, payload.user_id, permissions):
+                await actions.delete_result(bot, job, channel, payload.message_id)
             return
         if emoji == render.REROLL:
             from_index, reseed_all = 0, True
@@ -53,13 +50,13 @@ def register(bot: EmakiBot) -> None:
             return
         name = payload.member.display_name if payload.member else str(payload.user_id)
         try:
-            bot.queue.check_cap(payload.user_id)
-            new_id = bot.engine.create_regeneration(
-                job["id"],
+            await actions.regenerate(
+                bot,
+                job,
                 from_index,
                 reseed_all=reseed_all,
-                owner_id=payload.user_id,
-                owner_name=name,
+                user_id=payload.user_id,
+                user_name=name,
                 guild_id=payload.guild_id,
                 channel_id=payload.channel_id,
             )
@@ -67,7 +64,5 @@ def register(bot: EmakiBot) -> None:
             # Reactions have no ephemeral reply: a short mention tells the member why nothing happens.
             with contextlib.suppress(discord.HTTPException):  # nothing was stored; nothing to lose
                 await channel.send(f"<@{payload.user_id}> ⚠️ {exc}", allowed_mentions=only(payload.user_id))
-            return
-        await bot.announce(new_id)
 
     bot.add_listener(on_raw_reaction_add)

@@ -95,8 +95,70 @@ HELP = f"""**emaki** turns one idea into a short Ghibli-style animation.
 `/queue` your jobs and their place in line · `/cancel` your latest job · `/styles` the styles you can use
 On a result: {REROLL} reroll with new seeds · {DIGITS[0]}…{DIGITS[9]} redo from that frame (earlier frames kept) \
 · {DELETE} delete (the requester or someone with Manage Messages). Rerolls by others are queued as their own jobs.
-Admins (Manage Server): `/pause` and `/resume` the queue."""
+The buttons under a result do the same (**Reroll**, **Redo from frame…**, **Delete**) and more: **Details** shows \
+each frame's prompt and seed (only to you), **MP4** sends you the clip as a video.
+With `motion:animatediff` the clip is rendered at once and the frames listed are its story beats: \
+{DIGITS[0]}…{DIGITS[9]} redo that beat (new noise for its stretch of the clip, the other beats keep theirs; \
+the whole clip is re-rendered) · {REROLL} new noise everywhere.
+Admins (Manage Server): `/pause` and `/resume` the queue · `/stats` queue, jobs today, disk and GPU."""
 
+
+# --- buttons on a result, /stats -----------------------------------------------------------------
+def details(job: dict[str, Any], frames: list[dict[str, Any]], metrics: dict[str, Any], tiny: bool) -> str:
+    """Everything needed to understand (or reproduce) a result, for its Details button."""
+    params = job["params"]
+    style = f"style **{params['style']}**" if params.get("style") else "no style"
+    lines = [
+        f"**Job #{job['id']}** · {clip(params['idea'], 300)}",
+        f"{style} · {params['width']}x{params['height']} · {params['steps']} steps · strength {params['strength']} · "
+        f"guidance {params['guidance']} · seed `{params['seed']}`"
+        + (f" · {params['interpolate']} in-betweens per pair" if params.get("interpolate") else ""),
+    ]
+    if job.get("parent_job_id") is not None:
+        lines.append(f"Regenerated from job #{job['parent_job_id']}, frame {(job.get('regen_from') or 0) + 1} on.")
+    error = metrics.get("warping_error")
+    if isinstance(error, float):
+        note = " (random-weight tiny models: this figure only tests the tooling)" if tiny else ""
+        frames_n = metrics.get("clip_frames", "?")
+        lines.append(f"Warping error {error:.4f} over {frames_n} clip frames (lower is smoother){note}.")
+    elif job.get("purged_at"):
+        lines.append(f"Files deleted after {job.get('purged_days') or '?'} days; the recipe below remains.")
+    for row in frames:
+        extra = ""
+        if row["steps"] != params["steps"] or row["strength"] != params["strength"]:
+            extra = f" · {row['steps']} steps, strength {row['strength']}"
+        lines.append(f"{row['idx'] + 1}. seed `{row['seed']}`{extra} · {clip(row['prompt'] or '', 300)}")
+    return clip("\n".join(lines))
+
+
+def stats(
+    queued: int,
+    running: int,
+    today: int,
+    today_here: int,
+    median_s: float | None,
+    timed: int,
+    disk_bytes: int,
+    gpu: str,
+    keep_days: int,
+) -> str:
+    median = f"{median_s:.1f} s (last {timed} finished jobs)" if median_s is not None else "no finished job yet"
+    keep = f"files kept {keep_days} days" if keep_days else "files kept forever"
+    return "\n".join(
+        [
+            f"**Queue** {queued} waiting · {running} running",
+            f"**Jobs today** (UTC) {today} · {today_here} from this server",
+            f"**Median job time** {median}",
+            f"**Disk used by emaki** {disk_bytes / 2**20:.1f} MiB ({keep})",
+            f"**GPU** {gpu}",
+        ]
+    )
+
+
+COMMUNITY_HELP = """Server rules: admins (Manage Server) see and change this server's settings with `/settings show` \
+and `/settings set` (channels, frame/step/size limits, the moderator role, the age-restricted policy, styles \
+from other servers) and its blocklist with `/settings blocklist`. Moderators `/style remove` or `/style share` \
+this server's styles. Frames are checked by a content safety checker outside age-restricted channels."""
 
 # --- community styles -------------------------------------------------------------------------
 APPROVE = "✅"

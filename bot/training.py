@@ -21,11 +21,14 @@ from discord import app_commands
 from discord.http import HTTPClient
 from PIL import Image
 
+from bot import guild_settings as server_rules
 from bot import render
 from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
+from engine.guild_settings import must_screen
 from engine.media import contact_sheet, png_bytes
 from engine.renderer import WorkerLost
+from engine.safety import image_passes, screens
 from engine.store import now
 from training.dataset import DatasetError, check_style_name, load_dataset
 from training.lora import ADAPTERS, SAMPLE_NAME, TrainConfig, TrainProgress
@@ -44,7 +47,7 @@ def is_moderator(bot: EmakiBot, member: discord.Member | None, channel: Any) -> 
         return False
     if channel.permissions_for(member).manage_guild:
         return True
-    role = bot.settings.moderator_role
+    role = server_rules.limits(bot, member.guild.id).moderator_role  # the server's own, else the operator's
     return bool(role) and any(r.name == role or str(r.id) == role for r in member.roles)
 
 
@@ -128,6 +131,7 @@ async def _receive(
     try:
         await download(bot, attachment, upload, settings.max_dataset_bytes)
         await asyncio.to_thread(_clear_stale, bot, style)
+        rules = server_rules.server(bot, interaction.guild.id)
         dataset_id, ds = await asyncio.to_thread(
             prepare_dataset,
             settings,
@@ -142,6 +146,13 @@ async def _receive(
             guild_id=interaction.guild.id,
             channel_id=interaction.channel.id,
         )
+        blocked = server_rules.blocked_entry(rules, list(ds.captions))
+        if blocked is not None:
+            # Captions are known only once the zip is read: the row goes before anything else can see it
+            # (no await in between), then the extracted files.
+            bot.store.delete_dataset(dataset_id)
+            await asyncio.to_thread(_clear_stale, bot, style)
+            raise DatasetError(server_rules.blocked_message(blocked, "captions") + "; nothing was stored")
         # Some preset values (save every N epochs) depend on the image count, known only now.
         bot.store.update_dataset(dataset_id, params=json.dumps(asdict(recipe(len(ds.items)))))
         return dataset_id, ds
@@ -194,7 +205,14 @@ def register(bot: EmakiBot) -> None:
     ) -> None:
         assert interaction.guild is not None and interaction.channel is not None
         settings = bot.settings
+        rules = server_rules.server(bot, interaction.guild.id)
         try:
+            pointer = server_rules.channel_pointer(rules.train_channels, interaction.channel, "train")
+            if pointer is not None:
+                raise InvalidRequest(pointer)
+            blocked = server_rules.blocked_entry(rules, [name, trigger or ""])
+            if blocked is not None:
+                raise InvalidRequest(server_rules.blocked_message(blocked, "style names and triggers"))
             style = check_style_name(name, bot.store)
             if style in bot.train_names_in_check:  # another submission of this name is being checked
                 raise DatasetError(f"a dataset for style '{style}' is being checked right now: choose another name")
@@ -260,12 +278,14 @@ def register(bot: EmakiBot) -> None:
                 allowed_mentions=NO_MENTIONS,
             )
         if approved:
+            policy = server_rules.limits(bot, row["guild_id"]).nsfw_policy
             job_id = bot.store.add_job(
                 kind="train",
                 idea=f"train style {row['style_name']}",
                 owner_id=row["owner_id"],
                 guild_id=row["guild_id"],
                 channel_id=row["channel_id"],
+                screen=int(must_screen(server_rules.age_restricted(channel), policy)),  # its samples are posted
                 params={"dataset_id": row["id"], "style": row["style_name"]},
             )
             await bot.announce(job_id)
@@ -333,15 +353,17 @@ class TrainReporter:
         if self.bot.loop.time() - self.last_edit >= self.bot.settings.progress_edit_interval_s:
             self.post(f"Training: step {progress.step}/{progress.total} · loss {progress.loss:.4f}")
 
-    def checkpoint(self, step: int, image: Image.Image) -> None:
-        self.sample = png_bytes(image)
-        self.post(f"Training: step {step} · checkpoint saved; a sample so far:")
+    def checkpoint(self, step: int, image: Image.Image | None) -> None:
+        """`image` None: the safety checker withheld the sample (the text still reports the step)."""
+        self.sample = png_bytes(image) if image is not None else None
+        shown = "a sample so far:" if image is not None else "its sample was withheld by the content safety checker"
+        self.post(f"Training: step {step} · checkpoint saved; {shown}")
 
-    def saved(self, step: int, folder: Path) -> None:
-        """A kept save (the trainer's --save-every): its fixed-prompt sample, and how to pick it."""
+    def saved(self, step: int, folder: Path, sample_passes: bool = True) -> None:
+        """A kept save (the trainer's --save-every): its fixed-prompt sample (unless the safety checker
+        withheld it), and how to pick it."""
         sample = folder / SAMPLE_NAME
-        if sample.is_file():
-            self.sample = sample.read_bytes()
+        self.sample = sample.read_bytes() if sample_passes and sample.is_file() else None
         run = self.job["params"]["style"]
         self.post(
             f"Training: step {step} · save kept; the admin can register it: emaki styles add NAME "
@@ -368,6 +390,19 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
     bot.store.update_job(job_id, status="running", started_at=now(), error=None)
     reporter.post("Training: loading the base model and encoding the dataset…")
 
+    # Training samples are posted too: screened like frames, on the GPU thread, before they reach the loop.
+    screening = screens(bot.store, bot.settings, job)
+
+    def passes(image: Image.Image) -> bool:
+        return not screening or image_passes(bot.settings, bot.engine.models, image)
+
+    def save_passes(folder: Path) -> bool:
+        sample = folder / SAMPLE_NAME
+        if not sample.is_file():
+            return True
+        with Image.open(sample) as image:
+            return passes(image.convert("RGB"))
+
     def work() -> Any:
         return train_style(
             bot.settings,
@@ -375,8 +410,10 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
             job["params"]["dataset_id"],
             on_step=lambda p: loop.call_soon_threadsafe(reporter.step, p),
             should_yield=bot.queue.animations_waiting,
-            on_checkpoint=lambda step, image: loop.call_soon_threadsafe(reporter.checkpoint, step, image),
-            on_save=lambda step, folder: loop.call_soon_threadsafe(reporter.saved, step, folder),
+            on_checkpoint=lambda step, image: loop.call_soon_threadsafe(
+                reporter.checkpoint, step, image if passes(image) else None
+            ),
+            on_save=lambda step, folder: loop.call_soon_threadsafe(reporter.saved, step, folder, save_passes(folder)),
             should_stop=cancel.is_set,
             renderers=bot.engine.renderers,  # cluster mode: on a worker, beside the others' animations
         )

@@ -31,13 +31,22 @@ from emaki.common import (
     user_name,
 )
 from engine.errors import EmakiError, InvalidRequest
+from engine.params import MOTION_MODES
 from engine.settings import MAX_SEED, Settings, check_value, rule_of
 
 FORMATS = ("gif", "webp", "mp4")
 SIDECAR_VERSION = 1
 META_FILE = "cli.json"  # in the job's folder: where the CLI was asked to write, and which story backend answered
 # What a sidecar's models section pins; reproducing applies them to the settings.
-MODEL_KEYS = ("profile", "base_model", "controlnet_model", "depth_model", "scheduler")
+MODEL_KEYS = (
+    "profile",
+    "base_model",
+    "controlnet_model",
+    "depth_model",
+    "scheduler",
+    "motion_adapter",
+    "motion_fewstep",
+)
 PARAM_OPTIONS = (
     "frames",
     "width",
@@ -53,6 +62,8 @@ PARAM_OPTIONS = (
     "fps",
     "interpolate",
     "color_coherence",
+    "motion",
+    "motion_depth",
 )
 
 
@@ -258,9 +269,8 @@ def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[st
                 "adapter": row["adapter"] or "lora",
             }
     models = {k: getattr(settings, k) for k in MODEL_KEYS}
-    models["revisions"] = {
-        k: model_revision(getattr(settings, k), settings) for k in ("base_model", "controlnet_model", "depth_model")
-    }
+    pinned = ("base_model", "controlnet_model", "depth_model", "motion_adapter")
+    models["revisions"] = {k: model_revision(getattr(settings, k), settings) for k in pinned if getattr(settings, k)}
     return {
         "emaki_sidecar": SIDECAR_VERSION,
         "job_id": job_id,
@@ -450,7 +460,8 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     settings = settings_from_args(args, **pinned)
     recorded = sidecar["params"]
     names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
-    recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate")
+    recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate", "motion")
+    recorded_keys = (*recorded_keys, "motion_depth")
     options = {k: recorded.get(k) for k in recorded_keys}
     return settings, str(sidecar.get("idea", "")), options, sidecar
 
@@ -465,6 +476,8 @@ def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict
         "color_coherence": args.color_coherence,
         "interpolate": args.interpolate,
         "frame_duration_ms": _keyframe_ms(args, settings),
+        "motion": args.motion,
+        "motion_depth": args.motion_depth,
     }
     return settings, args.idea, options
 
@@ -476,7 +489,8 @@ def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
     if len(given) > 1:
         raise InvalidRequest(f"give one of {', '.join(given)}: each sets the clip's timing")
     frames = args.frames if args.frames is not None else settings.frames
-    count = args.interpolate if args.interpolate is not None else settings.interpolate
+    default_count = settings.motion_inbetweens if args.motion == "animatediff" else settings.interpolate
+    count = args.interpolate if args.interpolate is not None else default_count
     if args.duration is not None or not (isinstance(frames, int) and frames >= 1 and 0 <= count <= 8):
         return args.duration
     for name, value in (("seconds", args.seconds), ("fps", args.fps)):
@@ -524,6 +538,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
     # 2. Models, so one that cannot load leaves no row; then the row, then the work.
     models = load_models(settings)
+    if params.motion != "chain":
+        models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
     store = known or open_store(settings.data_dir)
     engine = Engine(settings, store, models=models)
     if sidecar is not None:
@@ -587,6 +603,20 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         action=argparse.BooleanOptionalAction,
         default=None,
         help=setting_help("color_coherence", "match every frame's colours to frame 1"),
+    )
+    animate.add_argument(
+        "--motion",
+        choices=MOTION_MODES,
+        help="chain: the paper's img2img chain, one frame from the one before (default); animatediff: the clip "
+        "rendered at once by an AnimateDiff motion adapter (EMAKI_MOTION_ADAPTER; few-step with "
+        "EMAKI_MOTION_FEWSTEP=lcm|lightning), the frames being the story's beats and --interpolate K the "
+        "frames the motion model renders between them (default EMAKI_MOTION_INBETWEENS, 3)",
+    )
+    animate.add_argument(
+        "--motion-depth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=setting_help("motion_depth", "motion mode: keep frame 1's depth layout with the depth ControlNet"),
     )
     animate.add_argument("--story-backend", help=setting_help("story_backend", "who writes the frames' prompts"))
     animate.set_defaults(func=cmd_animate)

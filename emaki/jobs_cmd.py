@@ -34,6 +34,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= MAX_LISTED:
         raise InvalidRequest(f"--limit must be between 1 and {MAX_LISTED} (got {args.limit})")
     store = existing_store(settings)
+    if args.purge:
+        return _purge(settings, store)
     jobs = store.recent_jobs(args.limit) if store is not None else []
     if not jobs:
         print(f"no jobs yet in {settings.data_dir}")
@@ -43,8 +45,28 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
         idea = job["idea"] if len(job["idea"]) <= 50 else job["idea"][:49] + "…"
         error = (job["error"] or "-").splitlines()[0]
-        print(f"{job['id']}\t{shown_status(settings, job)}\t{when}\t{idea}\t{error}")
+        purged = " (files deleted)" if job.get("purged_at") else ""
+        print(f"{job['id']}\t{shown_status(settings, job)}{purged}\t{when}\t{idea}\t{error}")
     print_workers(store)
+    return 0
+
+
+def _purge(settings: Settings, store: Any) -> int:
+    """The bot's daily retention sweep, now (for a box that runs only the CLI, or before a backup)."""
+    from engine.retention import sweep
+
+    if settings.keep_days == 0:
+        print("EMAKI_KEEP_DAYS is 0: files are kept forever; nothing deleted")
+        return 0
+    report = sweep(settings, store, time.time()) if store is not None else None
+    if report is None or not report.jobs:
+        print(f"no job older than {settings.keep_days} days has files left in {settings.data_dir}")
+        return 0
+    ids = ", ".join(str(i) for i in report.jobs)
+    print(
+        f"deleted the files of {len(report.jobs)} job(s) finished more than {settings.keep_days} days ago "
+        f"({report.bytes_freed / 2**20:.1f} MiB; their rows stay): {ids}"
+    )
     return 0
 
 
@@ -95,11 +117,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_redo(args: argparse.Namespace) -> int:
+    from engine.retention import purged_reason
     from engine.worker import Engine
 
     settings = settings_from_args(args)
     store = existing_store(settings)
     parent = _job(store, settings, args.job)
+    purged = purged_reason(parent)
+    if purged:
+        raise InvalidRequest(purged)
     rows = store.frames(args.job)
     n = parent["params"].get("frames", 0)
     if parent["status"] != "done" or len(rows) != n or not all(r["path"] and Path(r["path"]).is_file() for r in rows):
@@ -127,6 +153,11 @@ def cmd_redo(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     jobs = sub.add_parser("jobs", parents=[common], help="list animation jobs, newest first")
     jobs.add_argument("--limit", type=int, default=20, help=f"how many to list (1..{MAX_LISTED}; default 20)")
+    jobs.add_argument(
+        "--purge",
+        action="store_true",
+        help="delete the files of jobs finished more than EMAKI_KEEP_DAYS days ago (rows stay), as the bot does daily",
+    )
     jobs.set_defaults(func=cmd_jobs)
 
     resume = sub.add_parser(

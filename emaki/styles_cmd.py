@@ -40,7 +40,7 @@ def cmd_styles(args: argparse.Namespace) -> int:
     if args.action == "remove":
         if store is None or store.style(args.name) is None:
             raise InvalidRequest(f"unknown style '{args.name}'")
-        store.db["styles"].delete(args.name)
+        store.delete_style(args.name)
         print(f"removed style {args.name}")
         return 0
     rows = store.styles() if store is not None else []
@@ -49,7 +49,10 @@ def cmd_styles(args: argparse.Namespace) -> int:
     for row in rows:
         metrics = json.loads(row["metrics"]) if row.get("metrics") else {}
         shown = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if isinstance(v, int | float))
-        print(f"{row['name']}\ttrigger={row['trigger'] or '-'}\t{row['adapter']}\t{shown}")
+        # A style trained from a server's /train dataset belongs to that server (shared: others may use it).
+        owner = row.get("guild_id")
+        server = "global" if owner is None else f"server {owner}" + (" (shared)" if row.get("shared") else "")
+        print(f"{row['name']}\ttrigger={row['trigger'] or '-'}\t{row['adapter']}\t{server}\t{shown}")
     return 0
 
 

@@ -71,8 +71,16 @@ def render_frames(
     cancelled: Callable[[], bool] = lambda: False,
 ) -> Iterator[tuple[int, Image.Image]]:
     """Yield (index, image) for frames start..N-1. For start > 0, `previous` is frame start-1 and
-    `reference` frame 0 (the colour reference)."""
+    `reference` frame 0 (the colour reference).
+
+    Motion mode (params.motion != "chain") renders the whole clip in one call and yields every beat's
+    frame whatever `start` is, each carrying the clip frames up to the next beat (engine/motion.py)."""
     models.load()
+    if params.motion != "chain":
+        from engine.motion import render_clip
+
+        yield from render_clip(models, params, plans, on_step, cancelled)
+        return
     for plan in plans[start:]:
         if cancelled():
             raise JobCancelled("cancelled")

@@ -163,6 +163,7 @@ class Models:
         self.memory = "high"  # the memory mode in use (engine/memory.py), known once loaded
         self.compiled: Any = None  # engine.compiled.CompiledUNet when EMAKI_COMPILE is on and compiling worked
         self._style_layers: dict[str, Any] = {}  # style file -> its parsed layers (compiled mode reads them once)
+        self._motion: Any = None  # engine.motion.MotionRenderer, built the first time motion mode renders
 
     # --- loading ---------------------------------------------------------------------------
     def load(self) -> Models:
@@ -241,6 +242,24 @@ class Models:
             output_type="latent",
             generator=generator,
         )
+
+    def motion_renderer(self) -> Any:
+        """The AnimateDiff renderer (motion mode, engine/motion.py) over these weights, built on first use:
+        its UNet shares the 2D UNet's modules, so styles loaded into that UNet apply to it as they are."""
+        from engine import motion
+
+        self.load()
+        with self._lock:
+            if self._motion is None:
+                assert self.txt2img is not None and self.img2img is not None
+                if self.compiled is not None or self.memory != "high":
+                    motion.check_request(self.settings)  # says which setting excludes motion mode
+                    raise InvalidRequest(f"motion mode needs the models resident (memory 'high', not {self.memory!r})")
+                adapter = motion.load_adapter(self.settings, self.device, self.dtype)
+                self._motion = motion.MotionRenderer(
+                    self.txt2img, adapter, self.settings.motion_fewstep, controlnet=self.img2img.controlnet
+                )
+            return self._motion
 
     def memory_suspended(self) -> Any:
         """A context in which the models carry no offload hooks (for changing their modules, e.g. loading

@@ -20,6 +20,7 @@ MAX_STEPS = int(rule_of("steps").high or 0)
 MAX_GUIDANCE = float(rule_of("guidance").high or 0)
 # Browsers and Discord play GIF frames shorter than this at 100 ms: a clip that fast would crawl.
 MIN_CLIP_FRAME_MS = 20
+MOTION_MODES = ("chain", "animatediff")
 
 
 def clip_frame_count(keyframes: int, interpolate: int) -> int:
@@ -43,6 +44,10 @@ class AnimationParams:
     color_coherence: bool
     frame_duration_ms: int  # per keyframe: with in-betweens the clip keeps frames x this length
     interpolate: int = 0  # in-betweens per pair of keyframes
+    # chain: the paper's img2img chain; animatediff: the clip rendered at once by a motion adapter
+    # (engine/motion.py), the frames being the story's beats and `interpolate` the frames between them.
+    motion: str = "chain"
+    motion_depth: bool = False  # motion mode: depth ControlNet guidance
 
     @property
     def clip_frames(self) -> int:
@@ -80,12 +85,29 @@ def build_params(
     color_coherence: bool | None = None,
     frame_duration_ms: int | None = None,
     interpolate: int | None = None,
+    motion: str | None = None,
+    motion_depth: bool | None = None,
 ) -> AnimationParams:
     idea = " ".join((idea or "").split())
     if not idea:
         raise InvalidRequest("the idea is empty: describe what should happen, e.g. 'a dragon glides over a town'")
     if len(idea) > settings.max_idea_chars:
         raise InvalidRequest(f"the idea is {len(idea)} characters long; the limit is {settings.max_idea_chars}")
+    motion = motion or "chain"
+    if motion not in MOTION_MODES:
+        raise InvalidRequest(f"unknown motion '{motion}': use {', '.join(MOTION_MODES)}")
+    if motion == "chain" and motion_depth:
+        raise InvalidRequest("motion depth guidance applies to --motion animatediff only (the chain always has it)")
+    if motion == "animatediff":
+        from engine import motion as motion_mode
+
+        motion_mode.check_request(settings)
+        motion_depth = settings.motion_depth if motion_depth is None else motion_depth
+        interpolate = settings.motion_inbetweens if interpolate is None else interpolate
+        fewstep = motion_mode.FEWSTEP.get(settings.motion_fewstep)
+        if fewstep is not None:  # the model card's steps and guidance, unless asked otherwise
+            steps = fewstep.steps if steps is None else steps
+            guidance = fewstep.guidance if guidance is None else guidance
     p = AnimationParams(
         idea=idea,
         frames=settings.frames if frames is None else frames,
@@ -101,6 +123,8 @@ def build_params(
         color_coherence=settings.color_coherence if color_coherence is None else color_coherence,
         frame_duration_ms=settings.frame_duration_ms if frame_duration_ms is None else frame_duration_ms,
         interpolate=settings.interpolate if interpolate is None else interpolate,
+        motion=motion,
+        motion_depth=bool(motion_depth),
     )
     if isinstance(p.frames, bool) or not isinstance(p.frames, int) or not 1 <= p.frames <= settings.max_frames:
         raise InvalidRequest(f"frames must be between 1 and {settings.max_frames} (got {p.frames})")
@@ -127,7 +151,9 @@ def build_params(
         )
     if not isinstance(p.negative_prompt, str):
         raise InvalidRequest("the negative prompt must be text")
-    if p.frames > 1 and int(p.steps * p.strength) < 1:
+    if p.motion != "chain" and p.frames < 2:
+        raise InvalidRequest("motion mode needs at least 2 frames (beats) to move between: use --frames 2 or more")
+    if p.motion == "chain" and p.frames > 1 and int(p.steps * p.strength) < 1:
         # diffusers runs int(steps * strength) denoising steps for img2img frames.
         raise InvalidRequest(
             f"strength {p.strength} x steps {p.steps} gives no denoising step for frames 2..N: raise steps or strength"

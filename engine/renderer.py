@@ -29,6 +29,7 @@ from engine.animate import FramePlan, render_frames
 from engine.errors import InvalidRequest
 from engine.events import StepProgress
 from engine.models import Models, StyleRef
+from engine.motion import INBETWEENS_KEY
 from engine.params import AnimationParams
 from engine.settings import Settings
 
@@ -72,6 +73,15 @@ class FrameRendered:
     index: int  # 0-based
     png: bytes
     at: float  # wall-clock seconds on the renderer when the frame was done (for ordering, not timing)
+    inbetweens: tuple[bytes, ...] = ()  # motion mode: the clip frames after this beat, as PNG bytes
+
+    def image(self) -> Image.Image:
+        """The frame as the coordinator handles it, its motion in-betweens attached as the chain attached
+        them (engine.motion.save_inbetweens writes them beside the frame's file)."""
+        image = png_decode(self.png)
+        if self.inbetweens:
+            image.info[INBETWEENS_KEY] = [png_decode(data) for data in self.inbetweens]
+        return image
 
 
 RenderEvent = StepProgress | FrameRendered
@@ -225,7 +235,8 @@ class Renderer:
             on_step=step_hook,
             cancelled=cancelled,
         ):
-            yield FrameRendered(recipe.job_id, index, png_encode(image), time.time())
+            inbetweens = tuple(png_encode(frame) for frame in image.info.get(INBETWEENS_KEY, []))
+            yield FrameRendered(recipe.job_id, index, png_encode(image), time.time(), inbetweens)
 
     def render(self, recipe: Recipe, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RenderEvent]:
         """`frames` with the steps as events too, for a consumer that can only receive yielded values

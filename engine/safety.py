@@ -10,13 +10,36 @@ the verdicts instead of letting the pipeline black out frames silently.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from engine.errors import EmakiError
+
+if TYPE_CHECKING:
+    from engine.models import Models
+    from engine.settings import Settings
+    from engine.store import Store
+    from engine.worker import Engine
+
+log = logging.getLogger(__name__)
+
 SD_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
+# What the member reads: neutral, and true (the frames are gone, nothing was posted).
+FLAGGED_REASON = (
+    "the content safety checker flagged a frame, so nothing was posted and the frames were deleted; "
+    "try another prompt or seed"
+)
+
+
+class ContentFlagged(EmakiError):
+    """A frame did not pass the safety checker: the job ends and its files are gone."""
 
 
 def tiny_safety_checker(threshold: float = 0.0) -> tuple[Any, Any]:
@@ -37,36 +60,106 @@ def tiny_safety_checker(threshold: float = 0.0) -> tuple[Any, Any]:
 
 
 class SafetyChecker:
-    def __init__(self, model: Any, processor: Any, device: torch.device | str = "cpu") -> None:
-        self.model = model.to(device)
+    def __init__(
+        self, model: Any, processor: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.model = model.to(device, dtype)
         self.processor = processor
         self.device = torch.device(device)
+        self.dtype = dtype
 
     @classmethod
-    def load(cls, profile: str, device: torch.device | str = "cpu", token: str | None = None) -> SafetyChecker:
+    def load(
+        cls,
+        profile: str,
+        device: torch.device | str = "cpu",
+        token: str | None = None,
+        tiny_threshold: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> SafetyChecker:
         if profile == "tiny":
-            return cls(*tiny_safety_checker(), device=device)
+            return cls(*tiny_safety_checker(tiny_threshold), device=device)
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        model = StableDiffusionSafetyChecker.from_pretrained(SD_SAFETY_CHECKER, token=token).eval()
-        processor = CLIPImageProcessor.from_pretrained(SD_SAFETY_CHECKER, token=token)
-        return cls(model, processor, device=device)
+        model = StableDiffusionSafetyChecker.from_pretrained(SD_SAFETY_CHECKER, token=token or None).eval()
+        processor = CLIPImageProcessor.from_pretrained(SD_SAFETY_CHECKER, token=token or None)
+        return cls(model, processor, device=device, dtype=dtype)
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        inputs = self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")
+        return inputs.pixel_values.to(self.device, self.dtype)
 
     @torch.no_grad()
     def concept_scores(self, images: list[Image.Image]) -> list[float]:
         """Per image, the highest concept score minus its threshold: > 0 means flagged."""
-        inputs = self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt").to(self.device)
-        pooled = self.model.vision_model(inputs.pixel_values)[1]
+        pooled = self.model.vision_model(self._pixels(images))[1]
         embeds = torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1)
         concepts = torch.nn.functional.normalize(self.model.concept_embeds, dim=-1)
         scores = embeds @ concepts.T - self.model.concept_embeds_weights
-        return [float(s) for s in scores.max(dim=1).values]
+        return [float(s) for s in scores.float().max(dim=1).values]
 
     @torch.no_grad()
     def flagged(self, images: list[Image.Image]) -> list[bool]:
         """The model's own verdict per image (its forward pass, as the SD pipeline calls it)."""
-        inputs = self.processor(images=[i.convert("RGB") for i in images], return_tensors="pt").to(self.device)
         placeholders = [np.zeros((1, 1, 3)) for _ in images]
-        _, verdicts = self.model(clip_input=inputs.pixel_values, images=placeholders)
+        _, verdicts = self.model(clip_input=self._pixels(images), images=placeholders)
         return [bool(v) for v in verdicts]
+
+
+# --- screening a job's frames (the engine's side) ------------------------------------------------
+_checkers: dict[tuple[Any, ...], SafetyChecker] = {}
+_loading = threading.Lock()
+
+
+def checker_for(
+    settings: Settings, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> SafetyChecker:
+    """The process's checker for these settings, loaded the first time a frame needs it (never for
+    jobs that are not screened) and kept: one copy however many jobs and engines ask."""
+    key = (settings.profile, str(device), dtype, settings.safety_tiny_threshold if settings.is_tiny else None)
+    with _loading:
+        if key not in _checkers:
+            try:
+                _checkers[key] = SafetyChecker.load(
+                    settings.profile, device, settings.hf_token, settings.safety_tiny_threshold, dtype
+                )
+            except (OSError, ValueError) as exc:  # offline, not cached: fail closed, nothing unscreened is posted
+                raise EmakiError(
+                    f"the content safety checker ({SD_SAFETY_CHECKER}) could not be loaded ({type(exc).__name__}): "
+                    "the bot's operator must make it available (download it once, or set HF_TOKEN)"
+                ) from exc
+            log.info("safety checker ready on %s (%s profile)", device, settings.profile)
+        return _checkers[key]
+
+
+def image_passes(settings: Settings, models: Models, image: Image.Image) -> bool:
+    """The checker's verdict on one image, on the models' device (call it from the GPU thread)."""
+    return not checker_for(settings, models.device, models.dtype).flagged([image])[0]
+
+
+def screens(store: Store, settings: Settings, job: dict[str, Any]) -> bool:
+    """Whether a job's frames pass the checker: the decision recorded when the job was created (the bot
+    records one for every job it makes). A regeneration made without one follows its parent; a job with
+    neither (the command line) follows `safety_cli`."""
+    seen: set[int] = set()
+    row: dict[str, Any] | None = job
+    while row is not None and row["id"] not in seen:
+        if row.get("screen") is not None:
+            return bool(row["screen"])
+        seen.add(row["id"])
+        parent = row.get("parent_job_id")
+        row = store.job(parent) if parent is not None else None
+    return settings.safety_cli
+
+
+def screen_frame(engine: Engine, job: dict[str, Any], image: Image.Image) -> None:
+    """Called by the engine for each newly rendered frame, before anything (a progress thumbnail
+    included) can show it. A flagged frame ends the job: the job's folder (its earlier frames too)
+    is deleted and ContentFlagged is raised, which the engine records as the job's failure."""
+    if not screens(engine.store, engine.settings, job) or image_passes(engine.settings, engine.models, image):
+        return
+    folder = Path(engine.job_dir(job["id"]))
+    log.warning("job %s: a frame was flagged by the safety checker; deleting %s", job["id"], folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    raise ContentFlagged(FLAGGED_REASON)

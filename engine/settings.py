@@ -153,6 +153,33 @@ class Settings:
     discord_token: str = setting("", secret=True)
     hf_token: str = setting("", secret=True)
     llm_api_key: str = setting("", secret=True)
+    # --- retention (issue 13) ---
+    # Days a finished job's files (frames, GIF, MP4, in-betweens) are kept; its rows stay. 0: forever.
+    keep_days: int = setting(30, Rule(0, 36500))
+    # --- community controls (issue 13) ---
+    # Each server may lower these in /settings (stored per guild, engine/guild_settings.py); never raise them.
+    max_steps: int = setting(150, Rule(1, 150))  # the most denoising steps a member may ask for
+    # Age-restricted channels: `screen` runs the safety checker there too, `allow` does not (a server may change it).
+    # Outside them every frame a bot job renders is always screened.
+    nsfw_policy: str = setting("screen", Rule(choices=("screen", "allow")))
+    safety_cli: bool = False  # screen frames of jobs started from the command line too
+    # `tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never flags
+    # and -2 flags every frame; tests place it).
+    safety_tiny_threshold: float = setting(2.0, Rule(-2, 2))
+    # --- motion (issue 15) ---
+    # The AnimateDiff SD1.5 motion adapter `--motion animatediff` renders with: a diffusers folder, a hub id
+    # in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches none of
+    # it yet), or `tiny` (random weights built in-process, tiny profile only). Empty: motion mode is off.
+    motion_adapter: str = ""
+    # Few-step sampling, with the scheduler its model card names: none (the base scheduler), lcm (AnimateLCM:
+    # LCMScheduler, linear betas) or lightning (AnimateDiff-Lightning: Euler, trailing timesteps, linear
+    # betas, no CFG). The adapter must be the matching distilled one; `tiny` runs the schedulers on random weights.
+    motion_fewstep: str = setting("none", Rule(choices=("none", "lcm", "lightning")))
+    # Frames the motion model renders between two beats when --interpolate is not given: 5 beats make 17
+    # frames, just over the adapter's 16-frame context, so FreeNoise's sliding window is exercised by default.
+    motion_inbetweens: int = setting(3, Rule(0, 8))
+    # Depth guidance in motion mode (AnimateDiffControlNetPipeline with the chain's depth ControlNet).
+    motion_depth: bool = False
     # --- cluster (issue 14) ---
     # "" (one in-process renderer), "local" (start Ray over this machine's GPUs), "auto" or
     # "ray://host:port" (join a running Ray cluster): one renderer actor per GPU (engine/cluster.py).

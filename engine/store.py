@@ -118,6 +118,7 @@ class Store:
                 if_not_exists=True,
             )
             self._migrate_bot_state(db)
+            self._migrate_retention(db)
             self._migrate_workers(db)
 
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
@@ -147,6 +148,62 @@ class Store:
             db.execute("update jobs set post_state = 'refused' where posted = -1")
         db["queue_state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db["served"].create({"owner_id": int, "clock": int}, pk="owner_id", if_not_exists=True)
+        self._migrate_guilds(db)
+
+    def _migrate_guilds(self, db: sqlite_utils.Database) -> None:
+        """Additive (issue 13): per-server settings as rows, the server a style belongs to, and each
+        job's screening decision, taken when the job is created."""
+        db["guild_settings"].create(
+            {"guild_id": int, "key": str, "value": str}, pk=("guild_id", "key"), if_not_exists=True
+        )
+        styles = db["styles"].columns_dict
+        if "guild_id" not in styles:  # NULL: added by the operator, global
+            db["styles"].add_column("guild_id", int)
+        if "shared" not in styles:  # 1: usable in other servers too
+            db["styles"].add_column("shared", int)
+        if "screen" not in db["jobs"].columns_dict:  # 1: every frame passes the safety checker
+            db["jobs"].add_column("screen", int)
+
+    def _migrate_retention(self, db: sqlite_utils.Database) -> None:
+        """Additive: when the retention sweep deleted a job's files (its rows stay, so the record of
+        what was made and by whom outlives the pixels), and after how many days, for the message a
+        member gets when they try to regenerate from it."""
+        columns = db["jobs"].columns_dict
+        for name, kind in {"purged_at": float, "purged_days": int}.items():
+            if name not in columns:
+                db["jobs"].add_column(name, kind)
+        db["jobs"].create_index(["finished_at"], if_not_exists=True)
+
+    # --- retention ------------------------------------------------------------------------------
+    def purge_candidates(self, finished_before: float) -> list[dict[str, Any]]:
+        """Animation jobs that ended before the cutoff and still have their files, whose files no
+        one waits for: never queued or running ones, never a result still to be posted (pending,
+        sending, refused or failed to post: an admin may still /repost it). Jobs made by the CLI
+        (no channel) have nothing to post."""
+        return self.jobs_where(
+            "kind = 'animate' and purged_at is null and finished_at is not null and finished_at < ? "
+            "and (status in ('failed', 'cancelled') or (status = 'done' and "
+            "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1)))",
+            [finished_before],
+        )
+
+    def mark_purged(self, job_id: int, at: float, days: int) -> None:
+        self.update_job(job_id, purged_at=at, purged_days=days)
+
+    # --- figures for /stats ---------------------------------------------------------------------
+    def count_jobs(self, where: str, args: list[Any]) -> int:
+        with self._locked() as db:
+            return int(db.execute(f"select count(*) from jobs where {where}", args).fetchone()[0])
+
+    def recent_job_seconds(self, limit: int) -> list[float]:
+        """Render-to-GIF seconds of the newest `limit` finished animations."""
+        with self._locked() as db:
+            rows = db.execute(
+                "select finished_at - started_at from jobs where kind = 'animate' and status = 'done' "
+                "and started_at is not null and finished_at is not null order by finished_at desc limit ?",
+                [limit],
+            ).fetchall()
+        return [float(r[0]) for r in rows]
 
     def _migrate_workers(self, db: sqlite_utils.Database) -> None:
         """Additive: the renderers of cluster mode, for the operator (`emaki jobs`, /stats). Written by
@@ -277,6 +334,38 @@ class Store:
         with self._locked() as db:
             return list(db["styles"].rows_where(order_by="name"))
 
+    def delete_style(self, name: str) -> None:
+        with self._locked() as db:
+            db.execute("delete from styles where name = ?", [name])
+
+    def styles_visible_in(self, guild_id: int | None, shared_from_others: bool = True) -> list[dict[str, Any]]:
+        """The styles a server may list and use: global ones, its own, and (`shared_from_others`)
+        those other servers share. Outside any server (a DM): the global ones."""
+        where = "guild_id is null"
+        args: list[Any] = []
+        if guild_id is not None:
+            where += " or guild_id = ?" + (" or coalesce(shared, 0) = 1" if shared_from_others else "")
+            args.append(guild_id)
+        with self._locked() as db:
+            return list(db["styles"].rows_where(where, args, order_by="name"))
+
+    # --- per-server settings ----------------------------------------------------------------
+    def guild_settings(self, guild_id: int) -> dict[str, Any]:
+        """A server's own values (JSON-decoded), by key; keys it never set are absent."""
+        with self._locked() as db:
+            rows = db["guild_settings"].rows_where("guild_id = ?", [guild_id])
+            return {r["key"]: json.loads(r["value"]) for r in rows}
+
+    def set_guild_setting(self, guild_id: int, key: str, value: Any) -> None:
+        """Store one value; None removes it (the server follows the operator's default again)."""
+        with self._locked() as db:
+            if value is None:
+                db.execute("delete from guild_settings where guild_id = ? and key = ?", [guild_id, key])
+            else:
+                db["guild_settings"].upsert(
+                    {"guild_id": guild_id, "key": key, "value": json.dumps(value)}, pk=("guild_id", "key")
+                )
+
     # --- datasets -------------------------------------------------------------------------
     def add_dataset(self, **fields: Any) -> int:
         fields.setdefault("status", "pending")
@@ -294,6 +383,10 @@ class Store:
     def update_dataset(self, dataset_id: int, **fields: Any) -> None:
         with self._locked() as db:
             db["datasets"].update(dataset_id, fields)
+
+    def delete_dataset(self, dataset_id: int) -> None:
+        with self._locked() as db:
+            db.execute("delete from datasets where id = ?", [dataset_id])
 
     def datasets_where(self, where: str, args: list[Any]) -> list[dict[str, Any]]:
         with self._locked() as db:

@@ -35,8 +35,12 @@ from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started,
 from engine.interpolate import Inbetweener, warping_error
 from engine.media import encode_gif
 from engine.models import Models, StyleRef
+from engine.motion import clip_images as motion_clip_images
+from engine.motion import save_inbetweens
 from engine.params import AnimationParams
 from engine.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSpec, WorkerLost, png_decode
+from engine.retention import purged_reason
+from engine.safety import screen_frame
 from engine.settings import Settings
 from engine.store import Store, now
 from engine.story import StoryTeller
@@ -53,6 +57,12 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file and rename, so a crash never leaves a half file that looks like a result."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -153,6 +163,9 @@ class Engine:
         `from_index` a new seed (`seed` when given) and re-chains the frames after it (with their
         recorded seeds, or new ones too with `reseed_all`: a reroll)."""
         parent = self.store.job(parent_id)
+        purged = purged_reason(parent) if parent is not None else None
+        if purged:  # the retention sweep took its frames: say so, not "file not found"
+            raise InvalidRequest(purged)
         frames = self.store.frames(parent_id)
         if parent is None or parent["status"] != "done" or len(frames) != parent["params"]["frames"]:
             raise InvalidRequest(f"job {parent_id} has no finished animation to regenerate from")
@@ -308,10 +321,13 @@ class Engine:
             yield FrameDone(job_id, i, params.frames, image, Path(rows[i]["path"]))
 
         recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style))
-        for frame in self.renderers.frames(recipe, cancelled, on_step):
-            index, image = frame.index, png_decode(frame.png)
+        for rendered in self.renderers.frames(recipe, cancelled, on_step):
+            index, image = rendered.index, rendered.image()
+            screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
-            write_atomic(path, frame.png)  # the renderer's own PNG bytes: identical on every worker
+            write_atomic(path, rendered.png)  # the renderer's own PNG bytes: identical on every worker
+            # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
+            save_inbetweens(image, path, screen=lambda frame: screen_frame(self, job, frame))
             self.store.put_frame(job_id, index, path=str(path))
             images.append(image)
             yield FrameDone(job_id, index, params.frames, image, path)
@@ -360,6 +376,8 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
     """The frames a clip shows, in-betweens included, and how long each shows (ms). In-betweens are
     cached by the content of their two keyframes, so a redone keyframe recomputes only its pairs."""
     params = AnimationParams.from_dict(job["params"])
+    if params.motion != "chain":  # the motion model rendered the in-betweens; they lie beside the keyframes
+        return motion_clip_images(params, rows)
     keyframes = [Image.open(r["path"]).convert("RGB") for r in rows]
     if not params.interpolate:
         return keyframes, params.frame_duration_ms

@@ -139,6 +139,44 @@ CASES: dict[str, Case] = {
             '[{"idx": 0, "prompt": "a fox", "seed": 1, "style": "", "strength": 0.5, "guidance": 7}]}',
         ),
     ),
+    # motion mode (issue 15): refused before any model loads or any row is written
+    "motion bogus": Case([*FOX, "--motion", "wiggle"], "argument --motion: invalid choice: 'wiggle'", usage=True),
+    "motion without an adapter": Case(
+        [*FOX, "--motion", "animatediff"], "motion mode needs a motion adapter, and the tiny profile has none"
+    ),
+    "motion adapter folder without its files": Case(
+        [*FOX, "--motion", "animatediff", "--profile", "sd15"],
+        "cannot load motion adapter from './adapter': no config.json in adapter",
+        env={"EMAKI_MOTION_ADAPTER": "./adapter"},
+        setup=_folder_with_user_file("adapter"),
+    ),
+    "motion adapter hub id not cached": Case(
+        [*FOX, "--motion", "animatediff", "--profile", "sd15"],
+        "motion adapter 'nobody/no-such-motion-adapter' is not downloaded",
+        env={"EMAKI_MOTION_ADAPTER": "nobody/no-such-motion-adapter"},
+    ),
+    "motion tiny adapter on sd15": Case(
+        [*FOX, "--motion", "animatediff", "--profile", "sd15"],
+        "motion adapter 'tiny' is for the tiny profile only",
+        env={"EMAKI_MOTION_ADAPTER": "tiny"},
+    ),
+    "motion with EMAKI_COMPILE": Case(
+        [*FOX, "--motion", "animatediff"],
+        "motion mode cannot run with EMAKI_COMPILE on",
+        env={"EMAKI_MOTION_ADAPTER": "tiny", "EMAKI_COMPILE": "default"},
+    ),
+    "motion with EMAKI_MEMORY=low": Case(
+        [*FOX, "--motion", "animatediff"],
+        "motion mode needs the models resident (EMAKI_MEMORY high or auto), not 'low'",
+        env={"EMAKI_MOTION_ADAPTER": "tiny", "EMAKI_MEMORY": "low"},
+    ),
+    "motion with one frame": Case(
+        [*FOX, "--motion", "animatediff", "--frames", "1"],
+        "motion mode needs at least 2 frames",
+        env={"EMAKI_MOTION_ADAPTER": "tiny"},
+    ),
+    "motion depth in chain mode": Case([*FOX, "--motion-depth"], "motion depth guidance applies to --motion"),
+    "EMAKI_MOTION_FEWSTEP=turbo": Case(FOX, "unknown motion_fewstep 'turbo'", env={"EMAKI_MOTION_FEWSTEP": "turbo"}),
     # jobs, resume, redo
     "jobs limit 0": Case(["jobs", "--limit", "0"], "--limit must be between 1 and 1000"),
     "resume unknown job": Case(["resume", "7"], "there is no animation job 7"),

@@ -1,5 +1,6 @@
-"""In-betweens through the whole CLI path: clip length kept, timing options, the sidecar's story and
-smoothness records, a redone keyframe reusing untouched in-betweens, and every bad timing value."""
+"""In-betweens and motion mode through the whole CLI path: clip length kept, timing options, the
+sidecar's story and smoothness records, a redone keyframe reusing untouched in-betweens, every bad timing
+value, and motion mode end to end with a sidecar that reproduces it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
+import torch
 
 from emaki.cli import main
 from tests.test_cli_jobs import SMALL, tiny_env  # noqa: F401 - the fixture is used by name
@@ -87,3 +89,76 @@ def test_bad_timing_is_one_line_and_nothing_is_written(tiny_env: Path, capsys, e
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not (tiny_env / "x.gif").exists() and not (tiny_env / "data").exists()
+
+
+# --- motion mode (AnimateDiff) through the CLI -------------------------------------------------------
+@pytest.fixture(scope="module")
+def motion_models(tmp_path_factory: pytest.TempPathFactory):
+    from engine.models import Models
+    from engine.settings import load_settings
+
+    settings = load_settings(profile="tiny", motion_adapter="tiny", data_dir=tmp_path_factory.mktemp("m"))
+    return Models(settings).load()
+
+
+@pytest.fixture
+def motion_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, motion_models) -> Path:
+    motion_models.use_style(None)
+    monkeypatch.setattr("emaki.animate_cmd.load_models", lambda settings: motion_models)
+    monkeypatch.setattr("emaki.jobs_cmd.load_models", lambda settings: motion_models)
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_MOTION_ADAPTER", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+MOTION = ["--motion", "animatediff", "--frames", "3", "--interpolate", "2", "--steps", "2", "--width", "32"]
+
+
+def test_motion_mode_end_to_end_and_its_sidecar_reproduces_it(motion_env: Path) -> None:
+    from tests.helpers import sha
+
+    assert main(["animate", "a fox runs", "--out", "m.gif", "--seed", "7", *MOTION, "--height", "32", "-q"]) == 0
+    count, durations = _gif_frames(motion_env / "m.gif")
+    assert count == 3 + 2 * 2 and abs(sum(durations) - 300) <= 5 * count  # the clip keeps its length
+    sidecar = json.loads((motion_env / "m.json").read_text())
+    assert sidecar["params"]["motion"] == "animatediff" and sidecar["params"]["interpolate"] == 2
+    assert sidecar["models"]["motion_adapter"] == "tiny" and sidecar["models"]["motion_fewstep"] == "none"
+    assert len(sidecar["frames"]) == 3  # one row per beat, each with its own seed
+    assert main(["animate", "--from-sidecar", "m.json", "--out", "again.gif", "-q"]) == 0
+    assert sha(motion_env / "again.gif") == sha(motion_env / "m.gif")
+    assert [sha(p) for p in sorted((motion_env / "again_frames").iterdir())] == [
+        sha(p) for p in sorted((motion_env / "m_frames").iterdir())
+    ]
+
+
+def test_motion_defaults_render_more_frames_than_the_adapter_context(motion_env: Path) -> None:
+    # 5 beats and the default 3 frames between them: 17 frames, so FreeNoise slides its 16-frame window.
+    assert main(["animate", "a fox", "--out", "d.gif", "--motion", "animatediff", "--steps", "1", "-q",
+                 "--width", "32", "--height", "32"]) == 0  # fmt: skip
+    assert _gif_frames(motion_env / "d.gif")[0] == 17
+
+
+def test_motion_help_names_the_mode_and_its_settings(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["animate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--motion {chain,animatediff}" in out and "EMAKI_MOTION_ADAPTER" in out and "--motion-depth" in out
+
+
+def test_a_motion_adapter_whose_weights_are_broken_is_one_line(tmp_path: Path) -> None:
+    from engine import motion
+    from engine.errors import ModelLoadError
+    from engine.settings import load_settings
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "MotionAdapter"}')
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    settings = load_settings(profile="sd15", motion_adapter=str(folder), data_dir=tmp_path / "data")
+    motion.check_request(settings)  # the files are there: the request passes, loading fails
+    with pytest.raises(ModelLoadError) as failed:
+        motion.load_adapter(settings, torch.device("cpu"), torch.float32)
+    assert str(failed.value).startswith(f"cannot load motion adapter from '{folder}': ")
+    assert "\n" not in str(failed.value)

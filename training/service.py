@@ -140,6 +140,7 @@ def train_style(
             dataset_id=dataset_id,
             final_loss=sum(tail) / len(tail),
             heldout=heldout,
+            guild_id=row.get("guild_id"),  # a server's dataset makes that server's style; the CLI's is global
         )
         store.update_dataset(dataset_id, status="trained")
     return result
@@ -257,6 +258,7 @@ def register_trained_style(
     dataset_id: int | None,
     final_loss: float | None = None,
     heldout: list[str] | None = None,
+    guild_id: int | None = None,
 ) -> None:
     """The one place a trained adapter becomes a style: the training values are recorded with it,
     and the dataset images it never saw (`heldout`, relative to the dataset) for evaluation."""
@@ -271,6 +273,7 @@ def register_trained_style(
         steps=steps,
         dataset_id=dataset_id,
         metrics=metrics,
+        guild_id=guild_id,
     )
 
 

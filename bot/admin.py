@@ -1,0 +1,92 @@
+"""For whoever runs the bot: `/stats` (Manage Server) and the daily retention sweep.
+
+The sweep (engine/retention.py) runs once at start-up and then every 24 hours, in a thread: it only
+deletes files, and a data dir of many old jobs must not stall the event loop while it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import statistics
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import tasks
+
+from bot import render
+from bot.outbox import NO_MENTIONS
+from engine import retention
+from engine.store import now
+
+if TYPE_CHECKING:
+    from bot.client import EmakiBot
+
+log = logging.getLogger(__name__)
+
+SWEEP_EVERY_H = 24
+MEDIAN_OVER = 100  # finished jobs the median job time is taken over
+
+
+async def sweep(bot: EmakiBot, at: float | None = None) -> retention.SweepReport:
+    """One retention sweep at `at` (default: now; the store's clock, which stamped finished_at)."""
+    return await asyncio.to_thread(retention.sweep, bot.settings, bot.store, now() if at is None else at)
+
+
+def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
+    """The /stats answer. Blocking (walks the data dir): call it in a thread."""
+    store = bot.store
+    midnight = dt.datetime.fromtimestamp(at, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    since = midnight.timestamp()
+    seconds = store.recent_job_seconds(MEDIAN_OVER)
+    return render.stats(
+        queued=len(bot.queue.pending()),
+        running=store.count_jobs("status = 'running'", []),
+        today=store.count_jobs("created_at >= ?", [since]),
+        today_here=store.count_jobs("created_at >= ? and guild_id = ?", [since, guild_id]),
+        median_s=statistics.median(seconds) if seconds else None,
+        timed=len(seconds),
+        disk_bytes=retention.dir_size(bot.settings.data_dir),
+        gpu=gpu_text(bot),
+        keep_days=bot.settings.keep_days,
+    )
+
+
+def gpu_text(bot: EmakiBot) -> str:
+    """The device the models run on: the CUDA device's name and memory, else "CPU"."""
+    import torch
+
+    device = getattr(getattr(bot.engine, "models", None), "device", None)
+    kind = getattr(device, "type", "cpu")
+    if kind != "cuda" or not torch.cuda.is_available():
+        return "CPU" if kind == "cpu" else f"no CUDA GPU (models on {kind})"
+    index = device.index if device.index is not None else torch.cuda.current_device()  # type: ignore[union-attr]
+    free, total = torch.cuda.mem_get_info(index)
+    return (
+        f"{torch.cuda.get_device_name(index)} · {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use "
+        f"({torch.cuda.memory_allocated(index) / 2**30:.1f} GiB by emaki)"
+    )
+
+
+def register(bot: EmakiBot) -> tasks.Loop[Any]:
+    """Add /stats and start the daily sweep; returns the sweep's loop (cancelled on close)."""
+
+    @bot.tree.command(name="stats", description="Queue, jobs today, job time, disk and GPU (Manage Server)")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    async def stats(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # sizing the data dir takes a moment
+        text = await asyncio.to_thread(stats_text, bot, interaction.guild_id, now())
+        await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    @tasks.loop(hours=SWEEP_EVERY_H)
+    async def retention_loop() -> None:
+        try:
+            await sweep(bot)
+        except Exception:  # a disk error today must not end tomorrow's sweep
+            log.exception("retention sweep failed")
+
+    retention_loop.start()
+    return retention_loop

@@ -1,0 +1,235 @@
+"""Buttons under a result: Reroll, a "redo from frame k" select, Delete, Details and MP4.
+
+Persistent across restarts without any state in memory: each component is a discord.py
+`DynamicItem` whose custom_id carries the job id (`emaki:reroll:42`), and `register` tells the bot
+the templates at start-up, so a click on a result posted by an earlier process is parsed back into
+the job and answered. Who may do what is bot/actions.py, shared with the reactions.
+
+Every callback answers inside Discord's 3-second window: refusals, Details and the reroll's "queued"
+line are immediate (the regeneration's rows are committed first, as for /animate); MP4 defers and
+sends the file as an ephemeral followup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING, Any, cast
+
+import discord
+
+from bot import actions, render
+from bot.commands import refuse
+from bot.outbox import NO_MENTIONS
+from engine.errors import EmakiError
+from engine.worker import METRICS_FILE, job_record
+
+if TYPE_CHECKING:
+    from bot.client import EmakiBot
+
+log = logging.getLogger(__name__)
+
+PRIMARY, SECONDARY, DANGER = discord.ButtonStyle.primary, discord.ButtonStyle.secondary, discord.ButtonStyle.danger
+MAX_SELECT_OPTIONS = 25  # Discord's limit; frames after the 25th can still be redone with reactions/CLI
+
+
+def _bot(interaction: discord.Interaction) -> EmakiBot:
+    return cast("EmakiBot", interaction.client)
+
+
+async def _job(interaction: discord.Interaction, job_id: int) -> dict[str, Any] | None:
+    """The job behind the clicked result, or None after telling the member why not."""
+    job = _bot(interaction).store.job(job_id)
+    if job is None or job["kind"] != "animate" or job.get("guild_id") != interaction.guild_id:
+        await refuse(interaction, f"job #{job_id} is not in this server's records any more")
+        return None
+    return job
+
+
+async def _answer(interaction: discord.Interaction, text: str) -> None:
+    """An ephemeral line; the work it reports is already stored, so a lost answer loses nothing."""
+    try:
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    except discord.HTTPException as exc:
+        log.warning("answering a button failed: %s", exc.status)
+
+
+async def _regenerate(interaction: discord.Interaction, job_id: int, from_index: int, reseed_all: bool) -> None:
+    job = await _job(interaction, job_id)
+    if job is None:
+        return
+    assert interaction.guild_id is not None and interaction.channel_id is not None
+    try:
+        new_id = await actions.regenerate(
+            _bot(interaction),
+            job,
+            from_index,
+            reseed_all=reseed_all,
+            user_id=interaction.user.id,
+            user_name=interaction.user.display_name,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+        )
+    except EmakiError as exc:
+        await refuse(interaction, str(exc))
+        return
+    what = "a reroll" if reseed_all else f"a redo from frame {from_index + 1}"
+    await _answer(interaction, f"Queued job #{new_id}, {what} of job #{job_id}: its progress shows in this channel.")
+
+
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:reroll:(?P<job>[0-9]+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="Reroll", emoji=render.REROLL, style=PRIMARY, custom_id=f"emaki:reroll:{job_id}"),
+            row=0,
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> RerollButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _regenerate(interaction, self.job_id, 0, reseed_all=True)
+
+
+class RedoSelect(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"emaki:redo:(?P<job>[0-9]+)"):
+    def __init__(self, job_id: int, frames: int) -> None:
+        options = [
+            discord.SelectOption(label=f"Redo from frame {k}", value=str(k))
+            for k in range(1, min(frames, MAX_SELECT_OPTIONS) + 1)
+        ]
+        super().__init__(
+            discord.ui.Select(placeholder="Redo from frame…", options=options, custom_id=f"emaki:redo:{job_id}"),
+            row=1,
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> RedoSelect:
+        options = getattr(item, "options", [])
+        return cls(int(match["job"]), max(len(options), 1))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        values = self.item.values
+        if len(values) != 1 or not values[0].isdigit():
+            await refuse(interaction, "pick one frame to redo from")
+            return
+        await _regenerate(interaction, self.job_id, int(values[0]) - 1, reseed_all=False)
+
+
+class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:delete:(?P<job>[0-9]+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="Delete", emoji=render.DELETE, style=DANGER, custom_id=f"emaki:delete:{job_id}"),
+            row=0,
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> DeleteButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        job = await _job(interaction, self.job_id)
+        if job is None or interaction.message is None or interaction.channel_id is None:
+            return
+        if not actions.may_delete(job, interaction.user.id, interaction.permissions):
+            await refuse(interaction, "only the requester or someone with Manage Messages can delete this result")
+            return
+        bot = _bot(interaction)
+        await interaction.response.defer()  # the answer is the post disappearing
+        channel = await bot.channel_for(interaction.channel_id)
+        await actions.delete_result(bot, job, channel, interaction.message.id)
+
+
+class DetailsButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:details:(?P<job>[0-9]+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="Details", style=SECONDARY, custom_id=f"emaki:details:{job_id}"),
+            row=0,
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> DetailsButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        job = await _job(interaction, self.job_id)
+        if job is None:
+            return
+        bot = _bot(interaction)
+        metrics = job_record(bot.settings, self.job_id, METRICS_FILE)
+        text = render.details(job, bot.store.frames(self.job_id), metrics, bot.settings.is_tiny)
+        await _answer(interaction, text)
+
+
+class Mp4Button(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:mp4:(?P<job>[0-9]+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(label="MP4", style=SECONDARY, custom_id=f"emaki:mp4:{job_id}"),
+            row=0,
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> Mp4Button:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        job = await _job(interaction, self.job_id)
+        if job is None:
+            return
+        bot = _bot(interaction)
+        await interaction.response.defer(ephemeral=True, thinking=True)  # encoding takes a while
+        answer: dict[str, Any] = {"ephemeral": True, "allowed_mentions": NO_MENTIONS}
+        try:
+            path = await asyncio.to_thread(actions.mp4_of, bot.settings, job, bot.store.frames(self.job_id))
+        except EmakiError as exc:
+            await interaction.followup.send(f"⚠️ {exc}", **answer)
+            return
+        guild = interaction.guild
+        limit = min(bot.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
+        size = path.stat().st_size
+        if size > limit:
+            await interaction.followup.send(
+                f"⚠️ the MP4 of job #{self.job_id} is {size / 2**20:.1f} MiB, over this server's upload limit "
+                f"({limit / 2**20:.1f} MiB): the GIF above is the shareable version",
+                **answer,
+            )
+            return
+        await interaction.followup.send(
+            f"Job #{self.job_id} as MP4:", file=discord.File(path, filename=f"emaki-{self.job_id}.mp4"), **answer
+        )
+
+
+ITEMS = (RerollButton, RedoSelect, DeleteButton, DetailsButton, Mp4Button)
+
+
+def result_view(job: dict[str, Any]) -> discord.ui.View:
+    """The components sent with a result. timeout=None: they never expire (the templates registered
+    by `register` answer them, whichever process posted the result)."""
+    view = discord.ui.View(timeout=None)
+    job_id = job["id"]
+    view.add_item(RerollButton(job_id))
+    view.add_item(DetailsButton(job_id))
+    view.add_item(Mp4Button(job_id))
+    view.add_item(DeleteButton(job_id))
+    view.add_item(RedoSelect(job_id, job["params"]["frames"]))
+    return view
+
+
+def register(bot: EmakiBot) -> None:
+    bot.add_dynamic_items(*ITEMS)
