@@ -200,3 +200,16 @@ def test_training_runs_on_one_worker_while_the_other_animates(cluster_engine: En
     assert style is not None and Path(style["path"]).is_file()
     assert Path(style["path"]).is_relative_to(style_dir(settings, "fox"))
     assert store.dataset(dataset_id)["status"] == "trained"
+
+
+def test_cancel_reaches_the_worker_and_frees_it(cluster_engine: Engine) -> None:
+    engine = cluster_engine
+    job_id = engine.create_job(build_params(engine.settings, engine.store, "a lantern", frames=6, seed=3, **FAST))
+    cancel = threading.Event()
+    events = list(engine.run(job_id, cancel=cancel, on_step=lambda _: cancel.set()))
+    assert isinstance(events[-1], Failed) and events[-1].reason == "cancelled"
+    assert engine.store.job(job_id)["status"] == "cancelled"
+    assert {w["state"] for w in engine.store.workers()} == {"idle"}
+    # The worker that stopped takes the next job as usual.
+    again = engine.create_job(build_params(engine.settings, engine.store, "a lantern", frames=1, seed=3, **FAST))
+    assert isinstance(list(engine.run_to_end(again))[-1], Finished)
