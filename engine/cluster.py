@@ -90,7 +90,7 @@ class RendererWorker:
         self.renderer = load(self.settings) if load else Renderer(self.settings, cache=self.cache).load()
         self.renderer.cache = self.cache
         self.cancelled: set[int] = set()
-        self.flags = set()
+        self.flags: set[str] = set()  # raised by the coordinator during run_task ("yield", "stop")
 
     def render(self, recipe: Recipe) -> Iterator[StepProgress | FrameRendered]:
         self.cancelled.discard(recipe.job_id)
@@ -100,7 +100,7 @@ class RendererWorker:
         """Other GPU work through the same seam (a training): `task(settings, cache, payload, flagged)`
         is a module-level function of the caller's package (engine imports no trainer), streaming its
         events back; `flagged(name)` reads the flags the coordinator raised (`flag`)."""
-        self.flags: set[str] = set()
+        self.flags = set()
         yield from task(self.settings, self.cache, payload, lambda name: name in self.flags)
 
     @ray.method(concurrency_group="control")

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import queue
+import shutil
 import tarfile
 import threading
 import time
@@ -100,18 +101,19 @@ def png_decode(data: bytes) -> Image.Image:
 
 
 # --- content-addressed files (styles, datasets) --------------------------------------------------
-_hash_cache: dict[tuple[str, int, int], str] = {}
+_hash_cache: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
 
 def content_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's relative paths and file contents. Cached by path, size and
-    mtime: a style is hashed once, not for every job that uses it."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """sha256 of a file, or of a folder's relative paths and file contents. Cached by path and every
+    file's size and mtime: a style is hashed once, not for every job that uses it, and a folder whose
+    files changed (a training's run folder) is hashed again."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = tuple((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+    key = (str(path.resolve()), stats)
     if key in _hash_cache:
         return _hash_cache[key]
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
         if path.is_dir():
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
@@ -152,8 +154,6 @@ def unpack(data: bytes, target: Path, is_folder: bool) -> None:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
