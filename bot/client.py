@@ -23,6 +23,7 @@ from engine.events import Failed, Requeued
 from engine.jobs import JobQueue
 from engine.media import fit_to_bytes
 from engine.models import Models
+from engine.renderer import Renderers
 from engine.settings import Settings, load_settings
 from engine.store import Store, open_store
 from engine.worker import Engine, clip_images, stream_job
@@ -41,7 +42,7 @@ class EmakiBot(commands.Bot):
     # Seconds between attempts to post a finished result; afterwards the periodic sweep retries.
     post_retry_delays: tuple[float, ...] = (1.0, 3.0, 9.0)
 
-    def __init__(self, settings: Settings, models: Models | None = None) -> None:
+    def __init__(self, settings: Settings, models: Models | None = None, renderers: Renderers | None = None) -> None:
         intents = discord.Intents.default()  # guilds + reactions; no privileged intents needed
         super().__init__(
             command_prefix=commands.when_mentioned,
@@ -51,7 +52,7 @@ class EmakiBot(commands.Bot):
         )
         self.settings = settings
         self.store: Store = open_store(settings.data_dir)
-        self.engine = Engine(settings, self.store, models=models)
+        self.engine = Engine(settings, self.store, models=models, renderers=renderers)
         slots = self.engine.slots  # 1 in-process; one per renderer actor in cluster mode
         self.queue = JobQueue(self.store, self.run_job, settings.max_pending_per_member, workers=slots)
         # One thread per renderer: a renderer never runs two jobs at once, and the event loop stays free.
@@ -407,15 +408,18 @@ def _fit_result(
     return fit_to_bytes(images, limit, frame_ms)
 
 
-def create_bot(settings: Settings | None = None, *, models: Models | None = None) -> EmakiBot:
+def create_bot(
+    settings: Settings | None = None, *, models: Models | None = None, renderers: Renderers | None = None
+) -> EmakiBot:
     """The bot, with settings from the environment when none are given. `models` lets a process
-    that already holds warm models (tests, a restart in-process) hand them over."""
+    that already holds warm models (tests, a restart in-process) hand them over; `renderers` a pool
+    of renderers already started (tests: one Ray pool for the whole session)."""
     settings = settings or load_settings()
     if settings.discord_api_base:  # a REST proxy in front of Discord
         discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
     if settings.discord_gateway:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway)
-    return EmakiBot(settings, models=models)
+    return EmakiBot(settings, models=models, renderers=renderers)
 
 
 def run_bot(settings: Settings) -> None:

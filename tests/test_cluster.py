@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -213,3 +214,66 @@ def test_cancel_reaches_the_worker_and_frees_it(cluster_engine: Engine) -> None:
     # The worker that stopped takes the next job as usual.
     again = engine.create_job(build_params(engine.settings, engine.store, "a lantern", frames=1, seed=3, **FAST))
     assert isinstance(list(engine.run_to_end(again))[-1], Finished)
+
+
+class Recording:
+    """The pool, noting when each job's frames started and stopped streaming (ordering, not timing)."""
+
+    def __init__(self, pool: RayRenderers) -> None:
+        self.pool = pool
+        self.spans: dict[int, list[int]] = {}
+        self.order = itertools.count()  # SimCord runs a virtual clock: a sequence number orders events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def frames(self, recipe: Any, cancelled: Any, on_step: Any) -> Iterator[Any]:
+        self.spans[recipe.job_id] = [next(self.order)]
+        yield from self.pool.frames(recipe, cancelled, on_step)
+        self.spans[recipe.job_id].append(next(self.order))
+
+
+@pytest.fixture
+def simcord_bot(tmp_path: Path, pool: RayRenderers) -> Any:
+    from bot.client import create_bot
+
+    settings = load_settings(
+        profile="tiny",
+        data_dir=tmp_path / "bot-data",
+        steps=4,
+        strength=0.5,
+        progress_edit_interval_s=0.0,
+        position_edit_interval_s=0.0,
+        ray_address="local",
+    )
+    recording = Recording(pool)
+    bot = create_bot(settings, renderers=recording)  # type: ignore[arg-type]
+    pool.store = bot.store
+    bot.post_retry_delays = (0.01, 0.01)
+    bot.outbox.retry_base_s = 0.01
+    return bot
+
+
+@pytest.mark.simcord(settle_timeout=120)
+async def test_the_bot_renders_two_members_jobs_at_once_and_posts_each_once(simcord_env: Any) -> None:
+    import discord
+
+    env = simcord_env
+    guild = env.create_guild("ghibli fans")
+    channel = guild.create_text_channel("animations")
+    alice = guild.add_member(env.create_user("alice"))
+    bob = guild.add_member(env.create_user("bob"))
+    mods = guild.create_role("mods", permissions=discord.Permissions(manage_guild=True))
+    mod = guild.add_member(env.create_user("mod"), roles=[mods])
+    bot = env.bot
+    assert bot.queue.workers == 2 and bot.gpu._max_workers == 2
+    await mod.slash(channel, "pause")  # both queued before either starts: they start together
+    await alice.slash(channel, "animate", prompt="a dragon over a town", frames=3, seed=1)
+    await bob.slash(channel, "animate", prompt="a cat on a roof", frames=3, seed=2)
+    await mod.slash(channel, "resume")
+    await env.settle()
+    posts = [m for m in channel.history() if m.attachments and m.attachments[0].filename.endswith(".gif")]
+    assert sorted(m.attachments[0].filename for m in posts) == ["emaki-1.gif", "emaki-2.gif"]  # each once
+    assert [bot.store.job(i)["status"] for i in (1, 2)] == ["done", "done"]
+    spans = bot.engine.renderers.spans
+    assert spans[1][0] < spans[2][1] and spans[2][0] < spans[1][1]  # the two renders overlapped
