@@ -21,7 +21,7 @@ COPY --chown=emaki:emaki engine ./engine
 COPY --chown=emaki:emaki bot ./bot
 COPY --chown=emaki:emaki training ./training
 # torch==2.13.0 from PyPI is the CUDA build on Linux x86-64; everything else at the lock's versions.
-RUN pip install torch==2.13.0 && pip install -c requirements.lock ".[mp4]"
+RUN pip install torch==2.13.0 && pip install -c requirements.lock ".[mp4,cluster]"
 
 VOLUME ["/data"]
 CMD ["emaki", "bot"]

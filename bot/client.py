@@ -19,10 +19,11 @@ from bot.buttons import result_view
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
 from engine.errors import EmakiError, InvalidRequest
-from engine.events import Failed
+from engine.events import Failed, Requeued
 from engine.jobs import JobQueue
 from engine.media import fit_to_bytes
 from engine.models import Models
+from engine.renderer import Renderers
 from engine.retention import purged_reason
 from engine.settings import Settings, load_settings
 from engine.store import Store, open_store
@@ -42,7 +43,7 @@ class EmakiBot(commands.Bot):
     # Seconds between attempts to post a finished result; afterwards the periodic sweep retries.
     post_retry_delays: tuple[float, ...] = (1.0, 3.0, 9.0)
 
-    def __init__(self, settings: Settings, models: Models | None = None) -> None:
+    def __init__(self, settings: Settings, models: Models | None = None, renderers: Renderers | None = None) -> None:
         intents = discord.Intents.default()  # guilds + reactions; no privileged intents needed
         super().__init__(
             command_prefix=commands.when_mentioned,
@@ -52,10 +53,11 @@ class EmakiBot(commands.Bot):
         )
         self.settings = settings
         self.store: Store = open_store(settings.data_dir)
-        self.engine = Engine(settings, self.store, models=models)
-        self.queue = JobQueue(self.store, self.run_job, settings.max_pending_per_member)
-        # One GPU thread: jobs never overlap on the device, and the event loop stays free.
-        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emaki-gpu")
+        self.engine = Engine(settings, self.store, models=models, renderers=renderers)
+        slots = self.engine.slots  # 1 in-process; one per renderer actor in cluster mode
+        self.queue = JobQueue(self.store, self.run_job, settings.max_pending_per_member, workers=slots)
+        # One thread per renderer: a renderer never runs two jobs at once, and the event loop stays free.
+        self.gpu = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="emaki-gpu")
         self.outbox = Outbox(self.spawn)
         self._posting: set[int] = set()  # jobs whose result is being posted right now
         self._announcing: set[int] = set()  # jobs whose first status message is being sent
@@ -96,6 +98,7 @@ class EmakiBot(commands.Bot):
             self.retention_loop.cancel()
         await super().close()
         self.gpu.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -128,13 +131,14 @@ class EmakiBot(commands.Bot):
             await run_train_job(self, job_id, cancel)
             return
         reporter = ProgressReporter(self, job_id)
-        failed = False
+        failed = requeued = False
         async for event in stream_job(self.engine, self.gpu, job_id, cancel):
             failed = failed or isinstance(event, Failed)
+            requeued = requeued or isinstance(event, Requeued)
             reporter.handle(event)
         if failed:
             self.outbox.forget(("status", job_id))
-        else:
+        elif not requeued:  # a requeued job is picked again by the queue and completes then, once
             self.spawn(self.complete(job_id, reporter))
 
     async def complete(self, job_id: int, reporter: ProgressReporter) -> None:
@@ -409,15 +413,18 @@ def _fit_result(
     return fit_to_bytes(images, limit, frame_ms)
 
 
-def create_bot(settings: Settings | None = None, *, models: Models | None = None) -> EmakiBot:
+def create_bot(
+    settings: Settings | None = None, *, models: Models | None = None, renderers: Renderers | None = None
+) -> EmakiBot:
     """The bot, with settings from the environment when none are given. `models` lets a process
-    that already holds warm models (tests, a restart in-process) hand them over."""
+    that already holds warm models (tests, a restart in-process) hand them over; `renderers` a pool
+    of renderers already started (tests: one Ray pool for the whole session)."""
     settings = settings or load_settings()
     if settings.discord_api_base:  # a REST proxy in front of Discord
         discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
     if settings.discord_gateway:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway)
-    return EmakiBot(settings, models=models)
+    return EmakiBot(settings, models=models, renderers=renderers)
 
 
 def run_bot(settings: Settings) -> None:
@@ -426,5 +433,5 @@ def run_bot(settings: Settings) -> None:
             "DISCORD_TOKEN is not set: create a bot at https://discord.com/developers and export its token"
         )
     bot = create_bot(settings)
-    bot.engine.models.load()  # warm before connecting: the first job should not wait for loading
+    bot.engine.warm()  # before connecting (every renderer, in cluster mode): the first job should not wait
     bot.run(settings.discord_token, log_handler=logging.StreamHandler(), log_level=logging.INFO, root_logger=True)

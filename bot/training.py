@@ -27,6 +27,7 @@ from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
 from engine.guild_settings import must_screen
 from engine.media import contact_sheet, png_bytes
+from engine.renderer import WorkerLost
 from engine.safety import image_passes, screens
 from engine.store import now
 from training.dataset import DatasetError, check_style_name, load_dataset, style_name
@@ -431,10 +432,15 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
             ),
             on_save=lambda step, folder: loop.call_soon_threadsafe(reporter.saved, step, folder, save_passes(folder)),
             should_stop=cancel.is_set,
+            renderers=bot.engine.renderers,  # cluster mode: on a worker, beside the others' animations
         )
 
     try:
         result = await loop.run_in_executor(bot.gpu, work)
+    except WorkerLost:  # cluster mode: its worker died; not the dataset's fault
+        bot.store.update_job(job_id, status="queued", resume_first=1)
+        reporter.post("⏸️ The worker training this style was lost; it starts again from its last saved state.")
+        return
     except JobCancelled:
         bot.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
         reporter.post("🛑 Cancelled.")

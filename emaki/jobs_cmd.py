@@ -47,6 +47,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         error = (job["error"] or "-").splitlines()[0]
         purged = " (files deleted)" if job.get("purged_at") else ""
         print(f"{job['id']}\t{shown_status(settings, job)}{purged}\t{when}\t{idea}\t{error}")
+    print_workers(store)
     return 0
 
 
@@ -67,6 +68,18 @@ def _purge(settings: Settings, store: Any) -> int:
         f"({report.bytes_freed / 2**20:.1f} MiB; their rows stay): {ids}"
     )
     return 0
+
+
+def print_workers(store: Any) -> None:
+    """Cluster mode's renderers (node, GPU, state, current job), when the coordinator has any."""
+    workers = store.workers() if store is not None else []
+    if not workers:
+        return
+    print("\nworker\tnode\tgpu\tstate\tjob\tsince")
+    for worker in workers:
+        since = time.strftime("%H:%M:%S", time.localtime(worker["updated_at"] or 0))
+        job = worker["job_id"] if worker["job_id"] is not None else "-"
+        print(f"{worker['name']}\t{worker['node'] or '-'}\t{worker['gpu'] or '-'}\t{worker['state']}\t{job}\t{since}")
 
 
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer

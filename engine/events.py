@@ -53,4 +53,13 @@ class Failed:
     reason: str
 
 
-Event = Started | StoryReady | StepProgress | FrameDone | Finished | Failed
+@dataclass(frozen=True)
+class Requeued:
+    """The job's renderer went away mid-job (cluster mode): the job is queued again, in front, and
+    resumes at its first missing frame. Not an end: no result is posted for this run."""
+
+    job_id: int
+    reason: str
+
+
+Event = Started | StoryReady | StepProgress | FrameDone | Finished | Failed | Requeued

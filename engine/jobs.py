@@ -3,11 +3,11 @@
 There is no separate in-memory list to lose or keep in sync: pending jobs are the `queued` rows, an
 interrupted (`running` at start-up) job is put back in front, and the next job is picked round-robin
 between members (the member served least recently goes first; within a member, oldest first). The
-pause and the round-robin history are rows too, so a restart keeps both. A drain task runs while
-there is work and ends when the queue is empty, started on enqueue and at start-up, so nothing
-waits forever on an empty queue. The drain awaits only the render: whatever a front end does with
-the result (posting, status edits) must run beside it, so the next job starts the moment the GPU
-is free.
+pause and the round-robin history are rows too, so a restart keeps both. Up to `workers` jobs run at
+once (one per renderer; 1 in-process): a free slot takes the next job in the fair order, on enqueue,
+at start-up and whenever a job ends, so nothing waits forever on an empty queue. A slot awaits only
+the render: whatever a front end does with the result (posting, status edits) must run beside it, so
+the next job starts the moment a renderer is free.
 """
 
 from __future__ import annotations
@@ -49,14 +49,20 @@ def fair_order(pending: list[dict[str, Any]], last_served: dict[int, int]) -> li
 
 
 class JobQueue:
-    def __init__(self, store: Store, run_job: RunJob, max_pending_per_member: int) -> None:
+    def __init__(self, store: Store, run_job: RunJob, max_pending_per_member: int, workers: int = 1) -> None:
         self.store = store
         self.run_job = run_job
         self.max_pending = max_pending_per_member
-        self.running_id: int | None = None
+        self.workers = max(1, workers)
+        self.running_ids: set[int] = set()  # the jobs being rendered now, at most `workers`
         self.cancel_events: dict[int, threading.Event] = {}
-        self._drain_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.job_seconds: list[float] = []  # recent job durations, for ETAs
+
+    @property
+    def running_id(self) -> int | None:
+        """One running job (the oldest), for callers written when only one could run."""
+        return min(self.running_ids, default=None)
 
     # --- state from the store ---------------------------------------------------------------
     @property
@@ -96,16 +102,22 @@ class JobQueue:
 
     def position(self, job_id: int) -> int:
         """1 = runs next; 0 = running now; -1 = not pending."""
-        if job_id == self.running_id:
+        if job_id in self.running_ids:
             return 0
-        for i, job in enumerate(self.pending(), start=1):
+        for i, job in enumerate(self._waiting(), start=1):
             if job["id"] == job_id:
                 return i
         return -1
 
+    def _waiting(self) -> list[dict[str, Any]]:
+        """`pending` less the jobs a slot has just taken (their row turns `running` a moment later,
+        on the renderer's thread)."""
+        return [job for job in self.pending() if job["id"] not in self.running_ids]
+
     def eta_seconds(self, position: int) -> float:
+        """With N renderers, the job at position p starts after ceil(p / N) job lengths."""
         average = sum(self.job_seconds[-10:]) / len(self.job_seconds[-10:]) if self.job_seconds else 60.0
-        return average * max(position, 1)
+        return average * max(-(-position // self.workers), 1)
 
     def check_cap(self, owner_id: int) -> None:
         open_jobs = self.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [owner_id])
@@ -117,47 +129,50 @@ class JobQueue:
 
     # --- running ---------------------------------------------------------------------------
     def kick(self) -> None:
-        """Start the drain task if there is work and none is running."""
-        if self.paused or (self._drain_task is not None and not self._drain_task.done()):
-            return
-        if self.store.jobs_where("status = 'queued'", []):
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="emaki-drain")
-
-    async def _drain(self) -> None:
-        while not self.paused:
-            order = self.pending()
+        """Fill the free slots with the next jobs in the fair order (if not paused). Safe to call any
+        time: a slot that is busy is left alone."""
+        while not self.paused and len(self.running_ids) < self.workers:
+            order = self._waiting()
             if not order:
                 return
-            job = order[0]
-            self.store.mark_served(job["owner_id"] or 0)
-            if job.get("resume_first"):
-                self.store.update_job(job["id"], resume_first=0)
-            cancel = self.cancel_events.setdefault(job["id"], threading.Event())
-            self.running_id = job["id"]
-            started = time.monotonic()
-            try:
-                await self.run_job(job["id"], cancel)
-            except Exception:  # one failing job must not stop the queue (logged with its traceback)
-                log.exception("job %s crashed the runner", job["id"])
-                self.store.update_job(job["id"], status="failed", error="runner crashed")
-            finally:
-                self.running_id = None
-                self.cancel_events.pop(job["id"], None)
-            # What the next member waits for is the render (the GIF and upload overlap the next job).
-            self.job_seconds.append(time.monotonic() - started)
+            self._start(order[0])
+
+    def _start(self, job: dict[str, Any]) -> None:
+        self.store.mark_served(job["owner_id"] or 0)
+        if job.get("resume_first"):
+            self.store.update_job(job["id"], resume_first=0)
+        self.running_ids.add(job["id"])
+        task = asyncio.get_running_loop().create_task(self._run_one(job["id"]), name=f"emaki-job-{job['id']}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_one(self, job_id: int) -> None:
+        cancel = self.cancel_events.setdefault(job_id, threading.Event())
+        started = time.monotonic()
+        try:
+            await self.run_job(job_id, cancel)
+        except Exception:  # one failing job must not stop the queue (logged with its traceback)
+            log.exception("job %s crashed the runner", job_id)
+            self.store.update_job(job_id, status="failed", error="runner crashed")
+        finally:
+            self.running_ids.discard(job_id)
+            self.cancel_events.pop(job_id, None)
+        # What the next member waits for is the render (the GIF and upload overlap the next job).
+        self.job_seconds.append(time.monotonic() - started)
+        self.kick()  # this slot is free: the next job in the fair order takes it
 
     def cancel(self, job_id: int) -> str:
         """Cancel a queued job now, or ask the running one to stop at its next step."""
         row = self.store.job(job_id)
         if row is None or row["status"] not in ("queued", "running"):
             raise InvalidRequest(f"job {job_id} is not queued or running")
-        if job_id == self.running_id:
+        if job_id in self.running_ids:
             self.cancel_events.setdefault(job_id, threading.Event()).set()
             return "running"
         self.store.update_job(job_id, status="cancelled", error="cancelled")
         return "queued"
 
     async def idle(self) -> None:
-        """Wait until the drain task (if any) has finished."""
-        if self._drain_task is not None:
-            await asyncio.shield(self._drain_task)
+        """Wait until no job is running and none is left to start (or the queue is paused)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))  # never cancels them, even when this wait is cancelled

@@ -57,6 +57,7 @@ SCHEDULER_NAMES = ("default", "dpm++", "euler_a", "unipc")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_SEED = 2**32 - 1
+RAY_ADDRESS = re.compile(r"^(local|auto|ray://[A-Za-z0-9.\-\[\]:]+:\d+)$")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class Settings:
     motion_inbetweens: int = setting(3, Rule(0, 8))
     # Depth guidance in motion mode (AnimateDiffControlNetPipeline with the chain's depth ControlNet).
     motion_depth: bool = False
+    # --- cluster (issue 14) ---
+    # "" (one in-process renderer), "local" (start Ray over this machine's GPUs), "auto" or
+    # "ray://host:port" (join a running Ray cluster): one renderer actor per GPU (engine/cluster.py).
+    ray_address: str = ""
+    gpu_workers: int = setting(0, Rule(0, 1024))  # renderer actors; 0: one per GPU in the cluster
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -214,6 +220,16 @@ class Settings:
                     f"for the {self.profile} profile (got {value})"
                 )
         check_device(self.device)
+        if self.ray_address and not RAY_ADDRESS.match(self.ray_address):
+            raise InvalidRequest(
+                f"ray_address must be local, auto or ray://host:port (got {self.ray_address!r}); "
+                "leave it empty for one in-process renderer"
+            )
+        if self.gpu_workers > 1 and not self.ray_address:
+            raise InvalidRequest(
+                f"gpu_workers={self.gpu_workers} needs ray_address (several renderers run as Ray actors): "
+                "set EMAKI_RAY_ADDRESS=local on a multi-GPU box"
+            )
 
     @property
     def is_tiny(self) -> bool:

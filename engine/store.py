@@ -119,6 +119,7 @@ class Store:
             )
             self._migrate_bot_state(db)
             self._migrate_retention(db)
+            self._migrate_workers(db)
 
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
@@ -203,6 +204,35 @@ class Store:
                 [limit],
             ).fetchall()
         return [float(r[0]) for r in rows]
+
+    def _migrate_workers(self, db: sqlite_utils.Database) -> None:
+        """Additive: the renderers of cluster mode, for the operator (`emaki jobs`, /stats). Written by
+        the coordinator as workers start, take a job, finish it or die; empty in in-process mode."""
+        db["workers"].create(
+            {
+                "name": str,  # renderer-N
+                "node": str,  # the machine's address, as Ray reports it
+                "gpu": str,  # the GPU id(s) Ray gave the actor
+                "state": str,  # starting | idle | busy (animating) | training | lost (restarting)
+                "job_id": int,  # the job it renders now, if busy (or lost it)
+                "updated_at": float,
+            },
+            pk="name",
+            if_not_exists=True,
+        )
+
+    # --- workers (cluster mode) -------------------------------------------------------------
+    def put_worker(self, name: str, **fields: Any) -> None:
+        with self._locked() as db:
+            db["workers"].upsert({"name": name, **fields}, pk="name")
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._locked() as db:
+            return list(db["workers"].rows_where(order_by="name"))
+
+    def clear_workers(self) -> None:
+        with self._locked() as db:
+            db.execute("delete from workers")
 
     # --- queue state (pause, fairness history): rows, not memory -----------------------------
     def queue_flag(self, key: str) -> str | None:

@@ -1,5 +1,10 @@
-"""Runs one animation job: plan (story, seeds) -> frames (`run`, the GPU part), then the GIF
-(`finish`, CPU only, so it can overlap the next job's rendering).
+"""The coordinator: runs one animation job: plan (story, seeds) -> frames (`run`, the GPU part, done
+by a renderer), then the GIF (`finish`, CPU only, so it can overlap the next job's rendering).
+
+The renderer (engine/renderer.py) never sees the store: `run` hands it a recipe (frame plans, the frames
+to keep, the style by content hash) and writes each frame it sends back as it arrives. In-process mode
+drives one renderer on the calling thread; cluster mode (EMAKI_RAY_ADDRESS, engine/cluster.py) sends
+the recipe to one of several Ray actors, and a job whose actor died goes back to the queue.
 
 Everything needed to reproduce a frame is in its row before it is rendered. A job interrupted by a
 crash resumes at its first frame without a file; a regeneration job starts with the parent's frames
@@ -24,15 +29,16 @@ from typing import Any
 
 from PIL import Image
 
-from engine.animate import FramePlan, frame_seed, render_frames
+from engine.animate import FramePlan, frame_seed
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
-from engine.events import Event, Failed, Finished, FrameDone, Started, StepProgress, StoryReady
+from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started, StepProgress, StoryReady
 from engine.interpolate import Inbetweener, warping_error
 from engine.media import encode_gif
 from engine.models import Models, StyleRef
 from engine.motion import clip_images as motion_clip_images
 from engine.motion import save_inbetweens
 from engine.params import AnimationParams
+from engine.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSpec, WorkerLost, png_decode
 from engine.retention import purged_reason
 from engine.safety import screen_frame
 from engine.settings import Settings
@@ -42,6 +48,7 @@ from engine.story import StoryTeller
 log = logging.getLogger(__name__)
 
 
+RUN_ATTEMPTS = 3  # run_to_end: how often a job whose renderer died is started again
 STORY_FILE = "story.json"  # in the job folder: the story teller's raw answers
 METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timing and warping error
 
@@ -92,12 +99,44 @@ def is_rendering(data_dir: Path, job_id: int) -> bool:
 
 class Engine:
     def __init__(
-        self, settings: Settings, store: Store, models: Models | None = None, story: StoryTeller | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        models: Models | None = None,
+        story: StoryTeller | None = None,
+        renderers: Renderers | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.models = models or Models(settings)
         self.story = story or StoryTeller(settings)
+        self._renderers = renderers
+
+    @property
+    def renderers(self) -> Renderers:
+        """Who renders: one in-process renderer over `self.models` (default), or Ray actors when
+        EMAKI_RAY_ADDRESS is set. Made on first use, so commands that never render never start Ray."""
+        if self._renderers is None:
+            if self.settings.ray_address:
+                from engine.cluster import RayRenderers  # only here: in-process mode never imports ray
+
+                self._renderers = RayRenderers(self.settings, self.store)
+            else:
+                self._renderers = LocalRenderers(Renderer(self.settings, self.models))
+        return self._renderers
+
+    @property
+    def slots(self) -> int:
+        """How many jobs can render at once (one per renderer)."""
+        return self.renderers.slots
+
+    def warm(self) -> None:
+        """Load the models before the first job: in-process here, or wait until every actor has."""
+        self.renderers.warm()
+
+    def close(self) -> None:
+        if self._renderers is not None:
+            self._renderers.close()
 
     def job_dir(self, job_id: int) -> Path:
         return job_dir(self.settings, job_id)
@@ -192,6 +231,10 @@ class Engine:
         except JobCancelled:
             self.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
             yield Failed(job_id, "cancelled")
+        except WorkerLost as exc:  # not the job's fault: back in front of the queue, resumes where it stopped
+            log.warning("job %s lost its renderer (%s); queued again", job_id, exc)
+            self.store.update_job(job_id, status="queued", resume_first=1, error=None)
+            yield Requeued(job_id, str(exc))
         except EmakiError as exc:
             self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
             yield Failed(job_id, str(exc))
@@ -222,6 +265,19 @@ class Engine:
             trigger=row["trigger"] or "",
             weight=row["weight"] or 1.0,
             adapter=row["adapter"] or "lora",
+        )
+
+    def _style_spec(self, style: StyleRef | None) -> StyleSpec | None:
+        """The style as a renderer receives it: by name and content hash, with a handle to its bytes
+        for a renderer that does not share this machine's data dir."""
+        if style is None:
+            return None
+        path = Path(style.path)
+        if not path.exists():
+            raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
+        sha256, blob = self.renderers.share(path)
+        return StyleSpec(
+            style.name, sha256, path.name, style.trigger, style.weight, style.adapter, str(path), blob, path.is_dir()
         )
 
     def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
@@ -268,29 +324,17 @@ class Engine:
         rows = self.store.frames(job_id)
         done = [r for r in rows if r["path"] and Path(r["path"]).exists()]
         start = len(done) if [r["idx"] for r in done] == list(range(len(done))) else 0
-        images: list[Image.Image] = [Image.open(r["path"]).convert("RGB") for r in rows[:start]]
+        kept = [Path(r["path"]).read_bytes() for r in rows[:start]]
+        images: list[Image.Image] = [png_decode(data) for data in kept]
         for i, image in enumerate(images):  # frames kept from a parent or an interrupted run
             yield FrameDone(job_id, i, params.frames, image, Path(rows[i]["path"]))
 
-        self.models.use_style(style)
-
-        def step_hook(frame: int, step: int, total: int) -> None:
-            if on_step is not None:
-                on_step(StepProgress(job_id, frame, step, total))
-
-        for index, image in render_frames(
-            self.models,
-            params,
-            plans,
-            start=start,
-            previous=images[start - 1] if start else None,
-            reference=images[0] if images else None,
-            on_step=step_hook,
-            cancelled=cancelled,
-        ):
+        recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style))
+        for rendered in self.renderers.frames(recipe, cancelled, on_step):
+            index, image = rendered.index, rendered.image()
             screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
-            save_png_atomic(image, path)
+            write_atomic(path, rendered.png)  # the renderer's own PNG bytes: identical on every worker
             # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
             save_inbetweens(image, path, screen=lambda frame: screen_frame(self, job, frame))
             self.store.put_frame(job_id, index, path=str(path))
@@ -319,12 +363,22 @@ class Engine:
     def run_to_end(
         self, job_id: int, cancel: threading.Event | None = None, on_step: Callable[[StepProgress], None] | None = None
     ) -> Iterator[Event]:
-        """`run` then `finish`, one after the other: for the CLI and tests."""
-        for event in self.run(job_id, cancel, on_step):
-            yield event
-            if isinstance(event, Failed):
+        """`run` then `finish`, one after the other: for the CLI and tests. A job whose renderer died
+        is run again at once (this caller's queue is this one job), a few times at most."""
+        for attempt in range(1, RUN_ATTEMPTS + 1):
+            for event in self.run(job_id, cancel, on_step):
+                yield event
+                if isinstance(event, Failed):
+                    return
+                if isinstance(event, Requeued):
+                    break
+            else:
+                yield self.finish(job_id)
                 return
-        yield self.finish(job_id)
+            if attempt == RUN_ATTEMPTS:
+                reason = f"its renderer was lost {RUN_ATTEMPTS} times; see the workers' logs"
+                self.store.update_job(job_id, status="failed", finished_at=now(), error=reason)
+                yield Failed(job_id, reason)
 
 
 def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[Image.Image], int]:

@@ -37,9 +37,9 @@ def jobs_table(capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
 
 def interrupt_after_frames(monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
     """Ctrl-C while frame `kept + 1` renders: the frames before it are on disk, the row says running."""
-    import engine.worker
+    import engine.renderer  # the renderer runs the frame chain (engine.worker only coordinates)
 
-    real = engine.worker.render_frames
+    real = engine.renderer.render_frames
 
     def interrupted(*args, **kwargs) -> Iterator:
         for n, item in enumerate(real(*args, **kwargs)):
@@ -47,7 +47,7 @@ def interrupt_after_frames(monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(engine.worker, "render_frames", interrupted)
+    monkeypatch.setattr(engine.renderer, "render_frames", interrupted)
 
 
 def test_interrupted_job_is_listed_and_resumes_byte_identical(

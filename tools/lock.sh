@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Extras left out of the lock, and why, are listed in tools/check_lock.py (UNLOCKED_EXTRAS).
-extras="dev,mp4"
+extras="dev,mp4,cluster"
 venv="$(mktemp -d)/venv"
 python3 -m venv "$venv"
 # shellcheck disable=SC1091

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,27 +98,31 @@ def train_style(
     on_checkpoint: Callable[[int, Image.Image], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_save: Callable[[int, Path], None] | None = None,
+    renderers: Any = None,
 ) -> TrainResult:
     """Train (or resume) a dataset's style; when it finishes, register the style with the values it
     was trained with. A run that diverges registers nothing and marks the dataset `failed`, which
-    frees the style name for a new attempt (TrainingDiverged is raised on)."""
+    frees the style name for a new attempt (TrainingDiverged is raised on).
+
+    `renderers`: the engine's (Engine.renderers). When they are remote (cluster mode) the training
+    runs on one of them, a Ray actor, while the others keep animating; otherwise here, as always."""
     row = store.dataset(dataset_id)
     if row is None:
         raise InvalidRequest(f"dataset {dataset_id} does not exist")
     name = row["style_name"]
     if store.style(name) is not None:
         raise DatasetError(f"a style named '{name}' already exists")
-    dataset = load_dataset(Path(row["path"]), settings)
     config = TrainConfig.from_dict(json.loads(row["params"] or "{}"))
-    trainer = Trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
+    callbacks = dict(on_step=on_step, should_yield=should_yield, on_checkpoint=on_checkpoint, should_stop=should_stop)
     try:
-        result = trainer.run(
-            on_step=on_step,
-            should_yield=should_yield,
-            on_checkpoint=on_checkpoint,
-            should_stop=should_stop,
-            on_save=on_save,
-        )
+        if renderers is not None and renderers.remote:
+            result, config, heldout = _train_remote(settings, renderers, row, config, on_save=on_save, **callbacks)
+        else:
+            dataset = load_dataset(Path(row["path"]), settings)
+            trainer = Trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
+            result = trainer.run(on_save=on_save, **callbacks)
+            config = trainer.config
+            heldout = [path.relative_to(dataset.root).as_posix() for path in trainer.heldout]
     except TrainingDiverged:
         store.update_dataset(dataset_id, status="failed")
         raise
@@ -131,15 +135,117 @@ def train_style(
             name,
             result.weights,
             trigger=row["trigger"] or "",
-            config=trainer.config,
+            config=config,
             steps=result.step,
             dataset_id=dataset_id,
             final_loss=sum(tail) / len(tail),
-            heldout=[path.relative_to(dataset.root).as_posix() for path in trainer.heldout],
+            heldout=heldout,
             guild_id=row.get("guild_id"),  # a server's dataset makes that server's style; the CLI's is global
         )
         store.update_dataset(dataset_id, status="trained")
     return result
+
+
+@dataclass(frozen=True)
+class RemoteTraining:
+    """What a worker needs to train a style: everything by value or by content hash (the dataset, and
+    the run folder of an earlier, paused run to resume from)."""
+
+    name: str
+    trigger: str
+    config: dict[str, Any]
+    dataset: tuple[str, str, Any]  # content hash, folder name, object-store handle
+    state: tuple[str, str, Any] | None  # the same for the run folder (checkpoints), or None
+
+
+def _train_remote(
+    settings: Settings,
+    renderers: Any,
+    row: dict[str, Any],
+    config: TrainConfig,
+    on_step: Callable[[TrainProgress], None] | None,
+    should_yield: Callable[[], bool],
+    on_checkpoint: Callable[[int, Image.Image], None] | None,
+    should_stop: Callable[[], bool],
+    on_save: Callable[[int, Path], None] | None,
+) -> tuple[TrainResult, TrainConfig, list[str]]:
+    """The coordinator's half of a training on a worker: ship the dataset (and a paused run's folder)
+    by content hash, relay the worker's events to the callbacks, raise the yield/stop flags it asks
+    about, and unpack the run folder it sends back where an in-process run would have left it."""
+    from engine.renderer import png_decode, unpack
+
+    out = style_dir(settings, row["style_name"])
+    dataset = Path(row["path"])
+
+    def shipped(path: Path) -> tuple[str, str, Any]:
+        sha256, blob = renderers.share(path)
+        return sha256, path.name, blob
+
+    request = RemoteTraining(
+        name=row["style_name"],
+        trigger=row["trigger"] or "",
+        config=asdict(config),
+        dataset=shipped(dataset),
+        state=shipped(out) if out.is_dir() and any(out.iterdir()) else None,  # a paused run resumes there
+    )
+
+    def flags() -> set[str]:
+        return {name for name, asked in (("yield", should_yield), ("stop", should_stop)) if asked()}
+
+    saves: list[int] = []
+    for kind, *data in renderers.run_task(train_on_worker, request, flags):
+        if kind == "step" and on_step is not None:
+            on_step(data[0])
+        elif kind == "checkpoint" and on_checkpoint is not None:
+            on_checkpoint(data[0], png_decode(data[1]))
+        elif kind == "save":
+            saves.append(data[0])
+        elif kind == "done":
+            step, losses, weights, resolved, heldout, folder = data
+            tmp = out.with_name(f".{out.name}.incoming")
+            shutil.rmtree(tmp, ignore_errors=True)
+            unpack(folder, tmp, is_folder=True)
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+            for saved in saves:  # the run folder is here now: announce the kept saves with their paths
+                if on_save is not None:
+                    on_save(saved, out)
+            result = TrainResult(weights=out / weights if weights else None, step=step, losses=losses)
+            return result, TrainConfig.from_dict(resolved), heldout
+    raise RuntimeError("the worker ended the training without a result")
+
+
+def train_on_worker(settings: Settings, cache: Any, request: RemoteTraining, flagged: Callable[[str], bool]) -> Any:
+    """The worker's half (runs in a Ray actor): fetch the dataset and any paused run by content hash,
+    train in a scratch run folder, stream steps and checkpoint images, then send the run folder back
+    (weights, checkpoints for a later resume, kept saves)."""
+    import tempfile
+
+    from engine.renderer import callbacks_as_events, pack, png_encode
+
+    dataset_root = cache.get(request.dataset[0], request.dataset[1], request.dataset[2], is_folder=True)
+    with tempfile.TemporaryDirectory(dir=cache.root) as scratch:
+        run_dir = Path(scratch) / request.name
+        if request.state is not None:
+            shutil.copytree(cache.get(request.state[0], request.state[1], request.state[2], is_folder=True), run_dir)
+        dataset = load_dataset(dataset_root, settings)
+        trainer = Trainer(settings, dataset, request.trigger, TrainConfig.from_dict(request.config), run_dir)
+
+        def work(emit: Callable[[Any], None], closed: Callable[[], bool]) -> None:
+            result = trainer.run(
+                on_step=lambda progress: emit(("step", progress)),
+                should_yield=lambda: flagged("yield"),
+                on_checkpoint=lambda step, image: emit(("checkpoint", step, png_encode(image))),
+                should_stop=lambda: closed() or flagged("stop"),
+                on_save=lambda step, folder: emit(("save", step)),
+            )
+            weights = result.weights.relative_to(run_dir).as_posix() if result.weights else None
+            heldout = [path.relative_to(dataset.root).as_posix() for path in trainer.heldout]
+            folder = pack(run_dir)
+            emit(("done", result.step, result.losses, weights, asdict(trainer.config), heldout, folder))
+
+        yield from callbacks_as_events(work, f"emaki-train-{request.name}")
 
 
 def register_trained_style(

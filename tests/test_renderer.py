@@ -1,0 +1,179 @@
+"""The coordinator/renderer seam without Ray: the renderer's events, files by content hash, the queue
+running several jobs at once, and in-process mode never importing Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.animate import FramePlan
+from engine.events import StepProgress
+from engine.jobs import JobQueue
+from engine.models import Models
+from engine.params import build_params
+from engine.renderer import ContentCache, FrameRendered, Recipe, Renderer, content_hash, pack, png_decode
+from engine.settings import Settings
+from engine.store import Store
+from engine.worker import Engine
+from tests.helpers import sha
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_renderer_streams_steps_and_frames_as_plain_picklable_events(
+    settings: Settings, store: Store, shared_tiny_models: Models
+) -> None:
+    params = build_params(settings, store, "a fox in the snow", frames=2, steps=4, strength=0.5, seed=3)
+    plans = [FramePlan(i, f"a fox, frame {i}", 100 + i, 0.5, 4, 7.0) for i in range(2)]
+    shared_tiny_models.use_style(None)
+    renderer = Renderer(settings, shared_tiny_models)
+    events = list(renderer.render(Recipe(1, params.to_dict(), plans)))
+    frames = [e for e in events if isinstance(e, FrameRendered)]
+    assert [f.index for f in frames] == [0, 1]
+    assert any(isinstance(e, StepProgress) and e.frame_index == 1 for e in events)
+    # Steps of a frame arrive before the frame itself, as they happen.
+    assert isinstance(events[0], StepProgress) and events.index(frames[0]) > 0
+    assert pickle.loads(pickle.dumps(events)) == events  # what a Ray actor can send back
+    # Keeping frame 0 and rendering from frame 1 gives the same frame 1 (what a resumed job does).
+    again = list(renderer.frames(Recipe(1, params.to_dict(), plans, kept=[frames[0].png])))
+    assert [f.index for f in again] == [1] and again[0].png == frames[1].png
+    assert png_decode(frames[1].png).size == (params.width, params.height)
+
+
+def test_content_cache_fetches_once_and_checks_the_hash(tmp_path: Path) -> None:
+    source = tmp_path / "style.safetensors"
+    source.write_bytes(b"weights" * 100)
+    digest = content_hash(source)
+    assert digest == sha(source)
+    calls: list[str] = []
+
+    def fetch(blob: str) -> bytes:
+        calls.append(blob)
+        return pack(source)
+
+    cache = ContentCache(tmp_path / "cache", fetch)
+    first = cache.get(digest, source.name, "blob", is_folder=False)
+    second = cache.get(digest, source.name, "blob", is_folder=False)
+    assert first == second and first.read_bytes() == source.read_bytes() and calls == ["blob"]
+    with pytest.raises(Exception, match="damaged"):
+        ContentCache(tmp_path / "other", lambda blob: b"not it").get(digest, source.name, "x", is_folder=False)
+    folder = tmp_path / "dataset"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"a")
+    (folder / "sub" / "b.txt").write_bytes(b"b")
+    copy = ContentCache(tmp_path / "c2", lambda blob: pack(folder)).get(content_hash(folder), "dataset", 1, True)
+    assert (copy / "a.png").read_bytes() == b"a" and (copy / "sub" / "b.txt").read_bytes() == b"b"
+
+
+async def test_queue_runs_n_jobs_at_once_in_fair_order(store: Store) -> None:
+    for owner in (1, 1, 2, 3):
+        store.add_job(kind="animate", idea="x", params={}, owner_id=owner)
+    started: list[int] = []
+    gate = asyncio.Event()
+    queue: JobQueue
+
+    async def run_job(job_id: int, cancel: threading.Event) -> None:
+        started.append(job_id)
+        if len(started) == 2:
+            # Both slots are busy: both jobs read as running, the rest wait in the fair order.
+            assert queue.running_ids == {1, 3} and queue.position(1) == queue.position(3) == 0
+            assert queue.position(4) == 1 and queue.position(2) == 2
+            gate.set()
+        await gate.wait()
+        store.update_job(job_id, status="done")
+
+    queue = JobQueue(store, run_job, max_pending_per_member=5, workers=2)
+    queue.kick()
+    await queue.idle()
+    assert started == [1, 3, 4, 2]  # round-robin between members, two at a time
+    assert queue.running_ids == set()
+
+
+def test_in_process_mode_never_imports_ray(tmp_path: Path) -> None:
+    """The default install has no Ray: rendering a job in-process, the bot and the CLI must not import it."""
+    code = f"""
+import sys
+import torch
+torch.set_num_threads(1)
+import bot.client, emaki.cli
+from engine.params import build_params
+from engine.settings import load_settings
+from engine.store import open_store
+from engine.worker import Engine
+settings = load_settings(profile="tiny", data_dir={str(tmp_path / "data")!r})
+store = open_store(settings.data_dir)
+engine = Engine(settings, store)
+params = build_params(settings, store, "a boat", frames=1, steps=2, width=32, height=32)
+events = list(engine.run_to_end(engine.create_job(params)))
+assert type(events[-1]).__name__ == "Finished", events[-1]
+assert engine.slots == 1
+assert "ray" not in sys.modules, "in-process mode imported ray"
+print("ok")
+"""
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_engine_keeps_working_with_a_renderer_given(engine: Engine) -> None:
+    # The seam is used, not bypassed: the Engine's frames come from its renderers.
+    assert engine.slots == 1 and isinstance(engine.renderers.renderer, Renderer)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EMAKI_RAY_ADDRESS": "http://head:6379"}, "ray_address must be local, auto or ray://host:port"),
+        ({"EMAKI_RAY_ADDRESS": "ray://head"}, "ray_address must be local, auto or ray://host:port"),
+        ({"EMAKI_GPU_WORKERS": "-1"}, "gpu_workers must be between 0 and 1024"),
+        ({"EMAKI_GPU_WORKERS": "2"}, "gpu_workers=2 needs ray_address"),
+    ],
+)
+def test_cluster_settings_are_checked_where_they_come_from(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    from engine.errors import InvalidRequest
+    from engine.settings import load_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InvalidRequest, match=message):
+        load_settings(profile="tiny")
+
+
+def test_cluster_settings_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.settings import load_settings
+
+    for address in ("local", "auto", "ray://10.0.0.5:10001"):
+        monkeypatch.setenv("EMAKI_RAY_ADDRESS", address)
+        monkeypatch.setenv("EMAKI_GPU_WORKERS", "4")
+        settings = load_settings(profile="tiny")
+        assert (settings.ray_address, settings.gpu_workers) == (address, 4)
+
+
+def test_emaki_jobs_lists_workers_when_there_are_any(
+    settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(settings.data_dir))
+    store.add_job(kind="animate", idea="a kite", params={}, status="done")
+    assert main(["jobs"]) == 0
+    assert "worker" not in capsys.readouterr().out  # in-process mode: no workers section
+    store.put_worker("renderer-0", node="10.0.0.7", gpu="0", state="busy", job_id=1, updated_at=0.0)
+    store.put_worker("renderer-1", node="10.0.0.8", gpu="1", state="idle", job_id=None, updated_at=0.0)
+    assert main(["jobs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("worker\tnode\tgpu\tstate\tjob\tsince") + 1 :]
+    assert [row.split("\t")[:5] for row in table] == [
+        ["renderer-0", "10.0.0.7", "0", "busy", "1"],
+        ["renderer-1", "10.0.0.8", "1", "idle", "-"],
+    ]
+    assert store.workers()[0]["name"] == "renderer-0"
