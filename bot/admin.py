@@ -51,6 +51,7 @@ def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
         disk_bytes=retention.dir_size(bot.settings.data_dir),
         gpu=gpu_text(bot),
         keep_days=bot.settings.keep_days,
+        workers=store.workers(),  # cluster mode's renderers (node, GPU, state, job)
     )
 
 

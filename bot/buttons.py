@@ -74,6 +74,7 @@ async def _regenerate(interaction: discord.Interaction, job_id: int, from_index:
     except EmakiError as exc:
         await refuse(interaction, str(exc))
         return
+    _bot(interaction).remember_interaction(new_id, interaction)  # a private line if it is flagged
     what = "a reroll" if reseed_all else f"a redo from frame {from_index + 1}"
     await _answer(interaction, f"Queued job #{new_id}, {what} of job #{job_id}: its progress shows in this channel.")
 

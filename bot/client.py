@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # minutely sweep after these delays, the last one repeating: it is posted once the channel accepts
 # it again. (30 s: the next sweep; the sweep runs every 60 s.)
 REFUSED_RETRY_S = (30.0, 300.0, 900.0, 3600.0)
+INTERACTION_TOKEN_S = 14 * 60.0  # Discord's interaction tokens last 15 minutes; a margin for the send
 UNANSWERED_RETRY_S = 30.0  # Discord kept failing (5xx/429): the next sweep tries again
 
 
@@ -66,6 +68,9 @@ class EmakiBot(commands.Bot):
         self.previewing: set[int] = set()  # datasets whose preview is being posted
         self._background: set[asyncio.Task[Any]] = set()
         self.retention_loop: tasks.Loop[Any] | None = None  # bot/admin.py's daily sweep
+        # job -> the followup webhook of the interaction that asked for it, and when: a way to tell the
+        # member something only they see (its token lasts 15 minutes; memory only, lost on restart).
+        self._private_replies: dict[int, tuple[discord.Webhook, float]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def setup_hook(self) -> None:
@@ -141,7 +146,36 @@ class EmakiBot(commands.Bot):
         elif not requeued:  # a requeued job is picked again by the queue and completes then, once
             self.spawn(self.complete(job_id, reporter))
 
+    def remember_interaction(self, job_id: int, interaction: discord.Interaction) -> None:
+        """Keep the interaction that asked for a job, to answer privately about it later."""
+        cutoff = time.monotonic() - INTERACTION_TOKEN_S
+        for stale in [j for j, (_, at) in self._private_replies.items() if at < cutoff]:
+            del self._private_replies[stale]
+        self._private_replies[job_id] = (interaction.followup, time.monotonic())
+
+    def tell_privately(self, job_id: int, text: str) -> bool:
+        """Send `text` only to the member who asked for the job, when their interaction is still
+        answerable; False when it is not (a reaction, a restart, over 15 minutes). If Discord refuses
+        the private message, the job's status message says it instead."""
+        entry = self._private_replies.pop(job_id, None)
+        if entry is None or time.monotonic() - entry[1] > INTERACTION_TOKEN_S:
+            return False
+        webhook = entry[0]
+
+        async def send() -> None:
+            try:
+                await webhook.send(f"⚠️ {render.clip(text, 1900)}", ephemeral=True, allowed_mentions=NO_MENTIONS)
+            except discord.HTTPException as exc:
+                log.warning("private reply for job %s failed (%s); saying it in the status message", job_id, exc.status)
+                job = self.store.job(job_id)
+                if job is not None:
+                    self.set_status(job_id, {"content": render.failed(job, text), "attachments": []})
+
+        self.spawn(send())
+        return True
+
     async def complete(self, job_id: int, reporter: ProgressReporter) -> None:
+        self._private_replies.pop(job_id, None)
         reporter.handle(await asyncio.to_thread(self.engine.finish, job_id))
         self.outbox.forget(("status", job_id))
         await self.post_result(job_id)

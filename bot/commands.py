@@ -162,6 +162,7 @@ def register(bot: EmakiBot) -> None:
         text = render.queued(job, position, bot.queue.eta_seconds(position))
         try:
             await interaction.response.send_message(text, allowed_mentions=NO_MENTIONS)
+            bot.remember_interaction(job_id, interaction)  # to tell the member privately if it is flagged
             message = await interaction.original_response()
             bot.store.update_job(job_id, status_message_id=message.id)
             bot._shown[job_id] = text  # what the member sees: no edit until it changes

@@ -15,6 +15,7 @@ from PIL import Image
 from bot import render
 from engine.events import Event, Failed, Finished, FrameDone, Started, StoryReady
 from engine.media import contact_sheet, png_bytes
+from engine.safety import FLAGGED_REASON
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot
@@ -47,7 +48,12 @@ class ProgressReporter:
         elif isinstance(event, Finished):
             self._show(render.finished(self.job, None), sheet=True, force=True)
         elif isinstance(event, Failed):
-            self._show(render.failed(self.job, event.reason), force=True)
+            reason = event.reason
+            # A flagged job is the member's business: told privately where their interaction still
+            # answers, the channel reads only that nothing was posted.
+            if reason == FLAGGED_REASON and self.bot.tell_privately(self.job_id, reason):
+                reason = "not posted (the requester was told why, privately)"
+            self._show(render.failed(self.job, reason), force=True)
 
     def _show(self, content: str, sheet: bool = False, force: bool = False) -> None:
         images = list(self.images) if sheet else []

@@ -141,6 +141,7 @@ def stats(
     disk_bytes: int,
     gpu: str,
     keep_days: int,
+    workers: list[dict[str, Any]] | None = None,
 ) -> str:
     median = f"{median_s:.1f} s (last {timed} finished jobs)" if median_s is not None else "no finished job yet"
     keep = f"files kept {keep_days} days" if keep_days else "files kept forever"
@@ -151,8 +152,19 @@ def stats(
             f"**Median job time** {median}",
             f"**Disk used by emaki** {disk_bytes / 2**20:.1f} MiB ({keep})",
             f"**GPU** {gpu}",
+            *worker_lines(workers or []),
         ]
     )
+
+
+def worker_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """Cluster mode's renderers, one line each (none in-process)."""
+    lines = [f"**Workers** {len(workers)}"] if workers else []
+    for worker in workers:
+        job = f" · job #{worker['job_id']}" if worker.get("job_id") is not None else ""
+        where = f"{worker.get('node') or '?'} GPU {worker.get('gpu') or '?'}"
+        lines.append(f"`{worker['name']}` {where} · {worker['state']}{job}")
+    return lines
 
 
 COMMUNITY_HELP = """Server rules: admins (Manage Server) see and change this server's settings with `/settings show` \

@@ -104,6 +104,12 @@ class StyleRef:
     trigger: str = ""
     weight: float = 1.0
     adapter: str = "lora"  # lora | loha | lokr | ia3
+    version: str = ""  # the file's content hash: a style replaced at the same path is loaded again
+
+    @property
+    def key(self) -> str:
+        """What a loaded style is recognised by: its file and that file's content."""
+        return f"{self.path}#{self.version}"
 
 
 def pick_device(setting: str) -> torch.device:
@@ -159,7 +165,7 @@ class Models:
         self.img2img: StableDiffusionControlNetImg2ImgPipeline | None = None
         self.depth_model: Any = None
         self.depth_processor: Any = None
-        self.loaded_styles: dict[str, str] = {}  # style name -> adapter file it was loaded from
+        self.loaded_styles: dict[str, str] = {}  # adapter name -> StyleRef.key it was loaded from
         self.memory = "high"  # the memory mode in use (engine/memory.py), known once loaded
         self.compiled: Any = None  # engine.compiled.CompiledUNet when EMAKI_COMPILE is on and compiling worked
         self._style_layers: dict[str, Any] = {}  # style file -> its parsed layers (compiled mode reads them once)
@@ -286,7 +292,7 @@ class Models:
             _activate([pipe.unet, pipe.text_encoder], None, 1.0)
             return
         adapter = _adapter_name(style.name)
-        if self.loaded_styles.get(adapter) != style.path:
+        if self.loaded_styles.get(adapter) != style.key:
             path = Path(style.path)
             if not path.exists():
                 raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
@@ -298,7 +304,7 @@ class Models:
             except Exception as exc:  # a broken style file must not take the bot down; one line
                 delete_from(list(models.values()), adapter)  # nothing half-loaded stays behind
                 raise ModelLoadError(one_line(f"style '{style.name}' could not be loaded: {exc}")) from exc
-            self.loaded_styles[adapter] = style.path
+            self.loaded_styles[adapter] = style.key
         _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
 
     def _use_style_compiled(self, style: StyleRef | None) -> None:
@@ -321,12 +327,12 @@ class Models:
             self.compiled.use(None)
             _activate([text_encoder], None, 1.0)
             return
-        layers = self._style_layers.get(style.path)
+        layers = self._style_layers.get(style.key)
         if layers is None:
             layers = read_style(
                 Path(style.path), Architecture.of({"unet": self.compiled.eager_unet, "text_encoder": text_encoder})
             )
-            self._style_layers[style.path] = layers
+            self._style_layers[style.key] = layers
         if layers.kind != "lora":
             raise InvalidRequest(
                 f"style '{style.name}' is a {KIND_NAMES[layers.kind]}: with EMAKI_COMPILE on only LoRA styles can be "
@@ -338,19 +344,19 @@ class Models:
             for param, tensor in weights.params.items()
         }
         try:
-            self.compiled.use(unet_state, 1.0, key=f"{style.path}@{style.weight}")
+            self.compiled.use(unet_state, 1.0, key=f"{style.key}@{style.weight}")
         except NotHotSwappable as exc:
             raise InvalidRequest(one_line(f"style '{style.name}' cannot be used with EMAKI_COMPILE on: {exc}")) from exc
         adapter = _adapter_name(style.name)
         text_layers = layers.models.get("text_encoder")
-        if text_layers and self.loaded_styles.get(adapter) != style.path:
+        if text_layers and self.loaded_styles.get(adapter) != style.key:
             delete_from([text_encoder], adapter)
             load_into(
                 StyleLayers(layers.kind, layers.source, {"text_encoder": text_layers}),
                 {"text_encoder": text_encoder},
                 adapter,
             )
-            self.loaded_styles[adapter] = style.path
+            self.loaded_styles[adapter] = style.key
         _activate([text_encoder], adapter if text_layers else None, style.weight)
 
     def _load_style_layers(self, path: Path, adapter: str, models: dict[str, torch.nn.Module]) -> None:

@@ -207,7 +207,14 @@ class Renderer:
             path = spec.path
         else:
             path = str(self.cache.get(spec.sha256, spec.filename, spec.blob, is_folder=spec.folder))
-        return StyleRef(name=spec.name, path=path, trigger=spec.trigger, weight=spec.weight, adapter=spec.adapter)
+        return StyleRef(
+            name=spec.name,
+            path=path,
+            trigger=spec.trigger,
+            weight=spec.weight,
+            adapter=spec.adapter,
+            version=spec.sha256,
+        )
 
     def frames(
         self,

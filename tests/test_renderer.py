@@ -177,3 +177,34 @@ def test_emaki_jobs_lists_workers_when_there_are_any(
         ["renderer-1", "10.0.0.8", "1", "idle", "-"],
     ]
     assert store.workers()[0]["name"] == "renderer-0"
+
+
+def test_a_style_replaced_at_the_same_path_is_loaded_again(
+    settings: Settings, store: Store, shared_tiny_models: Models, tmp_path: Path
+) -> None:
+    """Retrained or replaced under the same name and file: the warm models must not keep the old
+    weights because the path did not change (the content hash did)."""
+    from engine.renderer import StyleSpec
+    from tests.helpers import make_random_lora
+
+    params = build_params(settings, store, "a fox in the snow", frames=1, steps=3, seed=3)
+    plans = [FramePlan(0, "a fox", 100, 0.5, 3, 7.0)]
+    renderer = Renderer(settings, shared_tiny_models)
+    first_file = make_random_lora(tmp_path / "a", seed=1)
+    second_file = make_random_lora(tmp_path / "b", seed=2)
+    target = tmp_path / "style" / first_file.name
+    target.parent.mkdir()
+
+    def render_with(source: Path) -> bytes:
+        target.write_bytes(source.read_bytes())
+        spec = StyleSpec("ink", content_hash(target), target.name, path=str(target))
+        [frame] = renderer.frames(Recipe(1, params.to_dict(), plans, style=spec))
+        return frame.png
+
+    try:
+        before = render_with(first_file)
+        after = render_with(second_file)
+        assert after != before
+        assert render_with(first_file) == before  # and back: exactly the first file's output
+    finally:
+        shared_tiny_models.use_style(None)

@@ -185,6 +185,11 @@ async def test_stats_for_admins_only(world) -> None:
         assert f"**GPU** {torch.cuda.get_device_name(device)}" in text
     else:
         assert "**GPU** CPU" in text
+    assert "**Workers**" not in text  # in-process: no cluster workers to list
+    # Cluster mode's renderers, as the coordinator records them, are listed too.
+    bot_of(env).store.put_worker("renderer-0", node="10.0.0.7", gpu="0", state="busy", job_id=2, updated_at=0.0)
+    text = last_answer(await mod.slash(channel, "stats"))
+    assert "**Workers** 1" in text and "`renderer-0` 10.0.0.7 GPU 0 · busy · job #2" in text
     assert "stats" not in alice.available_commands(channel) and "stats" in mod.available_commands(channel)
     with pytest.raises(SetupError):
         await alice.slash(channel, "stats")

@@ -48,6 +48,21 @@ async def test_flagged_frame_is_not_posted_and_its_files_go(world, bot_settings:
     # No progress thumbnail of the flagged frame ever went out; the member's status message says what
     # happened, without an image.
     assert not any("progress.png" in str(r.json) for r in env.http_requests if r.method in ("PATCH", "POST") and r.json)
+    # The member is told why privately; the channel reads only that nothing was posted.
+    assert answer.followups and answer.followups[-1].ephemeral
+    assert "content safety checker flagged a frame" in answer.followups[-1].content
+    status = next(m for m in channel.history() if m.id == answer.response.id)
+    assert "not posted (the requester was told why, privately)" in status.content and not status.attachments
+    assert "safety checker" not in status.content
+
+
+@pytest.mark.simcord(settle_timeout=120)
+async def test_a_flagged_job_whose_private_reply_fails_says_why_in_its_status(world, bot_settings: Settings) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    bot_settings.safety_tiny_threshold = FLAG_EVERYTHING
+    env.inject_error("POST", "/webhooks/*", status=500, times=None)  # every followup fails
+    answer = await alice.slash(channel, "animate", prompt="a fox in the rain", frames=1, seed=1)
+    assert bot_of(env).store.job(1)["status"] == "failed" and results(channel) == []
     status = next(m for m in channel.history() if m.id == answer.response.id)
     assert "content safety checker flagged a frame" in status.content and not status.attachments
 
