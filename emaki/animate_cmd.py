@@ -536,12 +536,15 @@ def cmd_animate(args: argparse.Namespace) -> int:
         _warn_version_drift(sidecar)
     output = plan_output(args.out, args.format, params.idea, args.force)
 
-    # 2. Models, so one that cannot load leaves no row; then the row, then the work.
-    models = load_models(settings)
-    if params.motion != "chain":
+    # 2. Models, so one that cannot load leaves no row; then the row, then the work. In cluster mode
+    # the workers hold the models: they load theirs (and fail here, before the row) and none load here.
+    models = None if settings.ray_address else load_models(settings)
+    if models is not None and params.motion != "chain":
         models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
     store = known or open_store(settings.data_dir)
     engine = Engine(settings, store, models=models)
+    if settings.ray_address:
+        engine.warm()
     if sidecar is not None:
         job_id = engine.create_from_recipe(params, sidecar["frames"], owner_name=user_name())
         write_meta(settings, job_id, story=sidecar.get("story") or {})
