@@ -47,13 +47,17 @@ class ModelSpec:
 
 
 def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
-    """The models `emaki models` pulls and checks. The depth estimator and captioner always run in fp32."""
-    return [
+    """The models `emaki models` pulls and checks. The depth estimator and captioner always run in fp32;
+    the motion adapter (motion mode) only when one is configured, in fp32 files as AnimateDiff ships it."""
+    specs = [
         ModelSpec("base model", "base_model", s.base_model, pipeline=True, half=half),
         ModelSpec("depth ControlNet", "controlnet_model", s.controlnet_model, pipeline=False, half=half),
         ModelSpec("depth estimator", "depth_model", s.depth_model, pipeline=False, half=False),
         ModelSpec("captioner (--autocaption)", "captioner_model", s.captioner_model, pipeline=False, half=False),
     ]
+    if s.motion_adapter:
+        specs.append(ModelSpec("motion adapter (motion mode)", "motion_adapter", s.motion_adapter, False, False))
+    return specs
 
 
 def hub_cache_dir() -> Path:

@@ -53,7 +53,7 @@ def load_components(s: Settings, dtype: torch.dtype) -> Components:
     (`emaki models pull` does). The depth estimator loads in fp32 (see `_load_pipelines`)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    base, controlnet_spec, depth_spec, _ = model_files.profile_models(s, half=dtype in HALF_DTYPES)
+    base, controlnet_spec, depth_spec = model_files.profile_models(s, half=dtype in HALF_DTYPES)[:3]
     txt2img = load_base_model(base, s.base_model_config, dtype)
     controlnet = _load(controlnet_spec, ControlNetModel.from_pretrained, dtype=dtype)
     depth_model = _load(depth_spec, AutoModelForDepthEstimation.from_pretrained, dtype=torch.float32).eval()

@@ -403,6 +403,28 @@ def test_doctor_on_the_tiny_profile_reports_the_built_in_models(capsys: pytest.C
     assert out.count("built in (random weights") == 4 and "fits     yes" in out
 
 
+def test_models_check_and_pull_include_the_motion_adapter_when_one_is_configured(
+    local_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.motion import tiny_motion_adapter
+
+    monkeypatch.setenv("EMAKI_MOTION_ADAPTER", "tiny")
+    assert main(["doctor", "--profile", "tiny"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
+    assert "built in (random weights" in line
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
+    monkeypatch.setenv("EMAKI_MOTION_ADAPTER", str(tmp_path / "adapter"))  # not there yet
+    assert main(["models", "check", "--device", "cpu"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
+    assert "NOT READY" in line
+    tiny_motion_adapter().save_pretrained(tmp_path / "adapter")
+    main(["models", "check", "--device", "cpu"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
+    assert "ready," in line and "NOT READY" not in line
+    assert main(["models", "pull", "--device", "cpu"]) == 0
+    assert capsys.readouterr().err.count("is local, nothing to download") == 5
+
+
 def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
     local_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
