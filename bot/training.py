@@ -30,6 +30,7 @@ from engine.media import contact_sheet, png_bytes
 from engine.renderer import WorkerLost
 from engine.safety import image_passes, screens
 from engine.store import now
+from engine.worker import MAX_WORKER_LOSSES
 from training.dataset import DatasetError, check_style_name, load_dataset, style_name
 from training.lora import ADAPTERS, SAMPLE_NAME, TrainConfig, TrainProgress
 from training.presets import PRESETS, preset_config
@@ -437,9 +438,19 @@ async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> 
 
     try:
         result = await loop.run_in_executor(bot.gpu, work)
-    except WorkerLost:  # cluster mode: its worker died; not the dataset's fault
-        bot.store.update_job(job_id, status="queued", resume_first=1)
-        reporter.post("⏸️ The worker training this style was lost; it starts again from its last saved state.")
+    except WorkerLost as exc:  # cluster mode: its worker died; not the dataset's fault, the first times
+        losses = ((bot.store.job(job_id) or {}).get("worker_losses") or 0) + 1
+        if cancel.is_set():
+            bot.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
+            reporter.post("🛑 Cancelled.")
+        elif losses >= MAX_WORKER_LOSSES:  # a worker that dies at every start must not loop for ever
+            reason = f"its worker was lost {losses} times; the last: {exc}"
+            bot.store.update_job(job_id, status="failed", finished_at=now(), error=reason, worker_losses=losses)
+            bot.store.update_dataset(job["params"]["dataset_id"], status="failed")
+            reporter.post(f"⚠️ Failed: {reason}")
+        else:
+            bot.store.update_job(job_id, status="queued", resume_first=1, worker_losses=losses)
+            reporter.post("⏸️ The worker training this style was lost; it starts again from its last saved state.")
         return
     except JobCancelled:
         bot.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")

@@ -439,6 +439,24 @@ def story_record(settings: Settings, backend: str) -> dict[str, Any]:
     }
 
 
+def start_engine(settings: Settings, store: Any, motion: bool) -> Any:
+    """An engine for an existing store whose models are loaded (here, or on the cluster's workers),
+    the motion adapter too when `motion`: before any row is written, so a model that cannot load
+    leaves nothing behind."""
+    from engine.worker import Engine, cluster_renderers
+
+    if settings.ray_address:
+        renderers = cluster_renderers(settings, store)
+        renderers.warm()
+        if motion:
+            renderers.check_motion()
+        return Engine(settings, store, renderers=renderers)
+    models = load_models(settings)
+    if motion:
+        models.motion_renderer()
+    return Engine(settings, store, models=models)
+
+
 def load_models(settings: Settings) -> Any:
     """The models, loaded before any row is written: a model that fails to load leaves nothing behind."""
     from engine.models import Models
@@ -517,7 +535,7 @@ def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
 def cmd_animate(args: argparse.Namespace) -> int:
     from engine.params import build_params
     from engine.store import open_store
-    from engine.worker import Engine
+    from engine.worker import Engine, cluster_renderers
 
     # 1. Everything checked; nothing written, nothing loaded.
     sidecar = None
@@ -536,15 +554,22 @@ def cmd_animate(args: argparse.Namespace) -> int:
         _warn_version_drift(sidecar)
     output = plan_output(args.out, args.format, params.idea, args.force)
 
-    # 2. Models, so one that cannot load leaves no row; then the row, then the work. In cluster mode
-    # the workers hold the models: they load theirs (and fail here, before the row) and none load here.
-    models = None if settings.ray_address else load_models(settings)
-    if models is not None and params.motion != "chain":
-        models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
-    store = known or open_store(settings.data_dir)
-    engine = Engine(settings, store, models=models)
+    # 2. Models, so one that cannot load leaves no row (nor a database); then the row, then the work. In
+    # cluster mode the workers hold the models: they load theirs, and none load here.
+    models, renderers = None, None
     if settings.ray_address:
-        engine.warm()
+        renderers = cluster_renderers(settings)  # joins the cluster: one line when it cannot
+        renderers.warm()
+        if params.motion != "chain":
+            renderers.check_motion()
+    else:
+        models = load_models(settings)
+        if params.motion != "chain":
+            models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
+    store = known or open_store(settings.data_dir)
+    if renderers is not None:
+        renderers.store = store  # type: ignore[attr-defined]  # the workers table, for `emaki jobs`
+    engine = Engine(settings, store, models=models, renderers=renderers)
     if sidecar is not None:
         job_id = engine.create_from_recipe(params, sidecar["frames"], owner_name=user_name())
         write_meta(settings, job_id, story=sidecar.get("story") or {})

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emaki.animate_cmd import Output, add_output_options, load_models, plan_output, read_meta, render_job, write_meta
+from emaki.animate_cmd import Output, add_output_options, plan_output, read_meta, render_job, start_engine, write_meta
 from emaki.common import check_data_dir, existing_store, settings_from_args, user_name
 from engine.errors import InvalidRequest
 from engine.settings import MAX_SEED, Settings
@@ -100,7 +100,6 @@ def _output(args: argparse.Namespace, idea: str, recorded: dict[str, Any]) -> Ou
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from engine.worker import Engine
 
     settings = settings_from_args(args)
     store = existing_store(settings)
@@ -110,7 +109,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"job {args.job} is being rendered right now by another process")
     check_data_dir(settings)
     output = _output(args, job["idea"], read_meta(settings, args.job))
-    engine = Engine(settings, store, models=load_models(settings))
+    engine = start_engine(settings, store, motion=job["params"].get("motion", "chain") != "chain")
     write_meta(settings, args.job, out=str(output.path.absolute()) if output.explicit else None, format=output.fmt)
     print(render_job(args, engine, args.job, output))
     return 0
@@ -118,7 +117,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_redo(args: argparse.Namespace) -> int:
     from engine.retention import purged_reason
-    from engine.worker import Engine
 
     settings = settings_from_args(args)
     store = existing_store(settings)
@@ -136,7 +134,7 @@ def cmd_redo(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
     check_data_dir(settings)
     output = _output(args, parent["idea"], {})
-    engine = Engine(settings, store, models=load_models(settings))
+    engine = start_engine(settings, store, motion=parent["params"].get("motion", "chain") != "chain")
     parent_meta = read_meta(settings, args.job)
     job_id = engine.create_regeneration(args.job, args.from_frame - 1, seed=args.seed, owner_name=user_name())
     write_meta(
@@ -177,7 +175,9 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         parents=[common],
         help="a new job redoing a finished animation from frame K",
         description="Make a new job that keeps frames 1..K-1 of a finished animation byte for byte, "
-        "renders frame K with a new seed (or --seed) and re-chains the frames after it.",
+        "renders frame K with a new seed (or --seed) and re-chains the frames after it. In motion mode K "
+        "is a beat: only that beat's stretch gets new noise, but the whole clip is rendered again, so "
+        "the other frames can change a little.",
     )
     redo.add_argument("job", type=int, help="job id of a finished animation (emaki jobs)")
     redo.add_argument(

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from engine.errors import ResourceError
+from engine.errors import ModelLoadError, ResourceError
 from engine.events import StepProgress
 from engine.renderer import ContentCache, FrameRendered, Recipe, Renderer, WorkerLost, content_hash, pack
 from engine.settings import Settings
@@ -48,13 +48,34 @@ RESTART_WAIT_S = 600.0  # how long a restarting actor may take to come back (loa
 
 def connect(settings: Settings) -> None:
     """Join (or, for `local`, start) the Ray cluster named by the settings; a process that already
-    called ray.init (the tests, the benchmark) keeps its own."""
+    called ray.init (the tests, the benchmark) keeps its own. Any failure is one ResourceError line."""
     if ray.is_initialized():
         return
-    if settings.ray_address == "local":
-        ray.init()  # this machine's CPUs and GPUs, detected by Ray
-    else:
-        ray.init(address=settings.ray_address)
+    try:
+        if settings.ray_address == "local":
+            ray.init()  # this machine's CPUs and GPUs, detected by Ray
+        else:
+            ray.init(address=settings.ray_address)
+    except Exception as exc:  # ConnectionError (no cluster), ValueError/ImportError (ray:// without the client)
+        raise ResourceError(
+            f"could not join the Ray cluster at EMAKI_RAY_ADDRESS={settings.ray_address}: {_one_line(exc)}"
+        ) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def death_reason(exc: RayActorError) -> str:
+    """Why an actor died, in one line: the error its start-up raised (a model that would not load, the
+    usual case on a worker whose cache lacks the models), else Ray's own first line."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.split(":", 1)[0].endswith(("Error", "Exception")) and not line.startswith("ray."):
+            return line[:300]
+    return _one_line(exc)
 
 
 def worker_settings(settings: Settings) -> Settings:
@@ -103,6 +124,10 @@ class RendererWorker:
         self.flags = set()
         yield from task(self.settings, self.cache, payload, lambda name: name in self.flags)
 
+    def load_motion(self) -> None:
+        """Load the motion adapter now (motion mode asked for): one that cannot load fails here."""
+        self.renderer.models.motion_renderer()
+
     @ray.method(concurrency_group="control")
     def flag(self, name: str) -> None:
         self.flags.add(name)
@@ -139,11 +164,17 @@ class RayRenderers:
         load: Callable[[Settings], Renderer] | None = None,
     ) -> None:
         connect(settings)
-        count = workers or settings.gpu_workers or int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = workers or settings.gpu_workers or gpus
         if count < 1:
             raise ResourceError(
                 "the Ray cluster has no GPU for a renderer: start workers with `ray start --address=... "
                 "--num-gpus=N`, or set EMAKI_GPU_WORKERS"
+            )
+        if count > gpus:  # an actor with num_gpus=1 that no GPU can host would wait forever
+            raise ResourceError(
+                f"EMAKI_GPU_WORKERS={count} renderers asked for, but the Ray cluster has {gpus} GPU(s): "
+                "lower it, or add GPU workers with `ray start --address=... --num-gpus=N`"
             )
         actor = ray.remote(concurrency_groups={"control": 2})(RendererWorker).options(
             num_gpus=1,
@@ -170,8 +201,12 @@ class RayRenderers:
         return len(self.actors)
 
     def wait_ready(self) -> list[dict[str, Any]]:
-        """Block until every actor has loaded its models; what each says about itself."""
-        infos = [_describe(actor) for actor in self.actors]
+        """Block until every actor has loaded its models; what each says about itself. An actor that
+        cannot start (its models missing from that machine's cache) is one ModelLoadError line."""
+        try:
+            infos = [_describe(actor) for actor in self.actors]
+        except RayActorError as exc:
+            raise ModelLoadError(f"a renderer could not start: {death_reason(exc)}") from exc
         for index, info in enumerate(infos):
             self._described[index] = True
             self._record(index, "idle", info=info)
@@ -179,6 +214,11 @@ class RayRenderers:
 
     def warm(self) -> None:
         self.wait_ready()
+
+    def check_motion(self) -> None:
+        """Every worker loads the motion adapter (a job in motion mode may land on any of them)."""
+        for actor in self.actors:
+            _get(actor.load_motion.remote())
 
     def share(self, path: Path) -> tuple[str, Any]:
         """Put a file's (or folder's) content in the object store once per content hash."""
@@ -234,7 +274,7 @@ class RayRenderers:
             lost = True
             self._described[index] = False
             self._record(index, "lost", job_id)
-            raise WorkerLost(f"renderer {index} died: {type(exc).__name__}") from exc
+            raise WorkerLost(f"renderer {index} died: {death_reason(exc)}") from exc
         finally:
             if not lost:
                 self._record(index, "idle")
@@ -261,11 +301,13 @@ def _describe(actor: Any) -> dict[str, Any]:
     deadline = time.monotonic() + RESTART_WAIT_S
     while True:
         try:
-            return ray.get(actor.describe.remote())
+            return ray.get(actor.describe.remote(), timeout=max(deadline - time.monotonic(), 1.0))
         except ActorUnavailableError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+        except GetTimeoutError as exc:  # never placed (its node gone) or loading for too long
+            raise ResourceError(f"a renderer did not come up within {RESTART_WAIT_S:.0f} s") from exc
 
 
 def _get(ref: Any) -> Any:

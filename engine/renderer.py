@@ -304,6 +304,8 @@ class Renderers(Protocol):
 
     def warm(self) -> None: ...  # load every renderer's models now
 
+    def check_motion(self) -> None: ...  # load the motion adapter everywhere now (fails with one line)
+
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
     ) -> Iterator[FrameRendered]: ...  # may raise WorkerLost
@@ -329,6 +331,9 @@ class LocalRenderers:
 
     def warm(self) -> None:
         self.renderer.load()
+
+    def check_motion(self) -> None:
+        self.renderer.models.motion_renderer()
 
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None

@@ -220,6 +220,8 @@ class Store:
             pk="name",
             if_not_exists=True,
         )
+        if "worker_losses" not in db["jobs"].columns_dict:  # renderers a job lost: bounded, then it fails
+            db["jobs"].add_column("worker_losses", int)
 
     # --- workers (cluster mode) -------------------------------------------------------------
     def put_worker(self, name: str, **fields: Any) -> None:

@@ -48,7 +48,7 @@ from engine.story import StoryTeller
 log = logging.getLogger(__name__)
 
 
-RUN_ATTEMPTS = 3  # run_to_end: how often a job whose renderer died is started again
+MAX_WORKER_LOSSES = 3  # renderers a job may lose (cluster mode) before it fails instead of queueing again
 STORY_FILE = "story.json"  # in the job folder: the story teller's raw answers
 METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timing and warping error
 
@@ -118,9 +118,7 @@ class Engine:
         EMAKI_RAY_ADDRESS is set. Made on first use, so commands that never render never start Ray."""
         if self._renderers is None:
             if self.settings.ray_address:
-                from engine.cluster import RayRenderers  # only here: in-process mode never imports ray
-
-                self._renderers = RayRenderers(self.settings, self.store)
+                self._renderers = cluster_renderers(self.settings, self.store)
             else:
                 self._renderers = LocalRenderers(Renderer(self.settings, self.models))
         return self._renderers
@@ -231,10 +229,8 @@ class Engine:
         except JobCancelled:
             self.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
             yield Failed(job_id, "cancelled")
-        except WorkerLost as exc:  # not the job's fault: back in front of the queue, resumes where it stopped
-            log.warning("job %s lost its renderer (%s); queued again", job_id, exc)
-            self.store.update_job(job_id, status="queued", resume_first=1, error=None)
-            yield Requeued(job_id, str(exc))
+        except WorkerLost as exc:
+            yield self._worker_lost(job_id, exc, cancelled())
         except EmakiError as exc:
             self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
             yield Failed(job_id, str(exc))
@@ -243,6 +239,23 @@ class Engine:
             reason = f"internal error ({type(exc).__name__}); the admin can find details in the bot's log"
             self.store.update_job(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
             yield Failed(job_id, reason)
+
+    def _worker_lost(self, job_id: int, exc: WorkerLost, cancelled: bool) -> Requeued | Failed:
+        """A renderer died under the job. Not the job's fault the first times: it goes back in front
+        of the queue and resumes where it stopped. A job asked to stop stays stopped, and one that has
+        lost its renderer MAX_WORKER_LOSSES times fails with the last reason (a worker that dies at
+        every start, or a job that kills its worker, must not loop for ever)."""
+        if cancelled:
+            self.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
+            return Failed(job_id, "cancelled")
+        losses = ((self.store.job(job_id) or {}).get("worker_losses") or 0) + 1
+        if losses >= MAX_WORKER_LOSSES:
+            reason = f"its renderer was lost {losses} times; the last: {exc}"
+            self.store.update_job(job_id, status="failed", finished_at=now(), error=reason, worker_losses=losses)
+            return Failed(job_id, reason)
+        log.warning("job %s lost its renderer (%s); queued again", job_id, exc)
+        self.store.update_job(job_id, status="queued", resume_first=1, error=None, worker_losses=losses)
+        return Requeued(job_id, str(exc))
 
     def _check_disk(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -364,8 +377,9 @@ class Engine:
         self, job_id: int, cancel: threading.Event | None = None, on_step: Callable[[StepProgress], None] | None = None
     ) -> Iterator[Event]:
         """`run` then `finish`, one after the other: for the CLI and tests. A job whose renderer died
-        is run again at once (this caller's queue is this one job), a few times at most."""
-        for attempt in range(1, RUN_ATTEMPTS + 1):
+        is run again at once (this caller's queue is this one job); `run` fails it after
+        MAX_WORKER_LOSSES losses, so this ends."""
+        while True:
             for event in self.run(job_id, cancel, on_step):
                 yield event
                 if isinstance(event, Failed):
@@ -375,10 +389,6 @@ class Engine:
             else:
                 yield self.finish(job_id)
                 return
-            if attempt == RUN_ATTEMPTS:
-                reason = f"its renderer was lost {RUN_ATTEMPTS} times; see the workers' logs"
-                self.store.update_job(job_id, status="failed", finished_at=now(), error=reason)
-                yield Failed(job_id, reason)
 
 
 def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[Image.Image], int]:
@@ -392,6 +402,17 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
         return keyframes, params.frame_duration_ms
     inbetweener = Inbetweener(params.interpolate, cache_dir=settings.data_dir / "inbetweens")
     return inbetweener.sequence(keyframes), params.clip_frame_ms
+
+
+def cluster_renderers(settings: Settings, store: Store | None = None) -> Renderers:
+    """Ray renderer actors for EMAKI_RAY_ADDRESS (ray imported only here: in-process mode never does)."""
+    try:
+        from engine.cluster import RayRenderers
+    except ImportError as exc:
+        raise ResourceError(
+            f'EMAKI_RAY_ADDRESS={settings.ray_address} needs Ray: pip install -c requirements.lock -e ".[cluster]"'
+        ) from exc
+    return RayRenderers(settings, store)
 
 
 def frames_gone(job_id: int) -> str:

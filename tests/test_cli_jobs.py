@@ -19,7 +19,6 @@ SMALL = ["--frames", "3", "--steps", "4", "--strength", "0.5", "--width", "32", 
 def tiny_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_tiny_models) -> Path:
     # The tiny models are seeded, so every build is byte-identical: build them once for all commands.
     monkeypatch.setattr("emaki.animate_cmd.load_models", lambda settings: shared_tiny_models)
-    monkeypatch.setattr("emaki.jobs_cmd.load_models", lambda settings: shared_tiny_models)
     monkeypatch.setenv("EMAKI_PROFILE", "tiny")
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)

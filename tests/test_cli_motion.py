@@ -105,7 +105,6 @@ def motion_models(tmp_path_factory: pytest.TempPathFactory):
 def motion_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, motion_models) -> Path:
     motion_models.use_style(None)
     monkeypatch.setattr("emaki.animate_cmd.load_models", lambda settings: motion_models)
-    monkeypatch.setattr("emaki.jobs_cmd.load_models", lambda settings: motion_models)
     monkeypatch.setenv("EMAKI_PROFILE", "tiny")
     monkeypatch.setenv("EMAKI_MOTION_ADAPTER", "tiny")
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))

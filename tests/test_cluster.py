@@ -277,3 +277,46 @@ async def test_the_bot_renders_two_members_jobs_at_once_and_posts_each_once(simc
     assert [bot.store.job(i)["status"] for i in (1, 2)] == ["done", "done"]
     spans = bot.engine.renderers.spans
     assert spans[1][0] < spans[2][1] and spans[2][0] < spans[1][1]  # the two renders overlapped
+
+
+CLUSTER_REFUSALS = """
+import ray
+from engine.cluster import RayRenderers
+from engine.errors import EmakiError, ModelLoadError
+from engine.settings import Settings
+
+def models_missing(settings):
+    raise ModelLoadError("base model 'x/y' is not downloaded on this machine")
+
+ray.init(num_cpus=1, num_gpus=1, include_dashboard=False)
+settings = Settings(profile="tiny", ray_address="local")
+try:
+    RayRenderers(settings, workers=2)
+except EmakiError as exc:
+    print("more-workers:", exc)
+try:
+    RayRenderers(settings, workers=1, load=models_missing).wait_ready()
+except EmakiError as exc:
+    print("cannot-start:", type(exc).__name__, exc)
+ray.shutdown()
+"""
+
+
+def test_more_workers_than_gpus_and_a_worker_that_cannot_start_are_one_line_each(tmp_path: Path) -> None:
+    """In a Ray of its own (the session's holds both logical GPUs): an actor no GPU can host would
+    wait for ever, and an actor whose models cannot load died with a Ray traceback; both are now one
+    line naming the cause."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CLUSTER_REFUSALS], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "more-workers: EMAKI_GPU_WORKERS=2 renderers asked for, but the Ray cluster has 1 GPU(s)" in lines[0]
+    assert lines[1].startswith("cannot-start: ModelLoadError a renderer could not start:")
+    assert "base model 'x/y' is not downloaded on this machine" in lines[1] and len(lines) == 2

@@ -4,6 +4,7 @@ running several jobs at once, and in-process mode never importing Ray."""
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import subprocess
 import sys
@@ -17,7 +18,16 @@ from engine.events import StepProgress
 from engine.jobs import JobQueue
 from engine.models import Models
 from engine.params import build_params
-from engine.renderer import ContentCache, FrameRendered, Recipe, Renderer, content_hash, pack, png_decode
+from engine.renderer import (
+    ContentCache,
+    FrameRendered,
+    Recipe,
+    Renderer,
+    WorkerLost,
+    content_hash,
+    pack,
+    png_decode,
+)
 from engine.settings import Settings
 from engine.store import Store
 from engine.worker import Engine
@@ -208,3 +218,83 @@ def test_a_style_replaced_at_the_same_path_is_loaded_again(
         assert render_with(first_file) == before  # and back: exactly the first file's output
     finally:
         shared_tiny_models.use_style(None)
+
+
+class _DyingRenderers:
+    """A renderer pool whose worker dies under every job (what a worker whose models cannot load, or a
+    job that kills its worker, looks like to the coordinator). `cancel_first` sets the job's cancel
+    event just before the death, as a member's cancel racing a worker loss."""
+
+    remote = False
+    slots = 1
+
+    def __init__(self, cancel_first: threading.Event | None = None) -> None:
+        self.cancel_first = cancel_first
+        self.calls = 0
+
+    def share(self, path: Path) -> tuple[str, None]:
+        return content_hash(path), None
+
+    def warm(self) -> None: ...
+
+    def check_motion(self) -> None: ...
+
+    def frames(self, recipe: Recipe, cancelled: object, on_step: object) -> None:
+        self.calls += 1
+        if self.cancel_first is not None:
+            self.cancel_first.set()
+        raise WorkerLost("renderer 0 died: ModelLoadError: the base model is not in this machine's cache")
+
+    def close(self) -> None: ...
+
+
+def test_a_job_whose_worker_keeps_dying_fails_with_the_reason_instead_of_looping(
+    settings: Settings, store: Store
+) -> None:
+    from engine.events import Failed, Requeued
+
+    renderers = _DyingRenderers()
+    engine = Engine(settings, store, renderers=renderers)  # type: ignore[arg-type]
+    job_id = engine.create_job(build_params(settings, store, "a fox", frames=1, steps=3, seed=1))
+    events = list(engine.run_to_end(job_id))
+    assert [type(e) for e in events].count(Requeued) == 2 and renderers.calls == 3
+    assert isinstance(events[-1], Failed) and "lost 3 times" in events[-1].reason
+    assert "the base model is not in this machine's cache" in events[-1].reason
+    row = store.job(job_id)
+    assert row["status"] == "failed" and row["worker_losses"] == 3
+
+
+def test_a_cancel_racing_a_worker_loss_stays_cancelled(settings: Settings, store: Store) -> None:
+    from engine.events import Failed
+
+    cancel = threading.Event()
+    engine = Engine(settings, store, renderers=_DyingRenderers(cancel_first=cancel))  # type: ignore[arg-type]
+    job_id = engine.create_job(build_params(settings, store, "a fox", frames=1, steps=3, seed=1))
+    events = list(engine.run(job_id, cancel))
+    assert isinstance(events[-1], Failed) and events[-1].reason == "cancelled"
+    assert store.job(job_id)["status"] == "cancelled"  # not queued again behind the member's back
+
+
+def test_cluster_mode_without_ray_installed_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    hidden = tmp_path / "hide" / "ray"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ModuleNotFoundError("No module named ray", name="ray")\n')
+    data = tmp_path / "data"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{hidden.parent}{os.pathsep}{ROOT}",
+        "EMAKI_PROFILE": "tiny",
+        "EMAKI_DATA_DIR": str(data),
+        "EMAKI_RAY_ADDRESS": "local",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "emaki", "animate", "a fox", "--frames", "1", "--out", str(tmp_path / "f.gif")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("error: EMAKI_RAY_ADDRESS=local needs Ray")
+    assert "\n" not in done.stderr.strip() and not data.exists() and not (tmp_path / "f.gif").exists()

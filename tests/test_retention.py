@@ -104,7 +104,6 @@ def test_cli_purge_and_redo_of_a_purged_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], shared_tiny_models
 ) -> None:
     monkeypatch.setattr("emaki.animate_cmd.load_models", lambda settings: shared_tiny_models)
-    monkeypatch.setattr("emaki.jobs_cmd.load_models", lambda settings: shared_tiny_models)
     monkeypatch.setenv("EMAKI_PROFILE", "tiny")
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("EMAKI_KEEP_DAYS", "7")
