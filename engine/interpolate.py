@@ -128,9 +128,8 @@ class Inbetweener:
         if key in self._cache:
             return self._cache[key]
         files = self._files(key) if self.cache_dir is not None else []
-        if files and all(f.exists() for f in files):
-            frames = [Image.open(f).convert("RGB") for f in files]
-        else:
+        frames = self._read(files)
+        if frames is None:
             arrays = inbetweens(np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB")), self.count)
             frames = [Image.fromarray(a) for a in arrays]
             self.pairs_computed += 1
@@ -141,6 +140,17 @@ class Inbetweener:
                 os.replace(partial, path)  # a reader never sees half a file
         self._cache[key] = frames
         return frames
+
+    @staticmethod
+    def _read(files: list[Path]) -> list[Image.Image] | None:
+        """The cached in-betweens, or None when any is missing: the retention sweep may delete a pair
+        another job shares between the check and the read, and a cache miss only costs a recompute."""
+        if not files:
+            return None
+        try:
+            return [Image.open(f).convert("RGB") for f in files]
+        except OSError:
+            return None
 
     def sequence(self, keyframes: Sequence[Image.Image]) -> list[Image.Image]:
         out: list[Image.Image] = []

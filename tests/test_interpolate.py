@@ -92,3 +92,14 @@ def test_in_betweens_are_reused_from_disk_by_another_process(tmp_path) -> None:
     assert later.pairs_computed == 1  # the untouched pair came from disk
     assert again[1].tobytes() == first[1].tobytes()
     assert len(list(tmp_path.glob("*.png"))) == 3
+
+
+def test_a_cache_entry_deleted_under_a_reader_is_recomputed(tmp_path) -> None:
+    """The retention sweep may delete a pair that a live job shares: a miss, never a failure."""
+    scene = _scene(seed=6)
+    keys = [Image.fromarray(_window(scene, offset)) for offset in (0, 4)]
+    first = Inbetweener(2, cache_dir=tmp_path).sequence(keys)
+    next(iter(sorted(tmp_path.glob("*.png")))).unlink()  # one of the pair's two files
+    later = Inbetweener(2, cache_dir=tmp_path)
+    again = later.sequence(keys)
+    assert later.pairs_computed == 1 and [i.tobytes() for i in again] == [i.tobytes() for i in first]
