@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import discord
@@ -79,22 +80,90 @@ async def _regenerate(interaction: discord.Interaction, job_id: int, from_index:
     await _answer(interaction, f"Queued job #{new_id}, {what} of job #{job_id}: its progress shows in this channel.")
 
 
-class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:reroll:(?P<job>[0-9]+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(label="Reroll", emoji=render.REROLL, style=PRIMARY, custom_id=f"emaki:reroll:{job_id}"),
-            row=0,
+async def _reroll(interaction: discord.Interaction, job_id: int) -> None:
+    await _regenerate(interaction, job_id, 0, reseed_all=True)
+
+
+async def _delete(interaction: discord.Interaction, job_id: int) -> None:
+    job = await _job(interaction, job_id)
+    if job is None or interaction.message is None or interaction.channel_id is None:
+        return
+    if not actions.may_delete(job, interaction.user.id, interaction.permissions):
+        await refuse(interaction, "only the requester or someone with Manage Messages can delete this result")
+        return
+    bot = _bot(interaction)
+    await interaction.response.defer()  # the answer is the post disappearing
+    channel = await bot.channel_for(interaction.channel_id)
+    await actions.delete_result(bot, job, channel, interaction.message.id)
+
+
+async def _details(interaction: discord.Interaction, job_id: int) -> None:
+    job = await _job(interaction, job_id)
+    if job is None:
+        return
+    bot = _bot(interaction)
+    metrics = job_record(bot.settings, job_id, METRICS_FILE)
+    await _answer(interaction, render.details(job, bot.store.frames(job_id), metrics, bot.settings.is_tiny))
+
+
+async def _mp4(interaction: discord.Interaction, job_id: int) -> None:
+    job = await _job(interaction, job_id)
+    if job is None:
+        return
+    bot = _bot(interaction)
+    await interaction.response.defer(ephemeral=True, thinking=True)  # encoding takes a while
+    answer: dict[str, Any] = {"ephemeral": True, "allowed_mentions": NO_MENTIONS}
+    try:
+        path = await asyncio.to_thread(actions.mp4_of, bot.settings, job, bot.store.frames(job_id))
+    except EmakiError as exc:
+        await interaction.followup.send(f"⚠️ {exc}", **answer)
+        return
+    guild = interaction.guild
+    limit = min(bot.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
+    size = path.stat().st_size
+    if size > limit:
+        await interaction.followup.send(
+            f"⚠️ the MP4 of job #{job_id} is {size / 2**20:.1f} MiB, over this server's upload limit "
+            f"({limit / 2**20:.1f} MiB): the GIF above is the shareable version",
+            **answer,
         )
+        return
+    await interaction.followup.send(
+        f"Job #{job_id} as MP4:", file=discord.File(path, filename=f"emaki-{job_id}.mp4"), **answer
+    )
+
+
+Handler = Callable[[discord.Interaction, int], Awaitable[None]]
+# kind (in the custom_id) -> label, emoji, style, what a click does. The order is the buttons' order.
+BUTTONS: dict[str, tuple[str, str | None, discord.ButtonStyle, Handler]] = {
+    "reroll": ("Reroll", render.REROLL, PRIMARY, _reroll),
+    "details": ("Details", None, SECONDARY, _details),
+    "mp4": ("MP4", None, SECONDARY, _mp4),
+    "delete": ("Delete", render.DELETE, DANGER, _delete),
+}
+
+
+class ResultButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"emaki:(?P<kind>reroll|details|mp4|delete):(?P<job>[0-9]+)",
+):
+    """Every button under a result: one template, the kind and the job read back from the custom_id."""
+
+    def __init__(self, kind: str, job_id: int) -> None:
+        label, emoji, style, _ = BUTTONS[kind]
+        button = discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"emaki:{kind}:{job_id}")
+        super().__init__(button, row=0)
+        self.kind = kind
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
-    ) -> RerollButton:
-        return cls(int(match["job"]))
+    ) -> ResultButton:
+        return cls(match["kind"], int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _regenerate(interaction, self.job_id, 0, reseed_all=True)
+        await BUTTONS[self.kind][3](interaction, self.job_id)
 
 
 class RedoSelect(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"emaki:redo:(?P<job>[0-9]+)"):
@@ -124,111 +193,16 @@ class RedoSelect(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"emak
         await _regenerate(interaction, self.job_id, int(values[0]) - 1, reseed_all=False)
 
 
-class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:delete:(?P<job>[0-9]+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(label="Delete", emoji=render.DELETE, style=DANGER, custom_id=f"emaki:delete:{job_id}"),
-            row=0,
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
-    ) -> DeleteButton:
-        return cls(int(match["job"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
-        if job is None or interaction.message is None or interaction.channel_id is None:
-            return
-        if not actions.may_delete(job, interaction.user.id, interaction.permissions):
-            await refuse(interaction, "only the requester or someone with Manage Messages can delete this result")
-            return
-        bot = _bot(interaction)
-        await interaction.response.defer()  # the answer is the post disappearing
-        channel = await bot.channel_for(interaction.channel_id)
-        await actions.delete_result(bot, job, channel, interaction.message.id)
-
-
-class DetailsButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:details:(?P<job>[0-9]+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(label="Details", style=SECONDARY, custom_id=f"emaki:details:{job_id}"),
-            row=0,
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
-    ) -> DetailsButton:
-        return cls(int(match["job"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
-        if job is None:
-            return
-        bot = _bot(interaction)
-        metrics = job_record(bot.settings, self.job_id, METRICS_FILE)
-        text = render.details(job, bot.store.frames(self.job_id), metrics, bot.settings.is_tiny)
-        await _answer(interaction, text)
-
-
-class Mp4Button(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"emaki:mp4:(?P<job>[0-9]+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            discord.ui.Button(label="MP4", style=SECONDARY, custom_id=f"emaki:mp4:{job_id}"),
-            row=0,
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
-    ) -> Mp4Button:
-        return cls(int(match["job"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
-        if job is None:
-            return
-        bot = _bot(interaction)
-        await interaction.response.defer(ephemeral=True, thinking=True)  # encoding takes a while
-        answer: dict[str, Any] = {"ephemeral": True, "allowed_mentions": NO_MENTIONS}
-        try:
-            path = await asyncio.to_thread(actions.mp4_of, bot.settings, job, bot.store.frames(self.job_id))
-        except EmakiError as exc:
-            await interaction.followup.send(f"⚠️ {exc}", **answer)
-            return
-        guild = interaction.guild
-        limit = min(bot.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
-        size = path.stat().st_size
-        if size > limit:
-            await interaction.followup.send(
-                f"⚠️ the MP4 of job #{self.job_id} is {size / 2**20:.1f} MiB, over this server's upload limit "
-                f"({limit / 2**20:.1f} MiB): the GIF above is the shareable version",
-                **answer,
-            )
-            return
-        await interaction.followup.send(
-            f"Job #{self.job_id} as MP4:", file=discord.File(path, filename=f"emaki-{self.job_id}.mp4"), **answer
-        )
-
-
-ITEMS = (RerollButton, RedoSelect, DeleteButton, DetailsButton, Mp4Button)
+ITEMS = (ResultButton, RedoSelect)
 
 
 def result_view(job: dict[str, Any]) -> discord.ui.View:
     """The components sent with a result. timeout=None: they never expire (the templates registered
     by `register` answer them, whichever process posted the result)."""
     view = discord.ui.View(timeout=None)
-    job_id = job["id"]
-    view.add_item(RerollButton(job_id))
-    view.add_item(DetailsButton(job_id))
-    view.add_item(Mp4Button(job_id))
-    view.add_item(DeleteButton(job_id))
-    view.add_item(RedoSelect(job_id, job["params"]["frames"]))
+    for kind in BUTTONS:
+        view.add_item(ResultButton(kind, job["id"]))
+    view.add_item(RedoSelect(job["id"], job["params"]["frames"]))
     return view
 
 

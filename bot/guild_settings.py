@@ -298,23 +298,24 @@ def _register_style_admin(bot: EmakiBot) -> None:
 
     group = app_commands.Group(name="style", description="Manage this server's styles (moderators)", guild_only=True)
 
-    async def moderator(interaction: discord.Interaction) -> bool:
+    async def moderated_style(interaction: discord.Interaction, name: str) -> dict[str, Any] | None:
+        """This server's style `name`, when a moderator asks; otherwise None, the member told why."""
         member = interaction.user if isinstance(interaction.user, discord.Member) else None
         if interaction.channel is None or not is_moderator(bot, member, interaction.channel):
             await _answer(interaction, "⚠️ only moderators (Manage Server or the moderator role) manage styles")
-            return False
-        return True
+            return None
+        assert interaction.guild_id is not None
+        try:
+            return _own_style(bot, interaction.guild_id, name)
+        except EmakiError as exc:
+            await _answer(interaction, f"⚠️ {exc}")
+            return None
 
     @group.command(name="remove", description="Remove one of this server's styles and its files")
     @app_commands.describe(name="The style")
     async def remove(interaction: discord.Interaction, name: str) -> None:
-        if not await moderator(interaction):
-            return
-        assert interaction.guild_id is not None
-        try:
-            row = _own_style(bot, interaction.guild_id, name)
-        except EmakiError as exc:
-            await _answer(interaction, f"⚠️ {exc}")
+        row = await moderated_style(interaction, name)
+        if row is None:
             return
         # The row first: from now on no new job can pick the style, and queued ones fail with the
         # engine's "it was removed after the job was queued".
@@ -327,13 +328,8 @@ def _register_style_admin(bot: EmakiBot) -> None:
     @group.command(name="share", description="Let other servers use one of this server's styles (or stop)")
     @app_commands.describe(name="The style", shared="True: other servers can list and use it")
     async def share(interaction: discord.Interaction, name: str, shared: bool) -> None:
-        if not await moderator(interaction):
-            return
-        assert interaction.guild_id is not None
-        try:
-            row = _own_style(bot, interaction.guild_id, name)
-        except EmakiError as exc:
-            await _answer(interaction, f"⚠️ {exc}")
+        row = await moderated_style(interaction, name)
+        if row is None:
             return
         bot.store.update_style(row["name"], shared=int(shared))
         state = "now shared with other servers" if shared else "now used only in this server"
