@@ -46,7 +46,7 @@ def visible_text(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
-def open_jobs_text(bot: EmakiBot, owner_id: int) -> str:
+def open_jobs_text(bot: EmakiBot, owner_id: int, guild_id: int | None = None) -> str:
     """A member's jobs as /queue shows them, including results that are rendered but not posted."""
     from bot.client import post_state
 
@@ -78,7 +78,8 @@ def open_jobs_text(bot: EmakiBot, owner_id: int) -> str:
     if not lines:
         return "You have no jobs waiting."
     total = len(bot.queue.pending())
-    paused = " The queue is paused by an admin." if bot.queue.paused else ""
+    stopped = bot.queue.paused or bot.queue.guild_paused(guild_id)
+    paused = " The queue is paused by an admin." if stopped else ""
     return render.clip("\n".join([*lines, f"{total} job(s) queued in all.{paused}"]))
 
 
@@ -186,7 +187,7 @@ def register(bot: EmakiBot) -> None:
     @app_commands.guild_only()
     async def queue(interaction: discord.Interaction) -> None:
         await interaction.response.send_message(
-            open_jobs_text(bot, interaction.user.id), ephemeral=True, allowed_mentions=NO_MENTIONS
+            open_jobs_text(bot, interaction.user.id, interaction.guild_id), ephemeral=True, allowed_mentions=NO_MENTIONS
         )
 
     @tree.command(name="cancel", description="Cancel your queued or running job (the latest, or by number)")
@@ -248,9 +249,13 @@ def register(bot: EmakiBot) -> None:
     async def pause(interaction: discord.Interaction) -> None:
         if await lacks_manage_guild(interaction, "pause"):
             return
-        bot.queue.paused = True  # stored: a restart keeps the queue paused
+        assert interaction.guild_id is not None
+        # This server's jobs only (stored: a restart keeps it): one server's admin cannot stop the others'.
+        bot.queue.pause_guild(interaction.guild_id, True)
         await interaction.response.send_message(
-            "Queue paused (also across restarts): queued jobs wait; the running one finishes.", ephemeral=True
+            "Queue paused for this server (also across restarts): its queued jobs wait; a running one "
+            "finishes; other servers are not affected.",
+            ephemeral=True,
         )
 
     @tree.command(name="resume", description="Resume the queue")
@@ -259,7 +264,8 @@ def register(bot: EmakiBot) -> None:
     async def resume(interaction: discord.Interaction) -> None:
         if await lacks_manage_guild(interaction, "resume"):
             return
-        bot.queue.paused = False
+        assert interaction.guild_id is not None
+        bot.queue.pause_guild(interaction.guild_id, False)
         bot.queue.kick()
         await interaction.response.send_message("Queue resumed.", ephemeral=True)
 

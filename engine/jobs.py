@@ -67,11 +67,19 @@ class JobQueue:
     # --- state from the store ---------------------------------------------------------------
     @property
     def paused(self) -> bool:
+        """The whole queue (the operator's switch): nothing starts."""
         return self.store.queue_flag("paused") == "1"
 
     @paused.setter
     def paused(self, value: bool) -> None:
         self.store.set_queue_flag("paused", "1" if value else "0")
+
+    def guild_paused(self, guild_id: int | None) -> bool:
+        """One server's switch (/pause): its jobs wait, every other server's keep running. A row too."""
+        return guild_id is not None and self.store.queue_flag(f"paused:{guild_id}") == "1"
+
+    def pause_guild(self, guild_id: int, value: bool) -> None:
+        self.store.set_queue_flag(f"paused:{guild_id}", "1" if value else "0")
 
     @property
     def last_served(self) -> dict[int, int]:
@@ -132,7 +140,12 @@ class JobQueue:
         """Fill the free slots with the next jobs in the fair order (if not paused). Safe to call any
         time: a slot that is busy is left alone."""
         while not self.paused and len(self.running_ids) < self.workers:
-            order = self._waiting()
+            paused: dict[int | None, bool] = {}
+            order = [
+                job
+                for job in self._waiting()
+                if not paused.setdefault(job.get("guild_id"), self.guild_paused(job.get("guild_id")))
+            ]
             if not order:
                 return
             self._start(order[0])

@@ -52,6 +52,7 @@ async def test_reroll_follows_the_channels_rules_of_today(two) -> None:
 
 async def test_a_servers_cap_counts_only_that_servers_jobs(two) -> None:
     await two.admin.slash(two.animations, "pause")
+    await two.b_admin.slash(two.art, "pause")
     await two.b_admin.slash(two.art, "settings set", key="max_pending_per_member", value="1")
     await two.alice.slash(two.animations, "animate", prompt="a fox")  # waiting in server A
     first_in_b = await two.alice_b.slash(two.art, "animate", prompt="an owl")
@@ -128,3 +129,17 @@ async def test_redo_whose_parent_files_vanished_stores_nothing(world, bot_settin
     redo = await bob.select(posted, ["3"])
     assert redo.ephemeral and "frames are no longer on disk" in redo.response.content
     assert [j["id"] for j in env.bot.store.jobs_where("1 = 1", [])] == [1]
+
+
+async def test_pause_holds_only_the_servers_own_jobs(two) -> None:
+    """/pause needs Manage Server in one server; it must not stop every other server's members."""
+    store = two.env.bot.store
+    await two.admin.slash(two.animations, "pause")
+    await two.alice.slash(two.animations, "animate", prompt="a fox", frames=1, seed=1)
+    await two.alice_b.slash(two.art, "animate", prompt="an owl", frames=1, seed=2)
+    assert store.job(1)["status"] == "queued" and store.job(2)["status"] == "done"
+    assert len(results(two.art)) == 1 and results(two.animations) == []
+    queue_a = await two.alice.slash(two.animations, "queue")
+    assert "The queue is paused" in queue_a.response.content
+    await two.admin.slash(two.animations, "resume")
+    assert store.job(1)["status"] == "done" and len(results(two.animations)) == 1
