@@ -78,9 +78,19 @@ def test_two_jobs_render_at_the_same_time_on_two_workers(cluster_engine: Engine,
         with lock:
             seen.append((time.monotonic(), job_id, kind))
 
+    stepped = {job: threading.Event() for job in jobs}
+
+    def on_step(event: StepProgress) -> None:
+        # Each job's first step waits (bounded) for the other's: they can only both pass if two
+        # workers render at once, so overlap does not depend on how loaded this machine is.
+        note(event.job_id, "step")
+        stepped[event.job_id].set()
+        other = jobs[1] if event.job_id == jobs[0] else jobs[0]
+        assert stepped[other].wait(120), "the other job never rendered while this one did"
+
     def run(job_id: int) -> Event:
         last: Event | None = None
-        for event in engine.run_to_end(job_id, on_step=lambda e: note(e.job_id, "step")):
+        for event in engine.run_to_end(job_id, on_step=on_step):
             if isinstance(event, FrameDone):
                 note(job_id, "frame")
             last = event
