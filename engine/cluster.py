@@ -51,6 +51,8 @@ def connect(settings: Settings) -> None:
     called ray.init (the tests, the benchmark) keeps its own. Any failure is one ResourceError line."""
     if ray.is_initialized():
         return
+    # Ray Client announces at INFO which init() arguments it forwards: noise before a one-line error.
+    logging.getLogger("ray.client_builder").setLevel(logging.WARNING)
     try:
         if settings.ray_address == "local":
             ray.init()  # this machine's CPUs and GPUs, detected by Ray
