@@ -17,6 +17,7 @@ from discord import app_commands
 from discord.ext import tasks
 
 from bot import render
+from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from engine import retention
 from engine.store import now
@@ -78,8 +79,6 @@ def register(bot: EmakiBot) -> tasks.Loop[Any]:
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     async def stats(interaction: discord.Interaction) -> None:
-        from bot.commands import lacks_manage_guild
-
         if await lacks_manage_guild(interaction, "stats"):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)  # sizing the data dir takes a moment

@@ -13,6 +13,7 @@ from discord import app_commands
 
 from bot import guild_settings as server_rules
 from bot import render
+from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from engine.errors import EmakiError, InvalidRequest
 from engine.guild_settings import check_steps, must_screen
@@ -29,15 +30,6 @@ log = logging.getLogger(__name__)
 async def refuse(interaction: discord.Interaction, message: str) -> None:
     text = render.clip(f"⚠️ {message}")  # one line the member reads, never over Discord's 2,000 characters
     await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
-
-
-async def lacks_manage_guild(interaction: discord.Interaction, command: str) -> bool:
-    """Discord hides admin commands from members without Manage Server, but a server can grant a
-    command to anyone in its integration settings: the permission is checked again here."""
-    if interaction.guild is not None and interaction.permissions.manage_guild:
-        return False
-    await refuse(interaction, f"/{command} needs the Manage Server permission")
-    return True
 
 
 def visible_text(text: str) -> str:

@@ -180,12 +180,12 @@ async def _answer(interaction: discord.Interaction, text: str) -> None:
     await interaction.response.send_message(render.clip(text), ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
-async def _may_manage(interaction: discord.Interaction) -> bool:
-    """Discord hides /settings from members without Manage Server, but a server can grant the command
-    to anyone in its integration settings: the permission is checked again here."""
-    if interaction.guild is None or not interaction.permissions.manage_guild:
-        await _answer(interaction, "⚠️ changing emaki's settings needs the Manage Server permission")
+async def lacks_manage_guild(interaction: discord.Interaction, command: str) -> bool:
+    """Discord hides admin commands from members without Manage Server, but a server can grant a
+    command to anyone in its integration settings: the permission is checked again here."""
+    if interaction.guild is not None and interaction.permissions.manage_guild:
         return False
+    await _answer(interaction, f"⚠️ /{command} needs the Manage Server permission")
     return True
 
 
@@ -202,13 +202,13 @@ def register(bot: EmakiBot) -> None:
 
     @settings_group.command(name="show", description="Every setting of this server")
     async def show(interaction: discord.Interaction) -> None:
-        if await _may_manage(interaction):
+        if not await lacks_manage_guild(interaction, "settings"):
             await _answer(interaction, settings_text(server(bot, interaction.guild_id), bot.settings))
 
     @settings_group.command(name="set", description="Change one setting (value 'default' resets it)")
     @app_commands.describe(key="Which setting", value="The new value, or 'default'")
     async def set_value(interaction: discord.Interaction, key: str, value: str) -> None:
-        if not await _may_manage(interaction):
+        if await lacks_manage_guild(interaction, "settings"):
             return
         assert interaction.guild is not None
         before = server(bot, interaction.guild.id)
@@ -237,7 +237,7 @@ def register(bot: EmakiBot) -> None:
 
     @blocklist_group.command(name="list", description="This server's blocklist")
     async def block_list(interaction: discord.Interaction) -> None:
-        if not await _may_manage(interaction):
+        if await lacks_manage_guild(interaction, "settings"):
             return
         entries = server(bot, interaction.guild_id).blocklist
         text = "\n".join(f"`{e}`" for e in entries) if entries else "The blocklist is empty."
@@ -252,7 +252,7 @@ def register(bot: EmakiBot) -> None:
         )
 
     async def _change_blocklist(interaction: discord.Interaction, pattern: str, adding: bool) -> None:
-        if not await _may_manage(interaction):
+        if await lacks_manage_guild(interaction, "settings"):
             return
         assert interaction.guild is not None
         before = server(bot, interaction.guild.id)

@@ -439,22 +439,25 @@ def story_record(settings: Settings, backend: str) -> dict[str, Any]:
     }
 
 
-def start_engine(settings: Settings, store: Any, motion: bool) -> Any:
-    """An engine for an existing store whose models are loaded (here, or on the cluster's workers),
-    the motion adapter too when `motion`: before any row is written, so a model that cannot load
-    leaves nothing behind."""
+def start_engine(settings: Settings, motion: bool, store: Any = None) -> Any:
+    """An engine whose models are loaded (here, or on the cluster's workers), the motion adapter too
+    when `motion`: before any row is written, so a model that cannot load leaves nothing behind. With
+    no `store`, the data dir's is opened only once the models are up (no database either)."""
+    from engine.store import open_store
     from engine.worker import Engine, cluster_renderers
 
     if settings.ray_address:
-        renderers = cluster_renderers(settings, store)
+        renderers = cluster_renderers(settings, store)  # joins the cluster: one line when it cannot
         renderers.warm()
         if motion:
             renderers.check_motion()
+        store = store if store is not None else open_store(settings.data_dir)
+        renderers.store = store  # type: ignore[attr-defined]  # the workers table, for `emaki jobs`
         return Engine(settings, store, renderers=renderers)
     models = load_models(settings)
     if motion:
-        models.motion_renderer()
-    return Engine(settings, store, models=models)
+        models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
+    return Engine(settings, store if store is not None else open_store(settings.data_dir), models=models)
 
 
 def load_models(settings: Settings) -> Any:
@@ -534,8 +537,6 @@ def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
 
 def cmd_animate(args: argparse.Namespace) -> int:
     from engine.params import build_params
-    from engine.store import open_store
-    from engine.worker import Engine, cluster_renderers
 
     # 1. Everything checked; nothing written, nothing loaded.
     sidecar = None
@@ -554,22 +555,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         _warn_version_drift(sidecar)
     output = plan_output(args.out, args.format, params.idea, args.force)
 
-    # 2. Models, so one that cannot load leaves no row (nor a database); then the row, then the work. In
-    # cluster mode the workers hold the models: they load theirs, and none load here.
-    models, renderers = None, None
-    if settings.ray_address:
-        renderers = cluster_renderers(settings)  # joins the cluster: one line when it cannot
-        renderers.warm()
-        if params.motion != "chain":
-            renderers.check_motion()
-    else:
-        models = load_models(settings)
-        if params.motion != "chain":
-            models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
-    store = known or open_store(settings.data_dir)
-    if renderers is not None:
-        renderers.store = store  # type: ignore[attr-defined]  # the workers table, for `emaki jobs`
-    engine = Engine(settings, store, models=models, renderers=renderers)
+    # 2. Models, so one that cannot load leaves no row (nor a database); then the row, then the work.
+    engine = start_engine(settings, params.motion != "chain", known)
     if sidecar is not None:
         job_id = engine.create_from_recipe(params, sidecar["frames"], owner_name=user_name())
         write_meta(settings, job_id, story=sidecar.get("story") or {})

@@ -140,12 +140,9 @@ class JobQueue:
         """Fill the free slots with the next jobs in the fair order (if not paused). Safe to call any
         time: a slot that is busy is left alone."""
         while not self.paused and len(self.running_ids) < self.workers:
-            paused: dict[int | None, bool] = {}
-            order = [
-                job
-                for job in self._waiting()
-                if not paused.setdefault(job.get("guild_id"), self.guild_paused(job.get("guild_id")))
-            ]
+            waiting = self._waiting()
+            held = {guild for guild in {job.get("guild_id") for job in waiting} if self.guild_paused(guild)}
+            order = [job for job in waiting if job.get("guild_id") not in held]
             if not order:
                 return
             self._start(order[0])
