@@ -52,14 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from PIL import Image
 
-    from engine.safety import SafetyChecker, tiny_safety_checker
+    from engine.safety import SafetyChecker
+    from engine.settings import Settings
 
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     size = args.size or (64 if args.arch == "tiny" else 512)
     started = time.perf_counter()
-    model, processor = tiny_safety_checker(2.0) if args.arch == "tiny" else sd15_sized_checker()
-    checker = SafetyChecker(model, processor, device=device, dtype=dtype)
+    if args.arch == "tiny":  # from the tiny cache, through the loader every model uses
+        checker = SafetyChecker.load(Settings(profile="tiny"), device=device, dtype=dtype)
+    else:
+        checker = SafetyChecker(*sd15_sized_checker(), device=device, dtype=dtype)
     load_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(args.frames + 1)]

@@ -69,15 +69,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     width = max(len(s.role) for s in specs)
     for spec in specs:
         found = model_files.on_disk(spec, settings.base_model_config)
-        if found.kind == "tiny":
-            state = "built in (random weights, made in-process: nothing to download)"
-        elif found.ready:
+        if found.ready:
             variant = f", {found.variant} weights" if found.variant else ""
-            state = f"ready, {human_size(found.size_bytes)} on disk{variant} ({found.kind}: {found.where})"
+            where = f"random weights in emaki's tiny cache {found.where}" if found.kind == "tiny" else found.where
+            kind = "" if found.kind == "tiny" else f"{found.kind}: "
+            state = f"ready, {human_size(found.size_bytes)} on disk{variant} ({kind}{where})"
             counts[spec.setting] = model_files.parameter_counts(model_files.resolve(spec, settings.base_model_config))
         else:
-            state = f"NOT READY: {found.problem}"
-            ready = ready and spec.setting == "captioner_model"  # only --autocaption needs it
+            optional = model_files.OPTIONAL_ROLES.get(spec.setting)
+            state = f"NOT READY{f' (only {optional} needs it)' if optional else ''}: {found.problem}"
+            ready = ready and optional is not None
         print(f"  {spec.role:<{width}}  {spec.ref}: {state}")
     print(_fit_line(settings, device, dtype, free, counts))
     return 0 if ready else 1
@@ -125,9 +126,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     dtype = pick_dtype(settings.dtype, pick_device(settings.device))
     specs = model_files.profile_models(settings, half=dtype in HALF_DTYPES)
-    if settings.is_tiny:
-        print("the tiny profile's models are built in-process: nothing to download")
-        return 0
     cache_dir = model_files.hub_cache_dir()
     needs_hub = any(model_files.kind_of(spec.ref) == "hub" for spec in specs)
     if needs_hub and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -136,6 +134,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         kind = model_files.kind_of(spec.ref)
         if kind == "hub":
             _pull_repo(spec.role, spec.ref, spec.pipeline, spec.half, settings, cache_dir, args.quiet)
+        elif kind == "tiny":
+            print(f"{spec.role}: random weights, built in emaki's tiny cache (nothing to download)", file=sys.stderr)
+            model_files.resolve(spec)  # builds it the first time
         else:
             print(f"{spec.role}: {spec.ref} is local, nothing to download", file=sys.stderr)
             if kind == "file" and model_files.kind_of(settings.base_model_config) == "hub":
@@ -197,14 +198,27 @@ def _pull_repo(
 
 
 def _verify(settings: Settings, dtype: Any) -> None:
-    """Load what was pulled, on the CPU, as the engine will (same resolution, same dtype)."""
+    """Load what was pulled, on the CPU, as the engine will (same resolution, same dtype): every model the
+    settings can use, the safety checker, captioner, story LLM and motion adapter included."""
+    import torch
+
+    from engine import motion, safety
     from engine.models import load_components
+    from engine.story import TransformersBackend
+    from training.caption import Captioner
 
+    cpu = dataclasses.replace(settings, device="cpu")
     load_components(settings, dtype)
-    if not settings.is_tiny:
-        from training.caption import Captioner
+    safety.SafetyChecker.load(cpu)
+    Captioner(cpu)
+    if settings.story_backend == "transformers":  # its files and tokenizer: a 7B model is not loaded on the CPU
+        from transformers import AutoConfig, AutoTokenizer
 
-        Captioner(dataclasses.replace(settings, device="cpu"))
+        folder = str(TransformersBackend(settings.llm_model).found.path)
+        AutoConfig.from_pretrained(folder, local_files_only=True)
+        AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if settings.motion_adapter:
+        motion.load_adapter(cpu, torch.device("cpu"), dtype)
 
 
 def _first_line(exc: BaseException) -> str:

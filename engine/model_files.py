@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from engine import tiny_hub
 from engine.errors import ModelLoadError
 from engine.settings import Settings
 
@@ -46,18 +47,38 @@ class ModelSpec:
     half: bool  # loaded in fp16/bf16, so the fp16 weight variant is wanted
 
 
+# Roles of models that only one feature needs: a missing one turns that feature off, not the product.
+OPTIONAL_ROLES = {"captioner_model": "--autocaption", "llm_model": "the transformers story backend"}
+
+
 def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
-    """The models `emaki models` pulls and checks. The depth estimator and captioner always run in fp32;
-    the motion adapter (motion mode) only when one is configured, in fp32 files as AnimateDiff ships it."""
+    """Every model the product can load with these settings: what `emaki models pull` fetches and `check`
+    checks. The depth estimator, safety checker and captioner always run in fp32; the motion adapter
+    (motion mode) is listed only when one is configured, the story LLM only for the transformers backend."""
     specs = [
         ModelSpec("base model", "base_model", s.base_model, pipeline=True, half=half),
         ModelSpec("depth ControlNet", "controlnet_model", s.controlnet_model, pipeline=False, half=half),
         ModelSpec("depth estimator", "depth_model", s.depth_model, pipeline=False, half=False),
-        ModelSpec("captioner (--autocaption)", "captioner_model", s.captioner_model, pipeline=False, half=False),
+        safety_spec(s),
+        captioner_spec(s),
     ]
+    if s.story_backend == "transformers":
+        specs.append(llm_spec(s))
     if s.motion_adapter:
         specs.append(ModelSpec("motion adapter (motion mode)", "motion_adapter", s.motion_adapter, False, False))
     return specs
+
+
+def safety_spec(s: Settings) -> ModelSpec:
+    return ModelSpec("safety checker (screening)", "safety_model", s.safety_model, pipeline=False, half=False)
+
+
+def captioner_spec(s: Settings) -> ModelSpec:
+    return ModelSpec("captioner (--autocaption)", "captioner_model", s.captioner_model, pipeline=False, half=False)
+
+
+def llm_spec(s: Settings) -> ModelSpec:
+    return ModelSpec("story LLM (transformers backend)", "llm_model", s.llm_model, pipeline=False, half=False)
 
 
 def hub_cache_dir() -> Path:
@@ -75,7 +96,8 @@ def looks_local(ref: str) -> bool:
 
 
 def kind_of(ref: str) -> Kind:
-    if ref == "tiny":
+    """`tiny` (a tiny repo in emaki's own cache, engine/tiny_hub.py), a hub id, a folder or one file."""
+    if tiny_hub.is_tiny_ref(ref):
         return "tiny"
     if not looks_local(ref):
         return "hub"
@@ -153,10 +175,25 @@ def not_found(spec: ModelSpec, where: str, why: str) -> ModelLoadError:
     return ModelLoadError(f"{spec.role} '{spec.ref}' {why} ({where}): run `{PULL_COMMAND}`{other}")
 
 
+def hub_location(spec: ModelSpec, cache_dir: Path | None = None) -> tuple[str, Path]:
+    """The hub id a model stands for and the cache it is read from: a tiny model's repo in emaki's own
+    cache (built there the first time it is asked for), any other hub id in the Hugging Face cache."""
+    if kind_of(spec.ref) == "tiny":
+        repo_id = tiny_hub.repo_for(spec.setting, spec.ref)
+        try:
+            tiny_hub.ensure(repo_id)
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot load {spec.role}: {exc}") from None
+        return repo_id, tiny_hub.cache_dir()
+    return spec.ref, cache_dir or hub_cache_dir()
+
+
 def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> Resolved:
-    """Find `spec` on disk or raise one line that says which model, where it looked and what to do."""
-    cache_dir = cache_dir or hub_cache_dir()
+    """Find `spec` on disk or raise one line that says which model, where it looked and what to do.
+    A tiny model is a hub repo like any other, only in emaki's own cache."""
     kind = kind_of(spec.ref)
+    repo_id, cache_dir = hub_location(spec, cache_dir) if kind in ("hub", "tiny") else (spec.ref, cache_dir)
+    cache_dir = cache_dir or hub_cache_dir()
     if kind in ("file", "folder") and not Path(spec.ref).expanduser().exists():
         raise ModelLoadError(f"cannot load {spec.role}: local path '{spec.ref}' does not exist")
     if kind == "file":
@@ -167,7 +204,7 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
     if kind == "folder":
         folder = Path(spec.ref).expanduser()
     else:
-        snapshot = cached_snapshot(spec.ref, cache_dir)
+        snapshot = cached_snapshot(repo_id, cache_dir)
         if snapshot is None:
             raise not_found(spec, f"hub cache {cache_dir}", "is not downloaded")
         folder = snapshot
@@ -176,7 +213,7 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
     _, variant, missing = select_files(files, pipeline=spec.pipeline, want_fp16=spec.half)
     folders = ", ".join(f"{m}/" if m else "its top folder" for m in missing)
     problem = f"no {marker}" if marker not in files else f"no weights in {folders}" if missing else ""
-    if problem and kind == "hub":
+    if problem and kind in ("hub", "tiny"):
         raise not_found(spec, f"hub cache {cache_dir}", f"is only partly downloaded: {problem}")
     if problem:
         raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {problem} in {folder}")
@@ -187,6 +224,9 @@ def resolve_config(spec: ModelSpec, config_ref: str, cache_dir: Path) -> Path:
     """The diffusers folder whose configs and tokenizer describe a single-file checkpoint."""
     if not config_ref:
         raise ModelLoadError(f"{spec.role} '{spec.ref}' is one file: set EMAKI_BASE_MODEL_CONFIG to its config")
+    if kind_of(config_ref) == "tiny":
+        config_ref, cache_dir = tiny_hub.repo_for("base_model_config", config_ref), tiny_hub.cache_dir()
+        tiny_hub.ensure(config_ref)
     if kind_of(config_ref) == "folder":
         folder = Path(config_ref).expanduser()
         if not (folder / "model_index.json").is_file():
@@ -220,18 +260,18 @@ class OnDisk:
 
 
 def on_disk(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> OnDisk:
-    cache_dir = cache_dir or hub_cache_dir()
     kind = kind_of(spec.ref)
-    if kind == "tiny":
-        return OnDisk(spec, kind, "built in-process (random weights)", True, 0, None, "")
     try:
         found = resolve(spec, config_ref, cache_dir)
         ready, problem, variant = True, "", found.variant
     except ModelLoadError as exc:
         found, ready, problem, variant = None, False, str(exc), None
-    if kind == "hub":
+    if kind in ("hub", "tiny"):
+        tiny = kind == "tiny"
+        repo_id = tiny_hub.repo_for(spec.setting, spec.ref) if tiny else spec.ref
+        cache_dir = tiny_hub.cache_dir() if tiny else cache_dir or hub_cache_dir()
         where = str(cache_dir)
-        repo_dir = cache_dir / f"models--{spec.ref.replace('/', '--')}"
+        repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
         size = _size(repo_dir / "blobs") if repo_dir.is_dir() else 0
     else:
         path = Path(spec.ref).expanduser()

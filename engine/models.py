@@ -25,7 +25,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from engine import memory, model_files, tiny
+from engine import memory, model_files
 from engine.errors import InvalidRequest, ModelLoadError
 from engine.settings import Settings
 
@@ -49,11 +49,14 @@ class Components:
 
 
 def load_components(s: Settings, dtype: torch.dtype) -> Components:
-    """The real models, from local folders, a single file or the hub cache; never downloads
-    (`emaki models pull` does). The depth estimator loads in fp32 (see `_load_pipelines`)."""
+    """The profile's models, from local folders, a single file or a hub cache (the tiny profile's too:
+    its repos live in emaki's own cache); never downloads (`emaki models pull` does). The depth estimator
+    loads in fp32 (see `_load_pipelines`)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     base, controlnet_spec, depth_spec = model_files.profile_models(s, half=dtype in HALF_DTYPES)[:3]
+    for spec in (base, controlnet_spec, depth_spec):
+        log.info("loading %s: %s", spec.role, spec.ref)
     txt2img = load_base_model(base, s.base_model_config, dtype)
     controlnet = _load(controlnet_spec, ControlNetModel.from_pretrained, dtype=dtype)
     depth_model = _load(depth_spec, AutoModelForDepthEstimation.from_pretrained, dtype=torch.float32).eval()
@@ -180,12 +183,7 @@ class Models:
 
     def _load_pipelines(self) -> None:
         s = self.settings
-        if self._components is not None:
-            parts = self._components
-        elif s.is_tiny:
-            parts = tiny.tiny_components()
-        else:
-            parts = load_components(s, self.dtype)
+        parts = self._components if self._components is not None else load_components(s, self.dtype)
         txt2img, controlnet = parts.txt2img, parts.controlnet
         self.depth_model, self.depth_processor = parts.depth_model, parts.depth_processor
         if s.scheduler != "default":

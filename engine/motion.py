@@ -66,21 +66,6 @@ FEWSTEP: dict[str, FewStep] = {
 }
 
 
-def tiny_motion_adapter() -> Any:
-    """A random-weight motion adapter for the tiny UNet (the configuration diffusers' own tests use)."""
-    from diffusers import MotionAdapter
-
-    from engine import tiny
-
-    torch.manual_seed(tiny.WEIGHT_SEED + 3)
-    return MotionAdapter(
-        block_out_channels=tiny.BLOCKS,
-        motion_layers_per_block=2,
-        motion_norm_num_groups=2,
-        motion_num_attention_heads=4,
-    ).eval()
-
-
 def beat_starts(beats: int, num_frames: int) -> list[int]:
     """Where beat k of N lands among F frames: spread from the first frame to the last, so with
     F = N + (N - 1) K beat k lands on k (K + 1). Beats that would share a frame collapse onto it."""
@@ -153,10 +138,8 @@ def load_adapter(settings: Settings, device: torch.device, dtype: torch.dtype) -
     from engine.models import _load
 
     check_configured(settings)
-    if settings.motion_adapter == "tiny":
-        adapter = tiny_motion_adapter()
-    else:
-        adapter = _load(adapter_spec(settings), MotionAdapter.from_pretrained, dtype=dtype)
+    # `tiny` is a repo in emaki's tiny cache: the loader a user's adapter goes through.
+    adapter = _load(adapter_spec(settings), MotionAdapter.from_pretrained, dtype=dtype)
     return adapter.to(device, dtype).eval()
 
 
@@ -269,11 +252,10 @@ def check_request(settings: Settings) -> None:
         raise InvalidRequest(
             f"motion mode needs the models resident (EMAKI_MEMORY high or auto), not '{settings.memory}'"
         )
-    if settings.motion_adapter != "tiny":
-        from engine import model_files
+    from engine import model_files
 
-        # A folder without config.json and weights, or a hub id not in the cache: one ModelLoadError line.
-        model_files.resolve(adapter_spec(settings))
+    # A folder without config.json and weights, or a hub id not in the cache: one ModelLoadError line.
+    model_files.resolve(adapter_spec(settings))
 
 
 def adapter_spec(settings: Settings) -> Any:

@@ -1,9 +1,10 @@
 """The Stable Diffusion safety checker, loaded once and asked about finished frames.
 
 `sd15` uses `CompVis/stable-diffusion-safety-checker` (diffusers' `StableDiffusionSafetyChecker`, the
-model the SD1.5 pipeline ships with) and the CLIP image processor from the same repo. `tiny` builds
-the same class from a tiny CLIP config with seeded random weights; its concept thresholds are
-parameters, so a test can place them and know which frames are flagged. The decision rule is the
+model the SD1.5 pipeline ships with) and the CLIP image processor from the same repo (`EMAKI_SAFETY_MODEL`);
+`emaki models pull` fetches it and loading never downloads. `tiny` is the same class over a tiny CLIP with
+seeded random weights, saved in emaki's tiny cache; its concept thresholds are a parameter, so a test can
+place them and know which frames are flagged. The decision rule is the
 model's own (a frame is flagged when any concept's cosine score exceeds its threshold); we only read
 the verdicts instead of letting the pipeline black out frames silently.
 """
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SD_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 # What the member reads: neutral, and true (the frames are gone, nothing was posted).
 FLAGGED_REASON = (
     "the content safety checker flagged a frame, so nothing was posted and the frames were deleted; "
@@ -40,23 +40,6 @@ FLAGGED_REASON = (
 
 class ContentFlagged(EmakiError):
     """A frame did not pass the safety checker: the job ends and its files are gone."""
-
-
-def tiny_safety_checker(threshold: float = 0.0) -> tuple[Any, Any]:
-    """A random-weight checker over a tiny CLIP vision tower, every concept threshold at `threshold`."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-    from engine.tiny import tiny_clip_config, tiny_clip_image_processor, tiny_tokenizer
-
-    torch.manual_seed(4)
-    config = tiny_clip_config(len(tiny_tokenizer()))
-    model = StableDiffusionSafetyChecker(config).eval()
-    with torch.no_grad():
-        model.concept_embeds.copy_(torch.randn(model.concept_embeds.shape))
-        model.special_care_embeds.copy_(torch.randn(model.special_care_embeds.shape))
-        model.concept_embeds_weights.fill_(threshold)
-        model.special_care_embeds_weights.fill_(10.0)  # the 'special care' boost stays out of the tiny model
-    return model, tiny_clip_image_processor()
 
 
 class SafetyChecker:
@@ -69,21 +52,21 @@ class SafetyChecker:
         self.dtype = dtype
 
     @classmethod
-    def load(
-        cls,
-        profile: str,
-        device: torch.device | str = "cpu",
-        token: str | None = None,
-        tiny_threshold: float = 0.0,
-        dtype: torch.dtype = torch.float32,
-    ) -> SafetyChecker:
-        if profile == "tiny":
-            return cls(*tiny_safety_checker(tiny_threshold), device=device)
+    def load(cls, settings: Settings, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+        """The configured checker (`safety_model`: a hub id in the cache, a folder, or `tiny`) through the
+        loader every model uses: never downloads, a missing one is one line naming `emaki models pull`."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        model = StableDiffusionSafetyChecker.from_pretrained(SD_SAFETY_CHECKER, token=token or None).eval()
-        processor = CLIPImageProcessor.from_pretrained(SD_SAFETY_CHECKER, token=token or None)
+        from engine.model_files import safety_spec
+        from engine.models import _load
+
+        spec = safety_spec(settings)
+        model = _load(spec, StableDiffusionSafetyChecker.from_pretrained).eval()
+        processor = _load(spec, CLIPImageProcessor.from_pretrained)
+        if settings.is_tiny:  # random weights: the concept thresholds are a parameter tests place
+            with torch.no_grad():
+                model.concept_embeds_weights.fill_(settings.safety_tiny_threshold)
         return cls(model, processor, device=device, dtype=dtype)
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
@@ -117,20 +100,22 @@ def checker_for(
 ) -> SafetyChecker:
     """The process's checker for these settings, loaded the first time a frame needs it (never for
     jobs that are not screened) and kept: one copy however many jobs and engines ask."""
-    key = (settings.profile, str(device), dtype, settings.safety_tiny_threshold if settings.is_tiny else None)
+    threshold = settings.safety_tiny_threshold if settings.is_tiny else None
+    key = (settings.safety_model, str(device), dtype, threshold)
     with _loading:
         if key not in _checkers:
-            try:
-                _checkers[key] = SafetyChecker.load(
-                    settings.profile, device, settings.hf_token, settings.safety_tiny_threshold, dtype
-                )
-            except (OSError, ValueError) as exc:  # offline, not cached: fail closed, nothing unscreened is posted
-                raise EmakiError(
-                    f"the content safety checker ({SD_SAFETY_CHECKER}) could not be loaded ({type(exc).__name__}): "
-                    "the bot's operator must make it available (download it once, or set HF_TOKEN)"
-                ) from exc
-            log.info("safety checker ready on %s (%s profile)", device, settings.profile)
+            # A missing checker is a ModelLoadError line naming `emaki models pull`: the job fails closed
+            # (nothing unscreened is posted), and the bot checks for it at start-up (`require`).
+            _checkers[key] = SafetyChecker.load(settings, device, dtype)
+            log.info("safety checker %s ready on %s", settings.safety_model, device)
         return _checkers[key]
+
+
+def require(settings: Settings) -> None:
+    """The checker is on disk (files only, nothing loaded): what the bot asks before it accepts any job."""
+    from engine import model_files
+
+    model_files.resolve(model_files.safety_spec(settings))
 
 
 def image_passes(settings: Settings, models: Models, image: Image.Image) -> bool:

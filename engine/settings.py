@@ -24,19 +24,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         "depth_model": "Intel/dpt-hybrid-midas",
         "llm_model": "mistralai/Mistral-7B-Instruct-v0.3",
         "captioner_model": "Salesforce/blip-image-captioning-large",
+        "safety_model": "CompVis/stable-diffusion-safety-checker",
         "width": 512,
         "height": 512,
         "min_size": 256,
         "max_size": 1024,
     },
-    # Random-weight models built in-process from tiny configs (engine/tiny.py): no download,
-    # the real pipeline code end to end, seconds on a CPU.
+    # Random-weight models with the real classes (engine/tiny.py), saved once as hub repos in emaki's own
+    # cache and loaded like a user's models (engine/tiny_hub.py): no download, seconds on a CPU.
     "tiny": {
         "base_model": "tiny",
         "controlnet_model": "tiny",
         "depth_model": "tiny",
         "llm_model": "tiny",
         "captioner_model": "tiny",
+        "safety_model": "tiny",
         "width": 64,
         "height": 64,
         "min_size": 32,
@@ -163,13 +165,15 @@ class Settings:
     # Outside them every frame a bot job renders is always screened.
     nsfw_policy: str = setting("screen", Rule(choices=("screen", "allow")))
     safety_cli: bool = False  # screen frames of jobs started from the command line too
+    # The safety checker (diffusers' StableDiffusionSafetyChecker with its CLIP image processor): hub id or folder.
+    safety_model: str = ""
     # `tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never flags
     # and -2 flags every frame; tests place it).
     safety_tiny_threshold: float = setting(2.0, Rule(-2, 2))
     # --- motion (issue 15) ---
     # The AnimateDiff SD1.5 motion adapter `--motion animatediff` renders with: a diffusers folder, a hub id
-    # in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches none of
-    # it yet), or `tiny` (random weights built in-process, tiny profile only). Empty: motion mode is off.
+    # in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches it), or
+    # `tiny` (random weights, saved in emaki's tiny cache; tiny profile only). Empty: motion mode is off.
     motion_adapter: str = ""
     # Few-step sampling, with the scheduler its model card names: none (the base scheduler), lcm (AnimateLCM:
     # LCMScheduler, linear betas) or lightning (AnimateDiff-Lightning: Euler, trailing timesteps, linear

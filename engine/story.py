@@ -153,20 +153,28 @@ class InferenceClientBackend:
 
 
 class TransformersBackend:
-    """A local chat model through transformers' text-generation pipeline, loaded once."""
+    """A local chat model through transformers' text-generation pipeline, loaded once from disk.
+
+    `model` is a folder, a hub id in the cache (`emaki models pull` fetches it) or `tiny`; it is found when
+    the backend is made, so a missing model is one line before any job, and loading never downloads."""
 
     name = "transformers"
 
-    def __init__(self, model: str, token: str | None = None) -> None:
+    def __init__(self, model: str) -> None:
+        from engine import model_files
+
         self.model_ref = model
-        self.token = token
+        self.found = model_files.resolve(model_files.ModelSpec("story LLM", "llm_model", model, False, False))
         self._pipe: Any = None
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         if self._pipe is None:
-            from transformers import pipeline
+            from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-            self._pipe = pipeline("text-generation", model=self.model_ref, token=self.token, device_map="auto")
+            folder = str(self.found.path)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, device_map="auto")
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self._pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
         out = self._pipe(messages, max_new_tokens=600, do_sample=True, temperature=0.7)
         generated = out[0]["generated_text"]
         return generated[-1]["content"] if isinstance(generated, list) else str(generated)
@@ -192,7 +200,7 @@ def make_backend(settings: Settings) -> StoryBackend | None:
         client = InferenceClient(base_url=settings.llm_base_url, api_key=settings.llm_api_key or None, timeout=timeout)
         return InferenceClientBackend("openai", client, settings.llm_model)
     if choice == "transformers":
-        return TransformersBackend(settings.llm_model, settings.hf_token or None)
+        return TransformersBackend(settings.llm_model)
     if choice == "fallback":
         return None
     raise ValueError(f"unknown story backend '{choice}': use auto, hf, openai, transformers or fallback")

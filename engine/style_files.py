@@ -161,11 +161,7 @@ def meta_models(base_model: str) -> dict[str, nn.Module]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from engine import tiny
-
     with torch.device("meta"):
-        if base_model == "tiny":
-            return {"unet": tiny.tiny_unet(), "text_encoder": tiny.tiny_text_encoder(len(tiny.tiny_tokenizer()))}
         unet_config, text_config = _configs(base_model)
         return {
             "unet": UNet2DConditionModel.from_config(unet_config),
@@ -178,11 +174,15 @@ def _configs(base_model: str) -> tuple[dict, dict]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    ref = str(Path(base_model).expanduser()) if Path(base_model).expanduser().exists() else base_model
-    if ref.endswith((".safetensors", ".ckpt")):
+    from engine import model_files
+
+    if base_model.lower().endswith((".safetensors", ".ckpt")):
         # A single-file checkpoint carries no config; emaki's base models are SD1.5-shaped.
         return dict(SD15_UNET_CONFIG), dict(SD15_TEXT_CONFIG)
     try:
+        # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo): no download.
+        spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
+        ref = str(model_files.resolve(spec).path)
         unet_config = dict(UNet2DConditionModel.load_config(ref, subfolder="unet"))
         text_config = CLIPTextConfig.from_pretrained(ref, subfolder="text_encoder").to_dict()
     except Exception as exc:  # offline, not downloaded, not a diffusers folder: one line

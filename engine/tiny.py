@@ -1,5 +1,8 @@
-"""The `tiny` profile: the same component classes as SD1.5 + depth ControlNet + DPT, built from tiny
-configs with seeded random weights, in-process. No download; used by tests and the offline smoke run.
+"""The `tiny` profile's models: the same classes as SD1.5 + depth ControlNet + DPT (and the safety checker,
+captioner, motion adapter and story LLM), built from tiny configs with seeded random weights. No download.
+
+Nothing renders from these objects directly: `save_*` writes each as a hub repo into emaki's tiny cache
+(engine/tiny_hub.py), and the tiny profile loads them from there through the code that loads a user's files.
 
 The configs mirror the ones diffusers' and transformers' own test suites use for these classes.
 Seeding makes every process build byte-identical weights, so a seed reproduces frames across runs.
@@ -7,7 +10,8 @@ Seeding makes every process build byte-identical weights, so a seed reproduces f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -20,9 +24,6 @@ from transformers import (
     DPTForDepthEstimation,
     DPTImageProcessor,
 )
-
-if TYPE_CHECKING:
-    from engine.models import Components
 
 WEIGHT_SEED = 0
 CROSS_ATTENTION_DIM = 32
@@ -178,9 +179,112 @@ def sd_pipeline(
     )
 
 
-def tiny_components() -> Components:
-    from engine.models import Components
-
+# --- the tiny set as files ----------------------------------------------------------------------------
+# Each tiny model is saved once as a hub repo in emaki's own cache (engine/tiny_hub.py) and loaded from
+# there by the code that loads a user's models: these functions write one repo's files into a folder.
+def save_sd15(folder: Path) -> None:
     tokenizer = tiny_tokenizer()
-    txt2img = sd_pipeline(tiny_vae(), tiny_text_encoder(len(tokenizer)), tokenizer, tiny_unet())
-    return Components(txt2img, tiny_controlnet(), *tiny_depth())
+    pipe = sd_pipeline(tiny_vae(), tiny_text_encoder(len(tokenizer)), tokenizer, tiny_unet())
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_controlnet(folder: Path) -> None:
+    tiny_controlnet().save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_depth(folder: Path) -> None:
+    model, processor = tiny_depth()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    processor.save_pretrained(str(folder))
+
+
+def save_safety_checker(folder: Path) -> None:
+    """SD's checker class over a tiny CLIP; its concept thresholds are 2.0 (cosine scores lie in -1..1, so
+    it never flags) until the tiny profile's `safety_tiny_threshold` places them (engine/safety.py)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    torch.manual_seed(WEIGHT_SEED + 4)
+    model = StableDiffusionSafetyChecker(tiny_clip_config(len(tiny_tokenizer()))).eval()
+    with torch.no_grad():
+        model.concept_embeds.copy_(torch.randn(model.concept_embeds.shape))
+        model.special_care_embeds.copy_(torch.randn(model.special_care_embeds.shape))
+        model.concept_embeds_weights.fill_(2.0)
+        model.special_care_embeds_weights.fill_(10.0)  # the 'special care' boost stays out of the tiny model
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tiny_clip_image_processor().save_pretrained(str(folder))
+
+
+CAPTION_WORDS = (
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "in", "on", "with", "fox", "cat",
+    "forest", "meadow", "sky", "house", "red", "green", "painting", "photo", "little", "girl",
+)  # fmt: skip
+
+
+def save_captioner(folder: Path) -> None:
+    """A random-weight BLIP with a small word vocabulary (the class the real captioner uses)."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(CAPTION_WORDS)})
+    torch.manual_seed(WEIGHT_SEED + 5)
+    text = {"vocab_size": len(CAPTION_WORDS), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 4, "max_position_embeddings": 64, "bos_token_id": 2, "sep_token_id": 3}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = BlipConfig(
+        text_config={**text, "pad_token_id": 0},
+        vision_config={**vision, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    BlipForConditionalGeneration(config).eval().save_pretrained(str(folder), safe_serialization=True)
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(folder))
+
+
+def save_motion_adapter(folder: Path) -> None:
+    """A random-weight motion adapter for the tiny UNet (the configuration diffusers' own tests use)."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(WEIGHT_SEED + 3)
+    adapter = MotionAdapter(
+        block_out_channels=BLOCKS, motion_layers_per_block=2, motion_norm_num_groups=2, motion_num_attention_heads=4
+    )
+    adapter.eval().save_pretrained(str(folder), safe_serialization=True)
+
+
+# A chat template of the plainest kind: the story backend talks to every model through `apply_chat_template`.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_llm(folder: Path) -> None:
+    """A tiny random Llama-architecture causal LM with a real byte-level BPE tokenizer and chat template:
+    the story's `transformers` backend runs end to end on it (what it writes is noise, which the story
+    parser refuses, so the fallback story is used, as with any unusable answer)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|begin|>", "<|end|>", "<|pad|>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>", pad_token="<|pad|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(WEIGHT_SEED + 6)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +13,24 @@ from engine.settings import Settings, load_settings
 from engine.store import Store, open_store
 from engine.worker import Engine
 
+# The tiny profile's models are hub repos in emaki's own cache (engine/tiny_hub.py): one fresh cache per test
+# session, built once, shared by every test and every CLI subprocess (they inherit the variable).
+TINY_CACHE = os.environ.setdefault("EMAKI_TINY_CACHE", tempfile.mkdtemp(prefix="emaki-tiny-hub-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_models_on_disk() -> None:
+    from engine import tiny_hub
+
+    tiny_hub.ensure_all()
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # A developer's shell must not leak real endpoints or tokens into the tests.
-    import os
-
     for key in list(os.environ):
+        if key == "EMAKI_TINY_CACHE":
+            continue
         if key.startswith("EMAKI_") or key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "DISCORD_TOKEN"):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -174,8 +174,6 @@ def sd15() -> SD15Models:
 def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Saved models: the base pipeline with full and fp16 weights, a ControlNet, a tiny DPT, a tiny BLIP,
     a single-file checkpoint; and a hub cache holding the base pipeline under the profile's repo id."""
-    from training.caption import tiny_blip
-
     root = tmp_path_factory.mktemp("models")
     base = save_sd15_pipeline(sd15, root / "base")
     save_sd15_pipeline(sd15, root / "base", variant="fp16")
@@ -183,9 +181,8 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     depth_model, depth_processor = tiny.tiny_depth()
     depth_model.save_pretrained(str(root / "depth"))
     depth_processor.save_pretrained(str(root / "depth"))
-    blip, blip_processor = tiny_blip()
-    blip.save_pretrained(str(root / "captioner"))
-    blip_processor.save_pretrained(str(root / "captioner"))
+    tiny.save_captioner(root / "captioner")
+    tiny.save_safety_checker(root / "safety")
     single = root / "community-model.safetensors"
     checkpoint = ldm_checkpoint(sd15)
     save_file(checkpoint, str(single))
@@ -202,6 +199,7 @@ def local_models(hub: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[
     monkeypatch.setenv("EMAKI_CONTROLNET_MODEL", str(hub["root"] / "controlnet"))
     monkeypatch.setenv("EMAKI_DEPTH_MODEL", str(hub["root"] / "depth"))
     monkeypatch.setenv("EMAKI_CAPTIONER_MODEL", str(hub["root"] / "captioner"))
+    monkeypatch.setenv("EMAKI_SAFETY_MODEL", str(hub["root"] / "safety"))
     return hub
 
 
@@ -400,29 +398,29 @@ def test_models_check_reports_versions_device_and_what_is_cached_with_sizes(
 def test_doctor_on_the_tiny_profile_reports_the_built_in_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--profile", "tiny"]) == 0
     out = capsys.readouterr().out
-    assert out.count("built in (random weights") == 4 and "fits     yes" in out
+    # Every model the profile can load, each a repo on disk in emaki's tiny cache, found by the user's path.
+    assert out.count("ready,") == 5 and out.count("random weights in emaki's tiny cache") == 5
+    assert "NOT READY" not in out and "fits     yes" in out
 
 
 def test_models_check_and_pull_include_the_motion_adapter_when_one_is_configured(
     local_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from engine.motion import tiny_motion_adapter
-
     monkeypatch.setenv("EMAKI_MOTION_ADAPTER", "tiny")
     assert main(["doctor", "--profile", "tiny"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
-    assert "built in (random weights" in line
+    assert "ready," in line and "tiny cache" in line
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
     monkeypatch.setenv("EMAKI_MOTION_ADAPTER", str(tmp_path / "adapter"))  # not there yet
     assert main(["models", "check", "--device", "cpu"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
     assert "NOT READY" in line
-    tiny_motion_adapter().save_pretrained(tmp_path / "adapter")
+    tiny.save_motion_adapter(tmp_path / "adapter")
     main(["models", "check", "--device", "cpu"])
     line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
     assert "ready," in line and "NOT READY" not in line
     assert main(["models", "pull", "--device", "cpu"]) == 0
-    assert capsys.readouterr().err.count("is local, nothing to download") == 5
+    assert capsys.readouterr().err.count("is local, nothing to download") == 6
 
 
 def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
@@ -431,7 +429,7 @@ def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
     assert main(["models", "pull", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert err.count("is local, nothing to download") == 4 and "verified" in err
+    assert err.count("is local, nothing to download") == 5 and "verified" in err
     monkeypatch.delenv("EMAKI_BASE_MODEL")  # the profile's hub repo again, with HF_HUB_OFFLINE=1 (conftest)
     assert main(["models", "pull"]) == 2
     err = capsys.readouterr().err.strip()

@@ -102,7 +102,8 @@ def test_different_later_beats_change_the_clip(motion_models: Models) -> None:
 
 @pytest.mark.parametrize("fewstep", ["lcm", "lightning"])
 def test_few_step_options_run_their_model_cards_schedulers(motion_models: Models, fewstep: str) -> None:
-    renderer = MotionRenderer(motion_models.txt2img, motion.tiny_motion_adapter(), fewstep)
+    adapter = motion.load_adapter(motion_models.settings, torch.device("cpu"), torch.float32)
+    renderer = MotionRenderer(motion_models.txt2img, adapter, fewstep)
     expected = {"lcm": "LCMScheduler", "lightning": "EulerDiscreteScheduler"}[fewstep]
     assert type(renderer.pipe.scheduler).__name__ == expected
     assert renderer.pipe.scheduler.config.beta_schedule == "linear"

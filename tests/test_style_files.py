@@ -22,12 +22,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from emaki.cli import main
-from engine import tiny
-from engine.models import Components, Models, StyleRef, _activate
+from engine.models import Models, StyleRef, _activate
 from engine.settings import load_settings
 from engine.store import open_store
 from engine.style_files import MESSAGE_CAP, unload_all
 from tests.sd15_layout import SD15Models, sd15, sd15_folder, sd15_models  # noqa: F401 - fixtures
+from training.lora import load_training_pipeline
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -51,11 +51,17 @@ def source() -> SD15Models:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    """emaki's warm models over another copy of the same (seeded) weights."""
-    models = sd15_models()
-    settings = load_settings(profile="sd15", data_dir=tmp_path_factory.mktemp("target"))
-    return Models(settings, components=Components(models.pipe, models.controlnet, *tiny.tiny_depth())).load()
+def target(sd15_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Models:  # noqa: F811
+    """emaki's warm models over another copy of the same (seeded) weights, loaded from their hub-layout
+    folders the way a user's base model is."""
+    settings = load_settings(
+        profile="sd15",
+        base_model=str(sd15_folder),
+        controlnet_model=str(sd15_folder.parent / "controlnet"),
+        depth_model="tiny",
+        data_dir=tmp_path_factory.mktemp("target"),
+    )
+    return Models(settings).load()
 
 
 def forward(pipe) -> torch.Tensor:
@@ -527,7 +533,7 @@ def test_trained_style_is_exported_and_diffusers_kohya_loader_gives_emakis_outpu
     finally:
         shared_tiny_models.use_style(None)
     base = forward(shared_tiny_models.txt2img)
-    fresh = tiny.tiny_components().txt2img
+    fresh = load_training_pipeline(shared_tiny_models.settings)  # a second copy of the base, from its files
     fresh.load_lora_weights(str(exported), adapter_name="kohya")
     assert (emaki_output - base).abs().max() > 1e-3
     torch.testing.assert_close(forward(fresh), emaki_output, atol=1e-5, rtol=1e-4)

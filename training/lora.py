@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from engine import tiny
 from engine.errors import InvalidRequest, JobCancelled
 from engine.models import pick_device
 from engine.settings import Settings
@@ -228,21 +227,16 @@ def adapter_config(kind: str, config: TrainConfig, text: bool = False) -> Any:
 
 def load_training_pipeline(settings: Settings, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """A fresh copy of the base model's UNet, VAE and text encoder only: the serving models keep their
-    styles untouched, and the ControlNet and depth model, never used in training, are not loaded."""
-    if settings.is_tiny:
-        tokenizer = tiny.tiny_tokenizer()
-        return tiny.sd_pipeline(tiny.tiny_vae(), tiny.tiny_text_encoder(len(tokenizer)), tokenizer, tiny.tiny_unet())
-    from engine.models import _load
+    styles untouched, and the ControlNet and depth model, never used in training, are not loaded.
 
-    return _load(
-        "base model",
-        settings.base_model,
-        StableDiffusionPipeline.from_pretrained,
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-        token=settings.hf_token or None,
-    )
+    The base loads exactly as the renderer loads it (engine/models.py `load_base_model`): a hub id from
+    the cache, a diffusers folder, a single `.safetensors`/`.ckpt` with its config, or the tiny profile's
+    repo in emaki's tiny cache; never a download."""
+    from engine.model_files import profile_models
+    from engine.models import load_base_model
+
+    base = profile_models(settings, half=dtype != torch.float32)[0]
+    return load_base_model(base, settings.base_model_config, dtype)
 
 
 def _file_hash(path: Path) -> str:
