@@ -232,23 +232,19 @@ def versions() -> dict[str, str]:
     return found
 
 
-def model_revision(ref: str, settings: Settings) -> str | None:
-    """The hub snapshot (commit) a model id resolves to in the local cache; None for a local folder
-    or a model not cached. Offline: the cache says which snapshot from_pretrained used."""
-    if settings.is_tiny:
-        return "random weights built in-process (engine/tiny.py, seeded)"
-    if ref.startswith(("/", ".", "~")) or Path(ref).exists():
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
+def model_revision(setting: str, ref: str) -> str | None:
+    """The hub snapshot (commit) a model was loaded from: the cached snapshot the loader resolves (for a
+    tiny model, its repo's revision in emaki's tiny cache); None for a local folder or file."""
+    from engine import model_files, tiny_hub
 
-        for filename in ("model_index.json", "config.json"):
-            cached = try_to_load_from_cache(ref, filename)
-            if isinstance(cached, str):
-                return Path(cached).parent.name
+    kind = model_files.kind_of(ref)
+    try:
+        if kind == "tiny":
+            return tiny_hub.revision(tiny_hub.repo_for(setting, ref))
+        snapshot = model_files.cached_snapshot(ref, model_files.hub_cache_dir()) if kind == "hub" else None
     except Exception:  # noqa: BLE001 - a revision is a nicety in the sidecar, never a reason to fail
         return None
-    return None
+    return snapshot.name if snapshot is not None else None
 
 
 def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +266,7 @@ def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[st
             }
     models = {k: getattr(settings, k) for k in MODEL_KEYS}
     pinned = ("base_model", "controlnet_model", "depth_model", "motion_adapter")
-    models["revisions"] = {k: model_revision(getattr(settings, k), settings) for k in pinned if getattr(settings, k)}
+    models["revisions"] = {k: model_revision(k, getattr(settings, k)) for k in pinned if getattr(settings, k)}
     return {
         "emaki_sidecar": SIDECAR_VERSION,
         "job_id": job_id,
@@ -443,9 +439,12 @@ def start_engine(settings: Settings, motion: bool, store: Any = None) -> Any:
     """An engine whose models are loaded (here, or on the cluster's workers), the motion adapter too
     when `motion`: before any row is written, so a model that cannot load leaves nothing behind. With
     no `store`, the data dir's is opened only once the models are up (no database either)."""
+    from engine import safety
     from engine.store import open_store
     from engine.worker import Engine, cluster_renderers
 
+    if settings.safety_cli:  # frames will be screened: a missing checker is one line now, not a failed job later
+        safety.require(settings)
     if settings.ray_address:
         renderers = cluster_renderers(settings, store)  # joins the cluster: one line when it cannot
         renderers.warm()

@@ -109,23 +109,49 @@ def parse_frames(text: str, n_frames: int) -> list[str] | None:
 
 
 BEAT_SPLIT = re.compile(r"\s*(?:,?\s*\band then\b|,?\s*\bthen\b|;|\.\s+|,\s*after that\b|,\s*finally\b)\s*", re.I)
-PHASES = ["opening shot", "the moment begins", "in motion", "the motion carries on", "closing shot"]
+# How far along its beat a frame is: frames of one beat take distinct phases, spread over this list.
+PHASES = ["it begins", "early on", "in motion", "midway", "the motion carries on", "nearly done", "it ends"]
+LEADING_JOINERS = re.compile(r"^(?:and\s+|so\s+|next\s+|finally\s+)+", re.I)
+# Words a beat that names its own subject starts with (articles, possessives, pronouns).
+DETERMINERS = ("a", "an", "the", "his", "her", "its", "their", "my", "our", "your", "some", "one", "two")
+DETERMINERS += ("it", "he", "she", "they", "we", "i", "you", "this", "that", "these", "those")
+
+
+def subject_of(beat: str) -> str:
+    """The words of a beat before its first verb, guessed as the first later word in the third-person
+    present (`perches`, `glides`, `is`): ideas are written that way. Empty when no such word is found."""
+    words = beat.split()
+    for i, word in enumerate(words[1:], start=1):
+        bare = word.lower().strip(",.!?")
+        if bare in ("is", "has") or (len(bare) > 3 and bare.endswith("s") and not bare.endswith("ss")):
+            return " ".join(words[:i])
+    return ""
 
 
 def fallback_frames(idea: str, n_frames: int) -> list[str]:
-    """N coherent prompts from the idea alone: its beats spread over the frames, subject kept."""
-    beats = [b.strip(" ,.") for b in BEAT_SPLIT.split(idea.strip()) if b and b.strip(" ,.")]
-    if not beats:
-        beats = [idea.strip()]
-    frames = []
-    for i in range(n_frames):
-        beat_index = i * len(beats) // n_frames
+    """N distinct, coherent prompts from the idea alone: its beats spread over the frames in order, each
+    frame naming its own beat only, the frames of one beat told apart by how far along it they are. A
+    later beat that drops the subject ("then glides over a town") gets the first beat's subject back."""
+    beats = [LEADING_JOINERS.sub("", b.strip(" ,.")) for b in BEAT_SPLIT.split(idea.strip()) if b and b.strip(" ,.")]
+    beats = [b for b in beats if b] or [idea.strip()]
+    subject = subject_of(beats[0])
+    frames: list[str] = []
+    spans = [i * len(beats) // n_frames for i in range(n_frames)]  # which beat each frame shows
+    for i, beat_index in enumerate(spans):
         beat = beats[beat_index]
-        position = i / (n_frames - 1) if n_frames > 1 else 0.0
-        phase = PHASES[round(position * (len(PHASES) - 1))]
-        # Later beats often drop the subject ("then glides over a town"): anchor them on the first.
-        text = beat if beat_index == 0 else f"{beats[0]}, then {beat}"
-        frames.append(_clean(f"{text}, {phase}"))
+        if beat_index and subject and beat.split()[0].lower() not in DETERMINERS:
+            beat = f"{subject} {beat}"
+        within, count = spans[:i].count(beat_index), spans.count(beat_index)
+        if count == 1:
+            phase = ""
+        elif count <= len(PHASES):  # spread over the list: distinct as long as the beat has few frames
+            phase = PHASES[round(within * (len(PHASES) - 1) / (count - 1))]
+        else:
+            phase = f"moment {within + 1} of {count}"
+        frames.append(_clean(f"{beat}, {phase}" if phase else beat))
+    for i, frame in enumerate(frames):  # two beats written the same way: still distinct frames
+        if frames.index(frame) != i:
+            frames[i] = _clean(f"{frame}, frame {i + 1}")
     return frames
 
 

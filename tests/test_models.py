@@ -32,7 +32,7 @@ from engine import memory, model_files, tiny
 from engine.errors import InvalidRequest, ModelLoadError, ResourceError
 from engine.models import Models, load_base_model
 from engine.settings import PROFILES, Settings, load_settings
-from tests.sd15_layout import SD15Models, save_sd15_pipeline, sd15_models
+from tests.sd15_layout import SD15Models, ldm_checkpoint, put_in_hub_cache, save_sd15_pipeline, sd15_models
 
 SD15_REPO = PROFILES["sd15"]["base_model"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,97 +71,6 @@ SD15_REPO_FILES = [
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-
-
-def put_in_hub_cache(folder: Path, cache: Path, repo_id: str, only: tuple[str, ...] = ()) -> Path:
-    """Copy a saved model into `cache` the way huggingface_hub stores a download: content-addressed blobs,
-    a snapshot of relative links to them, and `refs/main` naming the snapshot."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = file.relative_to(folder).as_posix()
-        if only and not relative.endswith(only):
-            continue
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / relative
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return repo
-
-
-def ldm_checkpoint(models: SD15Models) -> dict[str, torch.Tensor]:
-    """The pipeline's weights in the original LDM single-file layout (how community SD1.5 checkpoints
-    are shared): `model.diffusion_model.*` with input/middle/output blocks, `first_stage_model.*` with
-    the VAE's down/mid/up naming, `cond_stage_model.transformer.text_model.*` (CLIP's own names)."""
-    pipe = models.pipe
-    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3"}
-    resnet |= {"time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-    # (pattern, LDM prefix, whether the matched block is a resnet, whose layer names LDM spells differently)
-    unet_rules = [
-        (r"^time_embedding\.linear_1\.", "time_embed.0.", False),
-        (r"^time_embedding\.linear_2\.", "time_embed.2.", False),
-        (r"^conv_in\.", "input_blocks.0.0.", False),
-        (r"^conv_norm_out\.", "out.0.", False),
-        (r"^conv_out\.", "out.2.", False),
-        (r"^down_blocks\.(\d)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{3 * int(m[1]) + 3}.0.op.", False),
-        (r"^down_blocks\.(\d)\.resnets\.(\d)\.", lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.0.", True),
-        (
-            r"^down_blocks\.(\d)\.attentions\.(\d)\.",
-            lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1.",
-            False,
-        ),
-        (r"^mid_block\.attentions\.0\.", "middle_block.1.", False),
-        (r"^mid_block\.resnets\.(\d)\.", lambda m: f"middle_block.{2 * int(m[1])}.", True),
-        (r"^up_blocks\.(\d)\.resnets\.(\d)\.", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.0.", True),
-        (r"^up_blocks\.(\d)\.attentions\.(\d)\.", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.1.", False),
-        (
-            r"^up_blocks\.(\d)\.upsamplers\.0\.",
-            lambda m: f"output_blocks.{3 * int(m[1]) + 2}.{1 if m[1] == '0' else 2}.",
-            False,
-        ),
-    ]
-    out: dict[str, torch.Tensor] = {}
-    for key, value in pipe.unet.state_dict().items():
-        for pattern, prefix, is_resnet in unet_rules:
-            match = re.match(pattern, key)
-            if match:
-                rest = key[match.end() :]
-                if is_resnet:
-                    layer, _, tail = rest.partition(".")
-                    rest = f"{resnet[layer]}.{tail}"
-                key = (prefix(match) if callable(prefix) else prefix) + rest
-                break
-        out["model.diffusion_model." + key] = value
-    vae_rules = [
-        (r"^encoder\.down_blocks\.(\d)\.resnets\.(\d)\.", r"encoder.down.\1.block.\2."),
-        (r"^encoder\.down_blocks\.(\d)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-        (r"^decoder\.up_blocks\.(\d)\.resnets\.(\d)\.", lambda m: f"decoder.up.{3 - int(m[1])}.block.{m[2]}."),
-        (r"^decoder\.up_blocks\.(\d)\.upsamplers\.0\.", lambda m: f"decoder.up.{3 - int(m[1])}.upsample."),
-        (r"\.mid_block\.resnets\.(\d)\.", lambda m: f".mid.block_{int(m[1]) + 1}."),
-        (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
-        (r"\.conv_norm_out\.", ".norm_out."),
-        (r"\.conv_shortcut\.", ".nin_shortcut."),
-    ]
-    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    for key, value in pipe.vae.state_dict().items():
-        for pattern, replacement in vae_rules:
-            key = re.sub(pattern, replacement, key)
-        if ".attn_1." in key:
-            for diffusers_name, ldm_name in attention.items():
-                key = key.replace(f".attn_1.{diffusers_name}.", f".attn_1.{ldm_name}.")
-            if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
-                value = value[:, :, None, None]
-        out["first_stage_model." + key] = value
-    for key, value in pipe.text_encoder.state_dict().items():
-        # transformers 5 names CLIPTextModel's weights without the `text_model.` that checkpoints carry
-        key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")

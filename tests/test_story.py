@@ -205,3 +205,23 @@ def test_local_transformers_backend_runs_and_its_noise_falls_back(tmp_path, capl
     frames, source = teller.frames("a fox naps, then wakes", 5)
     assert source == "fallback" and len(frames) == 5  # random weights give no usable breakdown
     assert "gave an unusable answer" in caplog.text
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 16, 64])
+@pytest.mark.parametrize(
+    "idea",
+    [
+        "a ghibli dragon perches on a hill, then glides over a medieval town",
+        "a cat naps on a windowsill, then chases a butterfly. it sleeps again",
+        "a lighthouse",
+        "run; run",
+    ],
+)
+def test_fallback_frames_are_distinct_and_each_names_one_beat(idea: str, n: int) -> None:
+    frames = fallback_frames(idea, n)
+    assert len(frames) == n and len(set(frames)) == n  # 8 frames of two beats once gave 2=3 and 6=7
+    if "dragon" in idea:
+        assert not [f for f in frames if "perches" in f and "glides" in f]  # no frame names both beats
+        assert all("dragon" in f for f in frames)
+        if n >= 2:
+            assert frames[-1].startswith("a ghibli dragon glides")  # the later beat gets its subject back
