@@ -11,8 +11,11 @@ from engine.compiled import SLOT, CompiledUNet, NotHotSwappable, neutral_lora
 
 
 def _pipe():
-    tokenizer = tiny.tiny_tokenizer()
-    return tiny.sd_pipeline(tiny.tiny_vae(), tiny.tiny_text_encoder(len(tokenizer)), tokenizer, tiny.tiny_unet())
+    """A fresh copy of the tiny base, loaded from its files as the trainer loads a base."""
+    from engine.settings import Settings
+    from training.lora import load_training_pipeline
+
+    return load_training_pipeline(Settings(profile="tiny"))
 
 
 def _style(unet: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:

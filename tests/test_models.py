@@ -87,9 +87,7 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     base = save_sd15_pipeline(sd15, root / "base")
     save_sd15_pipeline(sd15, root / "base", variant="fp16")
     sd15.controlnet.save_pretrained(str(root / "controlnet"), safe_serialization=True)
-    depth_model, depth_processor = tiny.tiny_depth()
-    depth_model.save_pretrained(str(root / "depth"))
-    depth_processor.save_pretrained(str(root / "depth"))
+    tiny.save_depth(root / "depth")
     tiny.save_captioner(root / "captioner")
     tiny.save_safety_checker(root / "safety")
     single = root / "community-model.safetensors"

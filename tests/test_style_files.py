@@ -549,7 +549,8 @@ def test_sd15_lora_with_conv_and_alpha_round_trips_through_diffusers(source: SD1
     weights = write_diffusers(state, tmp_path / "lora", metadata={"r": 4, "lora_alpha": 2})
     base_model = str(save_folder(source, tmp_path))
     exported = write_kohya_file(weights, base_model, tmp_path / "style.safetensors")
-    fresh = sd15_models().pipe
+    settings = load_settings(profile="sd15", base_model=base_model, data_dir=tmp_path / "data")
+    fresh = load_training_pipeline(settings)  # the base from its folder, as the product loads it
     fresh.load_lora_weights(str(exported), adapter_name="kohya")
     torch.testing.assert_close(forward(fresh), reference, atol=1e-4, rtol=1e-4)
 
