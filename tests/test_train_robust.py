@@ -83,6 +83,30 @@ def test_same_seed_gives_bitwise_identical_adapters_and_leaves_the_global_rng_al
     assert first != other
 
 
+INIT_DRAWN = ("lora_A", "lora.down", "hada_w1_a", "lokr_w2")  # what peft initialises at random per kind
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_the_seed_decides_the_adapters_initial_weights(kind: str, tmp_path: Path, tiny: Settings) -> None:
+    """The trainer loads its own base model here (the tiny builders seed torch's global RNG while building it):
+    the adapter's random init must still come from the run's seed, not from whatever seeded the RNG last."""
+    from safetensors.torch import load_file
+
+    dataset = load_dataset(make_folder(tmp_path / "ds"), tiny)
+    # One step at a negligible learning rate: what is saved is the initial adapter, moved by ~1e-7.
+    config = dict(adapter=kind, steps=1, learning_rate=1e-7, **QUICK)
+    runs = [
+        Trainer(tiny, dataset, "fox", TrainConfig(seed=seed, **config), tmp_path / f"r{i}").run()
+        for i, seed in enumerate((5, 5, 6))
+    ]
+    first, again, other = (load_file(str(r.weights)) for r in runs)
+    drawn = sorted(k for k in first if any(part in k for part in INIT_DRAWN))
+    assert drawn, sorted(first)
+    assert all(torch.equal(first[k], again[k]) for k in drawn)  # same seed: the same initial adapter
+    for key in drawn:  # another seed: other initial weights in every layer (not a ~1e-7 training difference)
+        assert (first[key] - other[key]).abs().mean() > 1e-2, key
+
+
 # --- images as they are ---------------------------------------------------------------------------
 def test_a_tall_image_gets_a_tall_bucket_not_a_square_crop() -> None:
     buckets = bucket_resolutions(512)
