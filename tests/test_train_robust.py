@@ -194,6 +194,61 @@ def test_presets_resolve_to_the_stated_values(tiny: Settings) -> None:
     assert (mine.learning_rate, mine.seed, mine.min_snr_gamma) == (0.5, 1, 5.0)  # options win over the preset
 
 
+def printed(out: str) -> dict[str, object]:
+    return {k: json.loads(v) for k, _, v in (line.partition(" = ") for line in out.splitlines() if " = " in line)}
+
+
+def test_print_on_a_zip_resolves_for_the_images_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Counted from the zip's names by the intake's rules (resource forks, dotfiles and the metadata are not
+    images), nothing extracted: the preset's per-epoch values follow the real count, not a default of 5."""
+    import zipfile
+
+    from tests.test_training import png
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(23):
+            zf.writestr(f"img{i}.png", png(i, (8, 8)))
+        zf.writestr("metadata.csv", "file_name,caption\n" + "".join(f"img{i}.png,a fox\n" for i in range(23)))
+        zf.writestr("__MACOSX/._img0.png", b"resource fork")
+        zf.writestr(".DS_Store", b"finder")
+        zf.writestr("notes/", b"")  # a folder entry
+    assert main(["train", str(archive), "--name", "fox", "--preset", "anime-ia3-prodigy", "--print"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "# resolved for 23 images, preset anime-ia3-prodigy"
+    values = printed(out)
+    assert (values["steps"], values["save_every"], values["holdout"]) == (300 * 23, 10 * 23, 0)
+    assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["ds.zip"]  # not extracted
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+    assert main(["train", str(tmp_path / "broken.zip"), "--name", "fox", "--print"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: broken.zip: not a readable zip file")
+
+
+def test_a_preset_size_outside_the_profile_range_is_clamped_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")  # sizes 32..256; ghibli-lora states the paper's 512 px
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    assert main(["train", "--name", "fox", "--preset", "ghibli-lora", "--print"]) == 0
+    captured = capsys.readouterr()
+    assert printed(captured.out)["resolution"] == 256
+    assert captured.err.strip().splitlines() == [
+        "preset ghibli-lora: resolution 512 is outside the tiny profile's sizes (32..256); clamped to 256"
+    ]
+    # The user's own value is never clamped, and then the preset's is not mentioned.
+    assert main(["train", "--name", "fox", "--preset", "ghibli-lora", "--resolution", "128", "--print"]) == 0
+    captured = capsys.readouterr()
+    assert printed(captured.out)["resolution"] == 128 and captured.err == ""
+    # A profile whose range holds the preset's value keeps it.
+    notes: list[str] = []
+    sd15 = load_settings(profile="sd15", data_dir=tmp_path / "sd15")
+    assert preset_config("ghibli-lora", {}, 5, sd15, notes).resolution == 512 and notes == []
+
+
 # --- every kind learns at its default learning rate ---------------------------------------------
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "ia3"])
 def test_every_kind_overfits_one_image_at_its_default_lr(kind: str, tmp_path: Path, tiny: Settings) -> None:
