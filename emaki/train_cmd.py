@@ -144,7 +144,18 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
             config=config,
         )
         print(f"dataset: {len(dataset.items)} images from {dataset.root}", file=sys.stderr)
-    bar = tqdm(desc=f"train {name}", unit="step", disable=args.quiet, file=sys.stderr)
+    # The total from the start, as the trainer will resolve it (losses arrive only every few steps, and
+    # the base model loads first: minutes without a total otherwise).
+    row = store.dataset(dataset_id)
+    total = TrainConfig.from_dict(json.loads(row["params"] or "{}")).resolved(row["n_images"], settings).steps
+    bar = tqdm(total=total, desc=f"train {name}", unit="step", disable=args.quiet, file=sys.stderr)
+
+    def on_start(step: int, steps: int) -> None:
+        """Training begins (the model loaded, the dataset encoded): the clock restarts here, so the rate is
+        the training's, and a resumed run counts from its checkpoint's step."""
+        bar.reset(total=steps)
+        bar.initial = bar.n = bar.last_print_n = step
+        bar.refresh()
 
     def on_step(progress: Any) -> None:
         bar.total = progress.total
@@ -155,7 +166,7 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
         bar.write(f"step {step}: kept {folder} (sample: {folder / 'sample.png'})", file=sys.stderr)
 
     try:
-        result = train_style(settings, store, dataset_id, on_step=on_step, on_save=on_save)
+        result = train_style(settings, store, dataset_id, on_step=on_step, on_save=on_save, on_start=on_start)
     except KeyboardInterrupt:
         bar.close()
         print(

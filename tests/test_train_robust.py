@@ -249,6 +249,23 @@ def test_a_preset_size_outside_the_profile_range_is_clamped_saying_so(
     assert preset_config("ghibli-lora", {}, 5, sd15, notes).resolution == 512 and notes == []
 
 
+def test_the_training_bar_shows_its_total_from_step_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every state the bar is drawn in, from its first (while the model loads) to its last, has the total;
+    losses reach it only every few steps, so the total must not wait for them."""
+    import re
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    folder = str(make_folder(tmp_path / "ds"))
+    assert main(["train", folder, "--name", "fox", "--steps", "3", "--rank", "4", "--resolution", "16"]) == 0
+    drawn = [s for s in re.split(r"[\r\n]", capsys.readouterr().err) if s.startswith("train fox:")]
+    assert drawn and drawn[0].startswith("train fox:   0%|") and " 0/3 " in drawn[0], drawn
+    assert all(re.search(r" [0-3]/3 ", s) for s in drawn), drawn
+    assert " 3/3 " in drawn[-1]
+
+
 # --- every kind learns at its default learning rate ---------------------------------------------
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "ia3"])
 def test_every_kind_overfits_one_image_at_its_default_lr(kind: str, tmp_path: Path, tiny: Settings) -> None:
