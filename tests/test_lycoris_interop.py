@@ -56,7 +56,7 @@ def kohya_export(kind: str, rank: int, base: Path, tmp_path: Path) -> Path:
         rank=rank,
         network_alpha=rank / 2,  # alpha != rank: the scale must survive the trip
         steps=2,
-        learning_rate=1e-2,
+        learning_rate=5e-2,
         resolution=64,
         checkpoint_every=100,
         train_text_encoder=True,
@@ -118,6 +118,15 @@ def test_lycoris_loads_every_key_of_the_export_and_changes_output_as_emaki_does(
     network.to(torch.float32)
     lycoris_output = forward(lyco_models)
 
+    # LyCORIS' generic loader (one model, its own `lycoris_` prefix) builds the same UNet modules from the layers.
+    from lycoris import create_lycoris_from_weights
+
+    unet_part = {
+        "lycoris_" + k.removeprefix("lora_unet_"): v for k, v in weights_sd.items() if k.startswith("lora_unet_")
+    }
+    generic, _ = create_lycoris_from_weights(1.0, "", sd15_models().pipe.unet, weights_sd=unet_part)
+    assert {m.lora_name for m in generic.loras} == {key.split(".", 1)[0] for key in unet_part}
+
     # emaki's own loader of the same file, on another fresh copy.
     emaki_models = sd15_models()
     base_output = forward(emaki_models)
@@ -128,5 +137,7 @@ def test_lycoris_loads_every_key_of_the_export_and_changes_output_as_emaki_does(
     _activate(list(models.values()), "style", 1.0)
     emaki_output = forward(emaki_models)
 
-    assert (emaki_output - base_output).abs().max() > 1e-4  # the style does change the output
-    torch.testing.assert_close(lycoris_output, emaki_output, atol=1e-5, rtol=1e-4)
+    assert (emaki_output - base_output).abs().max() > 1e-2  # the style changes the output, far past the tolerance
+    # Per layer LyCORIS' weight change equals peft's exactly; its forward then applies ((W + dW) - W), which
+    # rounds a small dW to W's float32 spacing: ~1e-5 here, where peft's (W x + dW x) gives ~1e-6.
+    torch.testing.assert_close(lycoris_output, emaki_output, atol=1e-4, rtol=1e-3)
