@@ -5,7 +5,8 @@ tests/sd15_layout.py, so the export carries SD1.5's real layer names, and writte
 (`training.export.write_kohya_file`). `lycoris.kohya.create_network_from_weights` then builds its modules
 from the file on a fresh copy of the models: every key of the file must be consumed (loaded into one of its
 modules: `load_state_dict` reports none unexpected, and every layer of the file found its module), and the
-network must change the text encoder + UNet output exactly as emaki's own loader of the same file does.
+network must change the text encoder + UNet output as emaki's own loader of the same file does, which in turn
+gives what the style gives as trained.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def forward(models: SD15Models) -> torch.Tensor:
         return pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
 
 
-def kohya_export(kind: str, rank: int, base: Path, tmp_path: Path) -> Path:
-    """Two training steps of `kind` at `rank` on the SD1.5-structure models, exported by the product."""
+def kohya_export(kind: str, rank: int, base: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Two training steps of `kind` at `rank` on the SD1.5-structure models: (the trained style as emaki keeps
+    it, its export by the product)."""
     settings = load_settings(profile="sd15", data_dir=tmp_path / "data", base_model=str(base))
     dataset = load_dataset(make_folder(tmp_path / "ds", n=5), settings)
     config = TrainConfig(
@@ -64,7 +66,7 @@ def kohya_export(kind: str, rank: int, base: Path, tmp_path: Path) -> Path:
     trainer = Trainer(settings, dataset, "foxstyle", config, tmp_path / "run", pipeline=sd15_models().pipe)
     result = trainer.run()
     assert result.finished and result.weights is not None
-    return write_kohya_file(result.weights, str(base), tmp_path / f"{kind}.safetensors")
+    return result.weights, write_kohya_file(result.weights, str(base), tmp_path / f"{kind}.safetensors")
 
 
 # rank 16 on these widths (32/64 channels, cross-attention 32): LoKr's factors are both full matrices on every
@@ -82,7 +84,7 @@ def test_lycoris_loads_every_key_of_the_export_and_changes_output_as_emaki_does(
 ) -> None:
     from safetensors.torch import load_file
 
-    exported = kohya_export(kind, rank, sd15_folder, tmp_path)
+    trained, exported = kohya_export(kind, rank, sd15_folder, tmp_path)
     file_keys = set(load_file(str(exported)))
     file_layers = {key.split(".", 1)[0] for key in file_keys}
     assert any(k.startswith("lora_te_") for k in file_layers) and any(k.startswith("lora_unet_") for k in file_layers)
@@ -127,16 +129,19 @@ def test_lycoris_loads_every_key_of_the_export_and_changes_output_as_emaki_does(
     generic, _ = create_lycoris_from_weights(1.0, "", sd15_models().pipe.unet, weights_sd=unet_part)
     assert {m.lora_name for m in generic.loras} == {key.split(".", 1)[0] for key in unet_part}
 
-    # emaki's own loader of the same file, on another fresh copy.
-    emaki_models = sd15_models()
-    base_output = forward(emaki_models)
-    layers = read_style(exported, base_architecture(str(sd15_folder)))
-    assert layers.kind == kind
-    models = {"unet": emaki_models.pipe.unet, "text_encoder": emaki_models.pipe.text_encoder}
-    load_into(layers, models, "style")
-    _activate(list(models.values()), "style", 1.0)
-    emaki_output = forward(emaki_models)
+    # emaki's own loader, on fresh copies: of the export, and of the style as trained (its diffusers or peft file).
+    def emaki_loaded(path: Path) -> torch.Tensor:
+        fresh = sd15_models()
+        layers = read_style(path, base_architecture(str(sd15_folder)))
+        assert layers.kind == kind
+        models = {"unet": fresh.pipe.unet, "text_encoder": fresh.pipe.text_encoder}
+        load_into(layers, models, "style")
+        _activate(list(models.values()), "style", 1.0)
+        return forward(fresh)
 
+    emaki_output = emaki_loaded(exported)
+    torch.testing.assert_close(emaki_output, emaki_loaded(trained), atol=1e-6, rtol=1e-5)  # read back identically
+    base_output = forward(sd15_models())
     assert (emaki_output - base_output).abs().max() > 1e-2  # the style changes the output, far past the tolerance
     # Per layer LyCORIS' weight change equals peft's exactly; its forward then applies ((W + dW) - W), which
     # rounds a small dW to W's float32 spacing: ~1e-5 here, where peft's (W x + dW x) gives ~1e-6.
