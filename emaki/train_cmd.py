@@ -58,31 +58,34 @@ TRAIN_OPTIONS: dict[str, str] = {
 }
 
 
-def _requested_config(args: argparse.Namespace, n_images: int) -> Any:
+def _requested_config(args: argparse.Namespace, n_images: int, settings: Any) -> Any:
+    """The preset's values (its sizes clamped to the profile's range, saying so on stderr), the options on top."""
     from training.presets import preset_config
 
     given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()}
-    return preset_config(args.preset or "", {k: v for k, v in given.items() if v is not None}, n_images)
-
-
-def _count_images(source: Path, fallback: int) -> int:
-    from training.dataset import IMAGE_SUFFIXES
-
-    if source.is_dir():
-        return sum(1 for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) or fallback
-    return fallback
+    notes: list[str] = []
+    config = preset_config(
+        args.preset or "", {k: v for k, v in given.items() if v is not None}, n_images, settings, notes
+    )
+    for note in notes:
+        print(note, file=sys.stderr)
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.dataset import STYLE_NAME
+    from training.dataset import STYLE_NAME, count_images
 
     settings = settings_from_args(args)
     name = (args.name or "").strip().lower()
     if not STYLE_NAME.match(name):
         raise InvalidRequest(f"style name '{name}' must be 1-32 characters of a-z, 0-9, '-' or '_'")
     source = Path(args.dataset) if args.dataset else None
-    n_images = _count_images(source, settings.min_dataset_images) if source else settings.min_dataset_images
-    config = _requested_config(args, n_images)
+    if source is not None and not source.exists():  # before the store: a refused start writes nothing
+        raise InvalidRequest(f"dataset {source} does not exist (a .zip, or a folder of images with metadata.csv)")
+    # The dataset's own count (a zip's from its names: nothing extracted yet): presets resolve per-epoch values
+    # by it. Without a dataset (--print alone), the smallest one that trains.
+    n_images = count_images(source) if source is not None else settings.min_dataset_images
+    config = _requested_config(args, n_images, settings)
     resolved = config.resolved(n_images, settings)  # refuses bad values before any work
     if args.print:
         print(f"# resolved for {n_images} images" + (f", preset {args.preset}" if args.preset else ""))
@@ -101,8 +104,6 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
     from training.lora import TrainConfig, kept_saves
     from training.service import prepare_dataset, style_dir, train_style
 
-    if not source.exists():  # before the store: a refused start writes nothing, not even a database
-        raise InvalidRequest(f"dataset {source} does not exist (a .zip, or a folder of images with metadata.csv)")
     store = open_store(settings.data_dir)
     if store.style(name) is not None:
         raise InvalidRequest(f"a style named '{name}' already exists: choose another name")
@@ -143,7 +144,18 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
             config=config,
         )
         print(f"dataset: {len(dataset.items)} images from {dataset.root}", file=sys.stderr)
-    bar = tqdm(desc=f"train {name}", unit="step", disable=args.quiet, file=sys.stderr)
+    # The total from the start, as the trainer will resolve it (losses arrive only every few steps, and
+    # the base model loads first: minutes without a total otherwise).
+    row = store.dataset(dataset_id)
+    total = TrainConfig.from_dict(json.loads(row["params"] or "{}")).resolved(row["n_images"], settings).steps
+    bar = tqdm(total=total, desc=f"train {name}", unit="step", disable=args.quiet, file=sys.stderr)
+
+    def on_start(step: int, steps: int) -> None:
+        """Training begins (the model loaded, the dataset encoded): the clock restarts here, so the rate is
+        the training's, and a resumed run counts from its checkpoint's step."""
+        bar.reset(total=steps)
+        bar.initial = bar.n = bar.last_print_n = step
+        bar.refresh()
 
     def on_step(progress: Any) -> None:
         bar.total = progress.total
@@ -154,7 +166,7 @@ def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, con
         bar.write(f"step {step}: kept {folder} (sample: {folder / 'sample.png'})", file=sys.stderr)
 
     try:
-        result = train_style(settings, store, dataset_id, on_step=on_step, on_save=on_save)
+        result = train_style(settings, store, dataset_id, on_step=on_step, on_save=on_save, on_start=on_start)
     except KeyboardInterrupt:
         bar.close()
         print(

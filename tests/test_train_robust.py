@@ -83,6 +83,30 @@ def test_same_seed_gives_bitwise_identical_adapters_and_leaves_the_global_rng_al
     assert first != other
 
 
+INIT_DRAWN = ("lora_A", "lora.down", "hada_w1_a", "lokr_w2")  # what peft initialises at random per kind
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_the_seed_decides_the_adapters_initial_weights(kind: str, tmp_path: Path, tiny: Settings) -> None:
+    """The trainer loads its own base model here (the tiny builders seed torch's global RNG while building it):
+    the adapter's random init must still come from the run's seed, not from whatever seeded the RNG last."""
+    from safetensors.torch import load_file
+
+    dataset = load_dataset(make_folder(tmp_path / "ds"), tiny)
+    # One step at a negligible learning rate: what is saved is the initial adapter, moved by ~1e-7.
+    config = dict(adapter=kind, steps=1, learning_rate=1e-7, **QUICK)
+    runs = [
+        Trainer(tiny, dataset, "fox", TrainConfig(seed=seed, **config), tmp_path / f"r{i}").run()
+        for i, seed in enumerate((5, 5, 6))
+    ]
+    first, again, other = (load_file(str(r.weights)) for r in runs)
+    drawn = sorted(k for k in first if any(part in k for part in INIT_DRAWN))
+    assert drawn, sorted(first)
+    assert all(torch.equal(first[k], again[k]) for k in drawn)  # same seed: the same initial adapter
+    for key in drawn:  # another seed: other initial weights in every layer (not a ~1e-7 training difference)
+        assert (first[key] - other[key]).abs().mean() > 1e-2, key
+
+
 # --- images as they are ---------------------------------------------------------------------------
 def test_a_tall_image_gets_a_tall_bucket_not_a_square_crop() -> None:
     buckets = bucket_resolutions(512)
@@ -168,6 +192,78 @@ def test_presets_resolve_to_the_stated_values(tiny: Settings) -> None:
     assert not ghibli.train_text_encoder and not ghibli.flip
     mine = preset_config("anime-ia3-prodigy", {"learning_rate": 0.5, "seed": 1}, n_images=28)
     assert (mine.learning_rate, mine.seed, mine.min_snr_gamma) == (0.5, 1, 5.0)  # options win over the preset
+
+
+def printed(out: str) -> dict[str, object]:
+    return {k: json.loads(v) for k, _, v in (line.partition(" = ") for line in out.splitlines() if " = " in line)}
+
+
+def test_print_on_a_zip_resolves_for_the_images_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Counted from the zip's names by the intake's rules (resource forks, dotfiles and the metadata are not
+    images), nothing extracted: the preset's per-epoch values follow the real count, not a default of 5."""
+    import zipfile
+
+    from tests.test_training import png
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(23):
+            zf.writestr(f"img{i}.png", png(i, (8, 8)))
+        zf.writestr("metadata.csv", "file_name,caption\n" + "".join(f"img{i}.png,a fox\n" for i in range(23)))
+        zf.writestr("__MACOSX/._img0.png", b"resource fork")
+        zf.writestr(".DS_Store", b"finder")
+        zf.writestr("notes/", b"")  # a folder entry
+    assert main(["train", str(archive), "--name", "fox", "--preset", "anime-ia3-prodigy", "--print"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "# resolved for 23 images, preset anime-ia3-prodigy"
+    values = printed(out)
+    assert (values["steps"], values["save_every"], values["holdout"]) == (300 * 23, 10 * 23, 0)
+    assert not (tmp_path / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["ds.zip"]  # not extracted
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
+    assert main(["train", str(tmp_path / "broken.zip"), "--name", "fox", "--print"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: broken.zip: not a readable zip file")
+
+
+def test_a_preset_size_outside_the_profile_range_is_clamped_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")  # sizes 32..256; ghibli-lora states the paper's 512 px
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    assert main(["train", "--name", "fox", "--preset", "ghibli-lora", "--print"]) == 0
+    captured = capsys.readouterr()
+    assert printed(captured.out)["resolution"] == 256
+    assert captured.err.strip().splitlines() == [
+        "preset ghibli-lora: resolution 512 is outside the tiny profile's sizes (32..256); clamped to 256"
+    ]
+    # The user's own value is never clamped, and then the preset's is not mentioned.
+    assert main(["train", "--name", "fox", "--preset", "ghibli-lora", "--resolution", "128", "--print"]) == 0
+    captured = capsys.readouterr()
+    assert printed(captured.out)["resolution"] == 128 and captured.err == ""
+    # A profile whose range holds the preset's value keeps it.
+    notes: list[str] = []
+    sd15 = load_settings(profile="sd15", data_dir=tmp_path / "sd15")
+    assert preset_config("ghibli-lora", {}, 5, sd15, notes).resolution == 512 and notes == []
+
+
+def test_the_training_bar_shows_its_total_from_step_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every state the bar is drawn in, from its first (while the model loads) to its last, has the total;
+    losses reach it only every few steps, so the total must not wait for them."""
+    import re
+
+    monkeypatch.setenv("EMAKI_PROFILE", "tiny")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    folder = str(make_folder(tmp_path / "ds"))
+    assert main(["train", folder, "--name", "fox", "--steps", "3", "--rank", "4", "--resolution", "16"]) == 0
+    drawn = [s for s in re.split(r"[\r\n]", capsys.readouterr().err) if s.startswith("train fox:")]
+    assert drawn and drawn[0].startswith("train fox:   0%|") and " 0/3 " in drawn[0], drawn
+    assert all(re.search(r" [0-3]/3 ", s) for s in drawn), drawn
+    assert " 3/3 " in drawn[-1]
 
 
 # --- every kind learns at its default learning rate ---------------------------------------------

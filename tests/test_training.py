@@ -170,13 +170,17 @@ def test_each_adapter_trains_into_a_style_that_changes_output(adapter, optimizer
 def test_interrupted_training_resumes_from_checkpoint(tmp_path: Path, tiny: Settings) -> None:
     dataset = load_dataset(make_folder(tmp_path / "ds"), tiny)
     whole = Trainer(tiny, dataset, "fox", TrainConfig(**FAST), tmp_path / "whole").run()
-    first = Trainer(tiny, dataset, "fox", TrainConfig(**FAST), tmp_path / "split").run(should_yield=lambda: True)
+    starts: list[tuple[int, int]] = []  # (step, total) before the first step: where a progress bar begins
+    first = Trainer(tiny, dataset, "fox", TrainConfig(**FAST), tmp_path / "split").run(
+        should_yield=lambda: True, on_start=lambda step, total: starts.append((step, total))
+    )
     assert not first.finished and first.step == 3 and (tmp_path / "split" / "checkpoint.pt").exists()
     seen: list[int] = []
     second = Trainer(tiny, dataset, "fox", TrainConfig(**FAST), tmp_path / "split").run(
-        on_step=lambda p: seen.append(p.step)
+        on_step=lambda p: seen.append(p.step), on_start=lambda step, total: starts.append((step, total))
     )
     assert second.finished and seen == [4, 5, 6]  # continued, not restarted
+    assert starts == [(0, 6), (3, 6)]
     assert np.allclose(second.losses, whole.losses, atol=1e-5)  # same data order, noise and updates
     from safetensors.torch import load_file
 

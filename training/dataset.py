@@ -73,6 +73,31 @@ def check_style_name(name: str, store: Store) -> str:
     return name
 
 
+def _skipped(rel: str) -> bool:
+    """Files the intake passes over: macOS resource forks, dotfiles, and the metadata itself."""
+    return bool(IGNORED.search(rel)) or rel in METADATA_NAMES
+
+
+def _is_image_name(rel: str) -> bool:
+    return not _skipped(rel) and PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES
+
+
+def count_images(source: Path) -> int:
+    """How many images the intake would take from a zip or folder, by its rules (what is skipped, which
+    suffixes are images), from names alone: nothing is extracted or decoded. For resolving a config before
+    the dataset is opened (`emaki train --print`, a preset's per-epoch values); `open_dataset` still checks
+    everything."""
+    if source.is_dir():
+        return sum(
+            1 for path in source.rglob("*") if path.is_file() and _is_image_name(path.relative_to(source).as_posix())
+        )
+    try:
+        with zipfile.ZipFile(source) as archive:
+            return sum(1 for info in archive.infolist() if not info.is_dir() and _is_image_name(info.filename))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{source.name}: not a readable zip file ({exc})") from exc
+
+
 # --- zip ------------------------------------------------------------------------------------
 def _safe_member_path(info: zipfile.ZipInfo) -> PurePosixPath:
     name = info.filename
@@ -191,7 +216,7 @@ def load_dataset(root: Path, settings: Settings, captioner: object | None = None
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             raise DatasetError(f"{rel}: links are not allowed in a dataset")
-        if path.is_dir() or IGNORED.search(rel) or rel in METADATA_NAMES:
+        if path.is_dir() or _skipped(rel):
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise DatasetError(f"{rel}: not an image (allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -5,8 +5,11 @@ Names: `lora_unet_<layer>` / `lora_te_<layer>`, the diffusers layer name with ev
 `model_lora_keys_unet` / `model_lora_keys_clip` map for SD1.5). Per kind:
 - LoRA: `.lora_down.weight`, `.lora_up.weight`, `.alpha` (alpha / rank is the layer's scale);
 - LoHa (LyCORIS): `.hada_w1_a/.hada_w1_b/.hada_w2_a/.hada_w2_b`, `.alpha`;
-- LoKr (LyCORIS): `.lokr_w1` or `.lokr_w1_a/_b`, `.lokr_w2` or `.lokr_w2_a/_b`, `.alpha` where a factor is
-  low-rank (readers apply alpha / rank only then; with both factors full the scale is folded into `lokr_w1`);
+- LoKr (LyCORIS): `.lokr_w1` or `.lokr_w1_a/_b`, `.lokr_w2` or `.lokr_w2_a/_b`, `.alpha`. Readers apply
+  alpha / rank only where a factor is low-rank; with both factors full they apply no scale (A1111, ComfyUI, and
+  LyCORIS, which forces alpha = its dim of 1), so the scale is folded into `lokr_w1` and `.alpha` is 1. It is
+  written all the same: LyCORIS' own loaders (`create_lycoris_from_weights`, `kohya.create_network_from_weights`)
+  call `float(alpha)` on every layer and crash on a layer without it;
 - IA3 (LyCORIS/A1111): `.weight` = factor - 1 and `.on_input` (A1111 adds weight * w to the weight; peft
   keeps the factor itself).
 """
@@ -47,6 +50,7 @@ def kohya_state_dict(layers: StyleLayers) -> dict[str, torch.Tensor]:
                 low_rank = p.get("lokr_w2_b", p.get("lokr_w1_b"))
                 if low_rank is None:  # both factors full: readers apply no alpha, so fold the scale in
                     p["lokr_w1"] = p["lokr_w1"] * weights.scale
+                    out[f"{key}.alpha"] = torch.tensor(1.0)  # what LyCORIS itself keeps for such a layer
                 else:
                     out[f"{key}.alpha"] = torch.tensor(weights.scale * low_rank.shape[0])
                 out.update({f"{key}.{param}": tensor for param, tensor in p.items()})

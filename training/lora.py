@@ -397,18 +397,28 @@ class Trainer:
         on_checkpoint: Callable[[int, Image.Image], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         on_save: Callable[[int, Path], None] | None = None,
+        on_start: Callable[[int, int], None] | None = None,
     ) -> TrainResult:
         """Train to the end, or until `should_yield` says so at a checkpoint (the result is then
-        unfinished and a later run resumes). `on_step` receives every step's loss (in bursts, at
-        log steps: reading a loss back from the GPU every step would stall it); `on_checkpoint` a
+        unfinished and a later run resumes). `on_start` receives (step, total steps) once, before the
+        first step: 0, or the step a checkpoint resumes from; `on_step` every step's loss (in bursts,
+        at log steps: reading a loss back from the GPU every step would stall it); `on_checkpoint` a
         sample rendered with the adapter so far; `on_save` each kept save's folder; `should_stop`
         (checked every step) cancels with JobCancelled. Raises TrainingDiverged, saving nothing."""
         devices = [self.device] if self.device.type == "cuda" else []
-        # The global RNG (adapter init, dropout) is seeded inside and restored after: the caller's
-        # random state is neither used nor disturbed.
+        # The global RNG (adapter init, dropout) is seeded inside (see `_seed_global_rng`) and restored
+        # after: the caller's random state is neither used nor disturbed.
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(self.config.seed)
-            return self._run(on_step, should_yield, on_checkpoint, should_stop, on_save)
+            return self._run(on_step, should_yield, on_checkpoint, should_stop, on_save, on_start)
+
+    def _seed_global_rng(self) -> None:
+        """Seed torch's global RNG, which peft's adapter init and dropout draw from, just before the adapters
+        are made. Not earlier: loading the base model may reseed it (the tiny builders seed their weights) or
+        draw from it (random init of weights the checkpoint then replaces), and either would make the initial
+        adapter the same for every seed. Its own stream ([seed, 3]), apart from the noise generator's (seed):
+        the same seed for both would draw the init and the first noise from one sequence."""
+        seed = int(np.random.SeedSequence([self.config.seed, 3]).generate_state(1, dtype=np.uint64)[0])
+        torch.manual_seed(seed)
 
     def _run(
         self,
@@ -417,6 +427,7 @@ class Trainer:
         on_checkpoint: Callable[[int, Image.Image], None] | None,
         should_stop: Callable[[], bool],
         on_save: Callable[[int, Path], None] | None,
+        on_start: Callable[[int, int], None] | None = None,
     ) -> TrainResult:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
@@ -434,6 +445,7 @@ class Trainer:
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
         pipe.vae.requires_grad_(False)
+        self._seed_global_rng()
         unet.add_adapter(adapter_config(cfg.adapter, cfg), adapter_name="style")
         trained_text = text_encoder if cfg.train_text_encoder else None
         if trained_text is not None:
@@ -536,6 +548,8 @@ class Trainer:
         if trained_text is not None:
             trained_text.train()
         sample: tuple[int, Image.Image] | None = None
+        if on_start is not None:
+            on_start(step, cfg.steps)
         while step < cfg.steps:
             if should_stop():
                 raise JobCancelled("cancelled")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from engine.settings import Settings
     from training.lora import TrainConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -79,13 +80,47 @@ PRESETS: dict[str, dict[str, Any]] = {
 SAVE_EVERY_EPOCHS = {"anime-ia3-prodigy": 10}
 
 
-def preset_config(name: str, overrides: dict[str, Any], n_images: int) -> TrainConfig:
-    """The preset's values, then `overrides` (only what the user actually gave) on top."""
+# Preset values that are image sizes: a preset states the paper's (512 px), which a profile may not allow.
+SIZE_VALUES = ("resolution",)
+
+
+def clamped_to_profile(name: str, values: dict[str, Any], settings: Settings) -> list[str]:
+    """Clamp the preset's size values in `values` to the profile's size range (`min_size`..`max_size`), in
+    place; one line per value clamped, naming the preset, the value and the range."""
+    notes = []
+    for key in SIZE_VALUES:
+        value = values.get(key)
+        if not value:  # 0: the profile's own size, always in range
+            continue
+        clamped = min(max(int(value), settings.min_size), settings.max_size)
+        if clamped != value:
+            values[key] = clamped
+            notes.append(
+                f"preset {name}: {key} {value} is outside the {settings.profile} profile's sizes "
+                f"({settings.min_size}..{settings.max_size}); clamped to {clamped}"
+            )
+    return notes
+
+
+def preset_config(
+    name: str,
+    overrides: dict[str, Any],
+    n_images: int,
+    settings: Settings | None = None,
+    notes: list[str] | None = None,
+) -> TrainConfig:
+    """The preset's values, then `overrides` (only what the user actually gave) on top. With `settings`, the
+    preset's sizes are clamped to the profile's range (an override is the user's own: never clamped), and a
+    line saying so is appended to `notes` for each."""
     from training.lora import TrainConfig  # torch and diffusers: only when a config is built
 
     if name and name not in PRESETS:
         raise InvalidRequest(f"unknown preset '{name}': use {', '.join(PRESETS)}")
-    values = dict(PRESETS.get(name, {}))
+    values = {k: v for k, v in PRESETS.get(name, {}).items() if k not in overrides}
+    if settings is not None:
+        said = clamped_to_profile(name, values, settings)
+        if notes is not None:
+            notes.extend(said)
     if name in SAVE_EVERY_EPOCHS:
         batch = int(overrides.get("batch_size", values.get("batch_size", 1)))
         values["save_every"] = SAVE_EVERY_EPOCHS[name] * max(1, -(-n_images // batch))

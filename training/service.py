@@ -99,6 +99,7 @@ def train_style(
     should_stop: Callable[[], bool] = lambda: False,
     on_save: Callable[[int, Path], None] | None = None,
     renderers: Any = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) a dataset's style; when it finishes, register the style with the values it
     was trained with. A run that diverges registers nothing and marks the dataset `failed`, which
@@ -113,7 +114,13 @@ def train_style(
     if store.style(name) is not None:
         raise DatasetError(f"a style named '{name}' already exists")
     config = TrainConfig.from_dict(json.loads(row["params"] or "{}"))
-    callbacks = dict(on_step=on_step, should_yield=should_yield, on_checkpoint=on_checkpoint, should_stop=should_stop)
+    callbacks = dict(
+        on_step=on_step,
+        should_yield=should_yield,
+        on_checkpoint=on_checkpoint,
+        should_stop=should_stop,
+        on_start=on_start,
+    )
     try:
         if renderers is not None and renderers.remote:
             result, config, heldout = _train_remote(settings, renderers, row, config, on_save=on_save, **callbacks)
@@ -168,6 +175,7 @@ def _train_remote(
     on_checkpoint: Callable[[int, Image.Image], None] | None,
     should_stop: Callable[[], bool],
     on_save: Callable[[int, Path], None] | None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> tuple[TrainResult, TrainConfig, list[str]]:
     """The coordinator's half of a training on a worker: ship the dataset (and a paused run's folder)
     by content hash, relay the worker's events to the callbacks, raise the yield/stop flags it asks
@@ -194,7 +202,9 @@ def _train_remote(
 
     saves: list[int] = []
     for kind, *data in renderers.run_task(train_on_worker, request, flags):
-        if kind == "step" and on_step is not None:
+        if kind == "start" and on_start is not None:
+            on_start(data[0], data[1])
+        elif kind == "step" and on_step is not None:
             on_step(data[0])
         elif kind == "checkpoint" and on_checkpoint is not None:
             on_checkpoint(data[0], png_decode(data[1]))
@@ -239,6 +249,7 @@ def train_on_worker(settings: Settings, cache: Any, request: RemoteTraining, fla
                 on_checkpoint=lambda step, image: emit(("checkpoint", step, png_encode(image))),
                 should_stop=lambda: closed() or flagged("stop"),
                 on_save=lambda step, folder: emit(("save", step)),
+                on_start=lambda step, total: emit(("start", step, total)),
             )
             weights = result.weights.relative_to(run_dir).as_posix() if result.weights else None
             heldout = [path.relative_to(dataset.root).as_posix() for path in trainer.heldout]
