@@ -48,7 +48,11 @@ class ModelSpec:
 
 
 # Roles of models that only one feature needs: a missing one turns that feature off, not the product.
-OPTIONAL_ROLES = {"captioner_model": "--autocaption", "llm_model": "the transformers story backend"}
+OPTIONAL_ROLES = {
+    "captioner_model": "--autocaption",
+    "llm_model": "the transformers story backend",
+    "clip_model": "the CLIP score of a trained style",
+}
 
 
 def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
@@ -61,6 +65,7 @@ def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
         ModelSpec("depth estimator", "depth_model", s.depth_model, pipeline=False, half=False),
         safety_spec(s),
         captioner_spec(s),
+        clip_spec(s),
     ]
     if s.story_backend == "transformers":
         specs.append(llm_spec(s))
@@ -75,6 +80,10 @@ def safety_spec(s: Settings) -> ModelSpec:
 
 def captioner_spec(s: Settings) -> ModelSpec:
     return ModelSpec("captioner (--autocaption)", "captioner_model", s.captioner_model, pipeline=False, half=False)
+
+
+def clip_spec(s: Settings) -> ModelSpec:
+    return ModelSpec("CLIP (style evaluation)", "clip_model", s.clip_model, pipeline=False, half=False)
 
 
 def llm_spec(s: Settings) -> ModelSpec:

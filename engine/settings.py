@@ -25,6 +25,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "llm_model": "mistralai/Mistral-7B-Instruct-v0.3",
         "captioner_model": "Salesforce/blip-image-captioning-large",
         "safety_model": "CompVis/stable-diffusion-safety-checker",
+        "clip_model": "openai/clip-vit-large-patch14",
         "width": 512,
         "height": 512,
         "min_size": 256,
@@ -39,6 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "llm_model": "tiny",
         "captioner_model": "tiny",
         "safety_model": "tiny",
+        "clip_model": "tiny",
         "width": 64,
         "height": 64,
         "min_size": 32,
@@ -167,6 +169,8 @@ class Settings:
     safety_cli: bool = False  # screen frames of jobs started from the command line too
     # The safety checker (diffusers' StableDiffusionSafetyChecker with its CLIP image processor): hub id or folder.
     safety_model: str = ""
+    # The CLIP model of the CLIP score a trained style is evaluated with (hub id or folder); optional.
+    clip_model: str = ""
     # `tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never flags
     # and -2 flags every frame; tests place it).
     safety_tiny_threshold: float = setting(2.0, Rule(-2, 2))

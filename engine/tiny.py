@@ -214,6 +214,16 @@ def save_safety_checker(folder: Path) -> None:
     tiny_clip_image_processor().save_pretrained(str(folder))
 
 
+def save_clip(folder: Path) -> None:
+    """A seeded random CLIP with the tiny tokenizer: the CLIP score's code runs offline, its number means nothing."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    torch.manual_seed(WEIGHT_SEED)
+    tokenizer = tiny_tokenizer()
+    CLIPModel(tiny_clip_config(len(tokenizer))).eval().save_pretrained(str(folder), safe_serialization=True)
+    CLIPProcessor(image_processor=tiny_clip_image_processor(), tokenizer=tokenizer).save_pretrained(str(folder))
+
+
 CAPTION_WORDS = (
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "in", "on", "with", "fox", "cat",
     "forest", "meadow", "sky", "house", "red", "green", "painting", "photo", "little", "girl",

@@ -36,6 +36,7 @@ REPOS: dict[str, str] = {
     "captioner_model": f"{ORG}/blip",
     "motion_adapter": f"{ORG}/animatediff",
     "llm_model": f"{ORG}/llm",
+    "clip_model": f"{ORG}/clip",
 }
 
 
@@ -50,6 +51,7 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         f"{ORG}/blip": tiny.save_captioner,
         f"{ORG}/animatediff": tiny.save_motion_adapter,
         f"{ORG}/llm": tiny.save_llm,
+        f"{ORG}/clip": tiny.save_clip,
     }
 
 

@@ -90,6 +90,7 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     tiny.save_depth(root / "depth")
     tiny.save_captioner(root / "captioner")
     tiny.save_safety_checker(root / "safety")
+    tiny.save_clip(root / "clip")
     single = root / "community-model.safetensors"
     checkpoint = ldm_checkpoint(sd15)
     save_file(checkpoint, str(single))
@@ -107,6 +108,7 @@ def local_models(hub: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[
     monkeypatch.setenv("EMAKI_DEPTH_MODEL", str(hub["root"] / "depth"))
     monkeypatch.setenv("EMAKI_CAPTIONER_MODEL", str(hub["root"] / "captioner"))
     monkeypatch.setenv("EMAKI_SAFETY_MODEL", str(hub["root"] / "safety"))
+    monkeypatch.setenv("EMAKI_CLIP_MODEL", str(hub["root"] / "clip"))
     return hub
 
 
@@ -306,7 +308,7 @@ def test_doctor_on_the_tiny_profile_reports_the_built_in_models(capsys: pytest.C
     assert main(["doctor", "--profile", "tiny"]) == 0
     out = capsys.readouterr().out
     # Every model the profile can load, each a repo on disk in emaki's tiny cache, found by the user's path.
-    assert out.count("ready,") == 5 and out.count("random weights in emaki's tiny cache") == 5
+    assert out.count("ready,") == 6 and out.count("random weights in emaki's tiny cache") == 6
     assert "NOT READY" not in out and "fits     yes" in out
 
 
@@ -327,7 +329,7 @@ def test_models_check_and_pull_include_the_motion_adapter_when_one_is_configured
     line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
     assert "ready," in line and "NOT READY" not in line
     assert main(["models", "pull", "--device", "cpu"]) == 0
-    assert capsys.readouterr().err.count("is local, nothing to download") == 6
+    assert capsys.readouterr().err.count("is local, nothing to download") == 7
 
 
 def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
@@ -336,7 +338,7 @@ def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
     assert main(["models", "pull", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert err.count("is local, nothing to download") == 5 and "verified" in err
+    assert err.count("is local, nothing to download") == 6 and "verified" in err
     monkeypatch.delenv("EMAKI_BASE_MODEL")  # the profile's hub repo again, with HF_HUB_OFFLINE=1 (conftest)
     assert main(["models", "pull"]) == 2
     err = capsys.readouterr().err.strip()

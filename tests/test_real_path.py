@@ -79,10 +79,12 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> SimpleNam
         "depth_model": saved / "depth",
         "safety_model": saved / "safety",
         "captioner_model": saved / "captioner",
+        "clip_model": saved / "clip",
     }
     tiny.save_depth(folders["depth_model"])
     tiny.save_safety_checker(folders["safety_model"])
     tiny.save_captioner(folders["captioner_model"])
+    tiny.save_clip(folders["clip_model"])
     cache = root / "hub"
     for setting, folder in folders.items():
         put_in_hub_cache(folder, cache, SD15[setting])
@@ -125,7 +127,7 @@ def test_check_animate_train_and_styles_add_with_the_network_blocked(hub: Simple
     data = tmp_path / "data"
     check = emaki(hub, data, "models", "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count("ready,") == 5 and "NOT READY" not in check.stdout
+    assert check.stdout.count("ready,") == 6 and "NOT READY" not in check.stdout
     assert "safety checker (screening)" in check.stdout and SD15["safety_model"] in check.stdout
 
     # animate, with every frame screened by the checker loaded from the cache
@@ -154,16 +156,19 @@ def test_check_animate_train_and_styles_add_with_the_network_blocked(hub: Simple
     assert not hub.log.exists(), hub.log.read_text()  # not one connection or name lookup was attempted
 
 
-@pytest.mark.parametrize("adapter", ["lora", "loha"])
+@pytest.mark.parametrize("adapter", ["lora", "loha", "ia3"])
 def test_train_on_a_diffusers_folder_and_a_single_file_base(
     hub: SimpleNamespace, tmp_path: Path, adapter: str
 ) -> None:
-    """The base as a plain folder (lora) or as one original-layout file (loha) instead of a hub id."""
+    """The base as a plain folder (lora), as one original-layout file (loha), or the hub id again (ia3):
+    with lokr above, every adapter kind on a real-structure base."""
     data = tmp_path / "data"
     if adapter == "lora":
         base = {"EMAKI_BASE_MODEL": str(hub.base_folder)}
-    else:
+    elif adapter == "loha":
         base = {"EMAKI_BASE_MODEL": str(hub.single), "EMAKI_BASE_MODEL_CONFIG": str(hub.base_folder)}
+    else:
+        base = {}
     args = ["train", str(dataset(tmp_path / "ds")), "--name", "owl", "--adapter", adapter, *TRAIN]
     trained = emaki(hub, data, *args, **base)
     assert trained.returncode == 0, trained.stderr
@@ -203,6 +208,28 @@ async def test_a_bot_job_on_cached_sd15_models_is_screened_and_posted(world) -> 
     job = env.bot.store.job(1)
     assert job["screen"] == 1 and job["status"] == "done", job["error"]
     assert len(results(channel)) == 1
+
+
+@pytest.mark.simcord(settle_timeout=600)
+async def test_train_in_discord_on_cached_sd15_models(world, bot_settings: Settings) -> None:
+    """/train on a real-structure base: the dataset is approved, trained, registered and usable."""
+    env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
+    bot_settings.eval_samples = 2
+    answer = await alice.slash(channel, "train", name="Heron", dataset=("h.zip", base.dataset_zip_bytes()), steps=2)
+    assert answer.ephemeral and "received: 6 images" in answer.response.content + "".join(
+        f.content for f in answer.followups
+    )
+    await mod.react(channel.last_message, "✅")
+    store = env.bot.store
+    [job] = store.jobs_where("kind = 'train'", [])
+    assert job["status"] == "done", job["error"]
+    style = store.style("heron")
+    assert style is not None and Path(style["path"]).is_file()
+    ready = channel.last_message.content
+    # FID/KID's Inception weights are not on this disk: said, not downloaded; the style is ready all the same
+    assert "the style **heron** is ready" in ready and "not evaluated" in ready and "Inception" in ready
+    await alice.slash(channel, "animate", prompt="a heron lands", style="heron", frames=1, seed=4)
+    assert store.job(2)["status"] == "done"
 
 
 def test_the_check_says_what_to_run_when_the_safety_checker_is_missing(hub: SimpleNamespace, tmp_path: Path) -> None:

@@ -422,9 +422,13 @@ def test_kid_subsets_are_seeded_and_match_a_numpy_reference() -> None:
 
 
 def test_clip_score_matches_its_definition() -> None:
-    from training.evaluate import clip_score, tiny_clip
+    from engine.settings import Settings
+    from training.evaluate import clip_score
+    from training.service import _clip_model
 
-    model, processor = tiny_clip()
+    found = _clip_model(Settings(profile="tiny"))  # the tiny CLIP, from its files in the tiny cache
+    assert found is not None
+    _, model, processor = found
     rng = np.random.default_rng(4)
     images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
     captions = ["a fox", "a meadow at dusk", "an owl"]

@@ -9,6 +9,7 @@ so it is the figure to compare styles by. The report says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,20 @@ def to_uint8_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+# What torch-fidelity (torchmetrics' Inception) would download on first use, into torch's hub folder.
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def inception_weights_on_disk() -> None:
+    """Run time never downloads: the Inception weights must already be in torch's hub folder."""
+    where = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    if not where.is_file():
+        raise InvalidRequest(
+            f"FID/KID with the standard Inception features needs torch-fidelity (pip install \"emaki[eval]\") and "
+            f"its weights at {where}, which are not there; nothing is downloaded while the bot runs"
+        )
+
+
 def fid_kid(
     real: Sequence[Image.Image],
     generated: Sequence[Image.Image],
@@ -57,6 +72,8 @@ def fid_kid(
 
     if len(real) < 2 or len(generated) < 2:
         raise InvalidRequest("FID and KID need at least 2 real and 2 generated images")
+    if isinstance(feature, int):
+        inception_weights_on_disk()
     try:
         fid = FrechetInceptionDistance(feature=feature)
         subset = min(len(real), len(generated))
@@ -94,22 +111,6 @@ def clip_score(images: Sequence[Image.Image], captions: Sequence[str], model: An
         text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
         cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
         return float((100 * cosine).clamp(min=0).mean())
-
-
-def tiny_clip() -> tuple[Any, Any]:
-    """A seeded random CLIP with the tiny profile's tokenizer: the CLIP score's code runs offline,
-    but its numbers mean nothing (say so wherever they are shown)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from engine.tiny import tiny_clip_config, tiny_clip_image_processor, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    config = tiny_clip_config(len(tokenizer))
-    image_processor = tiny_clip_image_processor()
-    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
-        torch.manual_seed(0)
-        model = CLIPModel(config).eval()
-    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def temporal_ssim(frames: Sequence[Image.Image]) -> float:

@@ -22,7 +22,7 @@ from engine.params import build_params
 from engine.settings import Settings
 from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
-from training.evaluate import TinyFeatures, clip_score, fid_kid, temporal_ssim, tiny_clip
+from training.evaluate import TinyFeatures, clip_score, fid_kid, temporal_ssim
 from training.export import export_trained_style
 from training.images import load_upright_rgb
 from training.lora import (
@@ -423,17 +423,20 @@ def evaluate_style(
     return metrics
 
 
-CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP score's usual model
-
-
 def _clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
-    """(label, model, processor), or None where no CLIP model can be had (offline, not cached)."""
-    if settings.is_tiny:
-        return ("tiny-random-clip (random weights: the number means nothing)", *tiny_clip())
+    """(label, model, processor) of `clip_model` from disk, or None when it is not there (the other figures
+    stand without it; `emaki models pull` fetches it). Never downloads."""
     from transformers import CLIPModel, CLIPProcessor
 
+    from engine.errors import ModelLoadError
+    from engine.model_files import clip_spec
+    from engine.models import _load
+
+    spec = clip_spec(settings)
     try:
-        return CLIP_MODEL, CLIPModel.from_pretrained(CLIP_MODEL).eval(), CLIPProcessor.from_pretrained(CLIP_MODEL)
-    except (OSError, ValueError) as exc:  # offline or not cached: the other figures stand without it
-        log.warning("no CLIP score: %s cannot be loaded (%s)", CLIP_MODEL, type(exc).__name__)
+        model, processor = _load(spec, CLIPModel.from_pretrained).eval(), _load(spec, CLIPProcessor.from_pretrained)
+    except ModelLoadError as exc:
+        log.warning("no CLIP score: %s", exc)
         return None
+    label = "tiny-random-clip (random weights: the number means nothing)" if settings.is_tiny else spec.ref
+    return label, model, processor
