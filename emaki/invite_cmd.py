@@ -2,8 +2,8 @@
 
 The permissions come from bot/permissions.py, the list the docs print too. Without `--application-id`
 the id is read from DISCORD_TOKEN: a bot token's first dot-separated segment is the bot user's id in
-base64, and Discord gives a bot user the id of its application. Only that public id is printed;
-the token itself never is.
+base64, and Discord gives a bot user the id of its application (some old applications differ: they
+pass --application-id). Only that public id is printed; the token itself never is.
 """
 
 from __future__ import annotations
