@@ -39,6 +39,20 @@ def _default(name: str, value: Any) -> str:
     return f"`{value}`"
 
 
+# Variables emaki reads that are not settings fields (no TOML key, no range): where files go.
+OTHER_VARIABLES = (
+    ("EMAKI_CONFIG", "the TOML settings file (also `--config`)"),
+    (
+        "EMAKI_TINY_CACHE",
+        "where the `tiny` profile's random-weight models are saved once (default `~/.cache/emaki/tiny-hub`)",
+    ),
+    ("HF_HOME, HF_HUB_CACHE", "the Hugging Face cache `emaki models pull` fills and every model loads from"),
+    ("HF_ENDPOINT", "a Hugging Face mirror for `emaki models pull`"),
+    ("HF_HUB_OFFLINE", "when set, `emaki models pull` refuses to download (one line says so)"),
+    ("TORCHINDUCTOR_CACHE_DIR", "torch.compile's cache; with `EMAKI_COMPILE` it defaults to `DATA_DIR/compile-cache`"),
+)
+
+
 def settings_page() -> str:
     from engine.settings import FIELD_TYPES, SECRET_ENV, SECRET_FIELDS, Settings, rule_of
 
@@ -74,6 +88,12 @@ def settings_page() -> str:
             "| setting | set with | type | range | default | what it does |",
             "|---|---|---|---|---|---|",
             *rows,
+            "",
+            "## Other environment variables",
+            "",
+            "| variable | what it sets |",
+            "|---|---|",
+            *(f"| `{name}` | {what} |" for name, what in OTHER_VARIABLES),
             "",
         ]
     )
