@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from emaki import animate_cmd, bot_cmd, jobs_cmd, models_cmd, styles_cmd, train_cmd
+from emaki import animate_cmd, bot_cmd, invite_cmd, jobs_cmd, models_cmd, styles_cmd, train_cmd
 from engine.errors import EmakiError
 
 log = logging.getLogger("emaki")
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_evaluate_parser(sub, common)
     bot_cmd.add_parser(sub, common)
     models_cmd.add_parser(sub, common)
+    invite_cmd.add_parser(sub, common)
     return parser
 
 

@@ -84,115 +84,265 @@ class Rule:
         return ""
 
 
-def setting(default: Any, rule: Rule | None = None, *, secret: bool = False) -> Any:
-    """A dataclass field carrying its rule (read by `check_value` and the CLI's help)."""
-    return field(default=default, repr=not secret, metadata={"rule": rule or Rule()})
+def setting(default: Any, rule: Rule | None = None, *, help: str, secret: bool = False) -> Any:
+    """A dataclass field carrying its rule (read by `check_value` and the CLI's help) and its description
+    (`help`, the one sentence the settings reference in docs/reference/settings.md is generated from)."""
+    return field(default=default, repr=not secret, metadata={"rule": rule or Rule(), "help": help})
 
 
 @dataclass
 class Settings:
-    profile: str = setting("sd15", Rule(choices=tuple(PROFILES)))
-    base_model: str = ""
-    controlnet_model: str = ""
-    depth_model: str = ""
-    llm_model: str = ""
-    captioner_model: str = ""  # BLIP, as the Ghibli paper captioned its dataset
-    # auto: HF Inference API when an HF token is set, else OpenAI-compatible when llm_base_url is
-    # set, else the deterministic fallback. Explicit: hf | openai | transformers | fallback.
-    story_backend: str = setting("auto", Rule(choices=STORY_BACKENDS))
-    llm_base_url: str = setting("", Rule(url=True))
-    hf_inference_url: str = setting("", Rule(url=True))  # override the Inference API endpoint (a proxy, or tests)
-    llm_timeout_s: float = setting(60.0, Rule(0, 3600, low_open=True))
-    # A second LLM turn: the model checks its own frame list against a checklist and revises it.
-    story_refine: bool = True
-    device: str = "auto"  # auto, cpu, mps, cuda, cuda:N (checked against the machine in `validate`)
-    dtype: str = setting("auto", Rule(choices=DTYPES))
-    # auto | high | medium | low: how much of the model set stays on the GPU (engine/memory.py).
-    memory: str = setting("auto", Rule(choices=MEMORY_MODES))
-    # torch.compile of the UNet, warmed up at start-up; LoRA styles are hot-swapped without recompiling.
-    compile: str = setting("off", Rule(choices=COMPILE_MODES))
-    compile_max_rank: int = setting(64, Rule(1, 1024))  # the highest LoRA rank a compiled UNet accepts
-    # The diffusers folder or hub id whose configs (and tokenizer) describe a single-file base model
-    # (`.safetensors`/`.ckpt` in the original LDM layout); empty: the profile's base model repo.
-    base_model_config: str = ""
-    scheduler: str = setting("default", Rule(choices=SCHEDULER_NAMES))
-    data_dir: Path = Path("data")
-    # Animation defaults: the Ghibli paper's parameters.
-    frames: int = setting(5, Rule(1, 64))  # also at most max_frames
-    width: int = setting(0, Rule(0, 4096))  # 0: the profile's; else a multiple of 8 in min_size..max_size
-    height: int = setting(0, Rule(0, 4096))
-    min_size: int = setting(0, Rule(0, 4096))
-    max_size: int = setting(0, Rule(0, 4096))
-    steps: int = setting(50, Rule(1, 150))
-    guidance: float = setting(8.5, Rule(0, 30))
-    strength: float = setting(0.15, Rule(0, 1, low_open=True))
-    controlnet_scale: float = setting(1.0, Rule(0, 2))
-    negative_prompt: str = "lowres, blurry, deformed, watermark, text, jpeg artifacts"
-    frame_duration_ms: int = setting(100, Rule(20, 5000))
-    color_coherence: bool = True
-    # Optical-flow in-between frames per pair of keyframes (engine/interpolate.py); 0: keyframes only.
-    interpolate: int = setting(0, Rule(0, 8))
-    max_clip_frames: int = setting(128, Rule(1, 1000))  # keyframes + in-betweens in one clip
-    max_frames: int = setting(16, Rule(1, 64))
-    max_idea_chars: int = setting(500, Rule(1, 10000))
-    min_free_bytes: int = setting(200 * 1024 * 1024, Rule(0))
-    upload_limit_bytes: int = setting(10 * 1024 * 1024, Rule(1))
-    # Bot
-    discord_api_base: str = setting("", Rule(url=True))
-    discord_gateway: str = setting("", Rule(url=True))
-    max_pending_per_member: int = setting(3, Rule(1, 1000))
-    moderator_role: str = ""
-    progress_edit_interval_s: float = setting(1.5, Rule(0, 60))
+    profile: str = setting(
+        "sd15",
+        Rule(choices=tuple(PROFILES)),
+        help="The model set and size range: `sd15` (the real models) or `tiny` (random-weight models, offline).",
+    )
+    base_model: str = setting(
+        "",
+        help="The Stable Diffusion 1.5 base model: a hub id, a diffusers folder, or one `.safetensors`/`.ckpt` "
+        "file in the original SD layout. Empty: the profile's.",
+    )
+    controlnet_model: str = setting("", help="The depth ControlNet: a hub id or a folder. Empty: the profile's.")
+    depth_model: str = setting(
+        "", help="The depth estimator whose maps guide every next frame: a hub id or a folder. Empty: the profile's."
+    )
+    llm_model: str = setting(
+        "",
+        help="The story LLM: the model the `hf` backend asks, or the chat model the `transformers` backend loads. "
+        "Empty: the profile's.",
+    )
+    captioner_model: str = setting(
+        "",
+        help="The captioner `--autocaption` writes dataset captions with (BLIP, as the Ghibli paper captioned its "
+        "dataset). Empty: the profile's.",
+    )
+    story_backend: str = setting(
+        "auto",
+        Rule(choices=STORY_BACKENDS),
+        help="What writes the frame descriptions. `auto`: the HF Inference API when an HF token is set, else an "
+        "OpenAI-compatible server when `llm_base_url` is set, else the deterministic fallback.",
+    )
+    llm_base_url: str = setting(
+        "",
+        Rule(url=True),
+        help="An OpenAI-compatible server for the `openai` backend (vLLM, llama.cpp, Ollama: "
+        "`http://localhost:11434/v1`).",
+    )
+    hf_inference_url: str = setting(
+        "",
+        Rule(url=True),
+        help="A dedicated endpoint (or a proxy) for the `hf` backend instead of the Inference API's default.",
+    )
+    llm_timeout_s: float = setting(
+        60.0, Rule(0, 3600, low_open=True), help="Seconds each LLM turn may take before the story falls back."
+    )
+    story_refine: bool = setting(
+        True,
+        help="A second LLM turn: the model checks its own frame list against a checklist and revises it "
+        "(a failed second answer keeps the first list).",
+    )
+    device: str = setting(
+        "auto", help="`auto`, `cpu`, `mps`, `cuda` or `cuda:N` (checked against what this machine has)."
+    )
+    dtype: str = setting("auto", Rule(choices=DTYPES), help="Model precision. `auto`: fp16 on CUDA, fp32 elsewhere.")
+    memory: str = setting(
+        "auto",
+        Rule(choices=MEMORY_MODES),
+        help="How much of the model set stays on the GPU: `high` (all resident), `medium` (model CPU offload), "
+        "`low` (sequential offload, VAE tiling); `auto` picks the first that fits the free VRAM.",
+    )
+    compile: str = setting(
+        "off",
+        Rule(choices=COMPILE_MODES),
+        help="torch.compile of the UNet, warmed up at start-up; LoRA styles are hot-swapped without recompiling.",
+    )
+    compile_max_rank: int = setting(
+        64, Rule(1, 1024), help="The highest LoRA rank a compiled UNet accepts (the hot-swap slot's size)."
+    )
+    base_model_config: str = setting(
+        "",
+        help="The diffusers folder or hub id whose configs (and tokenizer) describe a single-file base model "
+        "(`.safetensors`/`.ckpt` in the original LDM layout). Empty: the profile's base model repo.",
+    )
+    scheduler: str = setting(
+        "default", Rule(choices=SCHEDULER_NAMES), help="The sampler. `default`: the base model's own scheduler."
+    )
+    data_dir: Path = setting(  # noqa: RUF009 (setting() returns a dataclasses.field, as for every field)
+        Path("data"),
+        help="The folder holding the database (SQLite), every job's frames and results, styles and datasets.",
+    )
+    frames: int = setting(
+        5,
+        Rule(1, 64),
+        help="Keyframes per animation when none are asked for (the Ghibli paper's 5); at most max_frames.",
+    )
+    width: int = setting(
+        0,
+        Rule(0, 4096),
+        help="Frame width: 0 takes the profile's (512 on sd15), else a multiple of 8 in min_size..max_size.",
+    )
+    height: int = setting(
+        0,
+        Rule(0, 4096),
+        help="Frame height: 0 takes the profile's (512 on sd15), else a multiple of 8 in min_size..max_size.",
+    )
+    min_size: int = setting(0, Rule(0, 4096), help="The smallest width or height accepted. 0: the profile's.")
+    max_size: int = setting(
+        0, Rule(0, 4096), help="The largest width or height accepted (a server may lower it). 0: the profile's."
+    )
+    steps: int = setting(50, Rule(1, 150), help="Denoising steps per frame when none are asked for.")
+    guidance: float = setting(8.5, Rule(0, 30), help="Classifier-free guidance scale when none is asked for.")
+    strength: float = setting(
+        0.15,
+        Rule(0, 1, low_open=True),
+        help="How far each img2img frame may move from the previous one (higher: more change, less coherence).",
+    )
+    controlnet_scale: float = setting(
+        1.0, Rule(0, 2), help="How strongly the previous frame's depth map guides the next frame (0: not at all)."
+    )
+    negative_prompt: str = setting(
+        "lowres, blurry, deformed, watermark, text, jpeg artifacts", help="What every frame is steered away from."
+    )
+    frame_duration_ms: int = setting(100, Rule(20, 5000), help="How long each keyframe shows in the clip.")
+    color_coherence: bool = setting(
+        True,
+        help="Match every frame's colour histogram to frame 1 (as Deforum does), so the chain does not drift in hue.",
+    )
+    interpolate: int = setting(
+        0,
+        Rule(0, 8),
+        help="Optical-flow in-between frames per pair of keyframes (engine/interpolate.py); 0: keyframes only.",
+    )
+    max_clip_frames: int = setting(
+        128, Rule(1, 1000), help="The most frames (keyframes + in-betweens) one clip may have; more is refused."
+    )
+    max_frames: int = setting(16, Rule(1, 64), help="The most keyframes a request may ask for (a server may lower it).")
+    max_idea_chars: int = setting(500, Rule(1, 10000), help="The longest idea accepted, in characters.")
+    min_free_bytes: int = setting(
+        200 * 1024 * 1024,
+        Rule(0),
+        help="Free disk space the data dir (and an output folder) must have before a job starts.",
+    )
+    upload_limit_bytes: int = setting(
+        10 * 1024 * 1024,
+        Rule(1),
+        help="The largest result the bot posts; the GIF is shrunk (palette, then size) to fit this and the "
+        "server's own upload limit, whichever is lower.",
+    )
+    discord_api_base: str = setting(
+        "",
+        Rule(url=True),
+        help="A Discord REST proxy (nirn-proxy, twilight-http-proxy), e.g. `http://proxy:8080/api/v10`. "
+        "Empty: Discord itself.",
+    )
+    discord_gateway: str = setting(
+        "", Rule(url=True), help="A proxied Discord gateway address. Empty: the one Discord gives."
+    )
+    max_pending_per_member: int = setting(
+        3, Rule(1, 1000), help="Queued and running jobs one member may have at once (a server may lower it)."
+    )
+    moderator_role: str = setting(
+        "",
+        help="A role whose members approve /train datasets and remove styles, besides Manage Server "
+        "(a server may set its own). Empty: Manage Server only.",
+    )
+    progress_edit_interval_s: float = setting(
+        1.5, Rule(0, 60), help="The least time between two progress edits of a job's status message."
+    )
     position_edit_interval_s: float = setting(
-        5.0, Rule(0, 600)
-    )  # a waiting member's position message: at most this often
-    # Training
-    min_dataset_images: int = setting(5, Rule(1, 100000))
-    max_dataset_bytes: int = setting(200 * 1024 * 1024, Rule(1))
-    max_dataset_files: int = setting(2000, Rule(1))
-    max_image_pixels: int = setting(4096 * 4096, Rule(1))
-    eval_samples: int = setting(100, Rule(2, 10000))  # the anime paper's 100 generated images
-    train_checkpoint_every: int = setting(100, Rule(1, 1000000))  # also where a training gives way to animations
-    # Secrets: environment only.
-    discord_token: str = setting("", secret=True)
-    hf_token: str = setting("", secret=True)
-    llm_api_key: str = setting("", secret=True)
-    # --- retention (issue 13) ---
-    # Days a finished job's files (frames, GIF, MP4, in-betweens) are kept; its rows stay. 0: forever.
-    keep_days: int = setting(30, Rule(0, 36500))
-    # --- community controls (issue 13) ---
-    # Each server may lower these in /settings (stored per guild, engine/guild_settings.py); never raise them.
-    max_steps: int = setting(150, Rule(1, 150))  # the most denoising steps a member may ask for
-    # Age-restricted channels: `screen` runs the safety checker there too, `allow` does not (a server may change it).
-    # Outside them every frame a bot job renders is always screened.
-    nsfw_policy: str = setting("screen", Rule(choices=("screen", "allow")))
-    safety_cli: bool = False  # screen frames of jobs started from the command line too
-    # The safety checker (diffusers' StableDiffusionSafetyChecker with its CLIP image processor): hub id or folder.
-    safety_model: str = ""
-    # The CLIP model of the CLIP score a trained style is evaluated with (hub id or folder); optional.
-    clip_model: str = ""
-    # `tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never flags
-    # and -2 flags every frame; tests place it).
-    safety_tiny_threshold: float = setting(2.0, Rule(-2, 2))
-    # --- motion (issue 15) ---
-    # The AnimateDiff SD1.5 motion adapter `--motion animatediff` renders with: a diffusers folder, a hub id
-    # in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches it), or
-    # `tiny` (random weights, saved in emaki's tiny cache; tiny profile only). Empty: motion mode is off.
-    motion_adapter: str = ""
-    # Few-step sampling, with the scheduler its model card names: none (the base scheduler), lcm (AnimateLCM:
-    # LCMScheduler, linear betas) or lightning (AnimateDiff-Lightning: Euler, trailing timesteps, linear
-    # betas, no CFG). The adapter must be the matching distilled one; `tiny` runs the schedulers on random weights.
-    motion_fewstep: str = setting("none", Rule(choices=("none", "lcm", "lightning")))
-    # Frames the motion model renders between two beats when --interpolate is not given: 5 beats make 17
-    # frames, just over the adapter's 16-frame context, so FreeNoise's sliding window is exercised by default.
-    motion_inbetweens: int = setting(3, Rule(0, 8))
-    # Depth guidance in motion mode (AnimateDiffControlNetPipeline with the chain's depth ControlNet).
-    motion_depth: bool = False
-    # --- cluster (issue 14) ---
-    # "" (one in-process renderer), "local" (start Ray over this machine's GPUs), "auto" or
-    # "ray://host:port" (join a running Ray cluster): one renderer actor per GPU (engine/cluster.py).
-    ray_address: str = ""
-    gpu_workers: int = setting(0, Rule(0, 1024))  # renderer actors; 0: one per GPU in the cluster
+        5.0, Rule(0, 600), help="The least time between two edits of a waiting member's queue-position message."
+    )
+    min_dataset_images: int = setting(5, Rule(1, 100000), help="The fewest images a training dataset may have.")
+    max_dataset_bytes: int = setting(
+        200 * 1024 * 1024,
+        Rule(1),
+        help="The largest training dataset: the /train upload, and a zip's declared uncompressed size.",
+    )
+    max_dataset_files: int = setting(2000, Rule(1), help="The most files a training dataset's zip may hold.")
+    max_image_pixels: int = setting(
+        4096 * 4096, Rule(1), help="The most pixels one dataset image may decode to (decompression bombs are refused)."
+    )
+    eval_samples: int = setting(
+        100,
+        Rule(2, 10000),
+        help="Images `emaki evaluate` generates per style (the anime paper's 100); the bot's evaluation takes "
+        "at most 100.",
+    )
+    train_checkpoint_every: int = setting(
+        100,
+        Rule(1, 1000000),
+        help="Training steps between checkpoints; also where a training gives way to waiting animations.",
+    )
+    discord_token: str = setting(
+        "", secret=True, help="The bot's token (environment only, never in a file, never logged)."
+    )
+    hf_token: str = setting(
+        "",
+        secret=True,
+        help="A Hugging Face token: gated downloads and the `hf` story backend (environment only, never logged).",
+    )
+    llm_api_key: str = setting(
+        "", secret=True, help="The key the `openai` story backend sends (environment only, never logged)."
+    )
+    keep_days: int = setting(
+        30,
+        Rule(0, 36500),
+        help="Days a finished job's files (frames, GIF, MP4, in-betweens) are kept; its rows stay. 0: forever.",
+    )
+    max_steps: int = setting(
+        150, Rule(1, 150), help="The most denoising steps a member may ask for (a server may lower it)."
+    )
+    nsfw_policy: str = setting(
+        "screen",
+        Rule(choices=("screen", "allow")),
+        help="Age-restricted channels: `screen` runs the safety checker there too, `allow` does not (a server may "
+        "change it). Outside them every frame a bot job renders is always screened.",
+    )
+    safety_cli: bool = setting(False, help="Screen frames of jobs started from the command line too.")
+    safety_model: str = setting(
+        "",
+        help="The safety checker that screens bot jobs (diffusers' StableDiffusionSafetyChecker with its CLIP image "
+        "processor): a hub id or a folder. Empty: the profile's.",
+    )
+    clip_model: str = setting(
+        "",
+        help="The CLIP model of the CLIP score a trained style is evaluated with: a hub id or a folder (optional: "
+        "without it the score is left out). Empty: the profile's.",
+    )
+    safety_tiny_threshold: float = setting(
+        2.0,
+        Rule(-2, 2),
+        help="`tiny` only: the random-weight checker's concept threshold (cosine scores lie in -1..1, so 2 never "
+        "flags and -2 flags every frame; tests set it).",
+    )
+    motion_adapter: str = setting(
+        "",
+        help="The AnimateDiff SD1.5 motion adapter `--motion animatediff` renders with: a diffusers folder, a hub "
+        "id in the local cache (e.g. guoyww/animatediff-motion-adapter-v1-5-3; `emaki models pull` fetches it), or "
+        "`tiny` (random weights, saved in emaki's tiny cache; tiny profile only). Empty: motion mode is refused.",
+    )
+    motion_fewstep: str = setting(
+        "none",
+        Rule(choices=("none", "lcm", "lightning")),
+        help="Few-step sampling with the scheduler its model card names: `none` (the base scheduler), `lcm` "
+        "(AnimateLCM) or `lightning` (AnimateDiff-Lightning). The adapter must be the matching distilled one.",
+    )
+    motion_inbetweens: int = setting(
+        3,
+        Rule(0, 8),
+        help="Frames the motion model renders between two beats when --interpolate is not given (5 beats make 17 "
+        "frames, just over the adapter's 16-frame context).",
+    )
+    motion_depth: bool = setting(
+        False,
+        help="Depth guidance in motion mode: every frame conditioned on the depth map of beat 1's still.",
+    )
+    ray_address: str = setting(
+        "",
+        help="Cluster mode: `local` (Ray over this machine's GPUs), `auto` or `ray://host:port` (join a running Ray "
+        "cluster); one renderer per GPU. Empty: one in-process renderer, and Ray is never imported.",
+    )
+    gpu_workers: int = setting(0, Rule(0, 1024), help="Renderer actors in cluster mode. 0: one per GPU in the cluster.")
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
