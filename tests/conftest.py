@@ -15,7 +15,15 @@ from engine.worker import Engine
 
 # The tiny profile's models are hub repos in emaki's own cache (engine/tiny_hub.py): one fresh cache per test
 # session, built once, shared by every test and every CLI subprocess (they inherit the variable).
+_MADE_TINY_CACHE = "EMAKI_TINY_CACHE" not in os.environ
 TINY_CACHE = os.environ.setdefault("EMAKI_TINY_CACHE", tempfile.mkdtemp(prefix="emaki-tiny-hub-"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _MADE_TINY_CACHE:  # ours: gone with the session (a developer's own EMAKI_TINY_CACHE is kept)
+        import shutil
+
+        shutil.rmtree(TINY_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
