@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import EmakiError, InvalidRequest
@@ -35,6 +37,11 @@ TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{
 DEVELOPER_PORTAL = "https://discord.com/developers/applications"
 LOGIN_TIMEOUT_S = 20.0  # one GET /users/@me; discord.py retries 5xx answers a few times within it
 STOP_GRACE_S = 8.0  # the running job stops at its next step; posts in flight get this long to land
+# While connected and its event loop turns, the bot rewrites this file in the data dir; `emaki health`
+# (the image's HEALTHCHECK) reads it without importing torch or touching Discord.
+HEARTBEAT_FILE = "bot.heartbeat"
+HEARTBEAT_S = 30.0
+HEARTBEAT_STALE_S = 120.0  # four missed beats: the loop is wedged or Discord has been gone a while
 
 
 class Stopped(Exception):
@@ -110,6 +117,36 @@ async def check_login(settings: Settings, token: str) -> dict[str, Any]:
         raise EmakiError(f"cannot reach Discord at {where}: {reason} (network, DNS or proxy)") from None
     finally:
         await http.close()
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    return settings.data_dir / HEARTBEAT_FILE
+
+
+async def beat(bot: EmakiBot, path: Path) -> None:
+    """Rewrite the heartbeat every HEARTBEAT_S while the bot is connected (never while reconnecting)."""
+    while True:
+        if bot.is_ready() and not bot.is_closed():
+            record = {"at": time.time(), "pid": os.getpid(), "user": str(bot.user), "guilds": len(bot.guilds)}
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+def health(settings: Settings, now: float | None = None) -> tuple[bool, str]:
+    """Whether a bot is connected and alive on this data dir, and one line saying so."""
+    path = heartbeat_path(settings)
+    try:
+        record = json.loads(path.read_text())
+        age = (now if now is not None else time.time()) - float(record["at"])
+    except FileNotFoundError:
+        return False, f"unhealthy: no heartbeat in {path} (the bot is starting, stopped, or never connected)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return False, f"unhealthy: unreadable heartbeat {path}: {exc}"
+    if age > HEARTBEAT_STALE_S:
+        return False, f"unhealthy: last heartbeat {age:.0f} s ago (connected as {record.get('user')} then)"
+    return True, f"healthy: connected as {record.get('user')} to {record.get('guilds')} server(s), {age:.0f} s ago"
 
 
 def device_lines(bot: EmakiBot) -> tuple[str, list[str]]:
@@ -197,6 +234,9 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
     say(where)
     for line in warnings:
         say(line)
+    pulse = heartbeat_path(settings)
+    pulse.unlink(missing_ok=True)  # a previous run's beat must not vouch for this start
+    beating: asyncio.Future[None] | None = None
     with stop_signals(bot) as stop:
         try:
             say(f"loading models ({settings.profile} profile)…")
@@ -214,6 +254,7 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
             await asyncio.wait({running, ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if ready.done() and not stopped.done():
                 say(f"ready: connected as {bot.user} to {len(bot.guilds)} server(s)")
+                beating = asyncio.ensure_future(beat(bot, pulse))
                 await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
             stopped.cancel()
@@ -223,6 +264,9 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
             running.cancel()
             say("stopped")
         finally:
+            if beating is not None:
+                beating.cancel()
+            pulse.unlink(missing_ok=True)
             await bot.close()  # idempotent; also after an error
 
 

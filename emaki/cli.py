@@ -1,4 +1,4 @@
-"""`emaki animate | jobs | resume | redo | styles | train | evaluate | models | doctor | bot`: the parser and
+"""`emaki animate | jobs | resume | redo | styles | train | evaluate | models | doctor | bot | health`: the parser and
 the error boundary.
 
 Each subcommand lives in its own module (`emaki/*_cmd.py`) with its `add_parser`.
