@@ -225,6 +225,7 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
     """Log in, load, connect, and run until a stop signal; then stop cleanly. `quiet` silences the model
     libraries' own output; it is called once the token is accepted, just before they are imported."""
     user = await check_login(settings, token)
+    user = user if isinstance(user, dict) else {}
     say(f"Discord accepted the token: {user.get('username', '?')} (id {user.get('id', '?')})")
     quiet()
     from bot.client import create_bot  # torch, diffusers, transformers: only now

@@ -4,6 +4,7 @@ never import torch, and SIGTERM mid-render stops cleanly with the job resumed (o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,7 +98,7 @@ class FakeDiscordRest:
     async def answer(self, request: web.Request) -> web.Response:
         self.requests.append((request.path, request.headers.get("Authorization")))
         body = {"message": "401: Unauthorized", "code": 0} if self.status == 401 else {"message": "nope", "code": 0}
-        return web.json_response(body, status=self.status)
+        return as_json(body, status=self.status)
 
     def serve(self) -> None:
         async def main() -> None:
@@ -127,6 +129,10 @@ class FakeDiscordRest:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/v10"
+
+
+def as_json(value: object, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(value).encode(), status=status, headers={"Content-Type": "application/json"})
 
 
 def free_port() -> int:
@@ -282,3 +288,268 @@ async def test_jobs_shows_a_result_discord_refused(
         ["2", "done", "refused: 403 Missing Permissions"],  # stranded: not a plain `done`
         ["1", "done", "posted"],
     ]
+
+
+# --- the real process: `emaki bot` against a local stand-in for Discord ---------------------------------
+class FakeDiscord:
+    """Discord's REST API and gateway, just enough for `emaki bot` to log in, connect (READY + one server
+    with one channel), sync its commands and post status messages and results, on a local port. SimCord
+    simulates Discord inside the test's own process; this one serves a separate `emaki bot` process."""
+
+    BOT, GUILD, CHANNEL, MEMBER = 1001, 2001, 3001, 4001
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.port = free_port()
+        self.messages: dict[int, dict] = {}
+        self.posts: list[dict] = []  # every POST of a message, with the names of the files it carried
+        self.identifies = 0
+        self._ids = 5000
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "DISCORD_TOKEN": self.token,
+            "EMAKI_DISCORD_API_BASE": f"http://127.0.0.1:{self.port}/api/v10",
+            "EMAKI_DISCORD_GATEWAY": f"ws://127.0.0.1:{self.port}/gateway",
+        }
+
+    def user(self) -> dict:
+        return {"id": str(self.BOT), "username": "emaki", "discriminator": "0", "avatar": None, "bot": True}
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    # REST (Content-Type exactly application/json, as Discord sends it: discord.py compares it verbatim)
+    async def rest(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bot {self.token}":
+            return as_json({"message": "401: Unauthorized", "code": 0}, status=401)
+        path, method = request.path.removeprefix("/api/v10"), request.method
+        channel = f"/channels/{self.CHANNEL}/messages"
+        if method == "GET" and path == "/users/@me":
+            return as_json(self.user())
+        if method == "GET" and path == "/oauth2/applications/@me":
+            return as_json(
+                {"id": str(self.BOT), "name": "emaki", "description": "", "icon": None, "bot_public": True}
+                | {"bot_require_code_grant": False, "owner": self.user(), "verify_key": "00", "flags": 0}
+            )
+        if method == "PUT" and path == f"/applications/{self.BOT}/commands":
+            return as_json([])
+        if method == "POST" and path == channel:
+            return as_json(await self.post_message(request))
+        if method == "GET" and path == channel:
+            return as_json(list(reversed(self.messages.values())))
+        if method == "PATCH" and path.startswith(channel + "/"):
+            message = self.messages[int(path.rsplit("/", 1)[1])]
+            body, _ = await self.body(request)
+            message.update({k: v for k, v in body.items() if k in ("content", "components")})
+            return as_json(message)
+        if method == "PUT" and "/reactions/" in path:
+            return web.Response(status=204)
+        return as_json({"message": f"not faked: {method} {path}", "code": 0}, status=404)
+
+    async def body(self, request: web.Request) -> tuple[dict, list[str]]:
+        if not request.content_type.startswith("multipart/"):
+            return (await request.json() if request.can_read_body else {}), []
+        payload, files = {}, []
+        async for part in await request.multipart():
+            if part.name == "payload_json":
+                payload = json.loads(await part.text())
+            else:
+                files.append(part.filename)
+                await part.read()
+        return payload, files
+
+    async def post_message(self, request: web.Request) -> dict:
+        body, files = await self.body(request)
+        message_id = self.next_id()
+        message = {
+            "id": str(message_id),
+            "channel_id": str(self.CHANNEL),
+            "guild_id": str(self.GUILD),
+            "author": self.user(),
+            "content": body.get("content", ""),
+            "timestamp": "2026-01-01T00:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [
+                {"id": str(self.next_id()), "filename": name, "size": 1, "url": f"http://x/{name}"}
+                | {"proxy_url": f"http://x/{name}"}
+                for name in files
+            ],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            "components": [],
+            "nonce": body.get("nonce"),
+        }
+        self.messages[message_id] = message
+        self.posts.append({"id": message_id, "files": files, "nonce": body.get("nonce")})
+        return message
+
+    # gateway
+    async def gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        # Discord asks for a beat every ~41 s; 10 min here keeps a slow test from timing heartbeats at all.
+        await ws.send_json({"op": 10, "d": {"heartbeat_interval": 600_000}})
+        async for frame in ws:
+            message = json.loads(frame.data)
+            if message["op"] == 1:
+                await asyncio.sleep(0.1)  # as over a network: the client records its send before the ack
+                await ws.send_json({"op": 11})
+            elif message["op"] == 2:
+                self.identifies += 1
+                await ws.send_json({"op": 0, "s": 1, "t": "READY", "d": self.ready_payload()})
+                await ws.send_json({"op": 0, "s": 2, "t": "GUILD_CREATE", "d": self.guild()})
+        return ws
+
+    def ready_payload(self) -> dict:
+        return {
+            "v": 10,
+            "user": self.user(),
+            "guilds": [{"id": str(self.GUILD), "unavailable": True}],
+            "session_id": "fake-session",
+            "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
+            "application": {"id": str(self.BOT), "flags": 0},
+        }
+
+    def guild(self) -> dict:
+        everyone = {"id": str(self.GUILD), "name": "@everyone", "permissions": str((1 << 50) - 1), "position": 0}
+        return {
+            "id": str(self.GUILD),
+            "name": "ghibli fans",
+            "owner_id": str(self.MEMBER),
+            "roles": [everyone | {"color": 0, "hoist": False, "managed": False, "mentionable": False}],
+            "channels": [
+                {"id": str(self.CHANNEL), "type": 0, "name": "animations", "position": 0}
+                | {"permission_overwrites": [], "guild_id": str(self.GUILD)}
+            ],
+            "members": [{"user": self.user(), "roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "flags": 0}],
+            "member_count": 2,
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "threads": [],
+            "premium_tier": 0,
+            "unavailable": False,
+        }
+
+    def serve(self) -> None:
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/gateway", self.gateway)
+            app.router.add_route("*", "/api/v10/{tail:.*}", self.rest)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> FakeDiscord:
+        self._thread = threading.Thread(target=self.serve, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def results(self) -> list[dict]:
+        return [post for post in self.posts if any(name.endswith(".gif") for name in post["files"])]
+
+
+def start_bot(data_dir: Path, discord_env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMAKI_") and k != "DISCORD_TOKEN"}
+    env |= {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "EMAKI_DATA_DIR": str(data_dir)} | discord_env
+    command = [sys.executable, "-m", "emaki", "bot", "--profile", "tiny", *extra]
+    return subprocess.Popen(
+        command, env=env, cwd=data_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition, what: str, child: subprocess.Popen[str], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if child.poll() is not None:
+            raise AssertionError(f"the bot exited ({child.returncode}) before {what}: {child.communicate()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def post_state_of(data_dir: Path, job_id: int) -> str | None:
+    """Read-only, without the store's migrations: polling must not take locks the running bot needs."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'emaki.db'}?mode=ro", uri=True)) as db:
+        row = db.execute("select post_state from jobs where id = ?", [job_id]).fetchone()
+    return row[0] if row else None
+
+
+def test_the_real_process_starts_tells_where_it_renders_and_stops_on_sigterm_mid_job(tmp_path: Path) -> None:
+    from engine.params import build_params
+
+    data_dir = tmp_path / "data"
+    settings = load_settings(profile="tiny", data_dir=data_dir)
+    store = open_store(data_dir)
+    params = build_params(
+        settings, store, "a lantern floats up", frames=3, steps=8, strength=1.0, seed=6, width=32, height=32
+    )
+    job_id = store.add_job(  # as /animate leaves it (bot/commands.py): waiting in the queue when the bot stops
+        kind="animate",
+        idea=params.idea,
+        params=params.to_dict(),
+        owner_id=FakeDiscord.MEMBER,
+        owner_name="alice",
+        guild_id=FakeDiscord.GUILD,
+        channel_id=FakeDiscord.CHANNEL,
+        screen=0,
+    )
+    first_frame = data_dir / "jobs" / str(job_id) / "frame_01.png"
+    with FakeDiscord(WELL_SHAPED) as discord_api:
+        child = start_bot(data_dir, discord_api.env, "-v")
+        wait_for(first_frame.exists, "the first frame", child)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        lines = out.splitlines()
+        assert lines[0] == "Discord accepted the token: emaki (id 1001)"
+        assert lines[1] == "rendering on cpu (float32)"  # this machine: no GPU, a CPU torch build
+        assert lines[2] == "loading models (tiny profile)…" and lines[3].startswith("models loaded in ")
+        assert lines[4] == "ready: connected as emaki to 1 server(s)"
+        assert lines[5:] == ["SIGTERM: stopping (the running job resumes at the next start)", "stopped"]
+        assert err.count("logging in using static token") == 1  # our one log handler, not discord.py's too
+        assert "voice will NOT be supported" not in err and "Traceback" not in err
+        assert WELL_SHAPED not in out + err
+        job = open_store(data_dir).job(job_id)
+        assert job["status"] == "running" and job["error"] is None  # as a crash leaves it: resumable
+        assert discord_api.results() == []
+        kept = first_frame.read_bytes()
+
+        child = start_bot(data_dir, discord_api.env)  # the next start, without -v
+        wait_for(lambda: post_state_of(data_dir, job_id) == "posted", "the result posted", child)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0 and err == "", err  # without -v: nothing but emaki's own lines
+        assert out.splitlines()[-2:] == ["SIGINT: stopping (the running job resumes at the next start)", "stopped"]
+
+    [posted] = discord_api.results()  # 0 lost, 0 doubled
+    assert posted["files"] == [f"emaki-{job_id}.gif"]
+    job = open_store(data_dir).job(job_id)
+    assert job["status"] == "done" and job["result_message_id"] == posted["id"]
+    assert first_frame.read_bytes() == kept  # resumed at frame 2, frame 1 kept byte for byte
+    assert discord_api.identifies == 2
