@@ -285,8 +285,12 @@ def run(settings: Settings, quiet: Callable[[], None]) -> None:
         raise EmakiError(
             f"Discord refused an intent this bot asks for; check the Bot page at {DEVELOPER_PORTAL}"
         ) from None
+    except discord.ConnectionClosed as exc:  # 4004: the token was reset while the bot ran
+        raise EmakiError(f"Discord closed the gateway connection ({exc.code}): {exc.reason or 'no reason'}") from None
     except discord.GatewayNotFound as exc:
         raise EmakiError(f"cannot reach Discord's gateway: {exc}") from None
+    except discord.HTTPException as exc:  # the login's application info or the command sync
+        raise EmakiError(f"Discord answered {exc.status} at start-up: {exc.text or 'no reason'}") from None
     except OSError as exc:  # TimeoutError included
         raise EmakiError(f"lost the connection to Discord at start-up: {exc or type(exc).__name__}") from None
     finally:

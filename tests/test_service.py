@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from bot.client import EmakiBot, create_bot
-from bot.service import check_token, stop_signals
+from bot.service import HEARTBEAT_FILE, check_token, device_lines, health, stop_signals
 from engine.errors import InvalidRequest
 from engine.events import FrameDone
 from engine.models import Models
@@ -542,14 +542,38 @@ def test_the_real_process_starts_tells_where_it_renders_and_stops_on_sigterm_mid
 
         child = start_bot(data_dir, discord_api.env)  # the next start, without -v
         wait_for(lambda: post_state_of(data_dir, job_id) == "posted", "the result posted", child)
+        healthy, line = health(settings)  # what the image's HEALTHCHECK (`emaki health`) reads
+        assert healthy and line.startswith("healthy: connected as emaki to 1 server(s)"), line
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=60)
         assert child.returncode == 0 and err == "", err  # without -v: nothing but emaki's own lines
         assert out.splitlines()[-2:] == ["SIGINT: stopping (the running job resumes at the next start)", "stopped"]
 
+    assert health(settings) == (
+        False,
+        f"unhealthy: no heartbeat in {data_dir / HEARTBEAT_FILE} (the bot is starting, stopped, or never connected)",
+    )  # a stopped bot is not healthy
     [posted] = discord_api.results()  # 0 lost, 0 doubled
     assert posted["files"] == [f"emaki-{job_id}.gif"]
     job = open_store(data_dir).job(job_id)
     assert job["status"] == "done" and job["result_message_id"] == posted["id"]
     assert first_frame.read_bytes() == kept  # resumed at frame 2, frame 1 kept byte for byte
     assert discord_api.identifies == 2
+
+
+def test_a_cuda_build_that_sees_no_gpu_is_said_plainly(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """A CUDA torch in a container started without a GPU falls back to the CPU: the operator must see it."""
+    import torch
+
+    models = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    bot = SimpleNamespace(engine=SimpleNamespace(settings=settings, models=models))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    where, warnings = device_lines(bot)  # type: ignore[arg-type]
+    assert where == "rendering on cpu (float32)"
+    assert warnings == [
+        "warning: torch is built with CUDA 13.0 but sees no GPU (driver too old, or the container started "
+        "without --gpus / a GPU reservation): rendering on the CPU is very slow"
+    ]
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build on a CPU machine: nothing to warn about
+    assert device_lines(bot) == ("rendering on cpu (float32)", [])  # type: ignore[arg-type]
