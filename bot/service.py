@@ -240,7 +240,10 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
     beating: asyncio.Future[None] | None = None
     with stop_signals(bot) as stop:
         try:
-            say(f"loading models ({settings.profile} profile)…")
+            say(
+                f"loading models ({settings.profile} profile: base {settings.base_model}, "
+                f"ControlNet {settings.controlnet_model}, depth {settings.depth_model})…"
+            )
             started = time.monotonic()
             try:
                 await _load(bot, stop)
