@@ -112,7 +112,9 @@ async def check_login(settings: Settings, token: str) -> dict[str, Any]:
         ) from None
     except discord.HTTPException as exc:
         raise EmakiError(f"Discord answered {exc.status} to the login at {where}: {exc.text or 'no reason'}") from None
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except TimeoutError:  # also Discord answering 5xx to every one of discord.py's retries
+        raise EmakiError(f"no answer from Discord at {where} within {LOGIN_TIMEOUT_S:.0f} s; try again later") from None
+    except (aiohttp.ClientError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         raise EmakiError(f"cannot reach Discord at {where}: {reason} (network, DNS or proxy)") from None
     finally:

@@ -85,52 +85,6 @@ def test_missing_or_garbage_token_is_one_line_without_torch(tmp_path: Path, toke
     assert not (tmp_path / "emaki.db").exists()  # refused before the store was opened
 
 
-class FakeDiscordRest:
-    """A local HTTP server standing in for Discord's REST API, answering GET /users/@me with `status`."""
-
-    def __init__(self, status: int) -> None:
-        self.status = status
-        self.requests: list[tuple[str, str | None]] = []
-        self.port = free_port()
-        self.ready = threading.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def answer(self, request: web.Request) -> web.Response:
-        self.requests.append((request.path, request.headers.get("Authorization")))
-        body = {"message": "401: Unauthorized", "code": 0} if self.status == 401 else {"message": "nope", "code": 0}
-        return as_json(body, status=self.status)
-
-    def serve(self) -> None:
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self.answer)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            self.stopped = asyncio.Event()
-            self.loop = asyncio.get_running_loop()
-            self.ready.set()
-            await self.stopped.wait()
-            await runner.cleanup()
-
-        asyncio.run(main())
-
-    def __enter__(self) -> FakeDiscordRest:
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.stopped.set)
-        self.thread.join(10)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/v10"
-
-
 def as_json(value: object, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(value).encode(), status=status, headers={"Content-Type": "application/json"})
 
@@ -141,156 +95,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_token_discord_rejects_is_one_line_and_exit_2_before_any_model_loads(tmp_path: Path) -> None:
-    with FakeDiscordRest(401) as discord_api:
-        env = {
-            "DISCORD_TOKEN": WELL_SHAPED,
-            "EMAKI_DATA_DIR": str(tmp_path),
-            "EMAKI_DISCORD_API_BASE": discord_api.base,
-        }
-        run = emaki(["bot", "--profile", "tiny"], env, tmp_path)
-    assert run.rc == 2, run.err
-    assert run.err == [
-        "error: Discord refused DISCORD_TOKEN (401 Unauthorized): it was reset or mistyped; copy the current "
-        "token from the Bot page of your application at https://discord.com/developers/applications"
-    ]
-    assert discord_api.requests == [("/api/v10/users/@me", f"Bot {WELL_SHAPED}")]  # asked once, really
-    assert run.heavy == [] and WELL_SHAPED not in run.out + "".join(run.err)
-    assert not (tmp_path / "emaki.db").exists()
-
-
-def test_unreachable_discord_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    closed = f"http://127.0.0.1:{free_port()}/api/v10"  # nothing listens there: connection refused
-    env = {"DISCORD_TOKEN": WELL_SHAPED, "EMAKI_DATA_DIR": str(tmp_path), "EMAKI_DISCORD_API_BASE": closed}
-    run = emaki(["bot", "--profile", "tiny"], env, tmp_path)
-    assert run.rc == 2 and len(run.err) == 1, run.err
-    assert run.err[0].startswith(f"error: cannot reach Discord at {closed}: Cannot connect to host 127.0.0.1")
-    assert run.heavy == []
-
-
-# --- trivial commands never import torch ----------------------------------------------------------------
-def test_trivial_commands_do_not_import_torch(tmp_path: Path, settings: Settings) -> None:
-    from engine.worker import holding_job_lock
-
-    store = open_store(settings.data_dir)  # jobs to list: one done, one left running by a crash
-    for idea in ("a fox runs", "an owl sleeps"):
-        store.add_job(kind="animate", idea=idea, params={"frames": 1})
-    store.update_job(1, status="done")
-    store.update_job(2, status="running")
-    with holding_job_lock(settings.data_dir, 2):
-        pass  # its lock file exists and is free: `emaki jobs` must look at it to say "interrupted"
-    env = {"EMAKI_DATA_DIR": str(settings.data_dir), "EMAKI_PROFILE": "tiny"}
-    jobs = emaki(["jobs"], env, tmp_path)
-    assert jobs.rc == 0 and jobs.heavy == [], jobs.err
-    assert [line.split("\t")[:2] for line in jobs.out.splitlines()[1:]] == [["2", "interrupted"], ["1", "done"]]
-    for args in (["styles"], ["--help"], ["jobs", "--help"]):
-        run = emaki(args, env, tmp_path)
-        assert run.rc == 0 and run.heavy == [] and run.out, (args, run.err)
-
-
-# --- SIGTERM mid-render ---------------------------------------------------------------------------------
-@pytest.fixture
-def bot_settings(tmp_path: Path) -> Settings:
-    return load_settings(
-        profile="tiny",
-        data_dir=tmp_path / "data",
-        steps=4,
-        strength=0.5,
-        progress_edit_interval_s=0.0,
-        position_edit_interval_s=0.0,
-    )
-
-
-@pytest.fixture
-def simcord_bot(bot_settings: Settings, shared_tiny_models: Models) -> EmakiBot:
-    shared_tiny_models.use_style(None)
-    bot = create_bot(bot_settings, models=shared_tiny_models)
-    bot.post_retry_delays = (0.01, 0.01)
-    bot.outbox.retry_base_s = 0.01
-    return bot
-
-
-def results(channel) -> list[discord.Message]:
-    return [m for m in channel.history() if m.attachments and m.attachments[0].filename.endswith(".gif")]
-
-
-def signal_after_first_frame(bot: EmakiBot, signum: int) -> None:
-    """The process gets a real `signum` right after the job's first frame is stored; the render thread
-    then waits until the bot's handler has run, so the stop lands mid-render, never after the last frame."""
-    real_run = bot.engine.run
-
-    def run(job_id: int, *args: object, **kwargs: object) -> Iterator[object]:
-        for event in real_run(job_id, *args, **kwargs):
-            yield event
-            if isinstance(event, FrameDone) and event.index == 0:
-                os.kill(os.getpid(), signum)
-                assert bot.engine.stopping.wait(30), "the stop signal never reached the bot"
-
-    bot.engine.run = run  # type: ignore[method-assign]
-
-
-@pytest.mark.simcord(settle_timeout=120)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_signal_mid_render_stops_cleanly_and_the_job_resumes_exactly_once(
-    simcord_env, bot_settings: Settings, shared_tiny_models: Models, signum: int
-) -> None:
-    env = simcord_env
-    guild = env.create_guild("ghibli fans")
-    channel = guild.create_text_channel("animations")
-    alice = guild.add_member(env.create_user("alice"))
-    bot: EmakiBot = env.bot
-    signal_after_first_frame(bot, signum)
-    with stop_signals(bot) as stop:
-        await alice.slash(channel, "animate", prompt="a lantern floats up", frames=3, seed=6)
-        assert stop.is_set()
-        await bot.shutdown(grace_s=5)
-    assert bot.is_closed()
-
-    job = bot.store.job(1)
-    assert job["status"] == "running" and job["error"] is None  # not cancelled, not failed: as after a crash
-    frames = bot.store.frames(1)
-    assert [bool(f["path"]) for f in frames] == [True, False, False]  # stopped at the step after frame 1
-    first = Path(frames[0]["path"]).read_bytes()
-    assert results(channel) == []
-
-    await env.restart_bot(create_bot(bot_settings, models=shared_tiny_models))  # the next start
-    restarted: EmakiBot = env.bot
-    job = restarted.store.job(1)
-    assert job["status"] == "done" and job["post_state"] == "posted"
-    [posted] = results(channel)  # 0 lost, 0 doubled
-    assert posted.attachments[0].filename == "emaki-1.gif" and posted.id == job["result_message_id"]
-    assert Path(restarted.store.frames(1)[0]["path"]).read_bytes() == first  # resumed, not redone
-    assert len(restarted.store.recent_jobs(10)) == 1
-
-
-# --- `emaki jobs` says where each result stands in Discord ------------------------------------------
-@pytest.mark.simcord(settle_timeout=120)
-async def test_jobs_shows_a_result_discord_refused(
-    simcord_env, bot_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from emaki.cli import main
-
-    env = simcord_env
-    guild = env.create_guild("ghibli fans")
-    channel = guild.create_text_channel("animations")
-    alice = guild.add_member(env.create_user("alice"))
-    await alice.slash(channel, "animate", prompt="a windmill turns", frames=1, seed=2)
-    env.inject_error("POST", "/channels/*/messages", status=403, code=50013, message="Missing Permissions", times=None)
-    await alice.slash(channel, "animate", prompt="rain on a pond", frames=1, seed=3)
-    assert results(channel) != [] and env.bot.store.job(2)["post_state"] == "refused"
-
-    monkeypatch.setenv("EMAKI_DATA_DIR", str(bot_settings.data_dir))
-    capsys.readouterr()
-    assert main(["jobs", "--profile", "tiny"]) == 0
-    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
-    assert rows[0][:3] == ["id", "status", "post"]
-    assert [row[:3] for row in rows[1:]] == [
-        ["2", "done", "refused: 403 Missing Permissions"],  # stranded: not a plain `done`
-        ["1", "done", "posted"],
-    ]
-
-
-# --- the real process: `emaki bot` against a local stand-in for Discord ---------------------------------
+# --- a local stand-in for Discord, for a real `emaki bot` process ----------------------------------------
 class FakeDiscord:
     """Discord's REST API and gateway, just enough for `emaki bot` to log in, connect (READY + one server
     with one channel), sync its commands and post status messages and results, on a local port. SimCord
@@ -304,6 +109,7 @@ class FakeDiscord:
         self.messages: dict[int, dict] = {}
         self.posts: list[dict] = []  # every POST of a message, with the names of the files it carried
         self.identifies = 0
+        self.requests: list[tuple[str, str, str | None]] = []  # method, path, Authorization
         self._ids = 5000
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -326,6 +132,7 @@ class FakeDiscord:
 
     # REST (Content-Type exactly application/json, as Discord sends it: discord.py compares it verbatim)
     async def rest(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path, request.headers.get("Authorization")))
         if request.headers.get("Authorization") != f"Bot {self.token}":
             return as_json({"message": "401: Unauthorized", "code": 0}, status=401)
         path, method = request.path.removeprefix("/api/v10"), request.method
@@ -473,6 +280,152 @@ class FakeDiscord:
         return [post for post in self.posts if any(name.endswith(".gif") for name in post["files"])]
 
 
+def test_token_discord_rejects_is_one_line_and_exit_2_before_any_model_loads(tmp_path: Path) -> None:
+    with FakeDiscord(token="another bot's token") as discord_api:  # answers 401 to any other, as Discord does
+        env = discord_api.env | {"DISCORD_TOKEN": WELL_SHAPED, "EMAKI_DATA_DIR": str(tmp_path)}
+        run = emaki(["bot", "--profile", "tiny"], env, tmp_path)
+    assert run.rc == 2, run.err
+    assert run.err == [
+        "error: Discord refused DISCORD_TOKEN (401 Unauthorized): it was reset or mistyped; copy the current "
+        "token from the Bot page of your application at https://discord.com/developers/applications"
+    ]
+    assert discord_api.requests == [("GET", "/api/v10/users/@me", f"Bot {WELL_SHAPED}")]  # asked once, really
+    assert run.heavy == [] and WELL_SHAPED not in run.out + "".join(run.err)
+    assert not (tmp_path / "emaki.db").exists()
+
+
+def test_unreachable_discord_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/api/v10"  # nothing listens there: connection refused
+    env = {"DISCORD_TOKEN": WELL_SHAPED, "EMAKI_DATA_DIR": str(tmp_path), "EMAKI_DISCORD_API_BASE": closed}
+    run = emaki(["bot", "--profile", "tiny"], env, tmp_path)
+    assert run.rc == 2 and len(run.err) == 1, run.err
+    assert run.err[0].startswith(f"error: cannot reach Discord at {closed}: Cannot connect to host 127.0.0.1")
+    assert run.heavy == []
+
+
+# --- trivial commands never import torch ----------------------------------------------------------------
+def test_trivial_commands_do_not_import_torch(tmp_path: Path, settings: Settings) -> None:
+    from engine.worker import holding_job_lock
+
+    store = open_store(settings.data_dir)  # jobs to list: one done, one left running by a crash
+    for idea in ("a fox runs", "an owl sleeps"):
+        store.add_job(kind="animate", idea=idea, params={"frames": 1})
+    store.update_job(1, status="done")
+    store.update_job(2, status="running")
+    with holding_job_lock(settings.data_dir, 2):
+        pass  # its lock file exists and is free: `emaki jobs` must look at it to say "interrupted"
+    env = {"EMAKI_DATA_DIR": str(settings.data_dir), "EMAKI_PROFILE": "tiny"}
+    jobs = emaki(["jobs"], env, tmp_path)
+    assert jobs.rc == 0 and jobs.heavy == [], jobs.err
+    assert [line.split("\t")[:2] for line in jobs.out.splitlines()[1:]] == [["2", "interrupted"], ["1", "done"]]
+    for args in (["styles"], ["--help"], ["jobs", "--help"]):
+        run = emaki(args, env, tmp_path)
+        assert run.rc == 0 and run.heavy == [] and run.out, (args, run.err)
+
+
+# --- SIGTERM mid-render ---------------------------------------------------------------------------------
+@pytest.fixture
+def bot_settings(tmp_path: Path) -> Settings:
+    return load_settings(
+        profile="tiny",
+        data_dir=tmp_path / "data",
+        steps=4,
+        strength=0.5,
+        progress_edit_interval_s=0.0,
+        position_edit_interval_s=0.0,
+    )
+
+
+@pytest.fixture
+def simcord_bot(bot_settings: Settings, shared_tiny_models: Models) -> EmakiBot:
+    shared_tiny_models.use_style(None)
+    bot = create_bot(bot_settings, models=shared_tiny_models)
+    bot.post_retry_delays = (0.01, 0.01)
+    bot.outbox.retry_base_s = 0.01
+    return bot
+
+
+def results(channel) -> list[discord.Message]:
+    return [m for m in channel.history() if m.attachments and m.attachments[0].filename.endswith(".gif")]
+
+
+def signal_after_first_frame(bot: EmakiBot, signum: int) -> None:
+    """The process gets a real `signum` right after the job's first frame is stored; the render thread
+    then waits until the bot's handler has run, so the stop lands mid-render, never after the last frame."""
+    real_run = bot.engine.run
+
+    def run(job_id: int, *args: object, **kwargs: object) -> Iterator[object]:
+        for event in real_run(job_id, *args, **kwargs):
+            yield event
+            if isinstance(event, FrameDone) and event.index == 0:
+                os.kill(os.getpid(), signum)
+                assert bot.engine.stopping.wait(30), "the stop signal never reached the bot"
+
+    bot.engine.run = run  # type: ignore[method-assign]
+
+
+@pytest.mark.simcord(settle_timeout=120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_mid_render_stops_cleanly_and_the_job_resumes_exactly_once(
+    simcord_env, bot_settings: Settings, shared_tiny_models: Models, signum: int
+) -> None:
+    env = simcord_env
+    guild = env.create_guild("ghibli fans")
+    channel = guild.create_text_channel("animations")
+    alice = guild.add_member(env.create_user("alice"))
+    bot: EmakiBot = env.bot
+    signal_after_first_frame(bot, signum)
+    with stop_signals(bot) as stop:
+        await alice.slash(channel, "animate", prompt="a lantern floats up", frames=3, seed=6)
+        assert stop.is_set()
+        await bot.shutdown(grace_s=5)
+    assert bot.is_closed()
+
+    job = bot.store.job(1)
+    assert job["status"] == "running" and job["error"] is None  # not cancelled, not failed: as after a crash
+    frames = bot.store.frames(1)
+    assert [bool(f["path"]) for f in frames] == [True, False, False]  # stopped at the step after frame 1
+    first = Path(frames[0]["path"]).read_bytes()
+    assert results(channel) == []
+
+    await env.restart_bot(create_bot(bot_settings, models=shared_tiny_models))  # the next start
+    restarted: EmakiBot = env.bot
+    job = restarted.store.job(1)
+    assert job["status"] == "done" and job["post_state"] == "posted"
+    [posted] = results(channel)  # 0 lost, 0 doubled
+    assert posted.attachments[0].filename == "emaki-1.gif" and posted.id == job["result_message_id"]
+    assert Path(restarted.store.frames(1)[0]["path"]).read_bytes() == first  # resumed, not redone
+    assert len(restarted.store.recent_jobs(10)) == 1
+
+
+# --- `emaki jobs` says where each result stands in Discord ------------------------------------------
+@pytest.mark.simcord(settle_timeout=120)
+async def test_jobs_shows_a_result_discord_refused(
+    simcord_env, bot_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+
+    env = simcord_env
+    guild = env.create_guild("ghibli fans")
+    channel = guild.create_text_channel("animations")
+    alice = guild.add_member(env.create_user("alice"))
+    await alice.slash(channel, "animate", prompt="a windmill turns", frames=1, seed=2)
+    env.inject_error("POST", "/channels/*/messages", status=403, code=50013, message="Missing Permissions", times=None)
+    await alice.slash(channel, "animate", prompt="rain on a pond", frames=1, seed=3)
+    assert results(channel) != [] and env.bot.store.job(2)["post_state"] == "refused"
+
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(bot_settings.data_dir))
+    capsys.readouterr()
+    assert main(["jobs", "--profile", "tiny"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:3] == ["id", "status", "post"]
+    assert [row[:3] for row in rows[1:]] == [
+        ["2", "done", "refused: 403 Missing Permissions"],  # stranded: not a plain `done`
+        ["1", "done", "posted"],
+    ]
+
+
+# --- the real process ---------------------------------------------------------------------------------------
 def start_bot(data_dir: Path, discord_env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMAKI_") and k != "DISCORD_TOKEN"}
     env |= {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "EMAKI_DATA_DIR": str(data_dir)} | discord_env
