@@ -199,13 +199,17 @@ def stop_signals(bot: EmakiBot) -> Iterator[asyncio.Event]:
 
 async def _load(bot: EmakiBot, stop: asyncio.Event) -> None:
     """Load the models on a thread of their own, so a stop signal is still heard meanwhile. The thread
-    is a daemon: a stop during the load exits without waiting for it (nothing is written while loading)."""
+    is a daemon: a stop during the load exits without waiting for it (no job runs and the store is not
+    written before the models are loaded)."""
+    if bot.engine.settings.ray_address:
+        bot.engine.warm()  # cluster mode: Ray starts its client on the main thread, as it always did here
+        return
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
     def warm() -> None:
         try:
-            bot.engine.warm()  # every renderer, in cluster mode: the first job should not wait
+            bot.engine.warm()  # before connecting: the first job should not wait
         except BaseException as exc:  # noqa: BLE001 (handed to the event loop, raised there)
             failure = exc
             loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(failure))
