@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import threading
@@ -12,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import discord
-import yarl
 from discord.ext import commands, tasks
 
 from bot import render
 from bot.buttons import result_view
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
+from bot.service import post_state, use_endpoints
 from engine.errors import EmakiError, InvalidRequest
 from engine.events import Failed, Requeued
 from engine.jobs import JobQueue
@@ -95,6 +96,26 @@ class EmakiBot(commands.Bot):
         self.finish_status_messages()
         if not self.repost_sweep.is_running():
             self.repost_sweep.start()
+
+    def begin_stop(self) -> None:
+        """The process is stopping: no job starts any more, and the running one stops at its next step
+        with its row left `running` (resumed at the next start, as after a crash). Returns at once."""
+        self.engine.stopping.set()
+        self.queue.workers = 0  # no free slot: kick() starts nothing, not even when the running job ends
+
+    async def shutdown(self, grace_s: float) -> None:
+        """A clean stop (SIGTERM): the running job ends at its next step, results being posted get
+        `grace_s` to land, then Discord is closed. Whatever is still in flight after that is left as a
+        crash leaves it (a post marked `sending` is looked for in the channel at the next start)."""
+        self.begin_stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.queue.idle(), grace_s)
+        pending = {task for task in self._background if not task.done()}
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace_s)
+            for task in late:
+                task.cancel()
+        await self.close()
 
     async def close(self) -> None:
         if self.repost_sweep.is_running():
@@ -424,13 +445,6 @@ class EmakiBot(commands.Bot):
 StatusFields = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
-def post_state(job: dict[str, Any]) -> str:
-    """pending | sending | posted | refused | failed (rows from before the column: from `posted`)."""
-    if job.get("post_state"):
-        return str(job["post_state"])
-    return {1: "posted", -1: "refused"}.get(job.get("posted") or 0, "pending")
-
-
 def result_filename(job_id: int) -> str:
     return f"emaki-{job_id}.gif"
 
@@ -454,18 +468,12 @@ def create_bot(
     that already holds warm models (tests, a restart in-process) hand them over; `renderers` a pool
     of renderers already started (tests: one Ray pool for the whole session)."""
     settings = settings or load_settings()
-    if settings.discord_api_base:  # a REST proxy in front of Discord
-        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
-    if settings.discord_gateway:
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway)
+    use_endpoints(settings)  # a REST proxy / gateway in front of Discord, when set
     return EmakiBot(settings, models=models, renderers=renderers)
 
 
 def run_bot(settings: Settings) -> None:
-    if not settings.discord_token:
-        raise EmakiError(
-            "DISCORD_TOKEN is not set: create a bot at https://discord.com/developers and export its token"
-        )
-    bot = create_bot(settings)
-    bot.engine.warm()  # before connecting (every renderer, in cluster mode): the first job should not wait
-    bot.run(settings.discord_token, log_handler=logging.StreamHandler(), log_level=logging.INFO, root_logger=True)
+    """`emaki bot`: see bot/service.py (token checked first, start-up lines, SIGTERM as a clean stop)."""
+    from bot.service import run
+
+    run(settings, quiet=lambda: None)

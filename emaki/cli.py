@@ -1,4 +1,4 @@
-"""`emaki animate | jobs | resume | redo | styles | train | evaluate | models | doctor | bot`: the parser and
+"""`emaki animate | jobs | resume | redo | styles | train | evaluate | models | doctor | bot | health`: the parser and
 the error boundary.
 
 Each subcommand lives in its own module (`emaki/*_cmd.py`) with its `add_parser`.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from emaki import animate_cmd, bot_cmd, invite_cmd, jobs_cmd, models_cmd, styles_cmd, train_cmd
+from emaki.common import quiet_environment, quiet_libraries
 from engine.errors import EmakiError
 
 log = logging.getLogger("emaki")
@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()  # imports no model library (training/options.py holds the trainer's choices)
     args = parser.parse_args(argv)
     if not args.verbose:
-        _quiet_libraries()  # before the subcommand imports torch, diffusers or transformers
+        quiet_environment()
+        if not getattr(args, "light", False):  # `jobs`, `styles`, `bot` quiet them only once they need them
+            quiet_libraries(args)  # before the subcommand imports torch, diffusers or transformers
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -70,37 +72,3 @@ def _version() -> str:
         return metadata.version("emaki")
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
-
-
-# Loggers of libraries whose progress bars and advice interleave with emaki's own bars.
-LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "httpx", "torch")
-
-
-def _quiet_libraries() -> None:
-    """Only emaki's own lines and bars on the terminal (`-v` keeps the libraries' too).
-
-    The environment variables cover what the libraries decide at import time (transformers warns
-    about a missing torchvision while importing an image processor). Python warnings (deprecations,
-    "should be kept in float32") are advice to emaki's developers, not to the person running a command."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-    # Their progress bars ("Loading pipeline components", "Loading weights") are switched by a call,
-    # not by the environment; the logging modules import without the models.
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    disable_progress_bars()
-    # After the imports: each library sets its own logger's level when it is first imported.
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -81,3 +82,44 @@ def existing_store(settings: Settings) -> Any:
 
 def user_name() -> str:
     return os.environ.get("USER", "cli")
+
+
+# Loggers of libraries whose progress bars and advice interleave with emaki's own bars.
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "httpx", "torch")
+
+
+def quiet_environment() -> None:
+    """What the libraries decide at import time (transformers warns about a missing torchvision while
+    importing an image processor), set without importing them. Python warnings (deprecations, "should
+    be kept in float32") are advice to emaki's developers, not to the person running a command."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+
+
+def quiet_libraries(args: argparse.Namespace | None = None) -> None:
+    """Only emaki's own lines and bars on the terminal (`-v` keeps the libraries' too). Imports the
+    libraries' logging modules, which imports torch: a command that prints a table without the models
+    (`jobs`, `styles`, `bot` before its token is checked) calls it only once it needs them."""
+    if args is not None and getattr(args, "verbose", False):
+        return
+    quiet_environment()
+    # Their progress bars ("Loading pipeline components", "Loading weights") are switched by a call,
+    # not by the environment.
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    disable_progress_bars()
+    # After the imports: each library sets its own logger's level when it is first imported.
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

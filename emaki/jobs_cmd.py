@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emaki.animate_cmd import Output, add_output_options, plan_output, read_meta, render_job, start_engine, write_meta
-from emaki.common import check_data_dir, existing_store, settings_from_args, user_name
+from emaki.common import check_data_dir, existing_store, quiet_libraries, settings_from_args, user_name
 from engine.errors import InvalidRequest
 from engine.settings import MAX_SEED, Settings
 
@@ -22,11 +22,25 @@ MAX_LISTED = 1000
 
 def shown_status(settings: Settings, job: dict[str, Any]) -> str:
     """A `running` row no process is rendering was interrupted (Ctrl-C, kill -9, a crash)."""
-    from engine.worker import is_rendering
+    from engine.job_lock import is_rendering  # not engine.worker: listing jobs must not import torch
 
     if job["status"] == "running" and not is_rendering(settings.data_dir, job["id"]):
         return "interrupted"
     return job["status"]
+
+
+def shown_post(job: dict[str, Any]) -> str:
+    """Where the bot's result stands in Discord: a result Discord refused (403) is stranded, not `done`.
+    `-` for a job nothing posts (a CLI job, a training, one that did not finish)."""
+    from bot.service import post_state  # no discord.py, no torch
+
+    if job["kind"] != "animate" or not job.get("channel_id") or job["status"] != "done":
+        return "-"
+    state = post_state(job)
+    reason = (job.get("post_error") or "").splitlines()[0] if job.get("post_error") else ""
+    if state in ("refused", "failed") and reason:
+        return f"{state}: {reason}"
+    return state
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -35,18 +49,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--limit must be between 1 and {MAX_LISTED} (got {args.limit})")
     store = existing_store(settings)
     if args.purge:
+        quiet_libraries(args)  # engine.retention deletes through engine.worker, which imports the model libraries
         return _purge(settings, store)
     jobs = store.recent_jobs(args.limit) if store is not None else []
     if not jobs:
         print(f"no jobs yet in {settings.data_dir}")
         return 0
-    print("id\tstatus\twhen\tidea\terror")
+    print("id\tstatus\tpost\twhen\tidea\terror")
     for job in jobs:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
         idea = job["idea"] if len(job["idea"]) <= 50 else job["idea"][:49] + "…"
         error = (job["error"] or "-").splitlines()[0]
         purged = " (files deleted)" if job.get("purged_at") else ""
-        print(f"{job['id']}\t{shown_status(settings, job)}{purged}\t{when}\t{idea}\t{error}")
+        post = shown_post(job)
+        print(f"{job['id']}\t{shown_status(settings, job)}{purged}\t{post}\t{when}\t{idea}\t{error}")
     print_workers(store)
     return 0
 
@@ -156,7 +172,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         action="store_true",
         help="delete the files of jobs finished more than EMAKI_KEEP_DAYS days ago (rows stay), as the bot does daily",
     )
-    jobs.set_defaults(func=cmd_jobs)
+    jobs.set_defaults(func=cmd_jobs, light=True)  # a table: torch only for --purge
 
     resume = sub.add_parser(
         "resume",

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from emaki.common import existing_store, settings_from_args
+from emaki.common import existing_store, quiet_libraries, settings_from_args
 from engine.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ def cmd_styles(args: argparse.Namespace) -> int:
     # Read-only until a change is accepted: a refused command leaves no data dir and no database.
     store = existing_store(settings)
     if args.action == "add":
+        quiet_libraries(args)  # reading a style file imports the model libraries; listing does not
         _check_name_and_trigger(args.name, args.trigger)
     if args.action == "add" and args.from_run:
         from training.service import register_saved_step, style_dir
@@ -122,4 +123,4 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     add.add_argument("--replace", action="store_true", help="replace an existing style of the same name")
     remove = styles_sub.add_parser("remove", parents=[common], help="unregister a style (its file stays)")
     remove.add_argument("name")
-    styles.set_defaults(func=cmd_styles, action="list")
+    styles.set_defaults(func=cmd_styles, action="list", light=True)  # quiets the libraries itself for `add`

@@ -15,8 +15,6 @@ renders a job it holds the job's lock file, which is how a `running` row left by
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -33,6 +31,7 @@ from engine.animate import FramePlan, frame_seed
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started, StepProgress, StoryReady
 from engine.interpolate import Inbetweener, warping_error
+from engine.job_lock import holding_job_lock, is_rendering, job_lock_path  # noqa: F401 (their old home)
 from engine.media import encode_gif
 from engine.models import Models, StyleRef
 from engine.motion import clip_images as motion_clip_images
@@ -66,37 +65,6 @@ def save_png_atomic(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def job_lock_path(data_dir: Path, job_id: int) -> Path:
-    return data_dir / "jobs" / f"{job_id}.lock"
-
-
-@contextlib.contextmanager
-def holding_job_lock(data_dir: Path, job_id: int) -> Iterator[bool]:
-    """An advisory lock held while a process renders the job (yields False when another holds it).
-    The OS drops it when the process dies however it dies (kill -9 included), so a `running` row
-    whose lock is free is a job that was interrupted, and two processes never render one job."""
-    path = job_lock_path(data_dir, job_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def is_rendering(data_dir: Path, job_id: int) -> bool:
-    """Whether some process (this one included) is rendering the job right now."""
-    if not job_lock_path(data_dir, job_id).exists():
-        return False
-    with holding_job_lock(data_dir, job_id) as free:
-        return not free
-
-
 class Engine:
     def __init__(
         self,
@@ -111,6 +79,9 @@ class Engine:
         self.models = models or Models(settings)
         self.story = story or StoryTeller(settings)
         self._renderers = renderers
+        # Set when the process is asked to stop (SIGTERM): the running job stops at its next step and
+        # its row stays `running`, exactly as after a crash, so the next start resumes it.
+        self.stopping = threading.Event()
 
     @property
     def renderers(self) -> Renderers:
@@ -209,7 +180,11 @@ class Engine:
     ) -> Iterator[Event]:
         """Render a job's frames, yielding events; ends after the last FrameDone, or with Failed.
         Never raises for job errors. Call `finish` afterwards for the GIF."""
-        cancelled = cancel.is_set if cancel is not None else (lambda: False)
+        asked = cancel.is_set if cancel is not None else (lambda: False)
+
+        def cancelled() -> bool:
+            return asked() or self.stopping.is_set()
+
         with holding_job_lock(self.settings.data_dir, job_id) as mine:
             if not mine:
                 # Another process renders it and will write its end: the row must read `running`,
@@ -219,18 +194,25 @@ class Engine:
                 return
             self.store.update_job(job_id, status="running", started_at=now(), error=None)
             yield Started(job_id)
-            yield from self._run_guarded(job_id, cancelled, on_step)
+            yield from self._run_guarded(job_id, cancelled, on_step, asked)
 
     def _run_guarded(
-        self, job_id: int, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
+        self,
+        job_id: int,
+        cancelled: Callable[[], bool],
+        on_step: Callable[[StepProgress], None] | None,
+        asked: Callable[[], bool] = lambda: False,
     ) -> Iterator[Event]:
         try:
             yield from self._run(job_id, cancelled, on_step)
         except JobCancelled:
+            if self.stopping.is_set() and not asked():  # the process stops, not the owner: resumable
+                yield Requeued(job_id, "the process is stopping; the job resumes at the next start")
+                return
             self.store.update_job(job_id, status="cancelled", finished_at=now(), error="cancelled")
             yield Failed(job_id, "cancelled")
         except WorkerLost as exc:
-            yield self._worker_lost(job_id, exc, cancelled())
+            yield self._worker_lost(job_id, exc, asked())
         except EmakiError as exc:
             self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
             yield Failed(job_id, str(exc))

@@ -262,3 +262,32 @@ def test_kill_9_leaves_a_job_that_resumes(tiny_env: Path, capsys: pytest.Capture
     assert capsys.readouterr().out.strip() == str(tiny_env / "fox.gif")
     assert sha(tiny_env / "fox_frames" / "frame_01.png") == kept
     assert len(frame_hashes(tiny_env / "fox_frames")) == 3 and jobs_table(capsys)[0][:2] == ["1", "done"]
+
+
+def test_jobs_shows_each_results_post_state(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rows as the bot leaves them (bot/client.py `_record_posted`, `_post_not_taken`, `_post_result`):
+    an operator sees a stranded result, and why, instead of a plain `done`."""
+    from engine.store import open_store
+
+    store = open_store(tiny_env / "data")
+    bot_job = {"kind": "animate", "params": {"frames": 1}, "channel_id": 42, "status": "done"}
+    states = [
+        dict(posted=1, post_state="posted", result_message_id=7),
+        dict(posted=-1, post_state="refused", post_error="403 Missing Permissions", post_attempts=1),
+        dict(posted=0, post_state="pending", post_error="503 Service Unavailable"),
+        dict(posted=-1, post_state="failed", post_error="its files are gone (frame_01.png)"),
+        dict(posted=-1),  # a row from before the post_state column: refused, with no reason recorded
+    ]
+    for n, fields in enumerate(states):
+        store.add_job(idea=f"bot job {n}", **bot_job, **fields)
+    store.add_job(kind="animate", idea="a cli job", params={"frames": 1}, status="done")  # nothing to post
+    store.add_job(kind="animate", idea="still queued", params={"frames": 1}, channel_id=42)
+    assert [row[:3] for row in reversed(jobs_table(capsys))] == [
+        ["1", "done", "posted"],
+        ["2", "done", "refused: 403 Missing Permissions"],
+        ["3", "done", "pending"],
+        ["4", "done", "failed: its files are gone (frame_01.png)"],
+        ["5", "done", "refused"],
+        ["6", "done", "-"],
+        ["7", "queued", "-"],
+    ]
