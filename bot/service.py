@@ -227,12 +227,33 @@ async def _load(bot: EmakiBot, stop: asyncio.Event) -> None:
     done.result()
 
 
+def models_on_disk(settings: Settings) -> list[str]:
+    """Before any job can be accepted: the safety checker, which screens every frame outside age-restricted
+    channels, must be on disk (else one line naming `emaki models pull`, and the bot does not start); a
+    missing model that only one feature needs turns that feature off, said in a line. Files only: nothing
+    is loaded or downloaded here. (The base, ControlNet, depth estimator and story LLM are found, or refused
+    in one line, as they load.)"""
+    from engine import model_files, safety
+    from engine.errors import ModelLoadError
+
+    safety.require(settings)
+    notes = []
+    for spec in (model_files.captioner_spec(settings), model_files.clip_spec(settings)):
+        try:
+            model_files.resolve(spec)
+        except ModelLoadError as exc:
+            notes.append(f"note: {model_files.OPTIONAL_ROLES[spec.setting]} is off: {exc}")
+    return notes
+
+
 async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> None:
     """Log in, load, connect, and run until a stop signal; then stop cleanly. `quiet` silences the model
     libraries' own output; it is called once the token is accepted, just before they are imported."""
     user = await check_login(settings, token)
     user = user if isinstance(user, dict) else {}
     say(f"Discord accepted the token: {user.get('username', '?')} (id {user.get('id', '?')})")
+    for line in models_on_disk(settings):
+        say(line)
     quiet()
     from bot.client import create_bot  # torch, diffusers, transformers: only now
 
@@ -248,7 +269,8 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
         try:
             say(
                 f"loading models ({settings.profile} profile: base {settings.base_model}, "
-                f"ControlNet {settings.controlnet_model}, depth {settings.depth_model})…"
+                f"ControlNet {settings.controlnet_model}, depth {settings.depth_model}, "
+                f"safety checker {settings.safety_model})…"
             )
             started = time.monotonic()
             try:

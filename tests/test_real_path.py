@@ -232,6 +232,22 @@ async def test_train_in_discord_on_cached_sd15_models(world, bot_settings: Setti
     assert store.job(2)["status"] == "done"
 
 
+def test_the_bot_refuses_to_start_without_its_safety_checker(
+    hub: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`emaki bot` checks the files before it accepts any job: the checker is required, the captioner and
+    the CLIP model only turn their feature off, each said in one line."""
+    from bot.service import models_on_disk
+    from engine.errors import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub.cache))
+    assert models_on_disk(load_settings(profile="sd15", data_dir=tmp_path)) == []
+    notes = models_on_disk(load_settings(profile="sd15", data_dir=tmp_path, captioner_model="Salesforce/nope"))
+    assert len(notes) == 1 and notes[0].startswith("note: --autocaption is off: captioner") and "pull" in notes[0]
+    with pytest.raises(ModelLoadError, match=r"safety checker .* is not downloaded .* run `emaki models pull`"):
+        models_on_disk(load_settings(profile="sd15", data_dir=tmp_path, safety_model="CompVis/nope"))
+
+
 def test_the_check_says_what_to_run_when_the_safety_checker_is_missing(hub: SimpleNamespace, tmp_path: Path) -> None:
     check = emaki(hub, tmp_path / "data", "models", "check", EMAKI_SAFETY_MODEL="CompVis/not-downloaded")
     assert check.returncode == 1

@@ -482,9 +482,8 @@ def test_the_real_process_starts_tells_where_it_renders_and_stops_on_sigterm_mid
         lines = out.splitlines()
         assert lines[0] == "Discord accepted the token: emaki (id 1001)"
         assert lines[1] == "rendering on cpu (float32)"  # this machine: no GPU, a CPU torch build
-        assert lines[2] == "loading models (tiny profile: base tiny, ControlNet tiny, depth tiny)…" and lines[
-            3
-        ].startswith("models loaded in ")
+        loading = "loading models (tiny profile: base tiny, ControlNet tiny, depth tiny, safety checker tiny)…"
+        assert lines[2] == loading and lines[3].startswith("models loaded in ")
         assert lines[4] == "ready: connected as emaki to 1 server(s)"
         assert lines[5:] == ["SIGTERM: stopping (the running job resumes at the next start)", "stopped"]
         assert err.count("logging in using static token") == 1  # our one log handler, not discord.py's too
