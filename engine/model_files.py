@@ -208,8 +208,10 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
     if kind == "file":
         if not spec.pipeline:
             raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': only the base model can be one file")
-        config = resolve_config(spec, config_ref, cache_dir)
-        return Resolved(spec, Path(spec.ref).expanduser(), None, config)
+        path = Path(spec.ref).expanduser()
+        if spec.setting == "base_model":  # its own keys say its family: before asking for a config
+            refuse_other_family(spec, path, single_file=True)
+        return Resolved(spec, path, None, resolve_config(spec, config_ref, cache_dir))
     if kind == "folder":
         folder = Path(spec.ref).expanduser()
     else:
@@ -226,7 +228,72 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         raise not_found(spec, f"hub cache {cache_dir}", f"is only partly downloaded: {problem}")
     if problem:
         raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {problem} in {folder}")
+    if spec.setting == "base_model":
+        refuse_other_family(spec, folder, single_file=False)
     return Resolved(spec, folder, variant)
+
+
+# --- which model family a base model is (read from its files, never guessed from its name) -----------
+FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL-class", "sd3": "SD3", "flux": "Flux"}
+# model_index.json's pipeline class -> family (SD2 shares SD1.5's class: told apart by its UNet's width).
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionImg2ImgPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+# A single file's key prefixes (original layouts) -> family, most specific first.
+CHECKPOINT_FAMILIES = (
+    ("conditioner.embedders.", "sdxl"),
+    ("model.diffusion_model.joint_blocks.", "sd3"),
+    ("double_blocks.", "flux"),
+    ("model.diffusion_model.double_blocks.", "flux"),
+    ("cond_stage_model.model.", "sd2"),  # OpenCLIP text encoder
+    ("cond_stage_model.transformer.", "sd15"),
+)
+
+
+def base_family(path: Path, single_file: bool) -> tuple[str, str]:
+    """(family, the evidence): from model_index.json and the UNet's config for a folder, from the key names
+    of a `.safetensors` (its header only) for a single file. ("", "") when the files do not say."""
+    import json
+
+    if single_file:
+        if path.suffix != ".safetensors":
+            return "", ""  # a .ckpt can only be read by unpickling it: the loader will say
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+        for prefix, family in CHECKPOINT_FAMILIES:
+            if any(k.startswith(prefix) for k in keys):
+                return family, f"its keys include {prefix}*"
+        return "", ""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        unet = json.loads((path / "unet" / "config.json").read_text()) if (path / "unet").is_dir() else {}
+    except (OSError, ValueError):
+        return "", ""
+    pipeline = str(index.get("_class_name", ""))
+    family = PIPELINE_FAMILIES.get(pipeline, "")
+    if unet.get("addition_embed_type") == "text_time":
+        family = "sdxl"
+    elif family == "sd15" and unet.get("cross_attention_dim") == 1024:
+        family = "sd2"
+    return family or pipeline, f"model_index.json names {pipeline}" if pipeline else ""
+
+
+def refuse_other_family(spec: ModelSpec, path: Path, single_file: bool) -> None:
+    """This bot renders SD1.5: a base of another family is one line naming the family its files show."""
+    family, evidence = base_family(path, single_file)
+    if family and family != "sd15":
+        name = FAMILY_NAMES.get(family, family)
+        raise ModelLoadError(
+            f"{spec.role} '{spec.ref}' is of the {name} family ({evidence}); this bot renders SD1.5: "
+            "set EMAKI_BASE_MODEL to an SD1.5 model (hub id, diffusers folder or single file)"
+        )
 
 
 def resolve_config(spec: ModelSpec, config_ref: str, cache_dir: Path) -> Path:
