@@ -306,6 +306,23 @@ def read_sidecar(path: str) -> dict[str, Any]:
     params, frames, models = data.get("params"), data.get("frames"), data.get("models")
     if not isinstance(params, dict) or not isinstance(frames, list) or not isinstance(models, dict):
         raise InvalidRequest(f"sidecar {path} lacks its params, frames or models")
+    # Types first, so a tampered value is one line here, never a traceback (or a list's repr as the idea).
+    if not isinstance(data.get("idea"), str):
+        raise InvalidRequest(f"sidecar {path}: the idea must be text")
+    if not isinstance(params.get("style") or "", str):
+        raise InvalidRequest(f"sidecar {path}: params.style must be a style name (text)")
+    style = data.get("style")
+    if style is not None and not (
+        isinstance(style, dict)
+        and isinstance(style.get("name"), str)
+        and style["name"].strip()
+        and isinstance(style.get("sha256") or "", str)
+        and (
+            style.get("weight") is None
+            or (isinstance(style["weight"], int | float) and not isinstance(style["weight"], bool))
+        )
+    ):
+        raise InvalidRequest(f"sidecar {path}: style must be null or an object with a name (and its sha256, weight)")
     for i, frame in enumerate(frames):
         if not isinstance(frame, dict) or frame.get("idx") != i or not isinstance(frame.get("prompt"), str):
             raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no recipe")
@@ -478,13 +495,17 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     if args.profile and pinned["profile"] and args.profile != pinned["profile"]:
         raise InvalidRequest(f"the sidecar was made with --profile {pinned['profile']}, not {args.profile}")
     pinned["profile"] = args.profile or pinned["profile"]
+    if pinned["profile"] == "tiny":
+        # The tiny profile builds its own random-weight models whatever a sidecar names: pinning a
+        # (tampered) base_model would only copy it into the new sidecar as if it had rendered.
+        pinned = {k: v for k, v in pinned.items() if k not in ("base_model", "controlnet_model", "depth_model")}
     settings = settings_from_args(args, **pinned)
     recorded = sidecar["params"]
     names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
     recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate", "motion")
     recorded_keys = (*recorded_keys, "motion_depth")
     options = {k: recorded.get(k) for k in recorded_keys}
-    return settings, str(sidecar.get("idea", "")), options, sidecar
+    return settings, sidecar["idea"], options, sidecar
 
 
 def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any]]:

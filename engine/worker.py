@@ -266,12 +266,20 @@ class Engine:
                 f"at least {self.settings.min_free_bytes // 2**20} MiB are needed"
             )
 
-    def _style(self, name: str) -> StyleRef | None:
+    def _style(self, name: str, style_id: str = "") -> StyleRef | None:
+        """The style the job was asked with. A job holds it by identity (`style_id`, the row's uid when
+        it was queued): a row of that name registered since (another server's, or new weights) is not
+        it, and the job fails rather than render with weights nobody chose. Jobs from before uids
+        (no `style_id`) go by name, as they always did."""
         if not name:
             return None
         row = self.store.style(name)
         if row is None:
             raise InvalidRequest(f"unknown style '{name}': it was removed after the job was queued")
+        if style_id and row.get("uid") != style_id:
+            raise InvalidRequest(
+                f"the style '{name}' was removed or replaced after the job was queued: ask again to use the current one"
+            )
         return StyleRef(
             name=row["name"],
             path=row["path"],
@@ -328,7 +336,7 @@ class Engine:
             raise InvalidRequest(f"job {job_id} does not exist")
         params = AnimationParams.from_dict(job["params"])
         self._check_disk()
-        style = self._style(params.style)
+        style = self._style(params.style, params.style_id)
         plans, source = self._plan(job_id, params, style)
         yield StoryReady(job_id, [p.prompt for p in plans], source)
 
