@@ -306,8 +306,21 @@ def read_sidecar(path: str) -> dict[str, Any]:
     params, frames, models = data.get("params"), data.get("frames"), data.get("models")
     if not isinstance(params, dict) or not isinstance(frames, list) or not isinstance(models, dict):
         raise InvalidRequest(f"sidecar {path} lacks its params, frames or models")
-    # Types first, so a tampered value is one line here, never a traceback (or a list's repr as the idea).
-    if not isinstance(data.get("idea"), str):
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, dict) or frame.get("idx") != i or not isinstance(frame.get("prompt"), str):
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no recipe")
+        seed = frame.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid seed")
+        if not isinstance(frame.get("style"), str):
+            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid style")
+        for name in ("steps", "guidance", "strength"):
+            try:
+                check_value(name, frame.get(name))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"sidecar {path}: frame {i + 1}: {exc}") from None
+    # Each value's type, so a tampered one is one line here, never a traceback (or a list's repr as the idea).
+    if not isinstance(data.get("idea", ""), str):
         raise InvalidRequest(f"sidecar {path}: the idea must be text")
     if not isinstance(params.get("style") or "", str):
         raise InvalidRequest(f"sidecar {path}: params.style must be a style name (text)")
@@ -323,19 +336,6 @@ def read_sidecar(path: str) -> dict[str, Any]:
         )
     ):
         raise InvalidRequest(f"sidecar {path}: style must be null or an object with a name (and its sha256, weight)")
-    for i, frame in enumerate(frames):
-        if not isinstance(frame, dict) or frame.get("idx") != i or not isinstance(frame.get("prompt"), str):
-            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no recipe")
-        seed = frame.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid seed")
-        if not isinstance(frame.get("style"), str):
-            raise InvalidRequest(f"sidecar {path}: frame {i + 1} has no valid style")
-        for name in ("steps", "guidance", "strength"):
-            try:
-                check_value(name, frame.get(name))
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"sidecar {path}: frame {i + 1}: {exc}") from None
     return data
 
 
@@ -505,7 +505,7 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate", "motion")
     recorded_keys = (*recorded_keys, "motion_depth")
     options = {k: recorded.get(k) for k in recorded_keys}
-    return settings, sidecar["idea"], options, sidecar
+    return settings, sidecar.get("idea", ""), options, sidecar
 
 
 def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any]]:
