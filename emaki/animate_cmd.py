@@ -392,6 +392,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
     from tqdm import tqdm
 
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
+    from engine.worker import disk_errors_as_one_line
 
     quiet = args.quiet
     total = engine.store.job(job_id)["params"]["frames"]
@@ -410,40 +411,42 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
         bar.refresh()
 
     args.interrupt_hint = f"job {job_id} stopped; continue it with: emaki resume {job_id}"
-    try:
-        with tqdm(total=1, desc="story", disable=quiet, file=sys.stderr) as story_bar:
-            events = engine.run_to_end(job_id, on_step=on_step)
+    # A full (or read-only) disk, here or in the worker: one line that says how to go on, never a traceback.
+    with disk_errors_as_one_line(f", then continue with: emaki resume {job_id}"):
+        try:
+            with tqdm(total=1, desc="story", disable=quiet, file=sys.stderr) as story_bar:
+                events = engine.run_to_end(job_id, on_step=on_step)
+                for event in events:
+                    if isinstance(event, StoryReady):
+                        story_bar.set_postfix_str(event.backend)
+                        story_bar.update(1)
+                        if event.backend != "recorded":
+                            write_meta(engine.settings, job_id, story=story_record(engine.settings, event.backend))
+                        break
+                    if isinstance(event, Failed):
+                        raise EmakiError(event.reason)
+            if not quiet:
+                for i, row in enumerate(engine.store.frames(job_id), 1):
+                    print(f"  {i}. {row['prompt']}", file=sys.stderr)
+            finished = False
             for event in events:
-                if isinstance(event, StoryReady):
-                    story_bar.set_postfix_str(event.backend)
-                    story_bar.update(1)
-                    if event.backend != "recorded":
-                        write_meta(engine.settings, job_id, story=story_record(engine.settings, event.backend))
-                    break
-                if isinstance(event, Failed):
+                if isinstance(event, FrameDone) and bar is not None:
+                    bar.close()
+                    bar = None
+                elif isinstance(event, Failed):
                     raise EmakiError(event.reason)
-        if not quiet:
-            for i, row in enumerate(engine.store.frames(job_id), 1):
-                print(f"  {i}. {row['prompt']}", file=sys.stderr)
-        finished = False
-        for event in events:
-            if isinstance(event, FrameDone) and bar is not None:
+                elif isinstance(event, Finished):
+                    finished = True
+            if not finished:
+                raise EmakiError(f"job {job_id} ended without an animation")
+        finally:
+            if bar is not None:
                 bar.close()
-                bar = None
-            elif isinstance(event, Failed):
-                raise EmakiError(event.reason)
-            elif isinstance(event, Finished):
-                finished = True
-        if not finished:
-            raise EmakiError(f"job {job_id} ended without an animation")
-    finally:
-        if bar is not None:
-            bar.close()
-    args.interrupt_hint = f"job {job_id} is rendered; write its files with: emaki resume {job_id}"
-    with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
-        path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
-        media_bar.update(1)
-    return path
+        args.interrupt_hint = f"job {job_id} is rendered; write its files with: emaki resume {job_id}"
+        with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
+            path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
+            media_bar.update(1)
+        return path
 
 
 def story_record(settings: Settings, backend: str) -> dict[str, Any]:

@@ -48,14 +48,14 @@ def machine_error(path: Path, exc: sqlite3.Error) -> StoreError | None:
     if not name.startswith(MACHINE_ERRORS):
         return None
     if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")):
-        why = "the data dir is read-only or not accessible to this user"
+        why = "the data dir is read-only or not this user's: make it writable"
     elif name.startswith("SQLITE_FULL"):
         why = "the disk is full: free some space"
     elif name.startswith("SQLITE_BUSY"):
-        why = f"another process held it for more than {BUSY_TIMEOUT_MS // 1000} s"
+        why = f"another process held it for more than {BUSY_TIMEOUT_MS // 1000} s: let it finish"
     else:
-        why = "the disk refused a read or write"
-    return StoreError(f"the database {path} cannot be used ({exc}): {why}, then run the command again")
+        why = "the disk refused a read or write: check it"
+    return StoreError(f"cannot use the database {path} ({exc}): {why}")
 
 
 class Store:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -42,7 +43,7 @@ from engine.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSp
 from engine.retention import purged_reason
 from engine.safety import screen_frame
 from engine.settings import Settings
-from engine.store import Store, now
+from engine.store import Store, StoreError, now
 from engine.story import StoryTeller
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,49 @@ METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timi
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half file that looks like a result."""
+    """Write via a temp file and rename, so a crash never leaves a half file that looks like a result.
+    A write the disk refuses (full) takes its half temp file away: it would hold the space freed for a resume."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    try:
+        image.save(tmp, format="PNG")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+# A full disk, a full quota, a file system remounted read-only: the machine's state, not a bug.
+DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "make it writable"}
+
+
+def disk_error(exc: BaseException, hint: str = "") -> ResourceError | None:
+    """The one line for an OSError the disk caused (None for any other error); `hint` says how to go on."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return ResourceError(f"{os.strerror(exc.errno)}{where}: {DISK_ERRNOS[exc.errno]}{hint}")
+
+
+@contextlib.contextmanager
+def disk_errors_as_one_line(hint: str = "") -> Iterator[None]:
+    """OSErrors of a full or read-only disk as ResourceError (one line at every front door)."""
+    try:
+        yield
+    except OSError as exc:
+        error = disk_error(exc, hint)
+        if error is None:
+            raise
+        raise error from None
 
 
 def job_lock_path(data_dir: Path, job_id: int) -> Path:
@@ -231,14 +265,32 @@ class Engine:
             yield Failed(job_id, "cancelled")
         except WorkerLost as exc:
             yield self._worker_lost(job_id, exc, cancelled())
+        except StoreError as exc:  # the database refused a write mid-job (a full disk): the frames stay
+            reason = f"{exc}, then resume job {job_id}"
+            self._record_failure(job_id, reason)
+            yield Failed(job_id, reason)
         except EmakiError as exc:
-            self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
+            self._record_failure(job_id, str(exc))
             yield Failed(job_id, str(exc))
         except Exception as exc:  # one bad job must not stop the queue
+            full = disk_error(exc, f", then resume job {job_id}")
+            if full is not None:  # the machine's fault, not the job's: one line, and it stays resumable
+                self._record_failure(job_id, str(full))
+                yield Failed(job_id, str(full))
+                return
             log.exception("job %s failed", job_id)
             reason = f"internal error ({type(exc).__name__}); the admin can find details in the bot's log"
-            self.store.update_job(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
+            self._record_failure(job_id, reason, error=f"{type(exc).__name__}: {exc}")
             yield Failed(job_id, reason)
+
+    def _record_failure(self, job_id: int, reason: str, error: str | None = None) -> None:
+        """Mark the job failed. On a full or read-only disk the row may not take the write either:
+        the job then stays `running` with its lock released, which `emaki jobs` shows as interrupted
+        and `emaki resume` (or the bot's restart) continues; the reason still reaches the person."""
+        try:
+            self.store.update_job(job_id, status="failed", finished_at=now(), error=error or reason)
+        except StoreError as exc:
+            log.warning("job %s: could not record its failure (%s): %s", job_id, reason, exc)
 
     def _worker_lost(self, job_id: int, exc: WorkerLost, cancelled: bool) -> Requeued | Failed:
         """A renderer died under the job. Not the job's fault the first times: it goes back in front
@@ -376,8 +428,10 @@ class Engine:
             metrics = {"clip_frames": len(images), "frame_ms": frame_ms, "warping_error": warping_error(images)}
             write_atomic(self.job_dir(job_id) / METRICS_FILE, json.dumps(metrics, indent=2).encode())
         except OSError as exc:
-            self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
-            return Failed(job_id, f"could not write the animation: {exc}")
+            full = disk_error(exc, f", then resume job {job_id}")
+            reason = str(full) if full is not None else f"could not write the animation: {exc}"
+            self._record_failure(job_id, reason)
+            return Failed(job_id, reason)
         self.store.update_job(job_id, status="done", finished_at=now(), gif_path=str(gif_path))
         return Finished(job_id, gif_path, [Path(r["path"]) for r in rows])
 

@@ -4,6 +4,8 @@ files, tiny models."""
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import os
 import sqlite3
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,10 @@ import pytest
 from emaki.cli import main
 from engine.store import MIGRATIONS, open_store
 from tests import test_cli_jobs
-from tests.helpers import make_random_lora
+from tests.helpers import make_random_lora, sha
 
 tiny_env = test_cli_jobs.tiny_env
+SMALL = test_cli_jobs.SMALL
 ROOT = Path(__file__).resolve().parents[1]
 ONE = ["--frames", "1", "--steps", "2", "-q"]
 
@@ -145,3 +149,126 @@ def test_a_tampered_base_model_is_not_recorded_as_rendered_on_tiny(
     assert main(["animate", "--from-sidecar", str(sidecar), "--out", "again.gif", "-q"]) == 0
     again = json.loads((sidecar.parent / "again.json").read_text())
     assert again["models"]["base_model"] == "tiny"
+
+
+# --- item 4: read-only and full disks -----------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 16 MiB file system of its own for the data dir (a tmpfs: root here, as in the container); as
+    another user, a plain folder whose permission bits are taken away instead (see `read_only`)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = os.geteuid() == 0
+    if mounted and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("running as root where mount is not allowed: no file system to fill or make read-only")
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(mount / "data"))
+    monkeypatch.setenv("EMAKI_MIN_FREE_BYTES", "0")
+    yield mount
+    for view in _views:
+        subprocess.run(["umount", "-l", str(view)], check=True)
+    if mounted:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+    else:
+        for folder in [mount, *(p for p in mount.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
+
+
+def read_only(mount: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data dir from now on through a read-only view: a read-only bind mount as root (the files
+    stay open for writing in this process, so the disk itself cannot be remounted), else no write bits."""
+    if os.geteuid() == 0:
+        view = mount.parent / "read-only-view"
+        view.mkdir()
+        subprocess.run(["mount", "--bind", str(mount), str(view)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        monkeypatch.setenv("EMAKI_DATA_DIR", str(view / "data"))
+        monkeypatch.setattr(sys.modules[__name__], "_views", [*_views, view])
+    else:
+        for folder in [*(p for p in mount.rglob("*") if p.is_dir()), mount]:
+            folder.chmod(0o555)
+        for file in (p for p in mount.rglob("*") if p.is_file()):
+            file.chmod(0o444)
+
+
+_views: list[Path] = []
+
+
+def fill(mount: Path) -> Path:
+    """Write zeros until the file system says it is full; the file to delete to make room again."""
+    filler = mount / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+@pytest.mark.parametrize(
+    "argv", [["jobs"], ["styles"], ["jobs", "--purge"], ["resume", "1"], ["redo", "1", "--from", "1"]]
+)
+def test_a_read_only_data_dir_is_one_line(
+    tiny_env: Path,
+    small_disk: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+) -> None:
+    assert main(["animate", "a fox", "--out", str(tiny_env / "fox.gif"), *ONE]) == 0
+    capsys.readouterr()
+    gc.collect()  # the command's database connection closes, as when its process ends: no -wal, no -shm left
+    assert not list(small_disk.glob("data/emaki.db-*"))
+    read_only(small_disk, monkeypatch)
+    assert main(argv) == 2
+    assert "read-only" in one_error_line(capsys)
+
+
+def test_a_disk_that_fills_during_a_render_is_one_line_and_resume_finishes(
+    tiny_env: Path, small_disk: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills as frame 1 lands: the database then refuses the frame's row ("database or disk
+    is full"). Once there is room, `emaki resume` finishes the job, its frames as an unbroken run's."""
+    assert main(["animate", "a fox runs", "--out", str(tiny_env / "whole.gif"), "--seed", "5", *SMALL]) == 0
+    from engine import worker
+
+    real_write, filled = worker.write_atomic, []
+
+    def write_then_fill(path: Path, data: bytes) -> None:
+        real_write(path, data)
+        if path.name == "frame_01.png" and not filled:
+            filled.append(fill(small_disk))
+
+    monkeypatch.setattr(worker, "write_atomic", write_then_fill)
+    capsys.readouterr()
+    assert main(["animate", "a fox runs", "--out", str(tiny_env / "fox.gif"), "--seed", "5", *SMALL]) == 2
+    line = one_error_line(capsys)
+    assert "full" in line and "resume job 2" in line, line
+    assert not (tiny_env / "fox.gif").exists()
+    monkeypatch.setattr(worker, "write_atomic", real_write)
+    filled[0].unlink()
+    assert main(["resume", "2", "-q"]) == 0
+    assert sha(tiny_env / "fox.gif") == sha(tiny_env / "whole.gif")
+
+
+def test_enospc_writing_a_frame_is_one_line_and_resume_finishes(
+    tiny_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no file system can be filled: the write of frame 2 refused as a full disk refuses it."""
+    from engine import worker
+
+    real_write = worker.write_atomic
+
+    def refuse_frame_2(path: Path, data: bytes) -> None:
+        if path.name == "frame_02.png":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(worker, "write_atomic", refuse_frame_2)
+    assert main(["animate", "a fox runs", "--out", "fox.gif", "--seed", "5", *SMALL]) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "resume job 1" in line, line
+    monkeypatch.setattr(worker, "write_atomic", real_write)
+    assert main(["resume", "1", "-q"]) == 0
+    assert (tiny_env / "fox.gif").is_file() and len(list((tiny_env / "fox_frames").glob("frame_*.png"))) == 3
