@@ -3,10 +3,14 @@ nothing. SimCord end to end, tiny models."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests import test_bot as base
 from tests import test_guild_settings as tg
+from tests.helpers import make_random_lora
+from tests.test_bot import results
 
 bot_settings = base.bot_settings
 simcord_bot = base.simcord_bot
@@ -30,3 +34,45 @@ async def test_a_blocklist_entry_is_removed_by_its_folded_name(two) -> None:
     removed = await two.admin.slash(two.animations, "settings blocklist remove", pattern="ogre")
     assert removed.ephemeral and "removed from the blocklist" in removed.response.content
     assert two.env.bot.store.guild_settings(two.a.id) == {}
+
+
+async def test_a_style_registered_folded_is_found_by_its_capitals(two, tmp_path: Path) -> None:
+    """/train name:Snowfox registers `snowfox` (training/dataset.py folds it): every command finds it by Snowfox."""
+    store = two.env.bot.store
+    store.add_style("snowfox", str(make_random_lora(tmp_path / "snow")), trigger="snowfox", guild_id=two.a.id)
+    queued = await two.alice.slash(two.animations, "animate", prompt="a fox", frames=1, seed=1, style="Snowfox")
+    assert not queued.ephemeral
+    assert store.job(1)["params"]["style"] == "snowfox"
+    shared = await two.admin.slash(two.animations, "style share", name="Snowfox", shared=True)
+    assert shared.ephemeral and "now shared" in shared.response.content
+    removed = await two.admin.slash(two.animations, "style remove", name=" SNOWFOX ")
+    assert removed.ephemeral and "Removed the style **snowfox**" in removed.response.content
+    assert store.style("snowfox") is None
+
+
+async def test_a_queued_job_never_renders_with_another_servers_style_of_its_name(two, tmp_path: Path) -> None:
+    """Server A queues with its `ink`, removes it; server B registers its own private `ink`: A's job
+    fails with one line (it held A's ink by identity), and nothing is posted in A."""
+    store = two.env.bot.store
+    store.add_style("ink", str(make_random_lora(tmp_path / "a-ink")), trigger="ink", guild_id=two.a.id)
+    await two.admin.slash(two.animations, "pause")
+    queued = await two.alice.slash(two.animations, "animate", prompt="a fox", frames=1, seed=1, style="ink")
+    assert not queued.ephemeral
+    await two.admin.slash(two.animations, "style remove", name="ink")
+    store.add_style("ink", str(make_random_lora(tmp_path / "b-ink", seed=9)), trigger="ink", guild_id=two.b.id)
+    await two.admin.slash(two.animations, "resume")
+    job = store.job(1)
+    assert job["status"] == "failed" and "'ink' was removed or replaced after the job was queued" in job["error"]
+    assert results(two.animations) == [] and store.frames(1) == []  # nothing rendered with B's weights
+
+
+async def test_a_reroll_of_a_style_replaced_since_is_refused(two, tmp_path: Path) -> None:
+    store = two.env.bot.store
+    store.add_style("ink", str(make_random_lora(tmp_path / "ink")), trigger="ink", guild_id=two.a.id)
+    await two.alice.slash(two.animations, "animate", prompt="a fox", frames=1, seed=1, style="ink")
+    [posted] = results(two.animations)
+    await two.admin.slash(two.animations, "style remove", name="ink")
+    store.add_style("ink", str(make_random_lora(tmp_path / "ink2", seed=4)), trigger="ink", guild_id=two.a.id)
+    refused = await two.bob.click(posted, label="Reroll")
+    assert refused.ephemeral and "the style 'ink' was replaced since" in refused.response.content
+    assert store.job(2) is None
