@@ -30,6 +30,7 @@ from typing import Any
 
 from PIL import Image
 
+from engine import guild_settings
 from engine.animate import FramePlan, frame_seed
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started, StepProgress, StoryReady
@@ -49,6 +50,10 @@ from engine.story import StoryTeller
 log = logging.getLogger(__name__)
 
 
+STORY_BLOCKED_REASON = (
+    "the story written for this idea used words this server's blocklist does not allow, so nothing was "
+    "rendered or posted; try another idea"
+)
 MAX_WORKER_LOSSES = 3  # renderers a job may lose (cluster mode) before it fails instead of queueing again
 STORY_FILE = "story.json"  # in the job folder: the story teller's raw answers
 METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timing and warping error
@@ -353,6 +358,17 @@ class Engine:
             style.name, sha256, path.name, style.trigger, style.weight, style.adapter, str(path), blob, path.is_dir()
         )
 
+    def _screen_story(self, job: dict[str, Any], plans: list[FramePlan]) -> None:
+        """The server's blocklist over the frame prompts the story LLM wrote: the member's idea passed
+        it when the job was asked for, but the LLM may write a blocked word on its own. The reason
+        names no prompt and no entry (the status message is public)."""
+        if job.get("guild_id") is None:
+            return
+        blocklist = guild_settings.load(self.store, job["guild_id"]).blocked
+        if any(blocklist.first_match(plan.prompt) is not None for plan in plans):
+            log.info("job %s: the story's prompts hit the server's blocklist; nothing rendered", job["id"])
+            raise InvalidRequest(STORY_BLOCKED_REASON)
+
     def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
         rows = self.store.frames(job_id)
         if len(rows) != params.frames:  # new job: ask the story teller, record every frame's recipe
@@ -390,6 +406,7 @@ class Engine:
         self._check_disk()
         style = self._style(params.style, params.style_id)
         plans, source = self._plan(job_id, params, style)
+        self._screen_story(job, plans)  # before StoryReady: a status message may list the prompts
         yield StoryReady(job_id, [p.prompt for p in plans], source)
 
         job_dir = self.job_dir(job_id)

@@ -76,3 +76,21 @@ async def test_a_reroll_of_a_style_replaced_since_is_refused(two, tmp_path: Path
     refused = await two.bob.click(posted, label="Reroll")
     assert refused.ephemeral and "the style 'ink' was replaced since" in refused.response.content
     assert store.job(2) is None
+
+
+async def test_a_blocked_word_the_story_llm_writes_is_never_rendered(two, monkeypatch) -> None:
+    """The member's idea passes the blocklist; the LLM's frame prompts do not: the job fails with one
+    line, nothing is rendered, posted or listed (the status message never shows the prompts)."""
+    from engine.story import Story
+
+    await two.admin.slash(two.animations, "settings blocklist add", pattern="ogre")
+    story = two.env.bot.engine.story
+    monkeypatch.setattr(story, "tell", lambda idea, n, trigger="": Story(["a fox", "a fox meets an \u043egre"], "fake"))
+    queued = await two.alice.slash(two.animations, "animate", prompt="a fox in a forest", frames=2, seed=1)
+    assert not queued.ephemeral
+    job = two.env.bot.store.job(1)
+    assert job["status"] == "failed" and "blocklist does not allow" in job["error"]
+    assert results(two.animations) == []
+    assert all(not row["path"] for row in two.env.bot.store.frames(1))
+    shown = [m.content for m in two.animations.history()]
+    assert not any("gre" in text for text in shown) and any("blocklist does not allow" in text for text in shown)
