@@ -66,6 +66,25 @@ def test_processes_opening_a_fresh_data_dir_at_once_all_succeed(tmp_path: Path) 
         assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
+def test_two_animate_commands_on_a_fresh_data_dir_both_keep_their_result(tmp_path: Path) -> None:
+    """The README's promise, as a person runs it: two `emaki animate` of one idea at once, the data dir
+    created by whichever opens it first; both exit 0 and each keeps its own animation."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), EMAKI_PROFILE="tiny", EMAKI_DATA_DIR=str(tmp_path / "data"))
+    argv = [sys.executable, "-m", "emaki", "animate", "a kite over a hill", "--frames", "1", "--steps", "2", "-q"]
+    runs = [
+        subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    written = []
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-2000:]
+        written.append(out.strip())
+    assert sorted(written) == ["a-kite-over-a-hill-2.gif", "a-kite-over-a-hill.gif"]
+    assert all((tmp_path / name).is_file() for name in written)
+    assert len(open_store(tmp_path / "data").jobs_where("status = 'done'", [])) == 2
+
+
 def test_a_data_dir_from_before_versions_upgrades_in_place(tmp_path: Path) -> None:
     """Today's first schema (no posting state, no server columns, no uid) with a job and a style in it."""
     tmp_path.mkdir(exist_ok=True)
