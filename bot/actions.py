@@ -71,7 +71,10 @@ async def regenerate(
         raise InvalidRequest(server_rules.blocked_message(blocked, "prompts"))
     style = (job["params"].get("style") or "").strip()
     if style:  # unshared or removed since: other servers' styles stay unknown here
-        server_rules.usable_style(bot, guild_id, style)
+        row = server_rules.usable_style(bot, guild_id, style)
+        held = job["params"].get("style_id")
+        if held and row.get("uid") != held:  # the job holds its style by identity (engine/params.py)
+            raise InvalidRequest(f"the style '{row['name']}' was replaced since: use /animate to animate with it again")
     screen = must_screen(server_rules.age_restricted(channel), limits.nsfw_policy)
     if screen and not screens(bot.store, bot.settings, job) and from_index > 0:
         # The kept frames were made unscreened (an age-restricted channel that allowed it): they are

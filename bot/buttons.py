@@ -187,7 +187,7 @@ class RedoSelect(discord.ui.DynamicItem[discord.ui.Select[Any]], template=r"emak
 
     async def callback(self, interaction: discord.Interaction) -> None:
         values = self.item.values
-        if len(values) != 1 or not values[0].isdigit():
+        if len(values) != 1 or not re.fullmatch(r"[0-9]{1,4}", values[0]):  # not "²": isdigit() takes it
             await refuse(interaction, "pick one frame to redo from")
             return
         await _regenerate(interaction, self.job_id, int(values[0]) - 1, reseed_all=False)

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVERYWHERE_WORDS = ("everywhere", "none", "all", "any")
-MENTION = re.compile(r"^<(#|@&)(\d+)>$")
+MENTION = re.compile(r"^<(#|@&)([0-9]{1,20})>$")
+# An id typed bare: ASCII digits only. str.isdigit() also takes "²" and "٣", which int() then refuses.
+SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 
 
 # --- what /animate and /train ask --------------------------------------------------------------
@@ -104,7 +106,7 @@ def _resolve_channels(guild: discord.Guild, text: str) -> tuple[int, ...]:
         channel: Any = None
         if match and match.group(1) == "#":
             channel = guild.get_channel_or_thread(int(match.group(2)))
-        elif token.isdigit():
+        elif SNOWFLAKE.fullmatch(token):
             channel = guild.get_channel_or_thread(int(token))
         else:
             name = token.lstrip("#").lower()
@@ -127,7 +129,7 @@ def _resolve_role(guild: discord.Guild, text: str) -> str:
     role = None
     if match and match.group(1) == "@&":
         role = guild.get_role(int(match.group(2)))
-    elif token.isdigit():
+    elif SNOWFLAKE.fullmatch(token):
         role = guild.get_role(int(token))
     else:
         role = next((r for r in guild.roles if r.name.lower() == token.lstrip("@").lower()), None)
@@ -157,7 +159,7 @@ def _shown(key: str, server_settings: gs.GuildSettings, effective: Settings) -> 
         return " ".join(f"<#{c}>" for c in own) if own else "everywhere"
     if kind == "role":
         role = effective.moderator_role
-        text = (f"<@&{role}>" if role.isdigit() else f"@{role}") if role else "none (Manage Server only)"
+        text = (f"<@&{role}>" if SNOWFLAKE.fullmatch(role) else f"@{role}") if role else "none (Manage Server only)"
         return text + ("" if own is not None else " (default)")
     if kind == "bool":
         return ("on" if own else "off") + ("" if own != gs.GuildSettings().other_styles else " (default)")

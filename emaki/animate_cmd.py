@@ -315,6 +315,23 @@ def read_sidecar(path: str) -> dict[str, Any]:
                 check_value(name, frame.get(name))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"sidecar {path}: frame {i + 1}: {exc}") from None
+    # Each value's type, so a tampered one is one line here, never a traceback (or a list's repr as the idea).
+    if not isinstance(data.get("idea", ""), str):
+        raise InvalidRequest(f"sidecar {path}: the idea must be text")
+    if not isinstance(params.get("style") or "", str):
+        raise InvalidRequest(f"sidecar {path}: params.style must be a style name (text)")
+    style = data.get("style")
+    if style is not None and not (
+        isinstance(style, dict)
+        and isinstance(style.get("name"), str)
+        and style["name"].strip()
+        and isinstance(style.get("sha256") or "", str)
+        and (
+            style.get("weight") is None
+            or (isinstance(style["weight"], int | float) and not isinstance(style["weight"], bool))
+        )
+    ):
+        raise InvalidRequest(f"sidecar {path}: style must be null or an object with a name (and its sha256, weight)")
     return data
 
 
@@ -371,6 +388,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
     from tqdm import tqdm
 
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
+    from engine.worker import disk_errors_as_one_line
 
     quiet = args.quiet
     total = engine.store.job(job_id)["params"]["frames"]
@@ -389,40 +407,42 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
         bar.refresh()
 
     args.interrupt_hint = f"job {job_id} stopped; continue it with: emaki resume {job_id}"
-    try:
-        with tqdm(total=1, desc="story", disable=quiet, file=sys.stderr) as story_bar:
-            events = engine.run_to_end(job_id, on_step=on_step)
+    # A full (or read-only) disk, here or in the worker: one line that says how to go on, never a traceback.
+    with disk_errors_as_one_line(f", then continue with: emaki resume {job_id}"):
+        try:
+            with tqdm(total=1, desc="story", disable=quiet, file=sys.stderr) as story_bar:
+                events = engine.run_to_end(job_id, on_step=on_step)
+                for event in events:
+                    if isinstance(event, StoryReady):
+                        story_bar.set_postfix_str(event.backend)
+                        story_bar.update(1)
+                        if event.backend != "recorded":
+                            write_meta(engine.settings, job_id, story=story_record(engine.settings, event.backend))
+                        break
+                    if isinstance(event, Failed):
+                        raise EmakiError(event.reason)
+            if not quiet:
+                for i, row in enumerate(engine.store.frames(job_id), 1):
+                    print(f"  {i}. {row['prompt']}", file=sys.stderr)
+            finished = False
             for event in events:
-                if isinstance(event, StoryReady):
-                    story_bar.set_postfix_str(event.backend)
-                    story_bar.update(1)
-                    if event.backend != "recorded":
-                        write_meta(engine.settings, job_id, story=story_record(engine.settings, event.backend))
-                    break
-                if isinstance(event, Failed):
+                if isinstance(event, FrameDone) and bar is not None:
+                    bar.close()
+                    bar = None
+                elif isinstance(event, Failed):
                     raise EmakiError(event.reason)
-        if not quiet:
-            for i, row in enumerate(engine.store.frames(job_id), 1):
-                print(f"  {i}. {row['prompt']}", file=sys.stderr)
-        finished = False
-        for event in events:
-            if isinstance(event, FrameDone) and bar is not None:
+                elif isinstance(event, Finished):
+                    finished = True
+            if not finished:
+                raise EmakiError(f"job {job_id} ended without an animation")
+        finally:
+            if bar is not None:
                 bar.close()
-                bar = None
-            elif isinstance(event, Failed):
-                raise EmakiError(event.reason)
-            elif isinstance(event, Finished):
-                finished = True
-        if not finished:
-            raise EmakiError(f"job {job_id} ended without an animation")
-    finally:
-        if bar is not None:
-            bar.close()
-    args.interrupt_hint = f"job {job_id} is rendered; write its files with: emaki resume {job_id}"
-    with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
-        path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
-        media_bar.update(1)
-    return path
+        args.interrupt_hint = f"job {job_id} is rendered; write its files with: emaki resume {job_id}"
+        with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
+            path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
+            media_bar.update(1)
+        return path
 
 
 def story_record(settings: Settings, backend: str) -> dict[str, Any]:
@@ -477,13 +497,17 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     if args.profile and pinned["profile"] and args.profile != pinned["profile"]:
         raise InvalidRequest(f"the sidecar was made with --profile {pinned['profile']}, not {args.profile}")
     pinned["profile"] = args.profile or pinned["profile"]
+    if pinned["profile"] == "tiny":
+        # The tiny profile builds its own random-weight models whatever a sidecar names: pinning a
+        # (tampered) base_model would only copy it into the new sidecar as if it had rendered.
+        pinned = {k: v for k, v in pinned.items() if k not in ("base_model", "controlnet_model", "depth_model")}
     settings = settings_from_args(args, **pinned)
     recorded = sidecar["params"]
     names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
     recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate", "motion")
     recorded_keys = (*recorded_keys, "motion_depth")
     options = {k: recorded.get(k) for k in recorded_keys}
-    return settings, str(sidecar.get("idea", "")), options, sidecar
+    return settings, sidecar.get("idea", ""), options, sidecar
 
 
 def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """An admin-editable blocklist of words and patterns, matched case- and accent-insensitively.
 
 Text is normalised before matching: Unicode NFKD with combining marks dropped (é -> e, ｆｕｌｌ-width
--> ascii), invisible format characters (zero-width spaces and joiners) removed, then case-folded. So
-"Crème", "CREME" and "cr\u200beme" all meet an entry "creme". Entries get the same accent and width
+-> ascii), every default-ignorable (invisible) character removed, Cyrillic and Greek lookalikes of
+Latin letters folded to them, then case-folded. So "Crème", "CREME", "cr\u200beme", "cr\u034feme"
+and "сreme" (a Cyrillic с) all meet an entry "creme". Entries get the same accent and width
 treatment but are never case-folded (that would turn `\\S` into `\\s` and `\\A` into a bell), and are
 compiled case-insensitively instead. A plain word is matched as a whole word; anything else is a
 regular expression.
@@ -35,13 +36,44 @@ TOTAL_TIMEOUT_S = 0.25  # for all entries on one text, however many there are
 PROBE_LENGTH = 64  # "aaaa...!" of this length makes a catastrophic pattern take seconds
 
 
+# Unicode's Default_Ignorable_Code_Point: every character a renderer may draw as nothing (U+034F
+# combining grapheme joiner, U+FE0F variation selector, U+3164 and U+115F Hangul fillers, U+17B4,
+# U+180B, zero-width spaces and joiners, soft hyphens...). Format characters (Cf) are not all of them.
+INVISIBLE = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{Cf}]+")
+
+# Lookalikes of Latin letters (Unicode TR39 calls them confusables) from the Cyrillic and Greek
+# alphabets, folded to the Latin letter: with `ogre` blocked, `оgre` (Cyrillic о) is `ogre`. A small
+# table of our own, not TR39's full skeleton: no maintained PyPI package computes skeletons without
+# new dependencies (confusable-homoglyphs detects but does not fold; confusables is unmaintained since
+# 2021). NFKD already folds full-width and mathematical letters. Only used to match, never shown.
+CONFUSABLES = str.maketrans(
+    {
+        # Cyrillic, lower and upper case (an admin's entry is not case-folded before its own fold)
+        **dict.fromkeys("аА", "a"), **dict.fromkeys("вВ", "b"), **dict.fromkeys("сСϲϹ", "c"),
+        **dict.fromkeys("ԁ", "d"), **dict.fromkeys("еЕёЁ", "e"), **dict.fromkeys("һҺнН", "h"),
+        **dict.fromkeys("іІӏӀ", "i"), **dict.fromkeys("јЈ", "j"), **dict.fromkeys("кК", "k"),
+        **dict.fromkeys("мМ", "m"), **dict.fromkeys("оО", "o"), **dict.fromkeys("рР", "p"),
+        **dict.fromkeys("ԛԚ", "q"), **dict.fromkeys("ѕЅ", "s"), **dict.fromkeys("тТ", "t"),
+        **dict.fromkeys("уУүҮ", "y"), **dict.fromkeys("ԝԜ", "w"), **dict.fromkeys("хХ", "x"),
+        **dict.fromkeys("ѵѴ", "v"), **dict.fromkeys("ɡ", "g"), **dict.fromkeys("ı", "i"),
+        # Greek
+        **dict.fromkeys("αΑ", "a"), **dict.fromkeys("βΒ", "b"), **dict.fromkeys("εΕ", "e"),
+        **dict.fromkeys("ζΖ", "z"), **dict.fromkeys("ηΗ", "h"), **dict.fromkeys("ιΙ", "i"),
+        **dict.fromkeys("κΚ", "k"), **dict.fromkeys("μΜ", "m"), **dict.fromkeys("νΝ", "n"),
+        **dict.fromkeys("οΟσ", "o"), **dict.fromkeys("ρΡ", "p"), **dict.fromkeys("τΤ", "t"),
+        **dict.fromkeys("υΥ", "y"), **dict.fromkeys("χΧ", "x"),
+    }
+)  # fmt: skip
+
+
 def _strip_marks(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c) and unicodedata.category(c) != "Cf")
+    """NFKD without combining marks, invisible characters removed, lookalike letters folded to Latin."""
+    decomposed = INVISIBLE.sub("", unicodedata.normalize("NFKD", text))
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).translate(CONFUSABLES)
 
 
 def normalise(text: str) -> str:
-    """Text as the blocklist reads it: no accents, no invisible characters, case-folded."""
+    """Text as the blocklist reads it: no accents, no invisible characters, no lookalikes, case-folded."""
     return _strip_marks(text).casefold()
 
 

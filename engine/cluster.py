@@ -267,8 +267,14 @@ class RayRenderers:
         actor = self.actors[index]
         lost = False
         try:
-            if not self._described[index]:  # first job after a (re)start: waits for its models to load
-                self._record(index, "idle", info=_describe(actor))
+            # Asked before every job, not only the first after a restart this pool saw: an actor that
+            # died while idle (its node lost with the busy one) is restarting unnoticed, and a job
+            # handed to it would fail at once ("The actor is restarting") and count as a loss it never
+            # had. `describe` answers once the actor is up with its models loaded, so the loss count
+            # holds only renderers lost during the job's own render.
+            info = _describe(actor)
+            if not self._described[index]:
+                self._record(index, "idle", info=info)
                 self._described[index] = True
             self._record(index, state, job_id)
             yield actor

@@ -141,10 +141,13 @@ class GuildSettings:
         return dataclasses.replace(self, blocklist=(*self.blocklist, entry))
 
     def without_pattern(self, pattern: str) -> GuildSettings:
+        """The blocklist less the entry that is `pattern` folded the way adding folds it (`Ogre` added,
+        `ogre` removed): otherwise an entry refused as a duplicate could not be removed by that name."""
         entry = pattern.strip()
-        if entry not in self.blocklist:
+        kept = tuple(e for e in self.blocklist if not same_entry(entry, e))
+        if len(kept) == len(self.blocklist):
             raise InvalidRequest(f"'{entry}' is not on the blocklist (see /settings blocklist list)")
-        return dataclasses.replace(self, blocklist=tuple(e for e in self.blocklist if e != entry))
+        return dataclasses.replace(self, blocklist=kept)
 
     def values(self) -> dict[str, Any]:
         """What the store keeps: only what differs from the defaults."""

@@ -48,6 +48,9 @@ class AnimationParams:
     # (engine/motion.py), the frames being the story's beats and `interpolate` the frames between them.
     motion: str = "chain"
     motion_depth: bool = False  # motion mode: depth ControlNet guidance
+    # The style row's identity when the job was asked for (the store's `uid`): a job holds its style by
+    # it, not by name, so weights registered later under the same name (another server's) never render it.
+    style_id: str = ""
 
     @property
     def clip_frames(self) -> int:
@@ -160,8 +163,12 @@ def build_params(
         )
     if isinstance(p.seed, bool) or not isinstance(p.seed, int) or not 0 <= p.seed <= MAX_SEED:
         raise InvalidRequest(f"seed must be between 0 and {MAX_SEED} (got {p.seed})")
-    if p.style and (store is None or store.style(p.style) is None):
-        known = ", ".join(s["name"] for s in store.styles()) if store else ""
-        hint = f"known styles are {known}" if known else "no styles are registered yet"
-        raise InvalidRequest(f"unknown style '{p.style}': {hint}")
+    if p.style:
+        row = store.style(p.style) if store is not None else None
+        if row is None:
+            known = ", ".join(s["name"] for s in store.styles()) if store else ""
+            hint = f"known styles are {known}" if known else "no styles are registered yet"
+            raise InvalidRequest(f"unknown style '{p.style}': {hint}")
+        # As registered (`Ghibli` asked, `ghibli` kept), and held by identity from here on.
+        p = dataclasses.replace(p, style=row["name"], style_id=row.get("uid") or "")
     return p

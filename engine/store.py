@@ -8,6 +8,7 @@ call takes a lock (SQLite itself serialises writers; the lock keeps sqlite3's cu
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -18,108 +19,191 @@ from typing import Any
 
 import sqlite_utils
 
+from engine.errors import ResourceError
+
 
 def now() -> float:
     return time.time()
 
 
+def style_key(name: str) -> str:
+    """A style name as it is registered (emaki train, emaki styles add, /train): trimmed, lower case."""
+    return name.strip().lower()
+
+
+class StoreError(ResourceError):
+    """The database cannot be read or written: a read-only data dir, a full disk, a file another
+    process holds too long. One line for the person, never a traceback."""
+
+
+# sqlite's own codes (extended ones start with these) for what the machine refuses, not what the code asks.
+MACHINE_ERRORS = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_PERM")
+BUSY_TIMEOUT_MS = 30_000  # a process migrating a fresh data dir holds it for milliseconds; wait, never fail
+
+
+def machine_error(path: Path, exc: sqlite3.Error) -> StoreError | None:
+    """The one line for an error the machine caused (read-only, disk full, locked); None for the rest
+    (a bug in a query must stay a traceback in the log)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if not name.startswith(MACHINE_ERRORS):
+        return None
+    if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")):
+        why = "the data dir is read-only or not this user's: make it writable"
+    elif name.startswith("SQLITE_FULL"):
+        why = "the disk is full: free some space"
+    elif name.startswith("SQLITE_BUSY"):
+        why = f"another process held it for more than {BUSY_TIMEOUT_MS // 1000} s: let it finish"
+    else:
+        why = "the disk refused a read or write: check it"
+    return StoreError(f"cannot use the database {path} ({exc}): {why}")
+
+
 class Store:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        self.db = sqlite_utils.Database(conn)
         self.path = path
         self._lock = threading.RLock()
-        self._migrate()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"the data dir {path.parent} cannot be created: {exc.strerror or exc}") from None
+        try:
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            # The busy timeout first: every statement after it, the journal switch included, waits for a
+            # process that opens the same fresh data dir at the same moment instead of failing "locked".
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.db = sqlite_utils.Database(conn)
+            with self._locked():
+                conn.execute("PRAGMA journal_mode=WAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise machine_error(path, exc) or exc from None
 
     @contextmanager
     def _locked(self) -> Iterator[sqlite_utils.Database]:
+        """The connection, for one call at a time; sqlite's machine errors (read-only, disk full)
+        become StoreError, which every front door shows as one line."""
         with self._lock:
-            yield self.db
+            try:
+                yield self.db
+            except sqlite3.Error as exc:
+                error = machine_error(self.path, exc)
+                if error is None:
+                    raise
+                raise error from None
 
+    # --- schema: versioned migrations ----------------------------------------------------------
     def _migrate(self) -> None:
+        """Bring the schema to the newest version, one step per version, each applied once. Steps run
+        inside one BEGIN IMMEDIATE transaction: the first process to open a fresh (or older) data dir
+        takes the write lock and migrates, the others wait on the busy timeout and then find
+        `user_version` already current, so two processes never probe and add the same column."""
+        latest = len(MIGRATIONS)
         with self._locked() as db:
-            db["jobs"].create(
-                {
-                    "id": int,
-                    "kind": str,  # animate | train
-                    "status": str,  # queued | running | done | failed | cancelled
-                    "owner_id": int,
-                    "owner_name": str,
-                    "guild_id": int,
-                    "channel_id": int,
-                    "status_message_id": int,  # the message edited with progress
-                    "result_message_id": int,
-                    "idea": str,
-                    "params": str,  # JSON: everything needed to reproduce
-                    "parent_job_id": int,
-                    "regen_from": int,  # 0-based frame index a regeneration starts at
-                    "error": str,
-                    "gif_path": str,
-                    "posted": int,
-                    "created_at": float,
-                    "started_at": float,
-                    "finished_at": float,
-                },
-                pk="id",
-                if_not_exists=True,
-                defaults={"posted": 0},
-            )
-            db["jobs"].create_index(["status"], if_not_exists=True)
-            db["jobs"].create_index(["result_message_id"], if_not_exists=True)
-            db["frames"].create(
-                {
-                    "job_id": int,
-                    "idx": int,
-                    "prompt": str,
-                    "seed": int,
-                    "strength": float,
-                    "steps": int,
-                    "guidance": float,
-                    "style": str,
-                    "path": str,
-                },
-                pk=("job_id", "idx"),
-                if_not_exists=True,
-            )
-            db["styles"].create(
-                {
-                    "name": str,
-                    "trigger": str,
-                    "adapter": str,
-                    "path": str,
-                    "weight": float,
-                    "steps": int,
-                    "dataset_id": int,
-                    "metrics": str,
-                    "created_at": float,
-                },
-                pk="name",
-                if_not_exists=True,
-            )
-            db["datasets"].create(
-                {
-                    "id": int,
-                    "style_name": str,
-                    "trigger": str,
-                    "owner_id": int,
-                    "guild_id": int,
-                    "channel_id": int,
-                    "preview_message_id": int,
-                    "path": str,
-                    "n_images": int,
-                    "status": str,  # pending | approved | rejected | trained | failed
-                    "params": str,
-                    "created_at": float,
-                },
-                pk="id",
-                if_not_exists=True,
-            )
-            self._migrate_bot_state(db)
-            self._migrate_retention(db)
-            self._migrate_workers(db)
+            if db.execute("PRAGMA user_version").fetchone()[0] >= latest:
+                return  # the common case: no write lock taken
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+                    step(self, db)
+                    db.conn.execute(f"PRAGMA user_version = {number}")
+                db.conn.execute("COMMIT")
+            except BaseException:
+                if db.conn.in_transaction:
+                    db.conn.execute("ROLLBACK")
+                raise
+
+    def _migration_1(self, db: sqlite_utils.Database) -> None:
+        """Version 1: the schema as it was before versions were kept. A data dir from then has
+        user_version 0 and some of these columns: the probes below add what it lacks (safe here:
+        only the one process holding the write lock runs them)."""
+        db["jobs"].create(
+            {
+                "id": int,
+                "kind": str,  # animate | train
+                "status": str,  # queued | running | done | failed | cancelled
+                "owner_id": int,
+                "owner_name": str,
+                "guild_id": int,
+                "channel_id": int,
+                "status_message_id": int,  # the message edited with progress
+                "result_message_id": int,
+                "idea": str,
+                "params": str,  # JSON: everything needed to reproduce
+                "parent_job_id": int,
+                "regen_from": int,  # 0-based frame index a regeneration starts at
+                "error": str,
+                "gif_path": str,
+                "posted": int,
+                "created_at": float,
+                "started_at": float,
+                "finished_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+            defaults={"posted": 0},
+        )
+        db["jobs"].create_index(["status"], if_not_exists=True)
+        db["jobs"].create_index(["result_message_id"], if_not_exists=True)
+        db["frames"].create(
+            {
+                "job_id": int,
+                "idx": int,
+                "prompt": str,
+                "seed": int,
+                "strength": float,
+                "steps": int,
+                "guidance": float,
+                "style": str,
+                "path": str,
+            },
+            pk=("job_id", "idx"),
+            if_not_exists=True,
+        )
+        db["styles"].create(
+            {
+                "name": str,
+                "trigger": str,
+                "adapter": str,
+                "path": str,
+                "weight": float,
+                "steps": int,
+                "dataset_id": int,
+                "metrics": str,
+                "created_at": float,
+            },
+            pk="name",
+            if_not_exists=True,
+        )
+        db["datasets"].create(
+            {
+                "id": int,
+                "style_name": str,
+                "trigger": str,
+                "owner_id": int,
+                "guild_id": int,
+                "channel_id": int,
+                "preview_message_id": int,
+                "path": str,
+                "n_images": int,
+                "status": str,  # pending | approved | rejected | trained | failed
+                "params": str,
+                "created_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        self._migrate_bot_state(db)
+        self._migrate_retention(db)
+        self._migrate_workers(db)
+
+    def _migration_2(self, db: sqlite_utils.Database) -> None:
+        """Version 2 (issue 24): each style row gets an identity of its own, kept by the jobs that use
+        it, so a job queued with one server's `ink` never renders with weights registered later under
+        the same name (another server's, or a replacement)."""
+        if "uid" not in db["styles"].columns_dict:
+            db["styles"].add_column("uid", str)
+        db.execute("update styles set uid = lower(hex(randomblob(8))) where uid is null")
 
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
@@ -305,8 +389,9 @@ class Store:
     def add_style(self, name: str, path: str, trigger: str = "", adapter: str = "lora", **fields: Any) -> None:
         if isinstance(fields.get("metrics"), dict):
             fields["metrics"] = json.dumps(fields["metrics"])
+        # A new uid for every registration: jobs hold the style by it (see _migration_2).
         row = {"name": name, "path": path, "trigger": trigger, "adapter": adapter, "created_at": now()}
-        row.setdefault("weight", 1.0)
+        row.update(uid=secrets.token_hex(8), weight=1.0)
         row.update(fields)
         with self._locked() as db:
             db["styles"].upsert(row, pk="name")
@@ -317,6 +402,7 @@ class Store:
         if isinstance(fields.get("metrics"), dict):
             fields["metrics"] = json.dumps(fields["metrics"])
         row = {"name": name, "path": path, "trigger": trigger, "adapter": adapter, "created_at": now(), "weight": 1.0}
+        row["uid"] = secrets.token_hex(8)
         row.update(fields)
         with self._locked() as db:
             db["styles"].insert(row, pk="name", replace=True)
@@ -325,11 +411,18 @@ class Store:
         if isinstance(fields.get("metrics"), dict):
             fields["metrics"] = json.dumps(fields["metrics"])
         with self._locked() as db:
-            db["styles"].update(name, fields)
+            row = self.style(name)
+            if row is not None:
+                db["styles"].update(row["name"], fields)
 
     def style(self, name: str) -> dict[str, Any] | None:
+        """The style a person means by `name`. Names are folded when registered (`Snowfox` is kept as
+        `snowfox`), so they are folded here too, the one lookup every command goes through; a row kept
+        under its exact spelling (registered before names were folded) is still found by it."""
+        key = style_key(name)
         with self._locked() as db:
-            rows = list(db["styles"].rows_where("name = ?", [name]))
+            rows = list(db["styles"].rows_where("name = ? or name = ?", [key, name.strip()]))
+        rows.sort(key=lambda r: r["name"] != key)
         return rows[0] if rows else None
 
     def styles(self) -> list[dict[str, Any]]:
@@ -338,7 +431,9 @@ class Store:
 
     def delete_style(self, name: str) -> None:
         with self._locked() as db:
-            db.execute("delete from styles where name = ?", [name])
+            row = self.style(name)
+            if row is not None:
+                db.execute("delete from styles where name = ?", [row["name"]])
 
     def styles_visible_in(self, guild_id: int | None, shared_from_others: bool = True) -> list[dict[str, Any]]:
         """The styles a server may list and use: global ones, its own, and (`shared_from_others`)
@@ -393,6 +488,10 @@ class Store:
     def datasets_where(self, where: str, args: list[Any]) -> list[dict[str, Any]]:
         with self._locked() as db:
             return list(db["datasets"].rows_where(where, args, order_by="id"))
+
+
+# One step per schema version, in order; a new version appends a step, never edits an old one.
+MIGRATIONS = (Store._migration_1, Store._migration_2)
 
 
 def _decode_job(row: dict[str, Any]) -> dict[str, Any]:

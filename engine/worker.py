@@ -15,6 +15,8 @@ renders a job it holds the job's lock file, which is how a `running` row left by
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from engine import guild_settings
 from engine.animate import FramePlan, frame_seed
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started, StepProgress, StoryReady
@@ -41,28 +44,65 @@ from engine.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSp
 from engine.retention import purged_reason
 from engine.safety import screen_frame
 from engine.settings import Settings
-from engine.store import Store, now
+from engine.store import Store, StoreError, now
 from engine.story import StoryTeller
 
 log = logging.getLogger(__name__)
 
 
+STORY_BLOCKED_REASON = (
+    "the story written for this idea used words this server's blocklist does not allow, so nothing was "
+    "rendered or posted; try another idea"
+)
 MAX_WORKER_LOSSES = 3  # renderers a job may lose (cluster mode) before it fails instead of queueing again
 STORY_FILE = "story.json"  # in the job folder: the story teller's raw answers
 METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timing and warping error
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half file that looks like a result."""
+    """Write via a temp file and rename, so a crash never leaves a half file that looks like a result.
+    A write the disk refuses (full) takes its half temp file away: it would hold the space freed for a resume."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
 def save_png_atomic(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    try:
+        image.save(tmp, format="PNG")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+# A full disk, a full quota, a file system remounted read-only: the machine's state, not a bug.
+DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "make it writable"}
+
+
+def disk_error(exc: BaseException, hint: str = "") -> ResourceError | None:
+    """The one line for an OSError the disk caused (None for any other error); `hint` says how to go on."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return ResourceError(f"{os.strerror(exc.errno)}{where}: {DISK_ERRNOS[exc.errno]}{hint}")
+
+
+@contextlib.contextmanager
+def disk_errors_as_one_line(hint: str = "") -> Iterator[None]:
+    """OSErrors of a full or read-only disk as ResourceError (one line at every front door)."""
+    try:
+        yield
+    except OSError as exc:
+        error = disk_error(exc, hint)
+        if error is None:
+            raise
+        raise error from None
 
 
 class Engine:
@@ -213,14 +253,32 @@ class Engine:
             yield Failed(job_id, "cancelled")
         except WorkerLost as exc:
             yield self._worker_lost(job_id, exc, asked())
+        except StoreError as exc:  # the database refused a write mid-job (a full disk): the frames stay
+            reason = f"{exc}, then resume job {job_id}"
+            self._record_failure(job_id, reason)
+            yield Failed(job_id, reason)
         except EmakiError as exc:
-            self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
+            self._record_failure(job_id, str(exc))
             yield Failed(job_id, str(exc))
         except Exception as exc:  # one bad job must not stop the queue
+            full = disk_error(exc, f", then resume job {job_id}")
+            if full is not None:  # the machine's fault, not the job's: one line, and it stays resumable
+                self._record_failure(job_id, str(full))
+                yield Failed(job_id, str(full))
+                return
             log.exception("job %s failed", job_id)
             reason = f"internal error ({type(exc).__name__}); the admin can find details in the bot's log"
-            self.store.update_job(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc}")
+            self._record_failure(job_id, reason, error=f"{type(exc).__name__}: {exc}")
             yield Failed(job_id, reason)
+
+    def _record_failure(self, job_id: int, reason: str, error: str | None = None) -> None:
+        """Mark the job failed. On a full or read-only disk the row may not take the write either:
+        the job then stays `running` with its lock released, which `emaki jobs` shows as interrupted
+        and `emaki resume` (or the bot's restart) continues; the reason still reaches the person."""
+        try:
+            self.store.update_job(job_id, status="failed", finished_at=now(), error=error or reason)
+        except StoreError as exc:
+            log.warning("job %s: could not record its failure (%s): %s", job_id, reason, exc)
 
     def _worker_lost(self, job_id: int, exc: WorkerLost, cancelled: bool) -> Requeued | Failed:
         """A renderer died under the job. Not the job's fault the first times: it goes back in front
@@ -248,12 +306,20 @@ class Engine:
                 f"at least {self.settings.min_free_bytes // 2**20} MiB are needed"
             )
 
-    def _style(self, name: str) -> StyleRef | None:
+    def _style(self, name: str, style_id: str = "") -> StyleRef | None:
+        """The style the job was asked with. A job holds it by identity (`style_id`, the row's uid when
+        it was queued): a row of that name registered since (another server's, or new weights) is not
+        it, and the job fails rather than render with weights nobody chose. Jobs from before uids
+        (no `style_id`) go by name, as they always did."""
         if not name:
             return None
         row = self.store.style(name)
         if row is None:
             raise InvalidRequest(f"unknown style '{name}': it was removed after the job was queued")
+        if style_id and row.get("uid") != style_id:
+            raise InvalidRequest(
+                f"the style '{name}' was removed or replaced after the job was queued: ask again to use the current one"
+            )
         return StyleRef(
             name=row["name"],
             path=row["path"],
@@ -274,6 +340,17 @@ class Engine:
         return StyleSpec(
             style.name, sha256, path.name, style.trigger, style.weight, style.adapter, str(path), blob, path.is_dir()
         )
+
+    def _screen_story(self, job: dict[str, Any], plans: list[FramePlan]) -> None:
+        """The server's blocklist over the frame prompts the story LLM wrote: the member's idea passed
+        it when the job was asked for, but the LLM may write a blocked word on its own. The reason
+        names no prompt and no entry (the status message is public)."""
+        if job.get("guild_id") is None:
+            return
+        blocklist = guild_settings.load(self.store, job["guild_id"]).blocked
+        if any(blocklist.first_match(plan.prompt) is not None for plan in plans):
+            log.info("job %s: the story's prompts hit the server's blocklist; nothing rendered", job["id"])
+            raise InvalidRequest(STORY_BLOCKED_REASON)
 
     def _plan(self, job_id: int, params: AnimationParams, style: StyleRef | None) -> tuple[list[FramePlan], str]:
         rows = self.store.frames(job_id)
@@ -310,8 +387,9 @@ class Engine:
             raise InvalidRequest(f"job {job_id} does not exist")
         params = AnimationParams.from_dict(job["params"])
         self._check_disk()
-        style = self._style(params.style)
+        style = self._style(params.style, params.style_id)
         plans, source = self._plan(job_id, params, style)
+        self._screen_story(job, plans)  # before StoryReady: a status message may list the prompts
         yield StoryReady(job_id, [p.prompt for p in plans], source)
 
         job_dir = self.job_dir(job_id)
@@ -350,8 +428,10 @@ class Engine:
             metrics = {"clip_frames": len(images), "frame_ms": frame_ms, "warping_error": warping_error(images)}
             write_atomic(self.job_dir(job_id) / METRICS_FILE, json.dumps(metrics, indent=2).encode())
         except OSError as exc:
-            self.store.update_job(job_id, status="failed", finished_at=now(), error=str(exc))
-            return Failed(job_id, f"could not write the animation: {exc}")
+            full = disk_error(exc, f", then resume job {job_id}")
+            reason = str(full) if full is not None else f"could not write the animation: {exc}"
+            self._record_failure(job_id, reason)
+            return Failed(job_id, reason)
         self.store.update_job(job_id, status="done", finished_at=now(), gif_path=str(gif_path))
         return Finished(job_id, gif_path, [Path(r["path"]) for r in rows])
 

@@ -82,3 +82,28 @@ def test_the_same_word_in_another_case_is_one_entry() -> None:
     for duplicate in ("CAT", " Cat ", "ćat"):
         with pytest.raises(InvalidRequest, match="already on the blocklist"):
             settings.with_pattern(duplicate)
+
+
+# Issue 24: every default-ignorable code point is invisible, not only format characters, and
+# Cyrillic/Greek lookalikes of Latin letters are the Latin letter.
+@pytest.mark.parametrize(
+    "text",
+    [
+        "an og\u034fre",  # combining grapheme joiner
+        "an og\ufe0fre",  # variation selector 16
+        "an og\u3164re",  # Hangul filler
+        "an og\u115fre",  # Hangul choseong filler
+        "an og\u17b4re",  # Khmer vowel inherent aq
+        "an og\u180bre",  # Mongolian free variation selector
+        "an \u043egre",  # Cyrillic о
+        "an \u039fGRE",  # Greek capital omicron
+        "an \u043e\u0261\u0433e".replace("\u0433", "r"),  # Cyrillic о and Latin script g
+    ],
+)
+def test_invisible_characters_and_lookalike_letters_do_not_hide_a_word(text: str) -> None:
+    assert Blocklist.parse(["ogre"]).first_match(text) == "ogre"
+
+
+def test_an_entry_typed_with_a_lookalike_letter_blocks_the_latin_word() -> None:
+    assert Blocklist.parse(["\u043egre"]).first_match("an ogre") == "\u043egre"
+    assert Blocklist.parse(["ogre"]).first_match("a good ogham stone") is None

@@ -148,6 +148,42 @@ async def test_killed_worker_job_resumes_and_is_finished_once(
     assert any(info["restarted"] for info in infos)
 
 
+async def test_losing_both_renderers_twice_is_two_losses_not_three(
+    cluster_engine: Engine, pool: RayRenderers, shared_tiny_models: Models
+) -> None:
+    """Issue 24: what losing a node does to a local Ray, twice in one job. Each time both actors die,
+    the job goes back to the queue and is handed to an actor that is still restarting: waiting for it
+    is not a loss, so the job has lost its renderer twice, not three times, and finishes."""
+    engine = cluster_engine
+    job_id = engine.create_job(build_params(engine.settings, engine.store, "a heron", frames=8, seed=4, **FAST))
+    kills: list[int] = []
+    outcomes: list[Event] = []
+
+    def kill_both(step: StepProgress) -> None:
+        if (step.frame_index, len(kills)) in ((2, 0), (5, 1)):
+            kills.append(step.frame_index)
+            for actor in pool.actors:
+                ray.kill(actor, no_restart=False)
+
+    async def run_job(job_id: int, cancel: threading.Event) -> None:
+        events = await asyncio.to_thread(lambda: list(engine.run(job_id, cancel, on_step=kill_both)))
+        outcomes.extend(e for e in events if isinstance(e, Failed | Requeued))
+        if not any(isinstance(e, Failed | Requeued) for e in events):
+            outcomes.append(await asyncio.to_thread(engine.finish, job_id))
+
+    queue = JobQueue(engine.store, run_job, max_pending_per_member=5, workers=2)
+    queue.kick()
+    await queue.idle()
+    assert kills == [2, 5]
+    assert [type(e) for e in outcomes] == [Requeued, Requeued, Finished], outcomes
+    job = engine.store.job(job_id)
+    assert job["status"] == "done" and job["worker_losses"] == 2
+    assert [sha(r["path"]) for r in engine.store.frames(job_id)] == local_frames(
+        engine.settings, engine.store, shared_tiny_models, job_id
+    )
+    pool.wait_ready()
+
+
 def test_style_registered_after_start_reaches_a_worker_without_its_file(
     cluster_engine: Engine, pool: RayRenderers, tmp_path: Path, shared_tiny_models: Models
 ) -> None:
