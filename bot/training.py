@@ -38,6 +38,7 @@ from training.service import evaluate_style, prepare_dataset, train_style
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot
+    from engine.settings import Settings
 
 
 def name_for_server(bot: EmakiBot, name: str, guild_id: int | None) -> str:
@@ -179,10 +180,16 @@ async def _receive(
 
 
 def _recipe(
-    preset: str | None, adapter: str | None, steps: int | None, checkpoint_every: int, save_every: int | None = None
+    preset: str | None,
+    adapter: str | None,
+    steps: int | None,
+    checkpoint_every: int,
+    save_every: int | None = None,
+    settings: Settings | None = None,
+    notes: list[str] | None = None,
 ) -> Callable[[int], TrainConfig]:
-    """The training config for a dataset of n images: the preset's values (some depend on n), then
-    what the member chose."""
+    """The training config for a dataset of n images: the preset's values (some depend on n, sizes clamped
+    to the profile's range with a line in `notes` saying so), then what the member chose."""
     overrides: dict[str, Any] = {"checkpoint_every": checkpoint_every}
     if steps:
         overrides["steps"] = steps
@@ -192,7 +199,15 @@ def _recipe(
         if adapter not in ADAPTERS:
             raise InvalidRequest(f"unknown adapter '{adapter}': use {', '.join(ADAPTERS)}")
         overrides["adapter"] = adapter
-    return lambda n_images: preset_config(preset or "", overrides, n_images)
+
+    def build(n_images: int) -> TrainConfig:
+        said: list[str] = []
+        config = preset_config(preset or "", overrides, n_images, settings, said)
+        if notes is not None:
+            notes.extend(line for line in said if line not in notes)
+        return config
+
+    return build
 
 
 def register(bot: EmakiBot) -> None:
@@ -245,7 +260,8 @@ def register(bot: EmakiBot) -> None:
                 raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS} (got {steps})")
             if save_every is not None and not 1 <= save_every <= MAX_STEPS:
                 raise InvalidRequest(f"save_every must be between 1 and {MAX_STEPS} (got {save_every})")
-            recipe = _recipe(preset, adapter, steps, settings.train_checkpoint_every, save_every)
+            notes: list[str] = []  # a preset's value the profile cannot take, and what it became
+            recipe = _recipe(preset, adapter, steps, settings.train_checkpoint_every, save_every, settings, notes)
             recipe(1)  # an unknown preset or adapter is refused before anything is downloaded
         except EmakiError as exc:
             await interaction.response.send_message(f"⚠️ {exc}", ephemeral=True, allowed_mentions=NO_MENTIONS)
@@ -268,8 +284,10 @@ def register(bot: EmakiBot) -> None:
         # The dataset row exists: from here on nothing the member sent can be lost.
         posted = await post_preview(bot, dataset_id, ds)
         note = "" if posted else " The preview could not be posted in the channel yet; it is retried every minute."
+        clamped = "".join(f"\n{line}" for line in notes)
         await _answer(
-            interaction, f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.{note}"
+            interaction,
+            f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.{note}{clamped}",
         )
 
     async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:

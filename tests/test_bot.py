@@ -328,6 +328,20 @@ async def test_train_flow_preview_moderation_training_and_listing(world, train_s
     assert store.frames(store.jobs_where("kind = 'animate'", [])[0]["id"])[0]["prompt"].startswith("snowfox")
 
 
+async def test_a_preset_is_clamped_to_the_profile_and_the_member_is_told(world, train_settings) -> None:
+    """ghibli-lora trains at 512 px; the tiny profile takes 32..256: the stored recipe says 256, and the
+    member's answer says so in one line."""
+    env, channel, alice = world.env, world.channel, world.alice
+    answer = await alice.slash(
+        channel, "train", name="kite", dataset=("k.zip", dataset_zip_bytes()), preset="ghibli-lora", steps=2
+    )
+    text = last_answer(answer)
+    assert answer.ephemeral and "received: 6 images" in text
+    assert "preset ghibli-lora: resolution 512 is outside the tiny profile's sizes (32..256); clamped to 256" in text
+    [row] = bot_of(env).store.datasets_where("1 = 1", [])
+    assert json.loads(row["params"])["resolution"] == 256
+
+
 async def test_rejected_dataset_is_not_trained(world, train_settings) -> None:
     env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
     await alice.slash(channel, "train", name="owl", dataset=("owl.zip", dataset_zip_bytes()), steps=2)
