@@ -265,8 +265,11 @@ def base_family(path: Path, single_file: bool) -> tuple[str, str]:
             return "", ""  # a .ckpt can only be read by unpickling it: the loader will say
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as weights:
-            keys = list(weights.keys())
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                keys = list(weights.keys())
+        except Exception:  # noqa: BLE001 - not a readable safetensors: the loader says why, in its one line
+            return "", ""
         for prefix, family in CHECKPOINT_FAMILIES:
             if any(k.startswith(prefix) for k in keys):
                 return family, f"its keys include {prefix}*"

@@ -10,11 +10,10 @@ from urllib.parse import parse_qs, urlsplit
 import discord
 import pytest
 
-from bot.client import EmakiBot, create_bot
 from bot.permissions import BOT_PERMISSIONS, SCOPES, bot_permissions
 from emaki.cli import main
-from engine.models import Models
 from engine.settings import Settings, load_settings
+from tests import test_bot
 
 APP_ID = 1234567890123456789
 
@@ -91,13 +90,7 @@ def bot_settings(tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-def simcord_bot(bot_settings: Settings, shared_tiny_models: Models) -> EmakiBot:
-    shared_tiny_models.use_style(None)
-    bot = create_bot(bot_settings, models=shared_tiny_models)
-    bot.post_retry_delays = (0.01, 0.01)
-    bot.outbox.retry_base_s = 0.01
-    return bot
+simcord_bot = test_bot.simcord_bot  # the same bot over the shared tiny models, with these settings
 
 
 def only(allowed: discord.Permissions) -> discord.PermissionOverwrite:

@@ -28,6 +28,7 @@ from engine.events import FrameDone
 from engine.models import Models
 from engine.settings import Settings, load_settings
 from engine.store import open_store
+from tests import test_bot
 
 ROOT = Path(__file__).resolve().parent.parent
 # Shaped like a bot token (id.timestamp.hmac), but no Discord ever issued it.
@@ -336,13 +337,7 @@ def bot_settings(tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-def simcord_bot(bot_settings: Settings, shared_tiny_models: Models) -> EmakiBot:
-    shared_tiny_models.use_style(None)
-    bot = create_bot(bot_settings, models=shared_tiny_models)
-    bot.post_retry_delays = (0.01, 0.01)
-    bot.outbox.retry_base_s = 0.01
-    return bot
+simcord_bot = test_bot.simcord_bot  # the same bot over the shared tiny models, with these settings
 
 
 def results(channel) -> list[discord.Message]:

@@ -157,49 +157,15 @@ async def test_unusable_llm_answer_falls_back(llm_server: tuple[FakeLLM, str]) -
     assert source == "fallback" and len(frames) == 5 and len(fake.requests) == 1
 
 
-def tiny_chat_model(folder) -> str:
-    """A random-weight Llama chat model with a byte-level tokenizer and a chat template, saved the
-    way a local model folder is: the transformers backend loads it with its real code."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-    )
-    import torch
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_local_transformers_backend_runs_and_its_noise_falls_back(tmp_path, caplog) -> None:
+    """The tiny profile's chat model (a random Llama with a byte-level tokenizer and a chat template), from
+    its files in the tiny cache, through the loader a user's local LLM goes through."""
     from engine.story import TransformersBackend
 
-    backend = TransformersBackend(tiny_chat_model(tmp_path / "chat"))
+    backend = TransformersBackend("tiny")
     answer = backend.complete(build_messages("a fox naps, then wakes", 5))
     assert isinstance(answer, str) and answer  # the model really generated
-    settings = load_settings(profile="tiny", story_backend="transformers", llm_model=str(tmp_path / "chat"))
+    settings = load_settings(profile="tiny", story_backend="transformers", llm_model="tiny")
     teller = StoryTeller(settings)
     assert teller.backend is not None and teller.backend.name == "transformers"
     frames, source = teller.frames("a fox naps, then wakes", 5)
