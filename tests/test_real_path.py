@@ -170,9 +170,19 @@ def test_train_on_a_diffusers_folder_and_a_single_file_base(
     else:
         base = {}
     args = ["train", str(dataset(tmp_path / "ds")), "--name", "owl", "--adapter", adapter, *TRAIN]
+    if adapter == "lora":  # LoRA starts at zero (B = 0): a larger step makes two steps visible in the pixels
+        args += ["--lr", "0.01"]
     trained = emaki(hub, data, *args, **base)
     assert trained.returncode == 0, trained.stderr
     assert "owl" in emaki(hub, data, "styles", **base).stdout
+    if adapter == "lora":  # the style trained on the folder loads back into that folder's base and changes it
+        idea = ["animate", "an owl blinks", "--frames", "1", *ANIMATE[2:]]
+        plain = emaki(hub, data, *idea, "--out", "plain.gif", **base)
+        styled = emaki(hub, data, *idea, "--style", "owl", "--out", "owl.gif", **base)
+        assert plain.returncode == 0 and styled.returncode == 0, plain.stderr + styled.stderr
+        before = np.asarray(Image.open(tmp_path / "plain_frames" / "frame_01.png"), dtype=np.int16)
+        after = np.asarray(Image.open(tmp_path / "owl_frames" / "frame_01.png"), dtype=np.int16)
+        assert np.abs(before - after).max() > 0
     assert not hub.log.exists(), hub.log.read_text()
 
 
