@@ -7,6 +7,7 @@ call takes a lock (SQLite itself serialises writers; the lock keeps sqlite3's cu
 
 from __future__ import annotations
 
+import fcntl
 import json
 import secrets
 import sqlite3
@@ -58,6 +59,20 @@ def machine_error(path: Path, exc: sqlite3.Error) -> StoreError | None:
     return StoreError(f"cannot use the database {path} ({exc}): {why}")
 
 
+@contextmanager
+def opening_lock(path: Path) -> Iterator[None]:
+    """An advisory lock beside the database, held while a process prepares it (milliseconds). Where it
+    cannot be made (a read-only data dir) the open goes on without it and sqlite says what is wrong."""
+    try:
+        handle = open(path.with_name(f"{path.name}.open-lock"), "a")  # noqa: SIM115 - held across the yield
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -72,9 +87,12 @@ class Store:
             # process that opens the same fresh data dir at the same moment instead of failing "locked".
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self.db = sqlite_utils.Database(conn)
-            with self._locked():
+            # Processes opening a fresh data dir at once would each switch it to WAL while the others hold
+            # a shared lock: sqlite then answers "locked" at once, without waiting (its deadlock rule), so
+            # the switch and the migrations run one process at a time under a file lock.
+            with opening_lock(path), self._locked():
                 conn.execute("PRAGMA journal_mode=WAL")
-            self._migrate()
+                self._migrate()
         except sqlite3.Error as exc:
             raise machine_error(path, exc) or exc from None
 
