@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 import statistics
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -20,7 +21,7 @@ from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from engine import retention
-from engine.store import now
+from engine.store import Store, now
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot
@@ -36,24 +37,26 @@ async def sweep(bot: EmakiBot, at: float | None = None) -> retention.SweepReport
     return await asyncio.to_thread(retention.sweep, bot.settings, bot.store, now() if at is None else at)
 
 
-def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
-    """The /stats answer. Blocking (walks the data dir): call it in a thread."""
-    store = bot.store
+def stats_figures(store: Store, data_dir: Path, guild_id: int | None, at: float) -> dict[str, Any]:
+    """/stats' figures from the store and the data dir (the queue and the GPU come from the bot)."""
     midnight = dt.datetime.fromtimestamp(at, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     since = midnight.timestamp()
     seconds = store.recent_job_seconds(MEDIAN_OVER)
-    return render.stats(
-        queued=len(bot.queue.pending()),
-        running=store.count_jobs("status = 'running'", []),
-        today=store.count_jobs("created_at >= ?", [since]),
-        today_here=store.count_jobs("created_at >= ? and guild_id = ?", [since, guild_id]),
-        median_s=statistics.median(seconds) if seconds else None,
-        timed=len(seconds),
-        disk_bytes=retention.dir_size(bot.settings.data_dir),
-        gpu=gpu_text(bot),
-        keep_days=bot.settings.keep_days,
-        workers=store.workers(),  # cluster mode's renderers (node, GPU, state, job)
-    )
+    return {
+        "running": store.count_running(),
+        "today": store.jobs_since(since),
+        "today_here": store.jobs_since(since, guild_id) if guild_id is not None else 0,
+        "median_s": statistics.median(seconds) if seconds else None,
+        "timed": len(seconds),
+        "disk_bytes": retention.dir_size(data_dir),
+        "workers": store.workers(),  # cluster mode's renderers (node, GPU, state, job)
+    }
+
+
+def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
+    """The /stats answer. Blocking (reads the store): call it in a thread."""
+    figures = stats_figures(bot.store, bot.settings.data_dir, guild_id, at)
+    return render.stats(queued=len(bot.queue.pending()), gpu=gpu_text(bot), keep_days=bot.settings.keep_days, **figures)
 
 
 def gpu_text(bot: EmakiBot) -> str:

@@ -275,11 +275,7 @@ class EmakiBot(commands.Bot):
     def finish_status_messages(self) -> None:
         """Posted results whose status message never got its final edit (the bot stopped with the
         edit still queued): send it now, so no member is left reading "posting..."."""
-        rows = self.store.jobs_where(
-            "kind = 'animate' and posted = 1 and result_message_id is not null and channel_id is not null "
-            "and coalesce(status_final, 0) != 1",
-            [],
-        )
+        rows = self.store.status_edits_owed()
 
         async def final_fields(row: dict[str, Any]) -> dict[str, Any]:
             channel = await self.channel_for(row["channel_id"])
@@ -291,12 +287,7 @@ class EmakiBot(commands.Bot):
 
     async def post_pending_results(self) -> None:
         """Results not yet posted: never tried, interrupted mid-post, or refused and due again."""
-        rows = self.store.jobs_where(
-            "kind = 'animate' and status = 'done' and channel_id is not null and coalesce(posted, 0) != 1 "
-            "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
-            "and coalesce(next_post_at, 0) <= ?",
-            [self.clock()],
-        )
+        rows = self.store.results_due(self.clock())
         for job in rows:
             self.spawn(self.post_result(job["id"]))
 

@@ -91,8 +91,7 @@ class JobQueue:
         interrupted = [j["id"] for j in self.store.jobs_where("status = 'running'", [])]
         for job_id in interrupted:
             self.store.update_job(job_id, status="queued", resume_first=1)
-        for job in self.store.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:20]:
-            self.job_seconds.append(job["finished_at"] - job["started_at"])
+        self.job_seconds.extend(self.store.recent_durations(20))
         return interrupted
 
     def pending(self) -> list[dict[str, Any]]:

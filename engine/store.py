@@ -279,6 +279,15 @@ class Store:
         with self._locked() as db:
             return int(db.execute(f"select count(*) from jobs where {where}", args).fetchone()[0])
 
+    def count_running(self) -> int:
+        return self.count_jobs("status = 'running'", [])
+
+    def jobs_since(self, since: float, guild_id: int | None = None) -> int:
+        """Jobs created at or after `since` (in one server, if given): /stats' "jobs today"."""
+        if guild_id is None:
+            return self.count_jobs("created_at >= ?", [since])
+        return self.count_jobs("created_at >= ? and guild_id = ?", [since, guild_id])
+
     def recent_job_seconds(self, limit: int) -> list[float]:
         """Render-to-GIF seconds of the newest `limit` finished animations."""
         with self._locked() as db:
@@ -372,6 +381,38 @@ class Store:
             rows = db["jobs"].rows_where("kind = ?", [kind], order_by="id desc", limit=limit)
             return [_decode_job(r) for r in rows]
 
+    def results_due(self, at: float) -> list[dict[str, Any]]:
+        """Finished animations whose result is not posted yet and may be tried at `at`: never tried,
+        interrupted mid-post, or refused and due again (the bot's repost check)."""
+        return self.jobs_where(
+            "kind = 'animate' and status = 'done' and channel_id is not null and coalesce(posted, 0) != 1 "
+            "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
+            "and coalesce(next_post_at, 0) <= ?",
+            [at],
+        )
+
+    def unposted_results(self, owner_id: int) -> list[dict[str, Any]]:
+        """A member's finished animations whose result is not posted (yet, or at all): /queue."""
+        return self.jobs_where(
+            "owner_id = ? and kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 "
+            "and coalesce(post_state, 'pending') != 'posted'",
+            [owner_id],
+        )
+
+    def status_edits_owed(self) -> list[dict[str, Any]]:
+        """Posted results whose status message never got its final edit."""
+        return self.jobs_where(
+            "kind = 'animate' and posted = 1 and result_message_id is not null and channel_id is not null "
+            "and coalesce(status_final, 0) != 1",
+            [],
+        )
+
+    def recent_durations(self, limit: int) -> list[float]:
+        """Started-to-finished seconds of the newest `limit` done jobs (any kind), newest first: the
+        queue's ETA at start-up."""
+        rows = self.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:limit]
+        return [float(r["finished_at"] - r["started_at"]) for r in rows]
+
     def job_by_result_message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.jobs_where("result_message_id = ?", [message_id])
         return rows[0] if rows else None
@@ -428,6 +469,13 @@ class Store:
     def styles(self) -> list[dict[str, Any]]:
         with self._locked() as db:
             return list(db["styles"].rows_where(order_by="name"))
+
+    def style_choices(self, guild_id: int | None, shared_from_others: bool, typed: str, limit: int = 25) -> list[str]:
+        """Names of the styles visible in a server (see `styles_visible_in`) that contain `typed`, in
+        name order, at most `limit`: /animate's style autocomplete."""
+        needle = typed.lower()
+        rows = self.styles_visible_in(guild_id, shared_from_others)
+        return [s["name"] for s in rows if needle in s["name"].lower()][:limit]
 
     def delete_style(self, name: str) -> None:
         with self._locked() as db:
