@@ -8,6 +8,7 @@ call takes a lock (SQLite itself serialises writers; the lock keeps sqlite3's cu
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -20,6 +21,8 @@ from typing import Any
 import sqlite_utils
 
 from engine.errors import ResourceError
+
+log = logging.getLogger(__name__)
 
 
 def now() -> float:
@@ -38,6 +41,7 @@ class StoreError(ResourceError):
 
 # sqlite's own codes (extended ones start with these) for what the machine refuses, not what the code asks.
 MACHINE_ERRORS = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_PERM")
+PURGE_BATCH = 500  # jobs per retention batch: the store is free between batches
 BUSY_TIMEOUT_MS = 30_000  # a process migrating a fresh data dir holds it for milliseconds; wait, never fail
 
 
@@ -205,6 +209,17 @@ class Store:
             db["styles"].add_column("uid", str)
         db.execute("update styles set uid = lower(hex(randomblob(8))) where uid is null")
 
+    def _migration_3(self, db: sqlite_utils.Database) -> None:
+        """Version 3 (issue 25): indexes for every question the bot asks often, so each costs what it
+        did on the first day however long the history grows. Partial ones hold only the few rows
+        still waited for (unpurged, unposted, status edit owed), so they stay small too. Built once:
+        on a large history this takes a while, said in the log before it starts."""
+        jobs = db.execute("select count(*) from jobs").fetchone()[0]
+        if jobs > 100_000:
+            log.warning("indexing %d jobs for the new store version, once: this takes a moment", jobs)
+        for statement in INDEXES_3:
+            db.execute(statement)
+
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
         restart finds everything as it was. Databases from before these columns are upgraded."""
@@ -259,17 +274,29 @@ class Store:
         db["jobs"].create_index(["finished_at"], if_not_exists=True)
 
     # --- retention ------------------------------------------------------------------------------
-    def purge_candidates(self, finished_before: float) -> list[dict[str, Any]]:
+    def purge_candidates(
+        self, finished_before: float, after: tuple[float, int] | None = None, limit: int = PURGE_BATCH
+    ) -> list[dict[str, Any]]:
         """Animation jobs that ended before the cutoff and still have their files, whose files no
         one waits for: never queued or running ones, never a result still to be posted (pending,
         sending, refused or failed to post: an admin may still /repost it). Jobs made by the CLI
-        (no channel) have nothing to post."""
-        return self.jobs_where(
-            "kind = 'animate' and purged_at is null and finished_at is not null and finished_at < ? "
-            "and (status in ('failed', 'cancelled') or (status = 'done' and "
-            "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1)))",
-            [finished_before],
-        )
+        (no channel) have nothing to post.
+
+        One batch of at most `limit`, by (finished_at, id), starting past `after` (the last batch's
+        last job): walked on the index of unpurged jobs, so a batch costs the same at any history
+        size, and the store is free between batches."""
+        start = after or (-1e300, 0)  # before any clock (a finite number: an infinity cannot be written as SQL)
+        with self._locked() as db:
+            rows = db.execute(
+                "select * from jobs indexed by jobs_unpurged where purged_at is null and finished_at < ? "
+                "and (finished_at, id) > (?, ?) and kind = 'animate' "
+                "and (status in ('failed', 'cancelled') or (status = 'done' and "
+                "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1))) "
+                "order by finished_at, id limit ?",
+                [finished_before, *start, limit],
+            )
+            columns = [c[0] for c in rows.description]
+            return [_decode_job(dict(zip(columns, r, strict=True))) for r in rows.fetchall()]
 
     def mark_purged(self, job_id: int, at: float, days: int) -> None:
         self.update_job(job_id, purged_at=at, purged_days=days)
@@ -381,37 +408,52 @@ class Store:
             rows = db["jobs"].rows_where("kind = ?", [kind], order_by="id desc", limit=limit)
             return [_decode_job(r) for r in rows]
 
+    def _jobs_sql(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
+        """Decoded job rows of a `select * from jobs ...` written here, in the store."""
+        with self._locked() as db:
+            cursor = db.execute(sql, args)
+            columns = [c[0] for c in cursor.description]
+            return [_decode_job(dict(zip(columns, r, strict=True))) for r in cursor.fetchall()]
+
     def results_due(self, at: float) -> list[dict[str, Any]]:
         """Finished animations whose result is not posted yet and may be tried at `at`: never tried,
-        interrupted mid-post, or refused and due again (the bot's repost check)."""
-        return self.jobs_where(
-            "kind = 'animate' and status = 'done' and channel_id is not null and coalesce(posted, 0) != 1 "
+        interrupted mid-post, or refused and due again (the bot's repost check). Read from the
+        small index of unposted results, not the history."""
+        return self._jobs_sql(
+            "select * from jobs indexed by jobs_unposted "
+            "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 and channel_id is not null "
             "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
-            "and coalesce(next_post_at, 0) <= ?",
+            "and coalesce(next_post_at, 0) <= ? order by id",
             [at],
         )
 
     def unposted_results(self, owner_id: int) -> list[dict[str, Any]]:
         """A member's finished animations whose result is not posted (yet, or at all): /queue."""
-        return self.jobs_where(
-            "owner_id = ? and kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 "
-            "and coalesce(post_state, 'pending') != 'posted'",
+        return self._jobs_sql(
+            "select * from jobs indexed by jobs_unposted "
+            "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 and owner_id = ? "
+            "and coalesce(post_state, 'pending') != 'posted' order by id",
             [owner_id],
         )
 
     def status_edits_owed(self) -> list[dict[str, Any]]:
         """Posted results whose status message never got its final edit."""
-        return self.jobs_where(
-            "kind = 'animate' and posted = 1 and result_message_id is not null and channel_id is not null "
-            "and coalesce(status_final, 0) != 1",
+        return self._jobs_sql(
+            "select * from jobs indexed by jobs_status_owed where posted = 1 and coalesce(status_final, 0) != 1 "
+            "and kind = 'animate' and result_message_id is not null and channel_id is not null order by id",
             [],
         )
 
     def recent_durations(self, limit: int) -> list[float]:
         """Started-to-finished seconds of the newest `limit` done jobs (any kind), newest first: the
-        queue's ETA at start-up."""
-        rows = self.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:limit]
-        return [float(r["finished_at"] - r["started_at"]) for r in rows]
+        queue's ETA at start-up. Only those rows are read (the status index, newest id first)."""
+        with self._locked() as db:
+            rows = db.execute(
+                "select finished_at - started_at from jobs where status = 'done' and started_at is not null "
+                "order by id desc limit ?",
+                [limit],
+            ).fetchall()
+        return [float(r[0]) for r in rows]
 
     def job_by_result_message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.jobs_where("result_message_id = ?", [message_id])
@@ -471,11 +513,21 @@ class Store:
             return list(db["styles"].rows_where(order_by="name"))
 
     def style_choices(self, guild_id: int | None, shared_from_others: bool, typed: str, limit: int = 25) -> list[str]:
-        """Names of the styles visible in a server (see `styles_visible_in`) that contain `typed`, in
-        name order, at most `limit`: /animate's style autocomplete."""
-        needle = typed.lower()
-        rows = self.styles_visible_in(guild_id, shared_from_others)
-        return [s["name"] for s in rows if needle in s["name"].lower()][:limit]
+        """Names of the styles visible in a server (see `styles_visible_in`) that start with what was
+        typed, in name order, at most `limit`: /animate's style autocomplete, one keystroke each. A
+        range on the name's own index (names are kept folded, see `style_key`), stopping at `limit`."""
+        prefix = style_key(typed)
+        where = "guild_id is null"
+        args: list[Any] = [prefix, prefix + "\U0010ffff"]
+        if guild_id is not None:
+            where += " or guild_id = ?" + (" or coalesce(shared, 0) = 1" if shared_from_others else "")
+            args.append(guild_id)
+        with self._locked() as db:
+            rows = db.execute(
+                f"select name from styles where name >= ? and name < ? and ({where}) order by name limit ?",
+                [*args, limit],
+            ).fetchall()
+        return [r[0] for r in rows]
 
     def delete_style(self, name: str) -> None:
         with self._locked() as db:
@@ -538,8 +590,25 @@ class Store:
             return list(db["datasets"].rows_where(where, args, order_by="id"))
 
 
+# Version 3's indexes. The partial ones' WHERE terms are repeated word for word in the queries that
+# name them (INDEXED BY): SQLite uses a partial index only for a query whose WHERE contains its terms.
+INDEXES_3 = (
+    # jobs today (in all, in one server): a range of the newest rows
+    "create index if not exists jobs_created on jobs(created_at)",
+    "create index if not exists jobs_guild_created on jobs(guild_id, created_at)",
+    # median job time: the newest finished animations, newest first
+    "create index if not exists jobs_kind_status_finished on jobs(kind, status, finished_at)",
+    # the retention sweep walks only jobs that still have files, oldest end first
+    "create index if not exists jobs_unpurged on jobs(finished_at) where purged_at is null",
+    # results not posted yet (repost check, /queue): a handful, however long the history
+    "create index if not exists jobs_unposted on jobs(owner_id) "
+    "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1",
+    # posted results whose status message still needs its final edit (start-up)
+    "create index if not exists jobs_status_owed on jobs(id) where posted = 1 and coalesce(status_final, 0) != 1",
+)
+
 # One step per schema version, in order; a new version appends a step, never edits an old one.
-MIGRATIONS = (Store._migration_1, Store._migration_2)
+MIGRATIONS = (Store._migration_1, Store._migration_2, Store._migration_3)
 
 
 def _decode_job(row: dict[str, Any]) -> dict[str, Any]:

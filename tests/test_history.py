@@ -1,0 +1,261 @@
+"""Issue 25: the store's history questions give today's answers, read only what they need (an index,
+never the whole jobs table), and the sweep goes in bounded batches. Behaviour and query plans only:
+no assertion on time (bench/history.py measures that)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import history as bench_history
+from engine import retention
+from engine.jobs import JobQueue
+from engine.store import INDEXES_3, MIGRATIONS, Store, open_store
+
+NOW = 2_000_000_000.0
+DAY = 86400.0
+
+
+def history(store: Store, jobs: int = 120, seed: int = 1) -> None:
+    """A small mixed history written through the store's own calls."""
+    rng = random.Random(seed)
+    for i in range(jobs):
+        status = rng.choice(["done", "done", "done", "failed", "cancelled", "queued", "running"])
+        job_id = store.add_job(
+            kind=rng.choice(["animate", "animate", "animate", "train"]),
+            status=status,
+            owner_id=rng.choice([1, 2, 3]),
+            guild_id=rng.choice([None, 10, 20]),
+            channel_id=rng.choice([None, 7, 7]),
+            idea=f"idea {i}",
+            params={"frames": 2},
+        )
+        finished = NOW - rng.uniform(0, 60) * DAY
+        posted = rng.choice([0, 1, 1, -1, None])
+        store.update_job(
+            job_id,
+            created_at=NOW - rng.uniform(0, 3) * DAY,
+            started_at=finished - rng.uniform(5, 50) if rng.random() > 0.1 else None,
+            finished_at=finished if status not in ("queued", "running") else None,
+            posted=posted,
+            post_state=rng.choice([None, "pending", "sending", "refused", "failed", "posted"]),
+            next_post_at=rng.choice([None, NOW - 5, NOW + 5]),
+            result_message_id=rng.choice([None, 1000 + i]),
+            status_final=rng.choice([None, 0, 1]),
+            purged_at=rng.choice([None, None, NOW - DAY]),
+        )
+
+
+def ids(rows: list[dict[str, Any]]) -> list[int]:
+    return [r["id"] for r in rows]
+
+
+@contextmanager
+def statements(store: Store) -> Iterator[list[str]]:
+    """The SQL the store runs meanwhile, with its values bound."""
+    seen: list[str] = []
+    store.db.conn.set_trace_callback(seen.append)
+    try:
+        yield seen
+    finally:
+        store.db.conn.set_trace_callback(None)
+
+
+def plans(store: Store, call: Callable[[], Any]) -> list[str]:
+    """The query plan of every select `call` makes: how SQLite reads each table."""
+    with statements(store) as seen:
+        call()
+    out = []
+    for sql in seen:
+        if sql.lstrip().lower().startswith("select"):
+            out += [row[3] for row in store.db.conn.execute(f"explain query plan {sql}")]
+    assert out, "no query was made"
+    return out
+
+
+def reads_no_whole_table(plan: list[str]) -> bool:
+    """The tables that grow with history (jobs, styles) are read through an index (SEARCH, or a SCAN
+    USING an index), never row by row. (Workers, a row per renderer, may be scanned.)"""
+    steps = [step for step in plan if step.split()[:2] in (["SCAN", "jobs"], ["SEARCH", "jobs"])]
+    steps += [step for step in plan if step.split()[:2] in (["SCAN", "styles"], ["SEARCH", "styles"])]
+    return bool(steps) and all("USING" in step for step in steps)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = open_store(tmp_path)
+    history(store)
+    return store
+
+
+def test_named_questions_answer_as_the_old_queries(store: Store) -> None:
+    """The same rows as the queries the bot ran before (copied here), on a mixed history."""
+    old_due = store.jobs_where(
+        "kind = 'animate' and status = 'done' and channel_id is not null and coalesce(posted, 0) != 1 "
+        "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
+        "and coalesce(next_post_at, 0) <= ?",
+        [NOW],
+    )
+    assert old_due and ids(store.results_due(NOW)) == ids(old_due)
+    for owner in (1, 2, 3):
+        old_unposted = store.jobs_where(
+            "owner_id = ? and kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 "
+            "and coalesce(post_state, 'pending') != 'posted'",
+            [owner],
+        )
+        assert store.unposted_results(owner) == old_unposted
+    old_owed = store.jobs_where(
+        "kind = 'animate' and posted = 1 and result_message_id is not null and channel_id is not null "
+        "and coalesce(status_final, 0) != 1",
+        [],
+    )
+    assert old_owed and store.status_edits_owed() == old_owed
+    old_done = store.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:20]
+    assert store.recent_durations(20) == [j["finished_at"] - j["started_at"] for j in old_done]
+    since = NOW - DAY
+    assert store.jobs_since(since) == store.count_jobs("created_at >= ?", [since]) > 0
+    assert store.jobs_since(since, 10) == store.count_jobs("created_at >= ? and guild_id = ?", [since, 10]) > 0
+
+
+def test_purge_candidates_in_batches_are_the_old_answer(store: Store) -> None:
+    cutoff = NOW - 30 * DAY
+    old = store.jobs_where(
+        "kind = 'animate' and purged_at is null and finished_at is not null and finished_at < ? "
+        "and (status in ('failed', 'cancelled') or (status = 'done' and "
+        "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1)))",
+        [cutoff],
+    )
+    batches: list[int] = []
+    original = store.purge_candidates
+
+    def recording(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        rows = original(*args, **kwargs)
+        batches.append(len(rows))
+        assert not store._lock._is_owned()  # type: ignore[attr-defined]  # released before the caller sees it
+        return rows
+
+    store.purge_candidates = recording  # type: ignore[method-assign]
+    walked = list(retention._candidates(store, cutoff, batch=3))
+    assert len(old) > 6 and sorted(ids(walked)) == sorted(ids(old))
+    assert [j["finished_at"] for j in walked] == sorted(j["finished_at"] for j in old)  # oldest end first
+    assert max(batches) <= 3 and len(batches) == len(old) // 3 + 1
+
+
+def test_sweep_in_batches_skips_a_rendered_job_once_and_frees_the_store_between(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job being rendered is skipped without being read again (the walk goes past it), and another
+    thread can use the store while the sweep is between batches."""
+    from engine.settings import load_settings
+
+    settings = load_settings(None, data_dir=tmp_path, keep_days=30)
+    cutoff = NOW - 30 * DAY
+    expected = ids(list(retention._candidates(store, cutoff, batch=1000)))
+    rendering = expected[1]
+    monkeypatch.setattr(retention, "PURGE_BATCH", 2)
+    monkeypatch.setattr("engine.worker.is_rendering", lambda data_dir, job_id: job_id == rendering)
+    others: list[bool] = []
+    original = store.purge_candidates
+
+    def between(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        done = threading.Event()
+        threading.Thread(target=lambda: (others.append(store.job(rendering) is not None), done.set())).start()
+        assert done.wait(5)
+        return original(*args, **kwargs)
+
+    store.purge_candidates = between  # type: ignore[method-assign]
+    report = retention.sweep(settings, store, NOW)
+    assert report.jobs == [j for j in expected if j != rendering]
+    assert store.job(rendering)["purged_at"] is None
+    assert len(others) == len(expected) // 2 + 1 and all(others)
+
+
+def test_recover_reads_the_newest_twenty_durations(store: Store) -> None:
+    async def run_job(job_id: int, cancel: threading.Event) -> None:
+        return None
+
+    queue = JobQueue(store, run_job, 3)
+    running = ids(store.jobs_where("status = 'running'", []))
+    assert queue.recover() == running and running
+    old_done = store.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:20]
+    assert queue.job_seconds == [j["finished_at"] - j["started_at"] for j in old_done]
+
+
+def test_style_choices_prefix_visibility_and_bound(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    for k in range(40):
+        store.add_style(f"snow{k:02d}", "/x.safetensors")  # global
+    store.add_style("snowfox", "/x.safetensors", guild_id=10)  # server 10's own
+    store.add_style("snowowl", "/x.safetensors", guild_id=20, shared=1)  # server 20's, shared
+    store.add_style("snowcat", "/x.safetensors", guild_id=20)  # server 20's, private
+    store.add_style("inkwash", "/x.safetensors")
+    assert store.style_choices(10, True, "SNOWF") == ["snowfox"]  # folded like names are
+    assert store.style_choices(10, True, "snowo") == ["snowowl"]
+    assert store.style_choices(10, False, "snowo") == []
+    assert store.style_choices(10, True, "snowc") == []  # another server's private style
+    assert store.style_choices(None, True, "snowf") == []  # a DM sees the global ones only
+    assert store.style_choices(10, True, "ink") == ["inkwash"]
+    assert store.style_choices(10, True, "snow") == [f"snow{k:02d}" for k in range(25)]  # name order, 25
+    assert len(store.style_choices(10, True, "")) == 25
+    assert store.style_choices(10, True, "zz") == []
+
+
+def test_the_bot_questions_read_indexes_not_the_history(store: Store) -> None:
+    from bot.admin import stats_figures
+
+    store.add_style("inkwash", "/x.safetensors")
+    calls: dict[str, Callable[[], Any]] = {
+        "repost": lambda: store.results_due(NOW),
+        "queue": lambda: store.unposted_results(1),
+        "status_edits": store.status_edits_owed,
+        "recover": lambda: store.recent_durations(20),
+        "today": lambda: store.jobs_since(NOW - DAY),
+        "today_here": lambda: store.jobs_since(NOW - DAY, 10),
+        "median": lambda: store.recent_job_seconds(100),
+        "sweep_batch": lambda: store.purge_candidates(NOW - 30 * DAY),
+        "autocomplete": lambda: store.style_choices(10, True, "in"),
+        "stats": lambda: stats_figures(store, store.path.parent, 10, NOW),
+    }
+    for name, call in calls.items():
+        plan = plans(store, call)
+        assert reads_no_whole_table(plan), (name, plan)
+
+
+def test_migration_3_builds_the_indexes_once_on_an_older_store(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    history(store, jobs=40)
+    due = ids(store.results_due(NOW))
+    names = {r[0] for r in store.db.execute("select name from sqlite_master where type = 'index'").fetchall()}
+    assert {s.split()[5] for s in INDEXES_3} <= names
+    for statement in INDEXES_3:  # as a version-2 data dir has it
+        store.db.execute(f"drop index {statement.split()[5]}")
+    store.db.execute("pragma user_version = 2")
+    store.db.conn.close()
+    again = open_store(tmp_path)
+    assert again.db.execute("pragma user_version").fetchone()[0] == len(MIGRATIONS) == 3
+    names = {r[0] for r in again.db.execute("select name from sqlite_master where type = 'index'").fetchall()}
+    assert {s.split()[5] for s in INDEXES_3} <= names
+    assert due and ids(again.results_due(NOW)) == due
+
+
+def test_bench_history_prints_side_by_side_json(capsys: pytest.CaptureFixture[str]) -> None:
+    bench_history.main(["--jobs", "40,200", "--members", "5", "--repeat", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ops = {"stats", "sweep", "repost", "status_edits", "queue", "recover", "autocomplete", "jobs_cmd"}
+    assert set(result["ops"]) == ops and set(result["growth"]) == ops
+    assert all(set(by_size) == {"40", "200"} for by_size in result["ops"].values())
+
+
+def test_an_unknown_index_name_is_a_bug_not_a_scan(store: Store) -> None:
+    """INDEXED BY makes a query fail loudly if its index ever stops fitting it, instead of quietly
+    reading the whole history again."""
+    with pytest.raises(sqlite3.OperationalError, match="no query solution"):
+        store.db.execute("select * from jobs indexed by jobs_unposted where owner_id = 1").fetchall()
