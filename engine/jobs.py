@@ -24,6 +24,7 @@ from engine.store import Store
 
 log = logging.getLogger(__name__)
 
+KEEP_SECONDS = 100  # job durations kept for ETAs (the ETA averages the last 10)
 RunJob = Callable[[int, threading.Event], Awaitable[None]]
 
 
@@ -101,7 +102,7 @@ class JobQueue:
         resumed = [j for j in queued if j.get("resume_first")]
         animations = [j for j in queued if j["kind"] != "train" and not j.get("resume_first")]
         trainings = [j for j in queued if j["kind"] == "train" and not j.get("resume_first")]
-        served = self.last_served
+        served = self.store.served({j["owner_id"] or 0 for j in animations + trainings})
         return resumed + fair_order(animations, served) + fair_order(trainings, served)
 
     def animations_waiting(self) -> bool:
@@ -168,6 +169,7 @@ class JobQueue:
             self.cancel_events.pop(job_id, None)
         # What the next member waits for is the render (the GIF and upload overlap the next job).
         self.job_seconds.append(time.monotonic() - started)
+        del self.job_seconds[:-KEEP_SECONDS]  # a bounded window, not one float per job forever
         self.kick()  # this slot is free: the next job in the fair order takes it
 
     def cancel(self, job_id: int) -> str:

@@ -13,7 +13,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -366,10 +366,17 @@ class Store:
         with self._locked() as db:
             db["queue_state"].upsert({"key": key, "value": value}, pk="key")
 
-    def served(self) -> dict[int, int]:
-        """owner -> a counter of when they were last served (higher = more recent)."""
+    def served(self, owners: Collection[int] | None = None) -> dict[int, int]:
+        """owner -> a counter of when they were last served (higher = more recent); only `owners`'
+        rows if given (the members with jobs waiting, not every member the bot ever served)."""
         with self._locked() as db:
-            return {r["owner_id"]: r["clock"] for r in db["served"].rows}
+            if owners is None:
+                return {r["owner_id"]: r["clock"] for r in db["served"].rows}
+            rows = db.execute(
+                "select owner_id, clock from served where owner_id in (select value from json_each(?))",
+                [json.dumps(sorted(owners))],
+            ).fetchall()
+            return {int(owner): int(clock) for owner, clock in rows}
 
     def mark_served(self, owner_id: int) -> int:
         with self._locked() as db:
@@ -605,6 +612,8 @@ INDEXES_3 = (
     "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1",
     # posted results whose status message still needs its final edit (start-up)
     "create index if not exists jobs_status_owed on jobs(id) where posted = 1 and coalesce(status_final, 0) != 1",
+    # the fair order's clock: the newest served, at every job start, however many members
+    "create index if not exists served_clock on served(clock)",
 )
 
 # One step per schema version, in order; a new version appends a step, never edits an old one.

@@ -17,7 +17,7 @@ import pytest
 
 from bench import history as bench_history
 from engine import retention
-from engine.jobs import JobQueue
+from engine.jobs import KEEP_SECONDS, JobQueue, fair_order
 from engine.store import INDEXES_3, MIGRATIONS, Store, open_store
 
 NOW = 2_000_000_000.0
@@ -259,3 +259,37 @@ def test_an_unknown_index_name_is_a_bug_not_a_scan(store: Store) -> None:
     reading the whole history again."""
     with pytest.raises(sqlite3.OperationalError, match="no query solution"):
         store.db.execute("select * from jobs indexed by jobs_unposted where owner_id = 1").fetchall()
+
+
+def test_pending_reads_only_waiting_members_served_rows_and_keeps_the_fair_order(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    for owner in range(50):  # members served long ago, with nothing waiting now
+        store.mark_served(1000 + owner)
+    for owner in (3, 1, 2, 1, 3, 3, 2):
+        store.add_job(owner_id=owner, idea="x")
+    store.mark_served(3)
+    store.mark_served(1)
+
+    async def run_job(job_id: int, cancel: threading.Event) -> None:
+        return None
+
+    queue = JobQueue(store, run_job, 3)
+    everyone = fair_order(store.jobs_where("status = 'queued'", []), store.served())
+    assert ids(queue.pending()) == ids(everyone)
+    assert store.served({1, 2, 3}) == {k: v for k, v in store.served().items() if k in (1, 2, 3)}
+    assert any("served_clock" in step for step in plans(store, lambda: store.mark_served(2)))
+
+
+async def test_job_seconds_keep_a_bounded_window(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    for _ in range(KEEP_SECONDS + 30):
+        store.add_job(owner_id=1, idea="x")
+
+    async def run_job(job_id: int, cancel: threading.Event) -> None:
+        store.update_job(job_id, status="done")
+
+    queue = JobQueue(store, run_job, max_pending_per_member=1000)
+    queue.kick()
+    await queue.idle()
+    assert store.count_jobs("status = 'done'", []) == KEEP_SECONDS + 30
+    assert len(queue.job_seconds) == KEEP_SECONDS
