@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import logging
 import statistics
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -21,6 +20,7 @@ from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from engine import retention
+from engine.settings import Settings
 from engine.store import Store, now
 
 if TYPE_CHECKING:
@@ -33,11 +33,44 @@ MEDIAN_OVER = 100  # finished jobs the median job time is taken over
 
 
 async def sweep(bot: EmakiBot, at: float | None = None) -> retention.SweepReport:
-    """One retention sweep at `at` (default: now; the store's clock, which stamped finished_at)."""
-    return await asyncio.to_thread(retention.sweep, bot.settings, bot.store, now() if at is None else at)
+    """One retention sweep at `at` (default: now; the store's clock, which stamped finished_at), then
+    the data dir's size, measured once while the sweep's thread is at it (see `disk_bytes`)."""
+    return await asyncio.to_thread(sweep_and_measure, bot.settings, bot.store, now() if at is None else at)
 
 
-def stats_figures(store: Store, data_dir: Path, guild_id: int | None, at: float) -> dict[str, Any]:
+def sweep_and_measure(settings: Settings, store: Store, at: float) -> retention.SweepReport:
+    report = retention.sweep(settings, store, at)
+    measure_disk(settings, store)
+    return report
+
+
+def measure_disk(settings: Settings, store: Store) -> int:
+    """Walk the whole data dir once (daily, in the sweep's thread) and keep the figure as a row."""
+    started = now()  # files written during the walk belong to jobs created after this: counted by disk_bytes
+    size = retention.dir_size(settings.data_dir)
+    store.set_disk_figure(size - _database_bytes(store), started)  # the database is sized at each /stats
+    return size
+
+
+def _database_bytes(store: Store) -> int:
+    return sum(retention.file_size(store.path.with_name(store.path.name + end)) for end in ("", "-wal", "-shm"))
+
+
+def disk_bytes(settings: Settings, store: Store) -> int:
+    """/stats' disk use without walking a year of files: the last daily walk's figure plus the folders
+    of the jobs created since (a day's jobs at most). Files of older jobs written since the walk (an
+    MP4 made on request, in-between cache files) count from the next walk on."""
+    figure = store.disk_figure()
+    if figure is None:  # no walk yet (the first /stats before the first sweep): walk now
+        return measure_disk(settings, store)
+    size, walked_at = figure
+    from engine.worker import job_dir  # the engine is loaded already wherever the bot runs
+
+    recent = sum(retention.dir_size(job_dir(settings, job_id)) for job_id in store.jobs_created_since(walked_at))
+    return size + recent + _database_bytes(store)
+
+
+def stats_figures(store: Store, settings: Settings, guild_id: int | None, at: float) -> dict[str, Any]:
     """/stats' figures from the store and the data dir (the queue and the GPU come from the bot)."""
     midnight = dt.datetime.fromtimestamp(at, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     since = midnight.timestamp()
@@ -48,14 +81,14 @@ def stats_figures(store: Store, data_dir: Path, guild_id: int | None, at: float)
         "today_here": store.jobs_since(since, guild_id) if guild_id is not None else 0,
         "median_s": statistics.median(seconds) if seconds else None,
         "timed": len(seconds),
-        "disk_bytes": retention.dir_size(data_dir),
+        "disk_bytes": disk_bytes(settings, store),
         "workers": store.workers(),  # cluster mode's renderers (node, GPU, state, job)
     }
 
 
 def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
     """The /stats answer. Blocking (reads the store): call it in a thread."""
-    figures = stats_figures(bot.store, bot.settings.data_dir, guild_id, at)
+    figures = stats_figures(bot.store, bot.settings, guild_id, at)
     return render.stats(queued=len(bot.queue.pending()), gpu=gpu_text(bot), keep_days=bot.settings.keep_days, **figures)
 
 

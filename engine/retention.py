@@ -137,6 +137,11 @@ def _inbetween_files(settings: Settings, job: dict[str, Any], frames: list[dict[
     return files
 
 
+def file_size(path: Path) -> int:
+    """A file's bytes; 0 if it is not a file (gone, a folder, unreadable)."""
+    return _size(path)
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size if path.is_file() else 0

@@ -315,6 +315,23 @@ class Store:
             return self.count_jobs("created_at >= ?", [since])
         return self.count_jobs("created_at >= ? and guild_id = ?", [since, guild_id])
 
+    def disk_figure(self) -> tuple[int, float] | None:
+        """The bytes of the data dir at its last full walk, and when that walk began; None before any."""
+        value = self.queue_flag("disk_bytes")
+        if value is None:
+            return None
+        figure = json.loads(value)
+        return int(figure["bytes"]), float(figure["at"])
+
+    def set_disk_figure(self, size: int, at: float) -> None:
+        self.set_queue_flag("disk_bytes", json.dumps({"bytes": size, "at": at}))
+
+    def jobs_created_since(self, since: float) -> list[int]:
+        """Ids of the jobs created at or after `since` (a range of the created_at index)."""
+        with self._locked() as db:
+            rows = db.execute("select id from jobs indexed by jobs_created where created_at >= ?", [since])
+            return [r[0] for r in rows]
+
     def recent_job_seconds(self, limit: int) -> list[float]:
         """Render-to-GIF seconds of the newest `limit` finished animations."""
         with self._locked() as db:

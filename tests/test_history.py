@@ -210,6 +210,7 @@ def test_style_choices_prefix_visibility_and_bound(tmp_path: Path) -> None:
 
 def test_the_bot_questions_read_indexes_not_the_history(store: Store) -> None:
     from bot.admin import stats_figures
+    from engine.settings import load_settings
 
     store.add_style("inkwash", "/x.safetensors")
     calls: dict[str, Callable[[], Any]] = {
@@ -222,8 +223,9 @@ def test_the_bot_questions_read_indexes_not_the_history(store: Store) -> None:
         "median": lambda: store.recent_job_seconds(100),
         "sweep_batch": lambda: store.purge_candidates(NOW - 30 * DAY),
         "autocomplete": lambda: store.style_choices(10, True, "in"),
-        "stats": lambda: stats_figures(store, store.path.parent, 10, NOW),
+        "stats": lambda: stats_figures(store, load_settings(None, data_dir=store.path.parent), 10, NOW),
     }
+    store.set_disk_figure(0, NOW - DAY)  # as the daily walk leaves it
     for name, call in calls.items():
         plan = plans(store, call)
         assert reads_no_whole_table(plan), (name, plan)
@@ -249,7 +251,7 @@ def test_migration_3_builds_the_indexes_once_on_an_older_store(tmp_path: Path) -
 def test_bench_history_prints_side_by_side_json(capsys: pytest.CaptureFixture[str]) -> None:
     bench_history.main(["--jobs", "40,200", "--members", "5", "--repeat", "1"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ops = {"stats", "sweep", "repost", "status_edits", "queue", "recover", "autocomplete", "jobs_cmd"}
+    ops = {"stats", "sweep", "repost", "status_edits", "queue", "recover", "autocomplete", "jobs_cmd", "daily_walk"}
     assert set(result["ops"]) == ops and set(result["growth"]) == ops
     assert all(set(by_size) == {"40", "200"} for by_size in result["ops"].values())
 
@@ -293,3 +295,32 @@ async def test_job_seconds_keep_a_bounded_window(tmp_path: Path) -> None:
     await queue.idle()
     assert store.count_jobs("status = 'done'", []) == KEEP_SECONDS + 30
     assert len(queue.job_seconds) == KEEP_SECONDS
+
+
+def test_disk_use_is_the_daily_walk_plus_new_job_folders_and_equals_a_recount(tmp_path: Path) -> None:
+    from bot import admin
+    from engine.settings import load_settings
+    from engine.worker import job_dir
+
+    settings = load_settings(None, data_dir=tmp_path, keep_days=30)
+    store = open_store(tmp_path)
+    old = store.add_job(owner_id=1, idea="old")
+    job_dir(settings, old).mkdir(parents=True)
+    (job_dir(settings, old) / "frame_01.png").write_bytes(bytes(3000))
+    (tmp_path / "inbetweens").mkdir()
+    (tmp_path / "inbetweens" / "a.png").write_bytes(bytes(500))
+    assert store.disk_figure() is None
+    admin.disk_bytes(settings, store)  # no walk yet: walks now, and keeps the figure
+    assert store.disk_figure() is not None
+    assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path)  # the database sized live
+    admin.sweep_and_measure(settings, store, NOW - 365 * DAY)  # the daily sweep (nothing due) walks again
+    for k in range(3):  # jobs after the walk: their folders are counted without a walk
+        new = store.add_job(owner_id=1, idea=f"new {k}")
+        job_dir(settings, new).mkdir(parents=True)
+        (job_dir(settings, new) / "animation.gif").write_bytes(bytes(1000 * (k + 1)))
+    assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path)  # database growth included
+    # Walked only once a day: a stale old folder is not re-walked by /stats, but the sweep's walk sees it.
+    (job_dir(settings, old) / "clip.mp4").write_bytes(bytes(700))
+    assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path) - 700
+    admin.measure_disk(settings, store)
+    assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path)
