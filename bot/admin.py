@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_EVERY_H = 24
 MEDIAN_OVER = 100  # finished jobs the median job time is taken over
+ENDED = ("done", "failed", "cancelled")
 
 
 async def sweep(bot: EmakiBot, at: float | None = None) -> retention.SweepReport:
@@ -58,15 +59,24 @@ def _database_bytes(store: Store) -> int:
 
 def disk_bytes(settings: Settings, store: Store) -> int:
     """/stats' disk use without walking a year of files: the last daily walk's figure plus the folders
-    of the jobs created since (a day's jobs at most). Files of older jobs written since the walk (an
-    MP4 made on request, in-between cache files) count from the next walk on."""
+    of the jobs created since (a day's jobs at most; an ended job's folder is measured once and then
+    read from its row). Files written since the walk for older jobs, or for ended ones already
+    measured (an MP4 made on request, in-between cache files), count from the next walk on."""
     figure = store.disk_figure()
     if figure is None:  # no walk yet (the first /stats before the first sweep): walk now
         return measure_disk(settings, store)
     size, walked_at = figure
     from engine.worker import job_dir  # the engine is loaded already wherever the bot runs
 
-    recent = sum(retention.dir_size(job_dir(settings, job_id)) for job_id in store.jobs_created_since(walked_at))
+    recent = 0
+    measured: dict[int, int] = {}
+    for job_id, status, kept in store.job_bytes_since(walked_at):
+        if kept is None:
+            kept = retention.dir_size(job_dir(settings, job_id))
+            if status in ENDED:  # its folder is complete: measured once, summed from the row after
+                measured[job_id] = kept
+        recent += kept
+    store.keep_job_bytes(measured)
     return size + recent + _database_bytes(store)
 
 

@@ -219,6 +219,8 @@ class Store:
             log.warning("indexing %d jobs for the new store version, once: this takes a moment", jobs)
         for statement in INDEXES_3:
             db.execute(statement)
+        if "disk_bytes" not in db["jobs"].columns_dict:  # a finished job's folder size, once /stats measured it
+            db["jobs"].add_column("disk_bytes", int)
 
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
@@ -326,11 +328,27 @@ class Store:
     def set_disk_figure(self, size: int, at: float) -> None:
         self.set_queue_flag("disk_bytes", json.dumps({"bytes": size, "at": at}))
 
-    def jobs_created_since(self, since: float) -> list[int]:
-        """Ids of the jobs created at or after `since` (a range of the created_at index)."""
+    def job_bytes_since(self, since: float) -> list[tuple[int, str, int | None]]:
+        """(id, status, bytes kept for its folder or None) of the jobs created at or after `since`: a
+        range of the created_at index, a day of jobs at most."""
         with self._locked() as db:
-            rows = db.execute("select id from jobs indexed by jobs_created where created_at >= ?", [since])
-            return [r[0] for r in rows]
+            rows = db.execute(
+                "select id, status, disk_bytes from jobs indexed by jobs_created where created_at >= ?", [since]
+            )
+            return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    def keep_job_bytes(self, sizes: dict[int, int]) -> None:
+        """Remember finished jobs' folder sizes (one transaction), so /stats measures each folder once."""
+        if not sizes:
+            return
+        with self._locked() as db:
+            db.conn.execute("BEGIN")  # the connection autocommits: one commit for all, not one per row
+            try:
+                db.conn.executemany("update jobs set disk_bytes = ? where id = ?", [(b, i) for i, b in sizes.items()])
+                db.conn.execute("COMMIT")
+            except BaseException:
+                db.conn.execute("ROLLBACK")
+                raise
 
     def recent_job_seconds(self, limit: int) -> list[float]:
         """Render-to-GIF seconds of the newest `limit` finished animations."""

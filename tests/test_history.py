@@ -319,6 +319,11 @@ def test_disk_use_is_the_daily_walk_plus_new_job_folders_and_equals_a_recount(tm
         job_dir(settings, new).mkdir(parents=True)
         (job_dir(settings, new) / "animation.gif").write_bytes(bytes(1000 * (k + 1)))
     assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path)  # database growth included
+    assert [b for _, _, b in store.job_bytes_since(0)] == [None] * 4  # queued: measured each time, not kept
+    for job_id, _, _ in store.job_bytes_since(0):
+        store.update_job(job_id, status="done")
+    assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path)
+    assert [b for _, _, b in store.job_bytes_since(0)][1:] == [1000, 2000, 3000]  # ended: kept in the row
     # Walked only once a day: a stale old folder is not re-walked by /stats, but the sweep's walk sees it.
     (job_dir(settings, old) / "clip.mp4").write_bytes(bytes(700))
     assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path) - 700
