@@ -13,6 +13,7 @@ the next job starts the moment a renderer is free.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -31,21 +32,27 @@ RunJob = Callable[[int, threading.Event], Awaitable[None]]
 def fair_order(pending: list[dict[str, Any]], last_served: dict[int, int]) -> list[dict[str, Any]]:
     """Pending jobs in the order they will run: round-robin between owners, oldest first within one.
 
-    `last_served` maps owner -> a counter of when they were last served (higher = more recent).
+    `last_served` maps owner -> a counter of when they were last served (higher = more recent). The
+    owner served least recently (then: whose oldest job is oldest) goes next, and is then the most
+    recent. A heap of owners keyed that way: O(q log m) for q jobs of m owners, where picking the
+    minimum by a pass over the owners each time was O(q m).
     """
     by_owner: dict[int, list[dict[str, Any]]] = {}
     for job in sorted(pending, key=lambda j: j["id"]):
         by_owner.setdefault(job["owner_id"] or 0, []).append(job)
-    served = dict(last_served)
-    clock = max(served.values(), default=0)
+    clock = max(last_served.values(), default=0)
+    heap = [(last_served.get(owner, -1), jobs[0]["id"], owner) for owner, jobs in by_owner.items()]
+    heapq.heapify(heap)
+    taken = dict.fromkeys(by_owner, 0)  # how many of each owner's jobs are in the order so far
     order: list[dict[str, Any]] = []
-    while by_owner:
-        owner = min(by_owner, key=lambda o: (served.get(o, -1), by_owner[o][0]["id"]))
-        order.append(by_owner[owner].pop(0))
-        clock += 1
-        served[owner] = clock
-        if not by_owner[owner]:
-            del by_owner[owner]
+    while heap:
+        _, _, owner = heapq.heappop(heap)
+        jobs = by_owner[owner]
+        order.append(jobs[taken[owner]])
+        taken[owner] += 1
+        clock += 1  # served now: after every other owner, whose keys do not change
+        if taken[owner] < len(jobs):
+            heapq.heappush(heap, (clock, jobs[taken[owner]]["id"], owner))
     return order
 
 

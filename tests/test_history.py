@@ -329,3 +329,34 @@ def test_disk_use_is_the_daily_walk_plus_new_job_folders_and_equals_a_recount(tm
     assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path) - 700
     admin.measure_disk(settings, store)
     assert admin.disk_bytes(settings, store) == retention.dir_size(tmp_path)
+
+
+def fair_order_before(pending: list[dict[str, Any]], last_served: dict[int, int]) -> list[dict[str, Any]]:
+    """engine.jobs.fair_order as it was before issue 25 (a pass over the owners per pick), the reference."""
+    by_owner: dict[int, list[dict[str, Any]]] = {}
+    for job in sorted(pending, key=lambda j: j["id"]):
+        by_owner.setdefault(job["owner_id"] or 0, []).append(job)
+    served = dict(last_served)
+    clock = max(served.values(), default=0)
+    order: list[dict[str, Any]] = []
+    while by_owner:
+        owner = min(by_owner, key=lambda o: (served.get(o, -1), by_owner[o][0]["id"]))
+        order.append(by_owner[owner].pop(0))
+        clock += 1
+        served[owner] = clock
+        if not by_owner[owner]:
+            del by_owner[owner]
+    return order
+
+
+def test_fair_order_by_heap_is_the_same_order_as_before() -> None:
+    rng = random.Random(25)
+    for _ in range(300):
+        owners = rng.randint(1, 12)
+        jobs = [{"id": i, "owner_id": rng.choice([None, *range(1, owners + 1)])} for i in rng.sample(range(1, 999), 40)]
+        clocks = rng.sample(range(1, 100), owners)
+        served = {o: clocks[o - 1] for o in range(1, owners + 1) if rng.random() < 0.6}
+        if rng.random() < 0.3:
+            served[0] = rng.randint(100, 200)
+        assert ids(fair_order(jobs, served)) == ids(fair_order_before(jobs, served))
+    assert fair_order([], {1: 5}) == []
