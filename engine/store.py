@@ -41,6 +41,7 @@ class StoreError(ResourceError):
 
 # sqlite's own codes (extended ones start with these) for what the machine refuses, not what the code asks.
 MACHINE_ERRORS = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_PERM")
+INDEX_NOTICE_JOBS = 100_000  # a history this long takes seconds to index: the log says so first
 PURGE_BATCH = 500  # jobs per retention batch: the store is free between batches
 BUSY_TIMEOUT_MS = 30_000  # a process migrating a fresh data dir holds it for milliseconds; wait, never fail
 
@@ -215,7 +216,7 @@ class Store:
         still waited for (unpurged, unposted, status edit owed), so they stay small too. Built once:
         on a large history this takes a while, said in the log before it starts."""
         jobs = db.execute("select count(*) from jobs").fetchone()[0]
-        if jobs > 100_000:
+        if jobs > INDEX_NOTICE_JOBS:
             log.warning("indexing %d jobs for the new store version, once: this takes a moment", jobs)
         for statement in INDEXES_3:
             db.execute(statement)

@@ -231,7 +231,9 @@ def test_the_bot_questions_read_indexes_not_the_history(store: Store) -> None:
         assert reads_no_whole_table(plan), (name, plan)
 
 
-def test_migration_3_builds_the_indexes_once_on_an_older_store(tmp_path: Path) -> None:
+def test_migration_3_builds_the_indexes_once_on_an_older_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     store = open_store(tmp_path)
     history(store, jobs=40)
     due = ids(store.results_due(NOW))
@@ -241,7 +243,13 @@ def test_migration_3_builds_the_indexes_once_on_an_older_store(tmp_path: Path) -
         store.db.execute(f"drop index {statement.split()[5]}")
     store.db.execute("pragma user_version = 2")
     store.db.conn.close()
-    again = open_store(tmp_path)
+    monkeypatch.setattr("engine.store.INDEX_NOTICE_JOBS", 10)
+    with caplog.at_level("WARNING", logger="engine.store"):
+        again = open_store(tmp_path)
+    assert "indexing 40 jobs for the new store version, once" in caplog.text  # said at start-up
+    caplog.clear()
+    open_store(tmp_path)  # built once: the next start says nothing
+    assert "indexing" not in caplog.text
     assert again.db.execute("pragma user_version").fetchone()[0] == len(MIGRATIONS) == 3
     names = {r[0] for r in again.db.execute("select name from sqlite_master where type = 'index'").fetchall()}
     assert {s.split()[5] for s in INDEXES_3} <= names
