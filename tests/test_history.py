@@ -19,6 +19,7 @@ from bench import history as bench_history
 from engine import retention
 from engine.jobs import KEEP_SECONDS, JobQueue, fair_order
 from engine.store import INDEXES_3, MIGRATIONS, Store, open_store
+from tests import test_bot as base
 
 NOW = 2_000_000_000.0
 DAY = 86400.0
@@ -368,3 +369,30 @@ def test_fair_order_by_heap_is_the_same_order_as_before() -> None:
             served[0] = rng.randint(100, 200)
         assert ids(fair_order(jobs, served)) == ids(fair_order_before(jobs, served))
     assert fair_order([], {1: 5}) == []
+
+
+# The bot itself, on SimCord (tests/test_bot.py's fixtures).
+bot_settings = base.bot_settings
+simcord_bot = base.simcord_bot
+world = base.world
+
+
+@pytest.mark.simcord(settle_timeout=120)
+async def test_position_edits_read_no_row_per_waiting_job(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """show_positions queues an edit per waiting member from the one pending() read: the rows it has,
+    not one more read each (the edit reads its row when it goes out, to skip a job that moved on)."""
+    env, channel, alice, bob, mod = world.env, world.channel, world.alice, world.bob, world.mod
+    await mod.slash(channel, "pause")
+    await alice.slash(channel, "animate", prompt="a crane waits", frames=1)
+    await bob.slash(channel, "animate", prompt="an owl waits", frames=1)
+    bot = base.bot_of(env)
+    reads: list[int] = []
+    original = bot.store.job
+    monkeypatch.setattr(bot.store, "job", lambda job_id: (reads.append(job_id), original(job_id))[1])
+    bot._shown.clear()  # as if every waiting member's text changed
+    bot.show_positions()
+    assert reads == [] and bot.outbox.pending() == 2
+    await bot.outbox.idle()
+    texts = [m.content for m in channel.history()]
+    assert any("a crane waits" in t and "Queued: next up" in t for t in texts), texts
+    assert any("an owl waits" in t and "Queued: position 2" in t for t in texts), texts
