@@ -20,7 +20,8 @@ from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from engine import retention
-from engine.store import now
+from engine.settings import Settings
+from engine.store import Store, now
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot
@@ -29,31 +30,76 @@ log = logging.getLogger(__name__)
 
 SWEEP_EVERY_H = 24
 MEDIAN_OVER = 100  # finished jobs the median job time is taken over
+ENDED = ("done", "failed", "cancelled")
 
 
 async def sweep(bot: EmakiBot, at: float | None = None) -> retention.SweepReport:
-    """One retention sweep at `at` (default: now; the store's clock, which stamped finished_at)."""
-    return await asyncio.to_thread(retention.sweep, bot.settings, bot.store, now() if at is None else at)
+    """One retention sweep at `at` (default: now; the store's clock, which stamped finished_at), then
+    the data dir's size, measured once while the sweep's thread is at it (see `disk_bytes`)."""
+    return await asyncio.to_thread(sweep_and_measure, bot.settings, bot.store, now() if at is None else at)
 
 
-def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
-    """The /stats answer. Blocking (walks the data dir): call it in a thread."""
-    store = bot.store
+def sweep_and_measure(settings: Settings, store: Store, at: float) -> retention.SweepReport:
+    report = retention.sweep(settings, store, at)
+    measure_disk(settings, store)
+    return report
+
+
+def measure_disk(settings: Settings, store: Store) -> int:
+    """Walk the whole data dir once (daily, in the sweep's thread) and keep the figure as a row."""
+    started = now()  # files written during the walk belong to jobs created after this: counted by disk_bytes
+    size = retention.dir_size(settings.data_dir)
+    store.set_disk_figure(size - _database_bytes(store), started)  # the database is sized at each /stats
+    return size
+
+
+def _database_bytes(store: Store) -> int:
+    return sum(retention.file_size(store.path.with_name(store.path.name + end)) for end in ("", "-wal", "-shm"))
+
+
+def disk_bytes(settings: Settings, store: Store) -> int:
+    """/stats' disk use without walking a year of files: the last daily walk's figure plus the folders
+    of the jobs created since (a day's jobs at most; an ended job's folder is measured once and then
+    read from its row). Files written since the walk for older jobs, or for ended ones already
+    measured (an MP4 made on request, in-between cache files), count from the next walk on."""
+    figure = store.disk_figure()
+    if figure is None:  # no walk yet (the first /stats before the first sweep): walk now
+        return measure_disk(settings, store)
+    size, walked_at = figure
+    from engine.worker import job_dir  # the engine is loaded already wherever the bot runs
+
+    recent = 0
+    measured: dict[int, int] = {}
+    for job_id, status, kept in store.job_bytes_since(walked_at):
+        if kept is None:
+            kept = retention.dir_size(job_dir(settings, job_id))
+            if status in ENDED:  # its folder is complete: measured once, summed from the row after
+                measured[job_id] = kept
+        recent += kept
+    store.keep_job_bytes(measured)
+    return size + recent + _database_bytes(store)
+
+
+def stats_figures(store: Store, settings: Settings, guild_id: int | None, at: float) -> dict[str, Any]:
+    """/stats' figures from the store and the data dir (the queue and the GPU come from the bot)."""
     midnight = dt.datetime.fromtimestamp(at, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     since = midnight.timestamp()
     seconds = store.recent_job_seconds(MEDIAN_OVER)
-    return render.stats(
-        queued=len(bot.queue.pending()),
-        running=store.count_jobs("status = 'running'", []),
-        today=store.count_jobs("created_at >= ?", [since]),
-        today_here=store.count_jobs("created_at >= ? and guild_id = ?", [since, guild_id]),
-        median_s=statistics.median(seconds) if seconds else None,
-        timed=len(seconds),
-        disk_bytes=retention.dir_size(bot.settings.data_dir),
-        gpu=gpu_text(bot),
-        keep_days=bot.settings.keep_days,
-        workers=store.workers(),  # cluster mode's renderers (node, GPU, state, job)
-    )
+    return {
+        "running": store.count_running(),
+        "today": store.jobs_since(since),
+        "today_here": store.jobs_since(since, guild_id) if guild_id is not None else 0,
+        "median_s": statistics.median(seconds) if seconds else None,
+        "timed": len(seconds),
+        "disk_bytes": disk_bytes(settings, store),
+        "workers": store.workers(),  # cluster mode's renderers (node, GPU, state, job)
+    }
+
+
+def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
+    """The /stats answer. Blocking (reads the store): call it in a thread."""
+    figures = stats_figures(bot.store, bot.settings, guild_id, at)
+    return render.stats(queued=len(bot.queue.pending()), gpu=gpu_text(bot), keep_days=bot.settings.keep_days, **figures)
 
 
 def gpu_text(bot: EmakiBot) -> str:

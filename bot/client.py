@@ -220,7 +220,7 @@ class EmakiBot(commands.Bot):
             async def still_queued(row: dict[str, Any], text: str = text) -> dict[str, Any] | None:
                 return {"content": text} if row["status"] == "queued" else None  # else: it has moved on
 
-            self.set_status(job["id"], still_queued, self.settings.position_edit_interval_s)
+            self.set_status(job["id"], still_queued, self.settings.position_edit_interval_s, job=job)
 
     # --- Discord I/O -------------------------------------------------------------------------
     async def channel_for(self, channel_id: int) -> discord.abc.Messageable:
@@ -230,13 +230,19 @@ class EmakiBot(commands.Bot):
         return channel  # type: ignore[return-value]
 
     def set_status(
-        self, job_id: int, fields: StatusFields | dict[str, Any], min_interval: float = 0.0, final: bool = False
+        self,
+        job_id: int,
+        fields: StatusFields | dict[str, Any],
+        min_interval: float = 0.0,
+        final: bool = False,
+        job: dict[str, Any] | None = None,
     ) -> None:
         """Queue an edit of the job's status message (coalesced, beside the GPU). `fields` may be a
         function of the job's row at the moment the edit goes out, returning None to skip it.
         `final`: the edit that links the posted result; recorded once it lands, so a restart that
-        finds it missing sends it again."""
-        job = self.store.job(job_id)
+        finds it missing sends it again. `job`: its row where the caller has just read it (position
+        edits: no second read per waiting job)."""
+        job = job or self.store.job(job_id)
         if job is None or not job.get("channel_id"):
             return
 
@@ -275,11 +281,7 @@ class EmakiBot(commands.Bot):
     def finish_status_messages(self) -> None:
         """Posted results whose status message never got its final edit (the bot stopped with the
         edit still queued): send it now, so no member is left reading "posting..."."""
-        rows = self.store.jobs_where(
-            "kind = 'animate' and posted = 1 and result_message_id is not null and channel_id is not null "
-            "and coalesce(status_final, 0) != 1",
-            [],
-        )
+        rows = self.store.status_edits_owed()
 
         async def final_fields(row: dict[str, Any]) -> dict[str, Any]:
             channel = await self.channel_for(row["channel_id"])
@@ -291,12 +293,7 @@ class EmakiBot(commands.Bot):
 
     async def post_pending_results(self) -> None:
         """Results not yet posted: never tried, interrupted mid-post, or refused and due again."""
-        rows = self.store.jobs_where(
-            "kind = 'animate' and status = 'done' and channel_id is not null and coalesce(posted, 0) != 1 "
-            "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
-            "and coalesce(next_post_at, 0) <= ?",
-            [self.clock()],
-        )
+        rows = self.store.results_due(self.clock())
         for job in rows:
             self.spawn(self.post_result(job["id"]))
 

@@ -43,11 +43,7 @@ def open_jobs_text(bot: EmakiBot, owner_id: int, guild_id: int | None = None) ->
     from bot.client import post_state
 
     mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [owner_id])
-    unposted = bot.store.jobs_where(
-        "owner_id = ? and kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 "
-        "and coalesce(post_state, 'pending') != 'posted'",
-        [owner_id],
-    )
+    unposted = bot.store.unposted_results(owner_id)
     lines = []
     for job in mine:
         position = bot.queue.position(job["id"])
@@ -169,11 +165,9 @@ def register(bot: EmakiBot) -> None:
 
     @animate.autocomplete("style")
     async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        needle = current.lower()
         shared = server_rules.server(bot, interaction.guild_id).other_styles
-        rows = bot.store.styles_visible_in(interaction.guild_id, shared)
-        names = [s["name"] for s in rows if needle in s["name"].lower()]
-        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+        names = bot.store.style_choices(interaction.guild_id, shared, current, limit=25)
+        return [app_commands.Choice(name=n, value=n) for n in names]
 
     @tree.command(name="queue", description="Your jobs and their place in line")
     @app_commands.guild_only()

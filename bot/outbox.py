@@ -14,6 +14,8 @@ per message) instead of in Discord's rate limiter, and never in front of the nex
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ class _Pending:
     min_interval: float
     attempts: int = 0
     not_before: float = 0.0
+    seq: int = 0  # when the key joined the queue: ties go to the earliest (a replacement keeps its place)
 
 
 @dataclass
@@ -73,6 +76,9 @@ class _Channel:
     limit: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SENDS_PER_CHANNEL))
     edits: dict[Any, _Pending] = field(default_factory=dict)
     flusher: asyncio.Task[None] | None = None
+    # (due time, seq, push number, key, the entry it was computed for): the next edit in O(log n) per write, not a
+    # pass over every pending edit. Entries of replaced or written edits are skipped when they surface.
+    due: list[tuple[float, int, int, Any, _Pending]] = field(default_factory=list)
 
 
 class Outbox:
@@ -82,6 +88,8 @@ class Outbox:
         self._spawn = spawn
         self._channels: dict[int, _Channel] = {}
         self._last_edit: dict[Any, float] = {}
+        self._seq = 0
+        self._pushes = itertools.count()  # never two equal heap entries (the entries themselves do not compare)
         self.writes = 0  # Discord calls made through the outbox (for the benchmark and logs)
 
     @staticmethod
@@ -99,13 +107,31 @@ class Outbox:
         """Queue a write for `key` (one message), replacing one not yet made. Returns at once."""
         channel = self._channel(channel_id)
         previous = channel.edits.get(key)
-        channel.edits[key] = _Pending(write, min_interval, not_before=previous.not_before if previous else 0.0)
+        pending = _Pending(write, min_interval, not_before=previous.not_before if previous else 0.0)
+        pending.seq = previous.seq if previous else self._next_seq()
+        self._queue(channel, key, pending)
         if channel.flusher is None or channel.flusher.done():
             channel.flusher = self._spawn(self._flush(channel_id, channel))
 
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _queue(self, channel: _Channel, key: Any, pending: _Pending) -> None:
+        """`pending` becomes the key's edit, due when it may be written (the last edit's time, known
+        now, plus its interval; or a retry's wait)."""
+        channel.edits[key] = pending
+        due = max(pending.not_before, self._last_edit.get(key, float("-inf")) + pending.min_interval)
+        heapq.heappush(channel.due, (due, pending.seq, next(self._pushes), key, pending))
+
     def forget(self, key: Any) -> None:
-        """The message will not be throttled again (its job ended): drop its last-edit time."""
-        self._last_edit.pop(key, None)
+        """The message will not be throttled again (its job ended): drop its last-edit time (an edit
+        still queued for it is due when the flusher next looks, as its interval no longer applies)."""
+        if self._last_edit.pop(key, None) is None:
+            return
+        for channel in self._channels.values():
+            if key in channel.edits:
+                self._queue(channel, key, channel.edits[key])
 
     def pending(self) -> int:
         return sum(len(c.edits) for c in self._channels.values())
@@ -114,16 +140,16 @@ class Outbox:
         """Write the channel's queued edits, each when its message may be edited again; ends when
         none are left (a later edit starts a new flusher), so nothing idles between bursts."""
         while channel.edits:
-            now = self._clock()
-            due_at = {
-                key: max(p.not_before, self._last_edit.get(key, float("-inf")) + p.min_interval)
-                for key, p in channel.edits.items()
-            }
-            key = min(due_at, key=due_at.__getitem__)
-            if due_at[key] > now:
-                await asyncio.sleep(due_at[key] - now)
+            due, _, _, key, pending = channel.due[0]
+            if channel.edits.get(key) is not pending:  # replaced or written since: a stale entry
+                heapq.heappop(channel.due)
                 continue
-            pending = channel.edits.pop(key)
+            now = self._clock()
+            if due > now:
+                await asyncio.sleep(due - now)  # an edit queued meanwhile may be due sooner: look again
+                continue
+            heapq.heappop(channel.due)
+            del channel.edits[key]
             if pending.min_interval > 0:  # remembered only where it throttles anything
                 self._last_edit[key] = self._clock()
             try:
@@ -134,7 +160,8 @@ class Outbox:
                 if retryable(exc) and pending.attempts + 1 < EDIT_RETRIES and key not in channel.edits:
                     pending.attempts += 1
                     pending.not_before = self._clock() + self.retry_base_s * 2 ** (pending.attempts - 1)
-                    channel.edits[key] = pending
+                    pending.seq = self._next_seq()  # behind the edits already waiting, as it joins again
+                    self._queue(channel, key, pending)
                 log.warning("Discord write %s in channel %s failed: %s", key, channel_id, exc.status)
             except Exception:  # one broken write must not stop the channel's others
                 log.exception("Discord write %s in channel %s crashed", key, channel_id)

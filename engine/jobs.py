@@ -13,6 +13,7 @@ the next job starts the moment a renderer is free.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -24,27 +25,34 @@ from engine.store import Store
 
 log = logging.getLogger(__name__)
 
+KEEP_SECONDS = 100  # job durations kept for ETAs (the ETA averages the last 10)
 RunJob = Callable[[int, threading.Event], Awaitable[None]]
 
 
 def fair_order(pending: list[dict[str, Any]], last_served: dict[int, int]) -> list[dict[str, Any]]:
     """Pending jobs in the order they will run: round-robin between owners, oldest first within one.
 
-    `last_served` maps owner -> a counter of when they were last served (higher = more recent).
+    `last_served` maps owner -> a counter of when they were last served (higher = more recent). The
+    owner served least recently (then: whose oldest job is oldest) goes next, and is then the most
+    recent. A heap of owners keyed that way: O(q log m) for q jobs of m owners, where picking the
+    minimum by a pass over the owners each time was O(q m).
     """
     by_owner: dict[int, list[dict[str, Any]]] = {}
     for job in sorted(pending, key=lambda j: j["id"]):
         by_owner.setdefault(job["owner_id"] or 0, []).append(job)
-    served = dict(last_served)
-    clock = max(served.values(), default=0)
+    clock = max(last_served.values(), default=0)
+    heap = [(last_served.get(owner, -1), jobs[0]["id"], owner) for owner, jobs in by_owner.items()]
+    heapq.heapify(heap)
+    taken = dict.fromkeys(by_owner, 0)  # how many of each owner's jobs are in the order so far
     order: list[dict[str, Any]] = []
-    while by_owner:
-        owner = min(by_owner, key=lambda o: (served.get(o, -1), by_owner[o][0]["id"]))
-        order.append(by_owner[owner].pop(0))
-        clock += 1
-        served[owner] = clock
-        if not by_owner[owner]:
-            del by_owner[owner]
+    while heap:
+        _, _, owner = heapq.heappop(heap)
+        jobs = by_owner[owner]
+        order.append(jobs[taken[owner]])
+        taken[owner] += 1
+        clock += 1  # served now: after every other owner, whose keys do not change
+        if taken[owner] < len(jobs):
+            heapq.heappush(heap, (clock, jobs[taken[owner]]["id"], owner))
     return order
 
 
@@ -91,8 +99,7 @@ class JobQueue:
         interrupted = [j["id"] for j in self.store.jobs_where("status = 'running'", [])]
         for job_id in interrupted:
             self.store.update_job(job_id, status="queued", resume_first=1)
-        for job in self.store.jobs_where("status = 'done' and started_at is not null", [], order_by="id desc")[:20]:
-            self.job_seconds.append(job["finished_at"] - job["started_at"])
+        self.job_seconds.extend(self.store.recent_durations(20))
         return interrupted
 
     def pending(self) -> list[dict[str, Any]]:
@@ -102,7 +109,7 @@ class JobQueue:
         resumed = [j for j in queued if j.get("resume_first")]
         animations = [j for j in queued if j["kind"] != "train" and not j.get("resume_first")]
         trainings = [j for j in queued if j["kind"] == "train" and not j.get("resume_first")]
-        served = self.last_served
+        served = self.store.served({j["owner_id"] or 0 for j in animations + trainings})
         return resumed + fair_order(animations, served) + fair_order(trainings, served)
 
     def animations_waiting(self) -> bool:
@@ -169,6 +176,7 @@ class JobQueue:
             self.cancel_events.pop(job_id, None)
         # What the next member waits for is the render (the GIF and upload overlap the next job).
         self.job_seconds.append(time.monotonic() - started)
+        del self.job_seconds[:-KEEP_SECONDS]  # a bounded window, not one float per job forever
         self.kick()  # this slot is free: the next job in the fair order takes it
 
     def cancel(self, job_id: int) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from engine.settings import Settings
-from engine.store import Store
+from engine.store import PURGE_BATCH, Store
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def sweep(settings: Settings, store: Store, now: float) -> SweepReport:
     from engine.worker import is_rendering  # engine.worker imports this module
 
     cutoff = now - settings.keep_days * DAY_S
-    for job in store.purge_candidates(cutoff):
+    for job in _candidates(store, cutoff):
         if is_rendering(settings.data_dir, job["id"]):  # a CLI `emaki resume` of an old failed job
             continue
         # Marked first: a regeneration asked for while the files go says "purged", not "file not found".
@@ -71,6 +72,20 @@ def sweep(settings: Settings, store: Store, now: float) -> SweepReport:
             report.bytes_freed / 2**20,
         )
     return report
+
+
+def _candidates(store: Store, cutoff: float, batch: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every purge candidate, read in bounded batches (each one short query on the index of unpurged
+    jobs): the store is free between batches, so the bot's own queries never wait for the sweep, and
+    memory holds one batch whatever the history. A job skipped (being rendered) is not read again."""
+    after: tuple[float, int] | None = None
+    size = batch or PURGE_BATCH
+    while True:
+        rows = store.purge_candidates(cutoff, after=after, limit=size)
+        yield from rows
+        if len(rows) < size:
+            return
+        after = (rows[-1]["finished_at"], rows[-1]["id"])
 
 
 def _delete_job_files(settings: Settings, store: Store, job: dict[str, Any]) -> tuple[int, int]:
@@ -120,6 +135,11 @@ def _inbetween_files(settings: Settings, job: dict[str, Any], frames: list[dict[
         if first is not None and second is not None:
             files.extend(p for p in namer._files((first, second)) if p.exists())
     return files
+
+
+def file_size(path: Path) -> int:
+    """A file's bytes; 0 if it is not a file (gone, a folder, unreadable)."""
+    return _size(path)
 
 
 def _size(path: Path) -> int:

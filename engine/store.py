@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import sqlite_utils
 
 from engine.errors import ResourceError
+
+log = logging.getLogger(__name__)
 
 
 def now() -> float:
@@ -39,6 +42,8 @@ class StoreError(ResourceError):
 
 # sqlite's own codes (extended ones start with these) for what the machine refuses, not what the code asks.
 MACHINE_ERRORS = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_PERM")
+INDEX_NOTICE_JOBS = 100_000  # a history this long takes seconds to index: the log says so first
+PURGE_BATCH = 500  # jobs per retention batch: the store is free between batches
 BUSY_TIMEOUT_MS = 30_000  # a process migrating a fresh data dir holds it for milliseconds; wait, never fail
 
 
@@ -223,6 +228,19 @@ class Store:
             db["styles"].add_column("uid", str)
         db.execute("update styles set uid = lower(hex(randomblob(8))) where uid is null")
 
+    def _migration_3(self, db: sqlite_utils.Database) -> None:
+        """Version 3 (issue 25): indexes for every question the bot asks often, so each costs what it
+        did on the first day however long the history grows. Partial ones hold only the few rows
+        still waited for (unpurged, unposted, status edit owed), so they stay small too. Built once:
+        on a large history this takes a while, said in the log before it starts."""
+        jobs = db.execute("select count(*) from jobs").fetchone()[0]
+        if jobs > INDEX_NOTICE_JOBS:
+            log.warning("indexing %d jobs for the new store version, once: this takes a moment", jobs)
+        for statement in INDEXES_3:
+            db.execute(statement)
+        if "disk_bytes" not in db["jobs"].columns_dict:  # a finished job's folder size, once /stats measured it
+            db["jobs"].add_column("disk_bytes", int)
+
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
         restart finds everything as it was. Databases from before these columns are upgraded."""
@@ -277,17 +295,29 @@ class Store:
         db["jobs"].create_index(["finished_at"], if_not_exists=True)
 
     # --- retention ------------------------------------------------------------------------------
-    def purge_candidates(self, finished_before: float) -> list[dict[str, Any]]:
+    def purge_candidates(
+        self, finished_before: float, after: tuple[float, int] | None = None, limit: int = PURGE_BATCH
+    ) -> list[dict[str, Any]]:
         """Animation jobs that ended before the cutoff and still have their files, whose files no
         one waits for: never queued or running ones, never a result still to be posted (pending,
         sending, refused or failed to post: an admin may still /repost it). Jobs made by the CLI
-        (no channel) have nothing to post."""
-        return self.jobs_where(
-            "kind = 'animate' and purged_at is null and finished_at is not null and finished_at < ? "
-            "and (status in ('failed', 'cancelled') or (status = 'done' and "
-            "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1)))",
-            [finished_before],
-        )
+        (no channel) have nothing to post.
+
+        One batch of at most `limit`, by (finished_at, id), starting past `after` (the last batch's
+        last job): walked on the index of unpurged jobs, so a batch costs the same at any history
+        size, and the store is free between batches."""
+        start = after or (-1e300, 0)  # before any clock (a finite number: an infinity cannot be written as SQL)
+        with self._locked() as db:
+            rows = db.execute(
+                "select * from jobs indexed by jobs_unpurged where purged_at is null and finished_at < ? "
+                "and (finished_at, id) > (?, ?) and kind = 'animate' "
+                "and (status in ('failed', 'cancelled') or (status = 'done' and "
+                "(channel_id is null or coalesce(post_state, '') = 'posted' or posted = 1))) "
+                "order by finished_at, id limit ?",
+                [finished_before, *start, limit],
+            )
+            columns = [c[0] for c in rows.description]
+            return [_decode_job(dict(zip(columns, r, strict=True))) for r in rows.fetchall()]
 
     def mark_purged(self, job_id: int, at: float, days: int) -> None:
         self.update_job(job_id, purged_at=at, purged_days=days)
@@ -296,6 +326,48 @@ class Store:
     def count_jobs(self, where: str, args: list[Any]) -> int:
         with self._locked() as db:
             return int(db.execute(f"select count(*) from jobs where {where}", args).fetchone()[0])
+
+    def count_running(self) -> int:
+        return self.count_jobs("status = 'running'", [])
+
+    def jobs_since(self, since: float, guild_id: int | None = None) -> int:
+        """Jobs created at or after `since` (in one server, if given): /stats' "jobs today"."""
+        if guild_id is None:
+            return self.count_jobs("created_at >= ?", [since])
+        return self.count_jobs("created_at >= ? and guild_id = ?", [since, guild_id])
+
+    def disk_figure(self) -> tuple[int, float] | None:
+        """The bytes of the data dir at its last full walk, and when that walk began; None before any."""
+        value = self.queue_flag("disk_bytes")
+        if value is None:
+            return None
+        figure = json.loads(value)
+        return int(figure["bytes"]), float(figure["at"])
+
+    def set_disk_figure(self, size: int, at: float) -> None:
+        self.set_queue_flag("disk_bytes", json.dumps({"bytes": size, "at": at}))
+
+    def job_bytes_since(self, since: float) -> list[tuple[int, str, int | None]]:
+        """(id, status, bytes kept for its folder or None) of the jobs created at or after `since`: a
+        range of the created_at index, a day of jobs at most."""
+        with self._locked() as db:
+            rows = db.execute(
+                "select id, status, disk_bytes from jobs indexed by jobs_created where created_at >= ?", [since]
+            )
+            return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    def keep_job_bytes(self, sizes: dict[int, int]) -> None:
+        """Remember finished jobs' folder sizes (one transaction), so /stats measures each folder once."""
+        if not sizes:
+            return
+        with self._locked() as db:
+            db.conn.execute("BEGIN")  # the connection autocommits: one commit for all, not one per row
+            try:
+                db.conn.executemany("update jobs set disk_bytes = ? where id = ?", [(b, i) for i, b in sizes.items()])
+                db.conn.execute("COMMIT")
+            except BaseException:
+                db.conn.execute("ROLLBACK")
+                raise
 
     def recent_job_seconds(self, limit: int) -> list[float]:
         """Render-to-GIF seconds of the newest `limit` finished animations."""
@@ -348,10 +420,17 @@ class Store:
         with self._locked() as db:
             db["queue_state"].upsert({"key": key, "value": value}, pk="key")
 
-    def served(self) -> dict[int, int]:
-        """owner -> a counter of when they were last served (higher = more recent)."""
+    def served(self, owners: Collection[int] | None = None) -> dict[int, int]:
+        """owner -> a counter of when they were last served (higher = more recent); only `owners`'
+        rows if given (the members with jobs waiting, not every member the bot ever served)."""
         with self._locked() as db:
-            return {r["owner_id"]: r["clock"] for r in db["served"].rows}
+            if owners is None:
+                return {r["owner_id"]: r["clock"] for r in db["served"].rows}
+            rows = db.execute(
+                "select owner_id, clock from served where owner_id in (select value from json_each(?))",
+                [json.dumps(sorted(owners))],
+            ).fetchall()
+            return {int(owner): int(clock) for owner, clock in rows}
 
     def mark_served(self, owner_id: int) -> int:
         with self._locked() as db:
@@ -389,6 +468,53 @@ class Store:
         with self._locked() as db:
             rows = db["jobs"].rows_where("kind = ?", [kind], order_by="id desc", limit=limit)
             return [_decode_job(r) for r in rows]
+
+    def _jobs_sql(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
+        """Decoded job rows of a `select * from jobs ...` written here, in the store."""
+        with self._locked() as db:
+            cursor = db.execute(sql, args)
+            columns = [c[0] for c in cursor.description]
+            return [_decode_job(dict(zip(columns, r, strict=True))) for r in cursor.fetchall()]
+
+    def results_due(self, at: float) -> list[dict[str, Any]]:
+        """Finished animations whose result is not posted yet and may be tried at `at`: never tried,
+        interrupted mid-post, or refused and due again (the bot's repost check). Read from the
+        small index of unposted results, not the history."""
+        return self._jobs_sql(
+            "select * from jobs indexed by jobs_unposted "
+            "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 and channel_id is not null "
+            "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
+            "and coalesce(next_post_at, 0) <= ? order by id",
+            [at],
+        )
+
+    def unposted_results(self, owner_id: int) -> list[dict[str, Any]]:
+        """A member's finished animations whose result is not posted (yet, or at all): /queue."""
+        return self._jobs_sql(
+            "select * from jobs indexed by jobs_unposted "
+            "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 and owner_id = ? "
+            "and coalesce(post_state, 'pending') != 'posted' order by id",
+            [owner_id],
+        )
+
+    def status_edits_owed(self) -> list[dict[str, Any]]:
+        """Posted results whose status message never got its final edit."""
+        return self._jobs_sql(
+            "select * from jobs indexed by jobs_status_owed where posted = 1 and coalesce(status_final, 0) != 1 "
+            "and kind = 'animate' and result_message_id is not null and channel_id is not null order by id",
+            [],
+        )
+
+    def recent_durations(self, limit: int) -> list[float]:
+        """Started-to-finished seconds of the newest `limit` done jobs (any kind), newest first: the
+        queue's ETA at start-up. Only those rows are read (the status index, newest id first)."""
+        with self._locked() as db:
+            rows = db.execute(
+                "select finished_at - started_at from jobs where status = 'done' and started_at is not null "
+                "order by id desc limit ?",
+                [limit],
+            ).fetchall()
+        return [float(r[0]) for r in rows]
 
     def job_by_result_message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.jobs_where("result_message_id = ?", [message_id])
@@ -446,6 +572,23 @@ class Store:
     def styles(self) -> list[dict[str, Any]]:
         with self._locked() as db:
             return list(db["styles"].rows_where(order_by="name"))
+
+    def style_choices(self, guild_id: int | None, shared_from_others: bool, typed: str, limit: int = 25) -> list[str]:
+        """Names of the styles visible in a server (see `styles_visible_in`) that start with what was
+        typed, in name order, at most `limit`: /animate's style autocomplete, one keystroke each. A
+        range on the name's own index (names are kept folded, see `style_key`), stopping at `limit`."""
+        prefix = style_key(typed)
+        where = "guild_id is null"
+        args: list[Any] = [prefix, prefix + "\U0010ffff"]
+        if guild_id is not None:
+            where += " or guild_id = ?" + (" or coalesce(shared, 0) = 1" if shared_from_others else "")
+            args.append(guild_id)
+        with self._locked() as db:
+            rows = db.execute(
+                f"select name from styles where name >= ? and name < ? and ({where}) order by name limit ?",
+                [*args, limit],
+            ).fetchall()
+        return [r[0] for r in rows]
 
     def delete_style(self, name: str) -> None:
         with self._locked() as db:
@@ -508,8 +651,27 @@ class Store:
             return list(db["datasets"].rows_where(where, args, order_by="id"))
 
 
+# Version 3's indexes. The partial ones' WHERE terms are repeated word for word in the queries that
+# name them (INDEXED BY): SQLite uses a partial index only for a query whose WHERE contains its terms.
+INDEXES_3 = (
+    # jobs today (in all, in one server): a range of the newest rows
+    "create index if not exists jobs_created on jobs(created_at)",
+    "create index if not exists jobs_guild_created on jobs(guild_id, created_at)",
+    # median job time: the newest finished animations, newest first
+    "create index if not exists jobs_kind_status_finished on jobs(kind, status, finished_at)",
+    # the retention sweep walks only jobs that still have files, oldest end first
+    "create index if not exists jobs_unpurged on jobs(finished_at) where purged_at is null",
+    # results not posted yet (repost check, /queue): a handful, however long the history
+    "create index if not exists jobs_unposted on jobs(owner_id) "
+    "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1",
+    # posted results whose status message still needs its final edit (start-up)
+    "create index if not exists jobs_status_owed on jobs(id) where posted = 1 and coalesce(status_final, 0) != 1",
+    # the fair order's clock: the newest served, at every job start, however many members
+    "create index if not exists served_clock on served(clock)",
+)
+
 # One step per schema version, in order; a new version appends a step, never edits an old one.
-MIGRATIONS = (Store._migration_1, Store._migration_2)
+MIGRATIONS = (Store._migration_1, Store._migration_2, Store._migration_3)
 
 
 def _decode_job(row: dict[str, Any]) -> dict[str, Any]:
