@@ -204,12 +204,18 @@ async def _load(bot: EmakiBot, stop: asyncio.Event) -> None:
     if bot.engine.settings.ray_address:
         bot.engine.warm()  # cluster mode: Ray starts its client on the main thread, as it always did here
         return
+    from engine import safety  # torch: the models are being loaded anyway
+
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
     def warm() -> None:
         try:
             bot.engine.warm()  # before connecting: the first job should not wait
+            models = bot.engine.models
+            # The checker screens every frame outside age-restricted channels: loaded now, so a broken one
+            # stops the start (one line) instead of failing every job, and the first frame does not wait.
+            safety.checker_for(bot.engine.settings, models.device, models.dtype)
         except BaseException as exc:  # noqa: BLE001 (handed to the event loop, raised there)
             failure = exc
             loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(failure))
@@ -244,6 +250,23 @@ def models_on_disk(settings: Settings) -> list[str]:
         except ModelLoadError as exc:
             notes.append(f"note: {model_files.OPTIONAL_ROLES[spec.setting]} is off: {exc}")
     return notes
+
+
+def gateway_failure(running: asyncio.Future[None]) -> None:
+    """Raise why the connection ended: discord.py's own errors as they are (`run` turns each into one line),
+    anything else (an unreachable gateway can end in an AttributeError inside discord.py's reconnect) as
+    one EmakiError line."""
+    import discord
+
+    try:
+        running.result()
+    except (discord.DiscordException, EmakiError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever broke the first connection: one line, exit 2
+        raise EmakiError(
+            f"cannot connect to Discord's gateway ({type(exc).__name__}: {exc}): check that this machine reaches "
+            "gateway.discord.gg (firewall, DNS, proxy; EMAKI_DISCORD_GATEWAY)"
+        ) from None
 
 
 async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> None:
@@ -291,7 +314,7 @@ async def serve(settings: Settings, token: str, quiet: Callable[[], None]) -> No
             ready.cancel()
             stopped.cancel()
             if running.done() and not stop.is_set():
-                running.result()  # the gateway gave up (a revoked token, a privileged intent): raise it
+                gateway_failure(running)  # the gateway gave up (a revoked token, a privileged intent): raise it
             await bot.shutdown(STOP_GRACE_S)
             running.cancel()
             say("stopped")

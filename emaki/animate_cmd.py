@@ -476,6 +476,8 @@ def start_engine(settings: Settings, motion: bool, store: Any = None) -> Any:
     models = load_models(settings)
     if motion:
         models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
+    if settings.safety_cli:  # loaded before any row: a broken checker is one line, not a failed job
+        safety.checker_for(settings, models.device, models.dtype)
     return Engine(settings, store if store is not None else open_store(settings.data_dir), models=models)
 
 

@@ -70,4 +70,4 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "permission and why the bot needs it.",
     )
     invite.add_argument("--application-id", help=f"the application's id ({WHERE_TO_FIND})")
-    invite.set_defaults(func=cmd_invite)
+    invite.set_defaults(func=cmd_invite, light=True)  # a URL: no model library is imported

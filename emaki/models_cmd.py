@@ -74,7 +74,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             where = f"random weights in emaki's tiny cache {found.where}" if found.kind == "tiny" else found.where
             kind = "" if found.kind == "tiny" else f"{found.kind}: "
             state = f"ready, {human_size(found.size_bytes)} on disk{variant} ({kind}{where})"
-            counts[spec.setting] = model_files.parameter_counts(model_files.resolve(spec, settings.base_model_config))
+            try:
+                counts[spec.setting] = model_files.parameter_counts(
+                    model_files.resolve(spec, settings.base_model_config)
+                )
+            except ModelLoadError as exc:  # a weights file that cannot even be read
+                state, ready = f"NOT READY: {exc}", ready and spec.setting in model_files.OPTIONAL_ROLES
         else:
             optional = model_files.OPTIONAL_ROLES.get(spec.setting)
             state = f"NOT READY{f' (only {optional} needs it)' if optional else ''}: {found.problem}"

@@ -48,11 +48,8 @@ class ModelSpec:
 
 
 # Roles of models that only one feature needs: a missing one turns that feature off, not the product.
-OPTIONAL_ROLES = {
-    "captioner_model": "--autocaption",
-    "llm_model": "the transformers story backend",
-    "clip_model": "the CLIP score of a trained style",
-}
+# (The story LLM is listed only when EMAKI_STORY_BACKEND=transformers names it: then it is required.)
+OPTIONAL_ROLES = {"captioner_model": "--autocaption", "clip_model": "the CLIP score of a trained style"}
 
 
 def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
@@ -184,24 +181,26 @@ def not_found(spec: ModelSpec, where: str, why: str) -> ModelLoadError:
     return ModelLoadError(f"{spec.role} '{spec.ref}' {why} ({where}): run `{PULL_COMMAND}`{other}")
 
 
-def hub_location(spec: ModelSpec, cache_dir: Path | None = None) -> tuple[str, Path]:
+def hub_location(spec: ModelSpec, cache_dir: Path | None = None, build: bool = True) -> tuple[str, Path]:
     """The hub id a model stands for and the cache it is read from: a tiny model's repo in emaki's own
-    cache (built there the first time it is asked for), any other hub id in the Hugging Face cache."""
+    cache (built there the first time it is asked for, unless `build` is off), any other hub id in the
+    Hugging Face cache."""
     if kind_of(spec.ref) == "tiny":
-        repo_id = tiny_hub.repo_for(spec.setting, spec.ref)
         try:
-            tiny_hub.ensure(repo_id)
+            repo_id = tiny_hub.repo_for(spec.setting, spec.ref)
         except ValueError as exc:
             raise ModelLoadError(f"cannot load {spec.role}: {exc}") from None
+        tiny_hub.ensure(repo_id, build=build)
         return repo_id, tiny_hub.cache_dir()
     return spec.ref, cache_dir or hub_cache_dir()
 
 
-def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> Resolved:
+def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None, build: bool = True) -> Resolved:
     """Find `spec` on disk or raise one line that says which model, where it looked and what to do.
-    A tiny model is a hub repo like any other, only in emaki's own cache."""
+    A tiny model is a hub repo like any other, only in emaki's own cache (`build=False`: not built here)."""
     kind = kind_of(spec.ref)
-    repo_id, cache_dir = hub_location(spec, cache_dir) if kind in ("hub", "tiny") else (spec.ref, cache_dir)
+    located = hub_location(spec, cache_dir, build) if kind in ("hub", "tiny") else (spec.ref, cache_dir)
+    repo_id, cache_dir = located
     cache_dir = cache_dir or hub_cache_dir()
     if kind in ("file", "folder") and not Path(spec.ref).expanduser().exists():
         raise ModelLoadError(f"cannot load {spec.role}: local path '{spec.ref}' does not exist")
@@ -219,11 +218,19 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         if snapshot is None:
             raise not_found(spec, f"hub cache {cache_dir}", "is not downloaded")
         folder = snapshot
-    files = relative_files(folder)
     marker = "model_index.json" if spec.pipeline else "config.json"
-    _, variant, missing = select_files(files, pipeline=spec.pipeline, want_fp16=spec.half)
-    folders = ", ".join(f"{m}/" if m else "its top folder" for m in missing)
-    problem = f"no {marker}" if marker not in files else f"no weights in {folders}" if missing else ""
+    if not folder.is_dir():
+        raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {folder} is a file, not a folder")
+    if not (folder / marker).is_file():  # before walking it: a wrong folder (/usr, /) is one line at once
+        problem, variant = f"no {marker}", None
+        files: list[str] = []
+    else:
+        files = relative_files(folder)
+        _, variant, missing = select_files(files, pipeline=spec.pipeline, want_fp16=spec.half)
+        folders = ", ".join(f"{m}/" if m else "its top folder" for m in missing)
+        problem = f"no weights in {folders}" if missing else ""
+        if not problem and spec.pipeline:
+            problem = components_without_config(folder, files)
     if problem and kind in ("hub", "tiny"):
         raise not_found(spec, f"hub cache {cache_dir}", f"is only partly downloaded: {problem}")
     if problem:
@@ -299,13 +306,40 @@ def refuse_other_family(spec: ModelSpec, path: Path, single_file: bool) -> None:
         )
 
 
+# Pipeline parts emaki passes as None: their folders may be absent or partial.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def components_without_config(folder: Path, files: list[str]) -> str:
+    """What is wrong with a pipeline folder's parts ("" when nothing): model_index.json must be JSON and
+    every part it names (those emaki loads) needs its config or tokenizer files."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return "model_index.json is not valid JSON"
+    if not isinstance(index, dict):
+        return "model_index.json is not a pipeline index"
+    without = [
+        name
+        for name, value in index.items()
+        if not name.startswith("_")
+        and name not in UNUSED_COMPONENTS
+        and isinstance(value, list)
+        and all(value)
+        and not any(f.startswith(f"{name}/") and f.endswith((".json", ".txt")) for f in files)
+    ]
+    return f"no config in {', '.join(f'{n}/' for n in without)}" if without else ""
+
+
 def resolve_config(spec: ModelSpec, config_ref: str, cache_dir: Path) -> Path:
     """The diffusers folder whose configs and tokenizer describe a single-file checkpoint."""
     if not config_ref:
         raise ModelLoadError(f"{spec.role} '{spec.ref}' is one file: set EMAKI_BASE_MODEL_CONFIG to its config")
     if kind_of(config_ref) == "tiny":
         config_ref, cache_dir = tiny_hub.repo_for("base_model_config", config_ref), tiny_hub.cache_dir()
-        tiny_hub.ensure(config_ref)
+        tiny_hub.ensure(config_ref)  # an unknown emaki-tiny/ id is one ModelLoadError line
     if kind_of(config_ref) == "folder":
         folder = Path(config_ref).expanduser()
         if not (folder / "model_index.json").is_file():
@@ -341,7 +375,7 @@ class OnDisk:
 def on_disk(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None) -> OnDisk:
     kind = kind_of(spec.ref)
     try:
-        found = resolve(spec, config_ref, cache_dir)
+        found = resolve(spec, config_ref, cache_dir, build=False)  # a check writes nothing
         ready, problem, variant = True, "", found.variant
     except ModelLoadError as exc:
         found, ready, problem, variant = None, False, str(exc), None
@@ -354,7 +388,7 @@ def on_disk(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         size = _size(repo_dir / "blobs") if repo_dir.is_dir() else 0
     else:
         path = Path(spec.ref).expanduser()
-        where, size = str(path), _size(path)
+        where, size = str(path), _size(path) if ready else 0  # a wrong folder (/, /usr) is not walked
     return OnDisk(spec, kind, where, ready, size, variant, problem)
 
 
@@ -407,7 +441,14 @@ def parameter_counts(found: Resolved) -> ParameterCounts | None:
         for path in paths:
             if path.suffix != ".safetensors":
                 return None
-            with safe_open(str(path), framework="pt") as weights:
+            try:
+                opened = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - truncated, empty, not safetensors: one line
+                raise ModelLoadError(
+                    f"{found.spec.role} '{found.spec.ref}': {path.name} is not a readable .safetensors ({exc}); "
+                    f"download it again (`{PULL_COMMAND}`) or replace the file"
+                ) from None
+            with opened as weights:
                 for key in weights.keys():  # noqa: SIM118 - safe_open is not iterable
                     numel = 1
                     for dim in weights.get_slice(key).get_shape():

@@ -146,12 +146,40 @@ def _load(what: str | model_files.ModelSpec, ref_or_loader: Any, loader: Any = N
     return _call(spec, loader, str(found.path), local_files_only=True, **kwargs)
 
 
+def load_complete(spec: model_files.ModelSpec, loader: Any, **kwargs: Any) -> Any:
+    """`_load`, refusing a model whose files do not hold its class's weights: transformers fills what a
+    checkpoint lacks with random values and only warns, so a folder of another kind of model (a depth
+    estimator given as the safety checker) would load as a checker that never flags anything."""
+    model, info = _load(spec, loader, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(
+            f"cannot load {spec.role} from '{spec.ref}': its files lack {len(missing)} of the weights this kind "
+            f"of model has (e.g. {sorted(missing)[0]}): is it the right model? Set EMAKI_{spec.setting.upper()}"
+        )
+    return model
+
+
 def _call(spec: model_files.ModelSpec, loader: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return loader(*args, **kwargs)
     except Exception as exc:  # any loader failure becomes one clear line
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {first_line[:300]}") from exc
+
+
+def check_controlnet_fits(controlnet: Any, unet: Any, s: Settings) -> None:
+    """A ControlNet adds its residuals to the UNet's blocks: one made for another base (another family, or
+    another width) fails at the first frame with a tensor-size error. Said at load, in one line."""
+    mine, base = controlnet.config, unet.config
+    ours = (list(mine.block_out_channels), mine.cross_attention_dim)
+    theirs = (list(base.block_out_channels), base.cross_attention_dim)
+    if ours != theirs:
+        raise ModelLoadError(
+            f"the depth ControlNet '{s.controlnet_model}' does not fit the base model '{s.base_model}' (blocks "
+            f"{ours[0]} vs {theirs[0]}, cross-attention {ours[1]} vs {theirs[1]}): set EMAKI_CONTROLNET_MODEL to "
+            "a depth ControlNet made for this base"
+        )
 
 
 class Models:
@@ -185,6 +213,7 @@ class Models:
         s = self.settings
         parts = self._components if self._components is not None else load_components(s, self.dtype)
         txt2img, controlnet = parts.txt2img, parts.controlnet
+        check_controlnet_fits(controlnet, txt2img.unet, s)
         self.depth_model, self.depth_processor = parts.depth_model, parts.depth_processor
         if s.scheduler != "default":
             if s.scheduler not in SCHEDULERS:

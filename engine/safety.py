@@ -59,10 +59,10 @@ class SafetyChecker:
         from transformers import CLIPImageProcessor
 
         from engine.model_files import safety_spec
-        from engine.models import _load
+        from engine.models import _load, load_complete
 
         spec = safety_spec(settings)
-        model = _load(spec, StableDiffusionSafetyChecker.from_pretrained).eval()
+        model = load_complete(spec, StableDiffusionSafetyChecker.from_pretrained).eval()
         processor = _load(spec, CLIPImageProcessor.from_pretrained)
         if settings.is_tiny:  # random weights: the concept thresholds are a parameter tests place
             with torch.no_grad():

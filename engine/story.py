@@ -136,7 +136,10 @@ def fallback_frames(idea: str, n_frames: int) -> list[str]:
     beats = [b for b in beats if b] or [idea.strip()]
     subject = subject_of(beats[0])
     frames: list[str] = []
-    spans = [i * len(beats) // n_frames for i in range(n_frames)]  # which beat each frame shows
+    if 1 < n_frames < len(beats):  # fewer frames than beats: the first and the last beat stay in
+        spans = [round(i * (len(beats) - 1) / (n_frames - 1)) for i in range(n_frames)]
+    else:
+        spans = [i * len(beats) // n_frames for i in range(n_frames)]  # which beat each frame shows
     for i, beat_index in enumerate(spans):
         beat = beats[beat_index]
         if beat_index and subject and beat.split()[0].lower() not in DETERMINERS:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from engine.errors import ModelLoadError
 
 TINY = "tiny"
 ORG = "emaki-tiny"
@@ -84,22 +87,34 @@ def repo_dir(repo_id: str, root: Path | None = None) -> Path:
     return (root or cache_dir()) / f"models--{repo_id.replace('/', '--')}"
 
 
-def ensure(repo_id: str, root: Path | None = None) -> Path:
-    """The repo's snapshot folder, built first if this cache does not have it yet."""
+def ensure(repo_id: str, root: Path | None = None, build: bool = True) -> Path:
+    """The repo's snapshot folder, built first (or built again, when a file of it has gone) if this cache
+    does not have it whole. With `build=False` a missing repo is one line saying how to build it."""
     root = root or cache_dir()
     snapshot = repo_dir(repo_id, root) / "snapshots" / revision(repo_id)
     if _complete(repo_id, root):
         return snapshot
     builders = _builders()
     if repo_id not in builders:
-        raise ValueError(f"'{repo_id}' is not one of the tiny models ({', '.join(sorted(builders))})")
-    root.mkdir(parents=True, exist_ok=True)
-    locks = root / ".locks"
-    locks.mkdir(exist_ok=True)
-    with open(locks / f"{repo_id.replace('/', '--')}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then use its result
-        if not _complete(repo_id, root):
-            _build(repo_id, builders[repo_id], root)
+        raise ModelLoadError(f"'{repo_id}' is not one of the tiny models ({', '.join(sorted(builders))})")
+    if not build:
+        raise ModelLoadError(
+            f"tiny model '{repo_id}' is not built in emaki's tiny cache {root}: `emaki models pull --profile tiny` "
+            "builds it (so does the first tiny command that needs it)"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        locks = root / ".locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"{repo_id.replace('/', '--')}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then use its result
+            if not _complete(repo_id, root):
+                _build(repo_id, builders[repo_id], root)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"emaki's tiny cache {root} cannot be written ({exc.strerror or exc}): set EMAKI_TINY_CACHE to a "
+            "folder this user can write"
+        ) from None
     return snapshot
 
 
@@ -111,17 +126,33 @@ def ensure_all(root: Path | None = None) -> list[str]:
     return repos
 
 
+def manifest_path(repo_id: str, root: Path) -> Path:
+    """The list of files a build wrote. In `.locks/`, the one folder of a hub cache that huggingface_hub's
+    own cache tools skip (a folder of its own would read to them as a broken repo)."""
+    return root / ".locks" / f"{repo_id.replace('/', '--')}.files.json"
+
+
 def _complete(repo_id: str, root: Path) -> bool:
+    """refs/main names this FORMAT's revision and every file the build wrote is still there (a deleted
+    blob or snapshot file means the repo is built again, not reported as a download to make)."""
     ref = repo_dir(repo_id, root) / "refs" / "main"
-    return ref.is_file() and ref.read_text().strip() == revision(repo_id)
+    try:
+        if not (ref.is_file() and ref.read_text().strip() == revision(repo_id)):
+            return False
+        files = json.loads(manifest_path(repo_id, root).read_text())
+    except (OSError, ValueError):
+        return False
+    snapshot = repo_dir(repo_id, root) / "snapshots" / revision(repo_id)
+    return isinstance(files, list) and all((snapshot / name).is_file() for name in files)
 
 
 def _build(repo_id: str, build: Callable[[Path], None], root: Path) -> None:
     """Write the repo in the hub's layout beside the cache, then move it in with one rename: content-
     addressed blobs, the snapshot's files as relative links to them, `refs/main` naming the snapshot."""
     rev = revision(repo_id)
+    for stale in root.glob(f".building-{repo_id.replace('/', '--')}-*"):  # a build killed midway; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
     work = root / f".building-{repo_id.replace('/', '--')}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
     files = work / "files"
     files.mkdir(parents=True)
     try:
@@ -143,9 +174,14 @@ def _build(repo_id: str, build: Callable[[Path], None], root: Path) -> None:
             link.symlink_to(os.path.relpath(blob, link.parent))
         (staged / "refs").mkdir()
         (staged / "refs" / "main").write_text(rev)
+        written = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_symlink())
         target = repo_dir(repo_id, root)
-        if target.exists():  # an older FORMAT's repo: replaced whole
+        if target.exists():  # an older FORMAT's repo, or one with files gone: replaced whole
             shutil.rmtree(target)
         os.replace(staged, target)
+        manifest = manifest_path(repo_id, root)
+        manifest.parent.mkdir(exist_ok=True)
+        manifest.with_suffix(".tmp").write_text(json.dumps(written))
+        os.replace(manifest.with_suffix(".tmp"), manifest)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -559,3 +559,56 @@ def test_a_base_of_another_family_is_one_line_naming_it(
     assert main(["models", "check", "--device", "cpu"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if "base model" in x)
     assert "NOT READY" in line and "SDXL-class family" in line and "conditioner.embedders.*" in line
+
+
+# --- what a hostile review of the real path found ------------------------------------------------------
+def test_a_folder_of_another_kind_of_model_is_not_taken_as_the_safety_checker(
+    local_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A DPT folder given as the checker used to load with every checker weight random ("passes" all)."""
+    from engine.safety import SafetyChecker
+
+    settings = load_settings(data_dir=tmp_path, safety_model=str(local_models["root"] / "depth"))
+    with pytest.raises(ModelLoadError, match=r"safety checker .* lack \d+ of the weights .* EMAKI_SAFETY_MODEL"):
+        SafetyChecker.load(settings)
+    from PIL import Image
+
+    checker = SafetyChecker.load(load_settings(data_dir=tmp_path))  # the right folder still loads
+    assert checker.flagged([Image.new("RGB", (32, 32))]) == [False]
+
+
+def test_check_reports_unreadable_or_partial_files_in_one_line(
+    local_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((local_models["single"]).read_bytes()[:5000])
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(truncated))
+    monkeypatch.setenv("EMAKI_BASE_MODEL_CONFIG", str(local_models["base"]))
+    assert main(["models", "check", "--device", "cpu"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if "base model" in x)
+    assert "NOT READY" in line and "not a readable .safetensors" in line
+    partial = shutil.copytree(local_models["base"], tmp_path / "partial")
+    (partial / "unet" / "config.json").unlink()
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(partial))
+    assert main(["models", "check", "--device", "cpu"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if "base model" in x)
+    assert "NOT READY" in line and "no config in unet/" in line
+    monkeypatch.setenv("EMAKI_BASE_MODEL", "/")  # a wrong folder is refused before it is walked
+    assert main(["models", "check", "--device", "cpu"]) == 1
+    assert "no model_index.json" in next(x for x in capsys.readouterr().out.splitlines() if "base model" in x)
+
+
+def test_a_controlnet_made_for_another_base_is_one_line_at_load(local_models: dict[str, Path], tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, base_model=str(local_models["base"]), controlnet_model="tiny")
+    with pytest.raises(ModelLoadError, match=r"depth ControlNet 'tiny' does not fit .* EMAKI_CONTROLNET_MODEL"):
+        Models(settings).load()
+
+
+def test_an_explicit_transformers_story_backend_needs_its_model(
+    local_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
+    monkeypatch.setenv("EMAKI_STORY_BACKEND", "transformers")  # its model, Mistral, is not downloaded here
+    assert main(["models", "check", "--device", "cpu"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if "story LLM" in x)
+    assert "NOT READY" in line and "only" not in line and "emaki models pull" in line

@@ -526,3 +526,20 @@ def test_a_cuda_build_that_sees_no_gpu_is_said_plainly(monkeypatch: pytest.Monke
     ]
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build on a CPU machine: nothing to warn about
     assert device_lines(bot) == ("rendering on cpu (float32)", [])  # type: ignore[arg-type]
+
+
+def test_a_gateway_that_cannot_be_reached_is_one_line() -> None:
+    """discord.py's first connect to an unreachable gateway can end in an AttributeError of its own."""
+    from bot.service import gateway_failure
+    from engine.errors import EmakiError
+
+    async def failing() -> None:
+        raise AttributeError("'NoneType' object has no attribute 'sequence'")
+
+    async def run() -> None:
+        task = asyncio.ensure_future(failing())
+        await asyncio.wait({task})
+        with pytest.raises(EmakiError, match=r"cannot connect to Discord's gateway .* gateway\.discord\.gg"):
+            gateway_failure(task)
+
+    asyncio.run(run())

@@ -191,3 +191,11 @@ def test_fallback_frames_are_distinct_and_each_names_one_beat(idea: str, n: int)
         assert all("dragon" in f for f in frames)
         if n >= 2:
             assert frames[-1].startswith("a ghibli dragon glides")  # the later beat gets its subject back
+
+
+def test_fewer_frames_than_beats_keep_the_first_and_the_last() -> None:
+    assert fallback_frames("a cat naps, then wakes, then eats, then sleeps", 3) == [
+        "a cat naps",
+        "a cat eats",
+        "a cat sleeps",
+    ]

@@ -81,3 +81,25 @@ def test_pull_on_the_tiny_profile_builds_and_verifies_without_a_network(
         tiny_hub.REPOS["captioner_model"],
         tiny_hub.REPOS["clip_model"],
     }
+
+
+def test_a_damaged_tiny_cache_is_built_again_and_a_bad_place_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "cache"
+    snapshot = tiny_hub.ensure("emaki-tiny/dpt", root)
+    (snapshot / "config.json").resolve().unlink()  # a blob gone: the link dangles
+    assert tiny_hub.ensure("emaki-tiny/dpt", root) == snapshot and (snapshot / "config.json").is_file()
+    (snapshot / "preprocessor_config.json").unlink()  # a snapshot file gone
+    stale = root / ".building-emaki-tiny--dpt-999999"
+    stale.mkdir()  # a build killed midway
+    tiny_hub.ensure("emaki-tiny/dpt", root)
+    assert (snapshot / "preprocessor_config.json").is_file() and not stale.exists()
+    with pytest.raises(Exception, match="not built in emaki's tiny cache"):
+        tiny_hub.ensure("emaki-tiny/blip", root, build=False)  # what `models check` asks: it writes nothing
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    monkeypatch.setenv("EMAKI_TINY_CACHE", str(a_file))
+    assert main(["animate", "a fox", "--profile", "tiny", "--frames", "1", "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: emaki's tiny cache") and "EMAKI_TINY_CACHE" in err[-1]

@@ -148,6 +148,10 @@ class TrainConfig:
         resolution = self.resolution or settings.width
         if resolution < 8 or resolution % 8:
             raise InvalidRequest(f"resolution must be a positive multiple of 8 (got {resolution})")
+        if resolution > settings.max_size:  # past what the base renders: hours a step (a preset is clamped)
+            raise InvalidRequest(
+                f"resolution must be at most {settings.max_size} on the {settings.profile} profile (got {resolution})"
+            )
         holdout = (n_images // 10 if n_images >= HOLDOUT_FROM else 0) if self.holdout == -1 else self.holdout
         if holdout < 0 or (holdout and holdout > n_images - 1):
             raise InvalidRequest(f"holdout must be -1 (auto) or 0 to {max(n_images - 1, 0)} images (got {holdout})")

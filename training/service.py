@@ -430,11 +430,12 @@ def _clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
 
     from engine.errors import ModelLoadError
     from engine.model_files import clip_spec
-    from engine.models import _load
+    from engine.models import _load, load_complete
 
     spec = clip_spec(settings)
     try:
-        model, processor = _load(spec, CLIPModel.from_pretrained).eval(), _load(spec, CLIPProcessor.from_pretrained)
+        model = load_complete(spec, CLIPModel.from_pretrained).eval()
+        processor = _load(spec, CLIPProcessor.from_pretrained)
     except ModelLoadError as exc:
         log.warning("no CLIP score: %s", exc)
         return None
