@@ -211,13 +211,13 @@ def _verify(settings: Settings, dtype: Any) -> None:
     from engine.models import load_components
     from engine.story import TransformersBackend
     from training.caption import Captioner
-    from training.service import _clip_model
+    from training.service import load_clip_model
 
     cpu = dataclasses.replace(settings, device="cpu")
     load_components(settings, dtype)
     safety.SafetyChecker.load(cpu)
     Captioner(cpu)
-    if _clip_model(cpu) is None:
+    if load_clip_model(cpu) is None:
         raise ModelLoadError(f"CLIP (style evaluation) '{settings.clip_model}' did not load")
     if settings.story_backend == "transformers":  # its files and tokenizer: a 7B model is not loaded on the CPU
         from transformers import AutoConfig, AutoTokenizer

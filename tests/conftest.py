@@ -45,6 +45,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     logging.getLogger("engine").setLevel(logging.INFO)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_for_shared_fixtures() -> None:
+    # Module- and session-scoped fixtures (shared models, trained adapters) are built before any
+    # function-scoped fixture runs: one thread for them too (the reason is below).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     # The tiny models are far too small to gain from threads, and on a loaded 2-core machine

@@ -11,7 +11,6 @@ gives what the style gives as trained.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from training.export import write_kohya_file
 from training.lora import TrainConfig, Trainer
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")  # the dev extra has it; a bare install skips
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models: a second thread only adds synchronisation on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def forward(models: SD15Models) -> torch.Tensor:

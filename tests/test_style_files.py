@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +35,6 @@ State = dict[str, dict[str, torch.Tensor]]  # model -> peft state dict (no adapt
 
 
 # --- models and references -------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """These models are tiny: a second thread only adds synchronisation (5x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def source() -> SD15Models:
     """The copy adapters are created on (and removed from again after each file is written)."""

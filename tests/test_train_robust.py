@@ -426,9 +426,9 @@ def test_kid_subsets_are_seeded_and_match_a_numpy_reference() -> None:
 def test_clip_score_matches_its_definition() -> None:
     from engine.settings import Settings
     from training.evaluate import clip_score
-    from training.service import _clip_model
+    from training.service import load_clip_model
 
-    found = _clip_model(Settings(profile="tiny"))  # the tiny CLIP, from its files in the tiny cache
+    found = load_clip_model(Settings(profile="tiny"))  # the tiny CLIP, from its files in the tiny cache
     assert found is not None
     _, model, processor = found
     rng = np.random.default_rng(4)

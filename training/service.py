@@ -390,7 +390,7 @@ def evaluate_style(
     recorded = json.loads(style["metrics"] or "{}").get("heldout_images") or []
     heldout = [load_upright_rgb(dataset.root / name) for name in recorded if (dataset.root / name).is_file()]
     size = 299 if isinstance(feature, int) else 64
-    clip = _clip_model(settings)
+    clip = load_clip_model(settings)
     figures = {}
     for key, generated in images.items():
         figures[key] = fid_kid(real, generated, feature=feature, size=size)
@@ -423,7 +423,7 @@ def evaluate_style(
     return metrics
 
 
-def _clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
+def load_clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
     """(label, model, processor) of `clip_model` from disk, or None when it is not there (the other figures
     stand without it; `emaki models pull` fetches it). Never downloads."""
     from transformers import CLIPModel, CLIPProcessor
