@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-from engine import tiny
-from engine.models import Components
+from engine.render import tiny
+from engine.render.models import Components
 
 SD15_UNET = dict(
     sample_size=64,

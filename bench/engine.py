@@ -44,7 +44,7 @@ def peak_rss_mb() -> float:
 
 
 def frame_prompts(frames: int) -> list[str]:
-    from engine.story import fallback_frames
+    from engine.coordinator.story import fallback_frames
 
     return fallback_frames("a ghibli dragon perches on a hill, then glides over a medieval town", frames)
 
@@ -58,7 +58,7 @@ def run_baseline(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str,
     from transformers import pipeline
 
     from bench.archs import BUILDERS, base_pipeline
-    from engine import tiny
+    from engine.render import tiny
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -123,12 +123,12 @@ def run_baseline(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str,
 def run_emaki(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str, float]:
     """The engine as it ships: one set of weights shared by both pipelines, the real job runner."""
     from bench.archs import components
+    from engine.coordinator.store import open_store
+    from engine.coordinator.worker import Engine
     from engine.events import Failed
-    from engine.models import Models
     from engine.params import build_params
+    from engine.render.models import Models
     from engine.settings import load_settings
-    from engine.store import open_store
-    from engine.worker import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(

@@ -11,7 +11,7 @@ are the kept jobs' only: one 1 KiB frame in each job folder not purged (what /st
 and the sweep deletes). Then each operation of issue 25 is timed (median of `--repeat` runs, in ms):
 
 - stats: /stats' figures (`bot.admin.stats_figures`: running, jobs today, median job time, disk use)
-- sweep: one retention sweep with one day of jobs due (`engine.retention.sweep`, run once)
+- sweep: one retention sweep with one day of jobs due (`engine.coordinator.retention.sweep`, run once)
 - repost: the bot's 60 s repost check (`Store.results_due`)
 - status_edits: start-up's owed status edits (`Store.status_edits_owed`)
 - queue: /queue's store reads for one member (`Store.unposted_results` and `JobQueue.pending`)
@@ -36,8 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.retention import DAY_S
-from engine.store import Store, open_store
+from engine.coordinator.retention import DAY_S
+from engine.coordinator.store import Store, open_store
 
 KEEP_DAYS = 30
 YEAR_S = 365 * DAY_S
@@ -132,10 +132,10 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
 
 def measure(jobs: int, members: int, repeat: int, root: Path) -> tuple[dict[str, float], float]:
     from bot.admin import stats_figures
-    from engine import retention
-    from engine.jobs import JobQueue
+    from engine.coordinator import retention
+    from engine.coordinator.jobs import JobQueue
+    from engine.coordinator.worker import job_dir  # noqa: F401 (the sweep's first import of the engine is not timed)
     from engine.settings import load_settings
-    from engine.worker import job_dir  # noqa: F401 (the sweep's first import of the engine is not timed)
 
     at = time.time()
     data_dir = root / f"history-{jobs}"

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from PIL import Image
 
-    from engine.safety import SafetyChecker
+    from engine.coordinator.safety import SafetyChecker
     from engine.settings import Settings
 
     device = torch.device(args.device)

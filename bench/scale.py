@@ -4,7 +4,7 @@
 
 Ray runs locally with logical GPUs (`ray.init(num_gpus=max(workers))`), so this measures the
 coordinator and the cluster plumbing, not a GPU. Jobs go through the real path: the fair queue
-(engine.jobs.JobQueue with one slot per worker), Engine.run (story, frame rows, the recipe, writing
+(engine.coordinator.jobs.JobQueue with one slot per worker), Engine.run (story, frame rows, the recipe, writing
 each frame as it streams back from its actor), and Engine.finish (the GIF) beside the next job, as the
 bot does. Two renderers, measured in the same run:
 
@@ -39,13 +39,13 @@ from typing import Any
 
 from PIL import Image
 
+from engine.coordinator.jobs import JobQueue
+from engine.coordinator.store import open_store
+from engine.coordinator.worker import Engine, stream_job
 from engine.events import StepProgress
-from engine.jobs import JobQueue
 from engine.params import build_params
-from engine.renderer import FrameRendered, Recipe, Renderer
+from engine.render.renderer import FrameRendered, Recipe, Renderer
 from engine.settings import Settings, load_settings
-from engine.store import open_store
-from engine.worker import Engine, stream_job
 
 
 class SleepRenderer(Renderer):
@@ -80,7 +80,7 @@ def run_workers(
     workers: int, jobs: int, frames: int, steps: int, load: Callable[[Settings], Renderer] | None, size: int
 ) -> dict[str, float]:
     """`jobs` jobs through the queue on `workers` fresh actors; wall time and per-job slot times."""
-    from engine.cluster import RayRenderers
+    from engine.coordinator.cluster import RayRenderers
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(profile="tiny", data_dir=tmp, story_backend="fallback", ray_address="local")

@@ -23,8 +23,8 @@ import discord
 from bot import actions, render
 from bot.commands import refuse
 from bot.outbox import NO_MENTIONS
+from engine.coordinator.worker import METRICS_FILE, job_record
 from engine.errors import EmakiError
-from engine.worker import METRICS_FILE, job_record
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot

@@ -20,16 +20,16 @@ from bot.buttons import result_view
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
 from bot.service import post_state, use_endpoints
+from engine.coordinator.jobs import JobQueue
+from engine.coordinator.retention import purged_reason
+from engine.coordinator.store import Store, open_store
+from engine.coordinator.worker import Engine, clip_images, stream_job
 from engine.errors import EmakiError, InvalidRequest
 from engine.events import Failed, Requeued
-from engine.jobs import JobQueue
-from engine.media import fit_to_bytes
-from engine.models import Models
-from engine.renderer import Renderers
-from engine.retention import purged_reason
+from engine.render.media import fit_to_bytes
+from engine.render.models import Models
+from engine.render.renderer import Renderers
 from engine.settings import Settings, load_settings
-from engine.store import Store, open_store
-from engine.worker import Engine, clip_images, stream_job
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from bot import guild_settings as server_rules
 from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
+from engine.coordinator.guild_settings import check_steps, must_screen
+from engine.coordinator.safety import screens
 from engine.errors import EmakiError, InvalidRequest
-from engine.guild_settings import check_steps, must_screen
 from engine.params import build_params
-from engine.safety import screens
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot

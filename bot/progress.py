@@ -13,9 +13,9 @@ import discord
 from PIL import Image
 
 from bot import render
+from engine.coordinator.safety import FLAGGED_REASON
 from engine.events import Event, Failed, Finished, FrameDone, Started, StoryReady
-from engine.media import contact_sheet, png_bytes
-from engine.safety import FLAGGED_REASON
+from engine.render.media import contact_sheet, png_bytes
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot

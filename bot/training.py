@@ -24,13 +24,13 @@ from PIL import Image
 from bot import guild_settings as server_rules
 from bot import render
 from bot.outbox import NO_MENTIONS, only, preview_nonce
+from engine.coordinator.guild_settings import must_screen
+from engine.coordinator.safety import image_passes, screens
+from engine.coordinator.store import now
+from engine.coordinator.worker import MAX_WORKER_LOSSES
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
-from engine.guild_settings import must_screen
-from engine.media import contact_sheet, png_bytes
-from engine.renderer import WorkerLost
-from engine.safety import image_passes, screens
-from engine.store import now
-from engine.worker import MAX_WORKER_LOSSES
+from engine.render.media import contact_sheet, png_bytes
+from engine.render.renderer import WorkerLost
 from training.dataset import DatasetError, check_style_name, load_dataset, style_name
 from training.lora import ADAPTERS, SAMPLE_NAME, TrainConfig, TrainProgress
 from training.presets import PRESETS, preset_config

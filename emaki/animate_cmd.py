@@ -160,8 +160,8 @@ def _place_dir(source: Path, target: Path, replace: bool, trash: Path) -> None:
 def publish(output: Output, engine: Any, job_id: int, fmt: str, story: dict[str, Any]) -> Path:
     """Write the animation, its frames folder and its sidecar; the animation appears last, so its
     presence means the set is whole. Returns the animation's path."""
-    from engine.media import encode_webp, write_mp4
-    from engine.worker import clip_images
+    from engine.coordinator.worker import clip_images
+    from engine.render.media import encode_webp, write_mp4
 
     job = engine.store.job(job_id)
     rows = engine.store.frames(job_id)
@@ -235,7 +235,7 @@ def versions() -> dict[str, str]:
 def model_revision(setting: str, ref: str) -> str | None:
     """The hub snapshot (commit) a model was loaded from: the cached snapshot the loader resolves (for a
     tiny model, its repo's revision in emaki's tiny cache); None for a local folder or file."""
-    from engine import model_files, tiny_hub
+    from engine.render import model_files, tiny_hub
 
     kind = model_files.kind_of(ref)
     try:
@@ -248,7 +248,7 @@ def model_revision(setting: str, ref: str) -> str | None:
 
 
 def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[str, Any]) -> dict[str, Any]:
-    from engine.worker import METRICS_FILE, STORY_FILE, job_record
+    from engine.coordinator.worker import METRICS_FILE, STORY_FILE, job_record
 
     settings: Settings = engine.settings
     job = engine.store.job(job_id)
@@ -360,7 +360,7 @@ def _warn_version_drift(sidecar: dict[str, Any]) -> None:
 
 # --- the per-job record of what the CLI was asked -------------------------------------------------
 def _meta_path(settings: Settings, job_id: int) -> Path:
-    from engine.worker import job_dir
+    from engine.coordinator.worker import job_dir
 
     return job_dir(settings, job_id) / META_FILE
 
@@ -374,7 +374,7 @@ def read_meta(settings: Settings, job_id: int) -> dict[str, Any]:
 
 
 def write_meta(settings: Settings, job_id: int, **fields: Any) -> None:
-    from engine.worker import write_atomic
+    from engine.coordinator.worker import write_atomic
 
     meta = read_meta(settings, job_id) | fields
     _meta_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
@@ -387,8 +387,8 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
     and says how (main prints the line once the bars are closed)."""
     from tqdm import tqdm
 
+    from engine.coordinator.worker import disk_errors_as_one_line
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
-    from engine.worker import disk_errors_as_one_line
 
     quiet = args.quiet
     total = engine.store.job(job_id)["params"]["frames"]
@@ -459,9 +459,9 @@ def start_engine(settings: Settings, motion: bool, store: Any = None) -> Any:
     """An engine whose models are loaded (here, or on the cluster's workers), the motion adapter too
     when `motion`: before any row is written, so a model that cannot load leaves nothing behind. With
     no `store`, the data dir's is opened only once the models are up (no database either)."""
-    from engine import safety
-    from engine.store import open_store
-    from engine.worker import Engine, cluster_renderers
+    from engine.coordinator import safety
+    from engine.coordinator.store import open_store
+    from engine.coordinator.worker import Engine, cluster_renderers
 
     if settings.safety_cli:  # frames will be screened: a missing checker is one line now, not a failed job later
         safety.require(settings)
@@ -483,7 +483,7 @@ def start_engine(settings: Settings, motion: bool, store: Any = None) -> Any:
 
 def load_models(settings: Settings) -> Any:
     """The models, loaded before any row is written: a model that fails to load leaves nothing behind."""
-    from engine.models import Models
+    from engine.render.models import Models
 
     return Models(settings).load()
 

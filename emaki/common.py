@@ -75,7 +75,7 @@ def check_data_dir(settings: Settings) -> None:
 
 def existing_store(settings: Settings) -> Any:
     """The store when the data dir already holds one, else None: looking must create nothing."""
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
 
     return open_store(settings.data_dir) if (settings.data_dir / "emaki.db").is_file() else None
 

@@ -3,7 +3,7 @@
 `pull` downloads every model of the active profile into the Hugging Face cache (only the files emaki
 loads, in the fp16 variant when that dtype will be used) and verifies each loads. `check` is the first
 thing a self-hoster runs: device, VRAM, dtype, versions, which models are on disk and their sizes, and
-whether the profile fits the GPU. Loading never downloads (engine/model_files.py), so `pull` is the
+whether the profile fits the GPU. Loading never downloads (engine/render/model_files.py), so `pull` is the
 one place the network is used for models.
 """
 
@@ -34,7 +34,7 @@ def _versions() -> dict[str, str]:
 def _device_lines(settings: Settings) -> tuple[list[str], Any, Any, int | None]:
     import torch
 
-    from engine.models import pick_device, pick_dtype
+    from engine.render.models import pick_device, pick_dtype
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -52,8 +52,8 @@ def _device_lines(settings: Settings) -> tuple[list[str], Any, Any, int | None]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine import model_files
-    from engine.model_files import human_size
+    from engine.render import model_files
+    from engine.render.model_files import human_size
 
     settings = settings_from_args(args)
     lines, device, dtype, free = _device_lines(settings)
@@ -90,13 +90,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _half_dtypes() -> tuple[Any, ...]:
-    from engine.models import HALF_DTYPES
+    from engine.render.models import HALF_DTYPES
 
     return HALF_DTYPES
 
 
 def _fit_line(settings: Settings, device: Any, dtype: Any, free: int | None, counts: dict[str, Any]) -> str:
-    from engine import memory
+    from engine.render import memory
 
     if settings.is_tiny:
         return "fits     yes: the tiny profile's models are a few MB"
@@ -125,8 +125,8 @@ def _fit_line(settings: Settings, device: Any, dtype: Any, free: int | None, cou
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from engine import model_files
-    from engine.models import HALF_DTYPES, pick_device, pick_dtype
+    from engine.render import model_files
+    from engine.render.models import HALF_DTYPES, pick_device, pick_dtype
 
     settings = settings_from_args(args)
     dtype = pick_dtype(settings.dtype, pick_device(settings.device))
@@ -166,7 +166,7 @@ def _pull_repo(
     from huggingface_hub import HfApi, snapshot_download
     from tqdm import tqdm
 
-    from engine import model_files
+    from engine.render import model_files
 
     token = settings.hf_token or None
     # Read now: huggingface_hub reads HF_ENDPOINT (a mirror) once, when it is imported.
@@ -207,9 +207,10 @@ def _verify(settings: Settings, dtype: Any) -> None:
     settings can use, the safety checker, captioner, story LLM and motion adapter included."""
     import torch
 
-    from engine import motion, safety
-    from engine.models import load_components
-    from engine.story import TransformersBackend
+    from engine.coordinator import safety
+    from engine.coordinator.story import TransformersBackend
+    from engine.render import motion
+    from engine.render.models import load_components
     from training.caption import Captioner
     from training.service import load_clip_model
 

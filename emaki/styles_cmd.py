@@ -12,12 +12,12 @@ from emaki.common import existing_store, quiet_libraries, settings_from_args
 from engine.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from engine.coordinator.store import Store
     from engine.settings import Settings
-    from engine.store import Store
 
 
 def cmd_styles(args: argparse.Namespace) -> int:
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
 
     settings = settings_from_args(args)
     # Read-only until a change is accepted: a refused command leaves no data dir and no database.
@@ -74,8 +74,8 @@ def _check_name_and_trigger(name: str, trigger: str | None) -> None:
 
 def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> int:
     """Check everything before the store is touched: a refused file registers nothing and replaces nothing."""
-    from engine.store import open_store
-    from engine.style_files import KIND_NAMES, base_architecture, locate, read_style
+    from engine.coordinator.store import open_store
+    from engine.render.style_files import KIND_NAMES, base_architecture, locate, read_style
 
     name = args.name.strip().lower()  # as trained styles are named
     if not name:

@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(settings: Any, args: argparse.Namespace, name: str, source: Path, config: Any) -> int:
     from tqdm import tqdm
 
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
     from training.lora import TrainConfig, kept_saves
     from training.service import prepare_dataset, style_dir, train_style
 
@@ -193,7 +193,7 @@ def _samples_sheet(run_dir: Path, saves: dict[int, Path]) -> Path:
     """One image with the sample of every kept step, in step order."""
     from PIL import Image
 
-    from engine.media import contact_sheet
+    from engine.render.media import contact_sheet
 
     images = []
     for step in sorted(saves):
@@ -209,7 +209,7 @@ def _samples_sheet(run_dir: Path, saves: dict[int, Path]) -> Path:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine.models import Models
+    from engine.render.models import Models
     from training.evaluate import report
     from training.service import evaluate_style
 

@@ -1,7 +1,7 @@
 """Typed progress events. The engine yields them; the CLI draws bars, the bot edits messages.
 
 A job's place in the queue is not among them: the engine only sees a job once it runs, so the
-position comes from the queue itself (engine.jobs.JobQueue.position)."""
+position comes from the queue itself (engine.coordinator.jobs.JobQueue.position)."""
 
 from __future__ import annotations
 

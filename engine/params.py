@@ -11,9 +11,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
 from engine.settings import MAX_SEED, Settings, check_value, rule_of
-from engine.store import Store
 
 # The ranges are the settings' own (engine/settings.py declares them once).
 MAX_STEPS = int(rule_of("steps").high or 0)
@@ -45,7 +45,7 @@ class AnimationParams:
     frame_duration_ms: int  # per keyframe: with in-betweens the clip keeps frames x this length
     interpolate: int = 0  # in-betweens per pair of keyframes
     # chain: the paper's img2img chain; animatediff: the clip rendered at once by a motion adapter
-    # (engine/motion.py), the frames being the story's beats and `interpolate` the frames between them.
+    # (engine/render/motion.py), the frames being the story's beats and `interpolate` the frames between them.
     motion: str = "chain"
     motion_depth: bool = False  # motion mode: depth ControlNet guidance
     # The style row's identity when the job was asked for (the store's `uid`): a job holds its style by
@@ -102,7 +102,7 @@ def build_params(
     if motion == "chain" and motion_depth:
         raise InvalidRequest("motion depth guidance applies to --motion animatediff only (the chain always has it)")
     if motion == "animatediff":
-        from engine import motion as motion_mode
+        from engine.render import motion as motion_mode
 
         motion_mode.check_request(settings)
         motion_depth = settings.motion_depth if motion_depth is None else motion_depth

@@ -31,8 +31,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "min_size": 256,
         "max_size": 1024,
     },
-    # Random-weight models with the real classes (engine/tiny.py), saved once as hub repos in emaki's own
-    # cache and loaded like a user's models (engine/tiny_hub.py): no download, seconds on a CPU.
+    # Random-weight models with the real classes (engine/render/tiny.py), saved once as hub repos in emaki's own
+    # cache and loaded like a user's models (engine/render/tiny_hub.py): no download, seconds on a CPU.
     "tiny": {
         "base_model": "tiny",
         "controlnet_model": "tiny",
@@ -49,12 +49,12 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 MEMORY_MODES = ("auto", "high", "medium", "low")
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # torch.compile modes (engine/compiled.py)
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # torch.compile modes (engine/render/compiled.py)
 
 SECRET_FIELDS = ("discord_token", "hf_token", "llm_api_key")
 SECRET_ENV = {"discord_token": "DISCORD_TOKEN", "hf_token": "HF_TOKEN", "llm_api_key": "EMAKI_LLM_API_KEY"}
 
-# Choices, declared once: the CLI's --help, the checks below and engine/models.py's scheduler table
+# Choices, declared once: the CLI's --help, the checks below and engine/render/models.py's scheduler table
 # (tests/test_settings.py keeps the two in step) all read these.
 STORY_BACKENDS = ("auto", "hf", "openai", "transformers", "fallback")
 SCHEDULER_NAMES = ("default", "dpm++", "euler_a", "unipc")
@@ -211,7 +211,7 @@ class Settings:
     interpolate: int = setting(
         0,
         Rule(0, 8),
-        help="Optical-flow in-between frames per pair of keyframes (engine/interpolate.py); 0: keyframes only.",
+        help="Optical-flow in-between frames per pair of keyframes (engine/render/interpolate.py); 0: keyframes only.",
     )
     max_clip_frames: int = setting(
         128, Rule(1, 1000), help="The most frames (keyframes + in-betweens) one clip may have; more is refused."

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.models import Models
+from engine.coordinator.store import Store, open_store
+from engine.coordinator.worker import Engine
+from engine.render.models import Models
 from engine.settings import Settings, load_settings
-from engine.store import Store, open_store
-from engine.worker import Engine
 
-# The tiny profile's models are hub repos in emaki's own cache (engine/tiny_hub.py): one fresh cache per test
+# The tiny profile's models are hub repos in emaki's own cache (engine/render/tiny_hub.py): one fresh cache per test
 # session, built once, shared by every test and every CLI subprocess (they inherit the variable).
 _MADE_TINY_CACHE = "EMAKI_TINY_CACHE" not in os.environ
 TINY_CACHE = os.environ.setdefault("EMAKI_TINY_CACHE", tempfile.mkdtemp(prefix="emaki-tiny-hub-"))
@@ -28,7 +28,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_models_on_disk() -> None:
-    from engine import tiny_hub
+    from engine.render import tiny_hub
 
     tiny_hub.ensure_all()
 

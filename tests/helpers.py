@@ -11,7 +11,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from engine import tiny
+from engine.render import tiny
 
 
 def make_random_lora(path: Path, seed: int = 7, rank: int = 4, std: float = 0.5) -> Path:

@@ -1,6 +1,6 @@
 """Narrow models with SD1.5's real block structure, for tests that need its real key names.
 
-`engine/tiny.py` keeps the tiny profile as small as possible (2 UNet blocks), so its module names are not
+`engine/render/tiny.py` keeps the tiny profile as small as possible (2 UNet blocks), so its module names are not
 SD1.5's: a style file written for SD1.5 does not fit it. These models have the same classes, block types,
 nesting and therefore the same module names as `stable-diffusion-v1-5/stable-diffusion-v1-5` (UNet with
 `CrossAttnDownBlock2D x3 + DownBlock2D`, mirrored up blocks, 2 layers per block, 8 attention heads; a CLIP
@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from engine import tiny
+from engine.render import tiny
 
 WEIGHT_SEED = 0
 BLOCKS = (32, 32, 64, 64)  # SD1.5: (320, 640, 1280, 1280)

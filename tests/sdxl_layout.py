@@ -1,6 +1,6 @@
 """A tiny SDXL-class pipeline saved in the hub's layout: two CLIP text encoders (the second with a projection),
 a UNet with SDXL's `text_time` micro-conditioning, seeded random weights. The configs follow diffusers' own
-SDXL tests (tests/pipelines/stable_diffusion_xl); the tokenizers are built in-process (engine/tiny.py)."""
+SDXL tests (tests/pipelines/stable_diffusion_xl); the tokenizers are built in-process (engine/render/tiny.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def save_tiny_sdxl(folder: Path) -> Path:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine import tiny
+    from engine.render import tiny
 
     tokenizer = tiny.tiny_tokenizer()
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.blocklist import Blocklist
+from engine.coordinator.blocklist import Blocklist
 from engine.errors import InvalidRequest
 
 CASES = [
@@ -76,7 +76,7 @@ def test_a_catastrophic_entry_already_stored_cannot_hang_matching() -> None:
 
 
 def test_the_same_word_in_another_case_is_one_entry() -> None:
-    from engine.guild_settings import GuildSettings
+    from engine.coordinator.guild_settings import GuildSettings
 
     settings = GuildSettings().with_pattern("cat")
     for duplicate in ("CAT", " Cat ", "ćat"):

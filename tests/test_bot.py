@@ -13,7 +13,7 @@ from PIL import Image
 
 from bot.client import EmakiBot, create_bot
 from engine.events import FrameDone
-from engine.models import Models
+from engine.render.models import Models
 from engine.settings import Settings, load_settings
 
 pytestmark = pytest.mark.simcord(settle_timeout=120)

@@ -81,7 +81,7 @@ async def test_a_reroll_of_a_style_replaced_since_is_refused(two, tmp_path: Path
 async def test_a_blocked_word_the_story_llm_writes_is_never_rendered(two, monkeypatch) -> None:
     """The member's idea passes the blocklist; the LLM's frame prompts do not: the job fails with one
     line, nothing is rendered, posted or listed (the status message never shows the prompts)."""
-    from engine.story import Story
+    from engine.coordinator.story import Story
 
     await two.admin.slash(two.animations, "settings blocklist add", pattern="ogre")
     story = two.env.bot.engine.story

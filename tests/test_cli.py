@@ -212,7 +212,7 @@ def test_evaluate_reports_fid_kid_and_coherence(tiny_env: Path, capsys: pytest.C
     assert main(["evaluate", "--style", "fox", "--samples", "3", "--no-animation", "-q"]) == 0
     out = capsys.readouterr().out
     assert "FID" in out and "KID" in out and "KID is the figure to compare" in out
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
 
     metrics = json.loads(open_store(tiny_env / "data").style("fox")["metrics"])
     assert metrics["n_generated"] == 3 and metrics["features"] == "tiny-random-conv" and "kid" in metrics

@@ -43,9 +43,9 @@ def _config(text: str) -> Callable[[Path], None]:
 
 
 def _store_with_an_unfinished_job(tmp: Path) -> None:
+    from engine.coordinator.store import open_store
     from engine.params import build_params
     from engine.settings import load_settings
-    from engine.store import open_store
 
     settings = load_settings(profile="tiny", data_dir=tmp / "data")
     store = open_store(settings.data_dir)

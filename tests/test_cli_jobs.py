@@ -36,9 +36,9 @@ def jobs_table(capsys: pytest.CaptureFixture[str]) -> list[list[str]]:
 
 def interrupt_after_frames(monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
     """Ctrl-C while frame `kept + 1` renders: the frames before it are on disk, the row says running."""
-    import engine.renderer  # the renderer runs the frame chain (engine.worker only coordinates)
+    import engine.render.renderer  # the renderer runs the frame chain (engine.coordinator.worker only coordinates)
 
-    real = engine.renderer.render_frames
+    real = engine.render.renderer.render_frames
 
     def interrupted(*args, **kwargs) -> Iterator:
         for n, item in enumerate(real(*args, **kwargs)):
@@ -46,7 +46,7 @@ def interrupt_after_frames(monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(engine.renderer, "render_frames", interrupted)
+    monkeypatch.setattr(engine.render.renderer, "render_frames", interrupted)
 
 
 def test_interrupted_job_is_listed_and_resumes_byte_identical(
@@ -74,10 +74,10 @@ def test_a_job_being_rendered_is_shown_running_and_not_resumed(
     tiny_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A kill -9 leaves the same row as Ctrl-C; only a live process's lock makes it `running`."""
+    from engine.coordinator.store import open_store
+    from engine.coordinator.worker import holding_job_lock
     from engine.params import build_params
     from engine.settings import load_settings
-    from engine.store import open_store
-    from engine.worker import holding_job_lock
 
     settings = load_settings()
     store = open_store(settings.data_dir)
@@ -187,7 +187,7 @@ def test_help_version_and_subcommands(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_sidecar_pins_the_style_file_and_weight(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
     from tests.helpers import make_random_lora
 
     weights = make_random_lora(tiny_env / "lora")
@@ -218,9 +218,9 @@ def test_ctrl_c_message_starts_its_own_line_after_the_bars(
 
 
 def test_a_job_locked_elsewhere_is_left_running_for_its_owner(engine) -> None:
+    from engine.coordinator.worker import holding_job_lock
     from engine.events import Failed
     from engine.params import build_params
-    from engine.worker import holding_job_lock
 
     job_id = engine.create_job(build_params(engine.settings, engine.store, "a fox", frames=1, steps=2))
     with holding_job_lock(engine.settings.data_dir, job_id):
@@ -267,7 +267,7 @@ def test_kill_9_leaves_a_job_that_resumes(tiny_env: Path, capsys: pytest.Capture
 def test_jobs_shows_each_results_post_state(tiny_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The rows as the bot leaves them (bot/client.py `_record_posted`, `_post_not_taken`, `_post_result`):
     an operator sees a stranded result, and why, instead of a plain `done`."""
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
 
     store = open_store(tiny_env / "data")
     bot_job = {"kind": "animate", "params": {"frames": 1}, "channel_id": 42, "status": "done"}

@@ -52,7 +52,7 @@ def test_seconds_and_fps_set_the_timing(tiny_env: Path) -> None:  # noqa: F811
 
 
 def test_a_redone_keyframe_reuses_the_untouched_in_betweens(tiny_env: Path, capsys) -> None:  # noqa: F811
-    from engine import interpolate
+    from engine.render import interpolate
 
     assert main(["animate", "a fox", "--out", "a.gif", "--seed", "4", "--interpolate", "2", *SMALL]) == 0
     computed: list[int] = []
@@ -94,7 +94,7 @@ def test_bad_timing_is_one_line_and_nothing_is_written(tiny_env: Path, capsys, e
 # --- motion mode (AnimateDiff) through the CLI -------------------------------------------------------
 @pytest.fixture(scope="module")
 def motion_models(tmp_path_factory: pytest.TempPathFactory):
-    from engine.models import Models
+    from engine.render.models import Models
     from engine.settings import load_settings
 
     settings = load_settings(profile="tiny", motion_adapter="tiny", data_dir=tmp_path_factory.mktemp("m"))
@@ -147,8 +147,8 @@ def test_motion_help_names_the_mode_and_its_settings(capsys) -> None:
 
 
 def test_a_motion_adapter_whose_weights_are_broken_is_one_line(tmp_path: Path) -> None:
-    from engine import motion
     from engine.errors import ModelLoadError
+    from engine.render import motion
     from engine.settings import load_settings
 
     folder = tmp_path / "adapter"

@@ -17,14 +17,14 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from engine.cluster import RayRenderers  # noqa: E402  (after the skip: needs ray)
+from engine.coordinator.cluster import RayRenderers  # noqa: E402  (after the skip: needs ray)
+from engine.coordinator.jobs import JobQueue  # noqa: E402
+from engine.coordinator.store import Store, open_store  # noqa: E402
+from engine.coordinator.worker import Engine  # noqa: E402
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, StepProgress  # noqa: E402
-from engine.jobs import JobQueue  # noqa: E402
-from engine.models import Models  # noqa: E402
 from engine.params import AnimationParams, build_params  # noqa: E402
+from engine.render.models import Models  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
-from engine.store import Store, open_store  # noqa: E402
-from engine.worker import Engine  # noqa: E402
 from tests.helpers import make_random_lora, sha  # noqa: E402
 
 FAST = dict(steps=4, strength=0.5, width=32, height=32)
@@ -327,7 +327,7 @@ async def test_the_bot_renders_two_members_jobs_at_once_and_posts_each_once(simc
 
 CLUSTER_REFUSALS = """
 import ray
-from engine.cluster import RayRenderers
+from engine.coordinator.cluster import RayRenderers
 from engine.errors import EmakiError, ModelLoadError
 from engine.settings import Settings
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import tiny
-from engine.compiled import SLOT, CompiledUNet, NotHotSwappable, neutral_lora
+from engine.render import tiny
+from engine.render.compiled import SLOT, CompiledUNet, NotHotSwappable, neutral_lora
 
 
 def _pipe():
@@ -101,7 +101,7 @@ def test_models_in_compiled_mode_render_styles_like_eager_without_recompiling(tm
     from torch._dynamo.utils import counters
 
     from engine.errors import InvalidRequest
-    from engine.models import Models, StyleRef
+    from engine.render.models import Models, StyleRef
     from engine.settings import load_settings
 
     torch._dynamo.reset()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.coordinator.worker import Engine
 from engine.errors import ResourceError
 from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
 from engine.params import build_params
-from engine.worker import Engine
 from tests.helpers import make_random_lora, sha
 
 FAST = dict(steps=10, strength=0.5)  # 10 txt2img steps, 5 img2img steps a frame
@@ -132,7 +132,7 @@ def test_no_disk_space_fails_cleanly(engine: Engine) -> None:
 
 
 def test_color_coherence_pulls_frames_toward_frame_one(engine: Engine) -> None:
-    from engine.animate import match_colors
+    from engine.render.animate import match_colors
 
     rng = np.random.default_rng(0)
     reference = Image.fromarray(rng.integers(0, 120, (32, 32, 3), dtype=np.uint8))

@@ -12,7 +12,7 @@ import discord
 import pytest
 
 from bot.client import EmakiBot
-from engine.guild_settings import GuildSettings
+from engine.coordinator.guild_settings import GuildSettings
 from tests import test_bot as base
 from tests.helpers import make_random_lora
 from tests.test_bot import dataset_zip_bytes, last_answer, results
@@ -274,7 +274,7 @@ async def test_a_style_trained_from_a_servers_dataset_is_that_servers(two, bot_s
 
 def test_cli_lists_each_styles_server(tmp_path: Path, monkeypatch, capsys) -> None:
     from emaki.cli import main
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
 
     monkeypatch.setenv("EMAKI_PROFILE", "tiny")
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from bench import history as bench_history
-from engine import retention
-from engine.jobs import KEEP_SECONDS, JobQueue, fair_order
-from engine.store import INDEXES_3, MIGRATIONS, Store, open_store
+from engine.coordinator import retention
+from engine.coordinator.jobs import KEEP_SECONDS, JobQueue, fair_order
+from engine.coordinator.store import INDEXES_3, MIGRATIONS, Store, open_store
 from tests import test_bot as base
 
 NOW = 2_000_000_000.0
@@ -162,7 +162,7 @@ def test_sweep_in_batches_skips_a_rendered_job_once_and_frees_the_store_between(
     expected = ids(list(retention._candidates(store, cutoff, batch=1000)))
     rendering = expected[1]
     monkeypatch.setattr(retention, "PURGE_BATCH", 2)
-    monkeypatch.setattr("engine.worker.is_rendering", lambda data_dir, job_id: job_id == rendering)
+    monkeypatch.setattr("engine.coordinator.worker.is_rendering", lambda data_dir, job_id: job_id == rendering)
     others: list[bool] = []
     original = store.purge_candidates
 
@@ -244,8 +244,8 @@ def test_migration_3_builds_the_indexes_once_on_an_older_store(
         store.db.execute(f"drop index {statement.split()[5]}")
     store.db.execute("pragma user_version = 2")
     store.db.conn.close()
-    monkeypatch.setattr("engine.store.INDEX_NOTICE_JOBS", 10)
-    with caplog.at_level("WARNING", logger="engine.store"):
+    monkeypatch.setattr("engine.coordinator.store.INDEX_NOTICE_JOBS", 10)
+    with caplog.at_level("WARNING", logger="engine.coordinator.store"):
         again = open_store(tmp_path)
     assert "indexing 40 jobs for the new store version, once" in caplog.text  # said at start-up
     caplog.clear()
@@ -308,8 +308,8 @@ async def test_job_seconds_keep_a_bounded_window(tmp_path: Path) -> None:
 
 def test_disk_use_is_the_daily_walk_plus_new_job_folders_and_equals_a_recount(tmp_path: Path) -> None:
     from bot import admin
+    from engine.coordinator.worker import job_dir
     from engine.settings import load_settings
-    from engine.worker import job_dir
 
     settings = load_settings(None, data_dir=tmp_path, keep_days=30)
     store = open_store(tmp_path)
@@ -341,7 +341,7 @@ def test_disk_use_is_the_daily_walk_plus_new_job_folders_and_equals_a_recount(tm
 
 
 def fair_order_before(pending: list[dict[str, Any]], last_served: dict[int, int]) -> list[dict[str, Any]]:
-    """engine.jobs.fair_order as it was before issue 25 (a pass over the owners per pick), the reference."""
+    """engine.coordinator.jobs.fair_order as it was before issue 25 (a pass over the owners per pick), the reference."""
     by_owner: dict[int, list[dict[str, Any]]] = {}
     for job in sorted(pending, key=lambda j: j["id"]):
         by_owner.setdefault(job["owner_id"] or 0, []).append(job)

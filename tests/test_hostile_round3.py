@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from emaki.cli import main
-from engine.store import MIGRATIONS, open_store
+from engine.coordinator.store import MIGRATIONS, open_store
 from tests import test_cli_jobs
 from tests.helpers import make_random_lora, sha
 
@@ -37,7 +37,7 @@ OPENER = textwrap.dedent(
     go = Path(sys.argv[2])
     while not go.exists():
         time.sleep(0.001)
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
     store = open_store(Path(sys.argv[1]))
     store.add_job(idea="race", params={"n": os.getpid()})
     print("ok")
@@ -250,7 +250,7 @@ def test_a_disk_that_fills_during_a_render_is_one_line_and_resume_finishes(
     """The disk fills as frame 1 lands: the database then refuses the frame's row ("database or disk
     is full"). Once there is room, `emaki resume` finishes the job, its frames as an unbroken run's."""
     assert main(["animate", "a fox runs", "--out", str(tiny_env / "whole.gif"), "--seed", "5", *SMALL]) == 0
-    from engine import worker
+    from engine.coordinator import worker
 
     real_write, filled = worker.write_atomic, []
 
@@ -275,7 +275,7 @@ def test_enospc_writing_a_frame_is_one_line_and_resume_finishes(
     tiny_env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where no file system can be filled: the write of frame 2 refused as a full disk refuses it."""
-    from engine import worker
+    from engine.coordinator import worker
 
     real_write = worker.write_atomic
 

@@ -1,4 +1,4 @@
-"""Optical-flow in-betweens (engine/interpolate.py) on images whose true motion is known."""
+"""Optical-flow in-betweens (engine/render/interpolate.py) on images whose true motion is known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.interpolate import Inbetweener, inbetween, inbetweens, warping_error
+from engine.render.interpolate import Inbetweener, inbetween, inbetweens, warping_error
 
 SHIFT = 8
 

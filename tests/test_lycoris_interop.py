@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.models import _activate
+from engine.render.models import _activate
+from engine.render.style_files import base_architecture, load_into, read_style
 from engine.settings import load_settings
-from engine.style_files import base_architecture, load_into, read_style
 from tests.sd15_layout import SD15Models, sd15, sd15_folder, sd15_models  # noqa: F401 - fixtures
 from tests.test_training import make_folder
 from training.dataset import load_dataset

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import InvalidRequest
-from engine.media import contact_sheet, encode_gif, fit_to_bytes
+from engine.render.media import contact_sheet, encode_gif, fit_to_bytes
 
 
 def noisy_frames(n: int = 5, size: int = 128, seed: int = 0) -> list[Image.Image]:

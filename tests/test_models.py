@@ -28,9 +28,9 @@ from huggingface_hub import scan_cache_dir
 from safetensors.torch import save_file
 
 from emaki.cli import main
-from engine import memory, model_files, tiny
 from engine.errors import InvalidRequest, ModelLoadError, ResourceError
-from engine.models import Models, load_base_model
+from engine.render import memory, model_files, tiny
+from engine.render.models import Models, load_base_model
 from engine.settings import PROFILES, Settings, load_settings
 from tests.sd15_layout import SD15Models, ldm_checkpoint, put_in_hub_cache, save_sd15_pipeline, sd15_models
 
@@ -425,7 +425,7 @@ def test_the_needs_are_the_resident_weights_plus_the_margin() -> None:
 def test_memory_modes_are_a_logged_no_op_on_cpu_and_the_setting_is_validated(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="engine.memory"):
+    with caplog.at_level(logging.INFO, logger="engine.render.memory"):
         assert memory.choose("low", torch.device("cpu"), SD15_FP16) == "high"
     assert "memory mode 'low' has no effect on cpu" in caplog.text
     monkeypatch.setenv("EMAKI_MEMORY", "medium")
@@ -566,7 +566,7 @@ def test_a_folder_of_another_kind_of_model_is_not_taken_as_the_safety_checker(
     local_models: dict[str, Path], tmp_path: Path
 ) -> None:
     """A DPT folder given as the checker used to load with every checker weight random ("passes" all)."""
-    from engine.safety import SafetyChecker
+    from engine.coordinator.safety import SafetyChecker
 
     settings = load_settings(data_dir=tmp_path, safety_model=str(local_models["root"] / "depth"))
     with pytest.raises(ModelLoadError, match=r"safety checker .* lack \d+ of the weights .* EMAKI_SAFETY_MODEL"):

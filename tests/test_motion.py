@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import motion
-from engine.models import Models, StyleRef
-from engine.motion import MotionRenderer, beat_starts, prompt_schedule, window_noise
+from engine.coordinator.store import open_store
+from engine.coordinator.worker import Engine, clip_images
 from engine.params import build_params
+from engine.render import motion
+from engine.render.models import Models, StyleRef
+from engine.render.motion import MotionRenderer, beat_starts, prompt_schedule, window_noise
 from engine.settings import load_settings
-from engine.store import open_store
-from engine.worker import Engine, clip_images
 from tests.helpers import make_random_lora
 
 BEATS = ["a fox wakes", "the fox runs", "the fox leaps"]
@@ -272,12 +272,14 @@ async def test_the_bot_refuses_motion_without_an_adapter_ephemerally(simcord_env
 
 
 def test_every_clip_frame_of_a_motion_job_is_screened(motion_engine: Engine, monkeypatch) -> None:
-    import engine.worker
+    import engine.coordinator.worker
 
     screened: list[tuple[int, int]] = []
-    real = engine.worker.screen_frame
+    real = engine.coordinator.worker.screen_frame
     monkeypatch.setattr(
-        engine.worker, "screen_frame", lambda eng, job, image: screened.append(image.size) or real(eng, job, image)
+        engine.coordinator.worker,
+        "screen_frame",
+        lambda eng, job, image: screened.append(image.size) or real(eng, job, image),
     )
     params = build_params(
         motion_engine.settings, None, "a fox", frames=2, interpolate=2, steps=1, seed=6, motion="animatediff"

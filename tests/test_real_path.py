@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bot.client import EmakiBot, create_bot
-from engine import tiny
+from engine.render import tiny
 from engine.settings import PROFILES, Settings, load_settings
 from tests import test_bot as base
 from tests.sd15_layout import (  # noqa: F401 - sd15 is a fixture
@@ -39,7 +39,7 @@ SD15 = PROFILES["sd15"]
 ROOT = Path(__file__).resolve().parent.parent
 world = base.world
 
-BLOCK_NETWORK = '''
+BLOCK_NETWORK = """
 import socket
 
 _LOG = {log!r}
@@ -63,7 +63,7 @@ def _no_lookup(host, *args, **kwargs):
 socket.socket.connect = _refuse
 socket.socket.connect_ex = _refuse
 socket.getaddrinfo = _no_lookup
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +157,7 @@ def test_check_animate_train_and_styles_add_with_the_network_blocked(hub: Simple
 
 
 @pytest.mark.parametrize("adapter", ["lora", "loha", "ia3"])
-def test_train_on_a_diffusers_folder_and_a_single_file_base(
-    hub: SimpleNamespace, tmp_path: Path, adapter: str
-) -> None:
+def test_train_on_a_diffusers_folder_and_a_single_file_base(hub: SimpleNamespace, tmp_path: Path, adapter: str) -> None:
     """The base as a plain folder (lora), as one original-layout file (loha), or the hub id again (ia3):
     with lokr above, every adapter kind on a real-structure base."""
     data = tmp_path / "data"

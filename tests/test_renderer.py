@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.animate import FramePlan
+from engine.coordinator.jobs import JobQueue
+from engine.coordinator.store import Store
+from engine.coordinator.worker import Engine
 from engine.events import StepProgress
-from engine.jobs import JobQueue
-from engine.models import Models
 from engine.params import build_params
-from engine.renderer import (
+from engine.render.animate import FramePlan
+from engine.render.models import Models
+from engine.render.renderer import (
     ContentCache,
     FrameRendered,
     Recipe,
@@ -29,8 +31,6 @@ from engine.renderer import (
     png_decode,
 )
 from engine.settings import Settings
-from engine.store import Store
-from engine.worker import Engine
 from tests.helpers import sha
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +114,8 @@ torch.set_num_threads(1)
 import bot.client, emaki.cli
 from engine.params import build_params
 from engine.settings import load_settings
-from engine.store import open_store
-from engine.worker import Engine
+from engine.coordinator.store import open_store
+from engine.coordinator.worker import Engine
 settings = load_settings(profile="tiny", data_dir={str(tmp_path / "data")!r})
 store = open_store(settings.data_dir)
 engine = Engine(settings, store)
@@ -194,7 +194,7 @@ def test_a_style_replaced_at_the_same_path_is_loaded_again(
 ) -> None:
     """Retrained or replaced under the same name and file: the warm models must not keep the old
     weights because the path did not change (the content hash did)."""
-    from engine.renderer import StyleSpec
+    from engine.render.renderer import StyleSpec
     from tests.helpers import make_random_lora
 
     params = build_params(settings, store, "a fox in the snow", frames=1, steps=3, seed=3)

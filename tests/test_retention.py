@@ -12,11 +12,11 @@ from simcord.backend.errors import SetupError
 from bot import actions, admin
 from bot.client import EmakiBot
 from emaki.cli import main
+from engine.coordinator.retention import DAY_S, sweep
+from engine.coordinator.worker import Engine, job_dir
 from engine.errors import InvalidRequest
 from engine.params import build_params
-from engine.retention import DAY_S, sweep
 from engine.settings import load_settings
-from engine.worker import Engine, job_dir
 from tests import test_bot as base
 from tests.test_bot import last_answer, results
 
@@ -111,7 +111,7 @@ def test_cli_purge_and_redo_of_a_purged_job(
     small = ["--frames", "1", "--steps", "2", "--width", "32", "--height", "32", "-q"]
     assert main(["animate", "an owl", "--out", "owl.gif", *small]) == 0
     assert main(["animate", "a newt", "--out", "newt.gif", *small]) == 0
-    from engine.store import open_store
+    from engine.coordinator.store import open_store
 
     store = open_store(tmp_path / "data")
     store.update_job(1, finished_at=time.time() - 8 * DAY_S)

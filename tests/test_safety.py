@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.safety import SafetyChecker
+from engine.coordinator.safety import SafetyChecker
 from engine.settings import Settings
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from bot.client import EmakiBot
+from engine.coordinator.safety import FLAGGED_REASON, screens
+from engine.coordinator.store import Store
+from engine.coordinator.worker import Engine
 from engine.events import Failed, FrameDone
 from engine.params import build_params
-from engine.safety import FLAGGED_REASON, screens
 from engine.settings import Settings
-from engine.store import Store
-from engine.worker import Engine
 from tests import test_bot as base
 from tests.test_bot import results
 

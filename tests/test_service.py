@@ -23,11 +23,11 @@ from aiohttp import web
 
 from bot.client import EmakiBot, create_bot
 from bot.service import HEARTBEAT_FILE, check_token, device_lines, health, stop_signals
+from engine.coordinator.store import open_store
 from engine.errors import InvalidRequest
 from engine.events import FrameDone
-from engine.models import Models
+from engine.render.models import Models
 from engine.settings import Settings, load_settings
-from engine.store import open_store
 from tests import test_bot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +306,7 @@ def test_unreachable_discord_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 # --- trivial commands never import torch ----------------------------------------------------------------
 def test_trivial_commands_do_not_import_torch(tmp_path: Path, settings: Settings) -> None:
-    from engine.worker import holding_job_lock
+    from engine.coordinator.worker import holding_job_lock
 
     store = open_store(settings.data_dir)  # jobs to list: one done, one left running by a crash
     for idea in ("a fox runs", "an owl sleeps"):

@@ -92,6 +92,6 @@ def test_env_booleans_and_direct_construction_are_checked(monkeypatch: pytest.Mo
 
 
 def test_scheduler_choices_match_the_models_table() -> None:
-    from engine.models import SCHEDULERS
+    from engine.render.models import SCHEDULERS
 
     assert set(SCHEDULER_NAMES) == {"default", *SCHEDULERS}

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from engine.coordinator.story import StoryTeller, build_messages, fallback_frames, make_backend, parse_frames
 from engine.settings import load_settings
-from engine.story import StoryTeller, build_messages, fallback_frames, make_backend, parse_frames
 
 FIVE = ["a fox wakes", "the fox stretches", "the fox runs", "the fox leaps", "the fox lands"]
 
@@ -160,7 +160,7 @@ async def test_unusable_llm_answer_falls_back(llm_server: tuple[FakeLLM, str]) -
 def test_local_transformers_backend_runs_and_its_noise_falls_back(tmp_path, caplog) -> None:
     """The tiny profile's chat model (a random Llama with a byte-level tokenizer and a chat template), from
     its files in the tiny cache, through the loader a user's local LLM goes through."""
-    from engine.story import TransformersBackend
+    from engine.coordinator.story import TransformersBackend
 
     backend = TransformersBackend("tiny")
     answer = backend.complete(build_messages("a fox naps, then wakes", 5))

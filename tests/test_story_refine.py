@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from engine.coordinator.story import REFINE_CHECKLIST, StoryTeller
 from engine.settings import load_settings
-from engine.story import REFINE_CHECKLIST, StoryTeller
 
 FIRST = ["a fox wakes", "the fox stretches", "the fox runs", "the fox leaps", "the fox lands"]
 REVISED = ["a red fox wakes in a meadow", "it stretches", "it runs", "it leaps a brook", "it lands softly"]

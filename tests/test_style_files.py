@@ -22,10 +22,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from emaki.cli import main
-from engine.models import Models, StyleRef, _activate
+from engine.coordinator.store import open_store
+from engine.render.models import Models, StyleRef, _activate
+from engine.render.style_files import MESSAGE_CAP, unload_all
 from engine.settings import load_settings
-from engine.store import open_store
-from engine.style_files import MESSAGE_CAP, unload_all
 from tests.sd15_layout import SD15Models, sd15, sd15_folder, sd15_models  # noqa: F401 - fixtures
 from training.lora import load_training_pipeline
 

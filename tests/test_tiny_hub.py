@@ -1,4 +1,4 @@
-"""The tiny profile's models are hub repos on disk (engine/tiny_hub.py), built once, byte-identical on every
+"""The tiny profile's models are hub repos on disk (engine/render/tiny_hub.py), built once, byte-identical on every
 machine, in the hub's exact layout, and found by the loader that finds a user's hub ids."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
 from emaki.cli import main
-from engine import model_files, tiny_hub
+from engine.render import model_files, tiny_hub
 from engine.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,10 @@ def digests(root: Path) -> dict[str, str]:
 
 def test_the_tiny_set_is_byte_identical_wherever_it_is_built(tmp_path: Path) -> None:
     # Two processes building into two fresh caches at once: the same files, byte for byte.
-    code = "import sys; from pathlib import Path; from engine import tiny_hub; tiny_hub.ensure_all(Path(sys.argv[1]))"
+    code = (
+        "import sys; from pathlib import Path; from engine.render import tiny_hub; "
+        "tiny_hub.ensure_all(Path(sys.argv[1]))"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name)], env=env) for name in ("a", "b")]
     assert [run.wait(timeout=300) for run in runs] == [0, 0]
@@ -39,7 +42,7 @@ def test_the_tiny_set_is_byte_identical_wherever_it_is_built(tmp_path: Path) -> 
 
 
 def test_processes_racing_on_one_fresh_cache_build_each_repo_once(tmp_path: Path) -> None:
-    code = "import sys, pathlib\nfrom engine import tiny_hub\n"
+    code = "import sys, pathlib\nfrom engine.render import tiny_hub\n"
     code += "tiny_hub.ensure('emaki-tiny/dpt', pathlib.Path(sys.argv[1]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env) for _ in range(3)]

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from emaki.cli import main
+from engine.coordinator.store import open_store
 from engine.settings import Settings, load_settings
-from engine.store import open_store
 from training.dataset import check_style_name, load_dataset
 from training.images import bucket_resolutions, fit_to_bucket, pick_bucket
 from training.lora import TrainConfig, Trainer, TrainingDiverged, load_training_pipeline
@@ -445,7 +445,7 @@ def test_clip_score_matches_its_definition() -> None:
 
 
 def test_evaluation_reports_a_style_off_baseline_and_its_feature_space(tmp_path: Path, tiny: Settings) -> None:
-    from engine.models import Models
+    from engine.render.models import Models
     from training.evaluate import report
     from training.service import evaluate_style
 
@@ -476,7 +476,7 @@ def test_max_norm_regularisation_caps_each_layer_update(kind: str) -> None:
     from peft.tuners.ia3.layer import IA3Layer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from engine.tiny import tiny_unet
+    from engine.render.tiny import tiny_unet
     from training.lora import adapter_config, scale_weight_norms
 
     unet = tiny_unet()

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from scipy import linalg
 
+from engine.coordinator.store import open_store
 from engine.settings import Settings, load_settings
-from engine.store import open_store
 from training.dataset import DatasetError, check_style_name, load_dataset, open_dataset
 from training.evaluate import TinyFeatures, fid_kid, temporal_ssim, to_uint8_batch
 from training.lora import TrainConfig, Trainer

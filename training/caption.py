@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from engine.model_files import captioner_spec
-from engine.models import _load, pick_device
+from engine.render.model_files import captioner_spec
+from engine.render.models import _load, pick_device
 from engine.settings import Settings
 
 

@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
+from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
 from engine.settings import Settings
-from engine.store import Store
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")

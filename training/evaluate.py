@@ -51,7 +51,7 @@ def inception_weights_on_disk() -> None:
     where = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
     if not where.is_file():
         raise InvalidRequest(
-            f"FID/KID with the standard Inception features needs torch-fidelity (pip install \"emaki[eval]\") and "
+            f'FID/KID with the standard Inception features needs torch-fidelity (pip install "emaki[eval]") and '
             f"its weights at {where}, which are not there; nothing is downloaded while the bot runs"
         )
 

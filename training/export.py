@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from engine.render.style_files import StyleLayers, base_architecture, read_style, text_encoder_alias
 from engine.settings import Settings
-from engine.style_files import StyleLayers, base_architecture, read_style, text_encoder_alias
 
 log = logging.getLogger(__name__)
 

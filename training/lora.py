@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from engine.errors import InvalidRequest, JobCancelled
-from engine.models import pick_device
+from engine.render.models import pick_device
 from engine.settings import Settings
 from training.dataset import Dataset
 from training.images import Bucket, bucket_resolutions, fit_to_bucket, load_upright_rgb, parse_colour, pick_bucket
@@ -233,11 +233,11 @@ def load_training_pipeline(settings: Settings, dtype: torch.dtype = torch.float3
     """A fresh copy of the base model's UNet, VAE and text encoder only: the serving models keep their
     styles untouched, and the ControlNet and depth model, never used in training, are not loaded.
 
-    The base loads exactly as the renderer loads it (engine/models.py `load_base_model`): a hub id from
+    The base loads exactly as the renderer loads it (engine/render/models.py `load_base_model`): a hub id from
     the cache, a diffusers folder, a single `.safetensors`/`.ckpt` with its config, or the tiny profile's
     repo in emaki's tiny cache; never a download."""
-    from engine.model_files import profile_models
-    from engine.models import load_base_model
+    from engine.render.model_files import profile_models
+    from engine.render.models import load_base_model
 
     base = profile_models(settings, half=dtype != torch.float32)[0]
     return load_base_model(base, settings.base_model_config, dtype)

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.animate import FramePlan, frame_seed, render_frames
+from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
-from engine.models import Models, StyleRef
 from engine.params import build_params
+from engine.render.animate import FramePlan, frame_seed, render_frames
+from engine.render.models import Models, StyleRef
 from engine.settings import Settings
-from engine.store import Store
 from training.dataset import Dataset, DatasetError, check_style_name, load_dataset, open_dataset
 from training.evaluate import TinyFeatures, clip_score, fid_kid, temporal_ssim
 from training.export import export_trained_style
@@ -180,7 +180,7 @@ def _train_remote(
     """The coordinator's half of a training on a worker: ship the dataset (and a paused run's folder)
     by content hash, relay the worker's events to the callbacks, raise the yield/stop flags it asks
     about, and unpack the run folder it sends back where an in-process run would have left it."""
-    from engine.renderer import png_decode, unpack
+    from engine.render.renderer import png_decode, unpack
 
     out = style_dir(settings, row["style_name"])
     dataset = Path(row["path"])
@@ -232,7 +232,7 @@ def train_on_worker(settings: Settings, cache: Any, request: RemoteTraining, fla
     (weights, checkpoints for a later resume, kept saves)."""
     import tempfile
 
-    from engine.renderer import callbacks_as_events, pack, png_encode
+    from engine.render.renderer import callbacks_as_events, pack, png_encode
 
     dataset_root = cache.get(request.dataset[0], request.dataset[1], request.dataset[2], is_folder=True)
     with tempfile.TemporaryDirectory(dir=cache.root) as scratch:
@@ -429,8 +429,8 @@ def load_clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
     from transformers import CLIPModel, CLIPProcessor
 
     from engine.errors import ModelLoadError
-    from engine.model_files import clip_spec
-    from engine.models import _load, load_complete
+    from engine.render.model_files import clip_spec
+    from engine.render.models import _load, load_complete
 
     spec = clip_spec(settings)
     try:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from engine.errors import JobCancelled
-from engine.models import Models
 from engine.params import AnimationParams
+from engine.render.models import Models
 
 StepHook = Callable[[int, int, int], None]  # (frame index, step, total steps)
 
@@ -74,10 +74,10 @@ def render_frames(
     `reference` frame 0 (the colour reference).
 
     Motion mode (params.motion != "chain") renders the whole clip in one call and yields every beat's
-    frame whatever `start` is, each carrying the clip frames up to the next beat (engine/motion.py)."""
+    frame whatever `start` is, each carrying the clip frames up to the next beat (engine/render/motion.py)."""
     models.load()
     if params.motion != "chain":
-        from engine.motion import render_clip
+        from engine.render.motion import render_clip
 
         yield from render_clip(models, params, plans, on_step, cancelled)
         return

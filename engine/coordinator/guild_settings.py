@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.blocklist import Blocklist, same_entry
+from engine.coordinator.blocklist import Blocklist, same_entry
+from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
 from engine.settings import FALSE_WORDS, TRUE_WORDS, Settings, check_value, rule_of
-from engine.store import Store
 
 NSFW_POLICIES = rule_of("nsfw_policy").choices
 MAX_BLOCKLIST_ENTRIES = 200

@@ -174,7 +174,7 @@ def _configs(base_model: str) -> tuple[dict, dict]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from engine import model_files
+    from engine.render import model_files
 
     if base_model.lower().endswith((".safetensors", ".ckpt")):
         # A single-file checkpoint carries no config; emaki's base models are SD1.5-shaped.

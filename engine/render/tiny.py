@@ -2,7 +2,7 @@
 captioner, motion adapter and story LLM), built from tiny configs with seeded random weights. No download.
 
 Nothing renders from these objects directly: `save_*` writes each as a hub repo into emaki's tiny cache
-(engine/tiny_hub.py), and the tiny profile loads them from there through the code that loads a user's files.
+(engine/render/tiny_hub.py), and the tiny profile loads them from there through the code that loads a user's files.
 
 The configs mirror the ones diffusers' and transformers' own test suites use for these classes.
 Seeding makes every process build byte-identical weights, so a seed reproduces frames across runs.
@@ -180,7 +180,7 @@ def sd_pipeline(
 
 
 # --- the tiny set as files ----------------------------------------------------------------------------
-# Each tiny model is saved once as a hub repo in emaki's own cache (engine/tiny_hub.py) and loaded from
+# Each tiny model is saved once as a hub repo in emaki's own cache (engine/render/tiny_hub.py) and loaded from
 # there by the code that loads a user's models: these functions write one repo's files into a folder.
 def save_sd15(folder: Path) -> None:
     tokenizer = tiny_tokenizer()
@@ -200,7 +200,7 @@ def save_depth(folder: Path) -> None:
 
 def save_safety_checker(folder: Path) -> None:
     """SD's checker class over a tiny CLIP; its concept thresholds are 2.0 (cosine scores lie in -1..1, so
-    it never flags) until the tiny profile's `safety_tiny_threshold` places them (engine/safety.py)."""
+    it never flags) until the tiny profile's `safety_tiny_threshold` places them (engine/coordinator/safety.py)."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     torch.manual_seed(WEIGHT_SEED + 4)

@@ -1,9 +1,9 @@
 """The `tiny` profile's models as hub repos on disk, in a cache emaki owns.
 
-Each tiny model (engine/tiny.py builds them: seeded random weights, real classes) is written once into
+Each tiny model (engine/render/tiny.py builds them: seeded random weights, real classes) is written once into
 the Hugging Face cache layout (`models--emaki-tiny--sd15/{blobs,snapshots/<rev>,refs/main}`) under
 `EMAKI_TINY_CACHE` (default `~/.cache/emaki/tiny-hub`), and from then on it is found and loaded by exactly
-the code that finds and loads a user's hub ids (engine/model_files.py, `local_files_only`). So every
+the code that finds and loads a user's hub ids (engine/render/model_files.py, `local_files_only`). So every
 offline run and every test goes through the user's loading path; only where the files come from differs
 (built here instead of downloaded by `emaki models pull`).
 
@@ -44,7 +44,7 @@ REPOS: dict[str, str] = {
 
 
 def _builders() -> dict[str, Callable[[Path], None]]:
-    from engine import tiny  # torch and diffusers: imported only when a repo is built
+    from engine.render import tiny  # torch and diffusers: imported only when a repo is built
 
     return {
         f"{ORG}/sd15": tiny.save_sd15,

@@ -25,8 +25,8 @@ from diffusers import (
 )
 from PIL import Image
 
-from engine import memory, model_files
 from engine.errors import InvalidRequest, ModelLoadError
+from engine.render import memory, model_files
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,10 @@ class Models:
         self.depth_model: Any = None
         self.depth_processor: Any = None
         self.loaded_styles: dict[str, str] = {}  # adapter name -> StyleRef.key it was loaded from
-        self.memory = "high"  # the memory mode in use (engine/memory.py), known once loaded
-        self.compiled: Any = None  # engine.compiled.CompiledUNet when EMAKI_COMPILE is on and compiling worked
+        self.memory = "high"  # the memory mode in use (engine/render/memory.py), known once loaded
+        self.compiled: Any = None  # engine.render.compiled.CompiledUNet when EMAKI_COMPILE is on and compiling worked
         self._style_layers: dict[str, Any] = {}  # style file -> its parsed layers (compiled mode reads them once)
-        self._motion: Any = None  # engine.motion.MotionRenderer, built the first time motion mode renders
+        self._motion: Any = None  # engine.render.motion.MotionRenderer, built the first time motion mode renders
 
     # --- loading ---------------------------------------------------------------------------
     def load(self) -> Models:
@@ -237,8 +237,8 @@ class Models:
     def _compile(self) -> None:
         """Compile the shared UNet and warm both pipelines up, so the first member does not pay for it.
         Anything that goes wrong leaves the eager UNet in place, with one log line."""
-        from engine.compiled import SLOT, CompiledUNet, use_compile_cache
-        from engine.style_files import delete_from, one_line
+        from engine.render.compiled import SLOT, CompiledUNet, use_compile_cache
+        from engine.render.style_files import delete_from, one_line
 
         assert self.txt2img is not None and self.img2img is not None
         if self.memory != "high":
@@ -277,9 +277,9 @@ class Models:
         )
 
     def motion_renderer(self) -> Any:
-        """The AnimateDiff renderer (motion mode, engine/motion.py) over these weights, built on first use:
+        """The AnimateDiff renderer (motion mode, engine/render/motion.py) over these weights, built on first use:
         its UNet shares the 2D UNet's modules, so styles loaded into that UNet apply to it as they are."""
-        from engine import motion
+        from engine.render import motion
 
         self.load()
         with self._lock:
@@ -308,7 +308,7 @@ class Models:
         as peft layers and injected into the UNet (and the text encoder where it has layers) under its own
         adapter name; styles are switched with peft's layer API, which all four kinds implement
         (diffusers' `set_adapters` assumes LoRA)."""
-        from engine.style_files import delete_from, one_line
+        from engine.render.style_files import delete_from, one_line
 
         pipe = self.load().txt2img
         assert pipe is not None
@@ -337,8 +337,8 @@ class Models:
     def _use_style_compiled(self, style: StyleRef | None) -> None:
         """Compiled UNet: the style's LoRA is hot-swapped into the UNet's one slot (its scale and weight
         folded into B), its text-encoder layers (that model is not compiled) load as usual."""
-        from engine.compiled import NotHotSwappable
-        from engine.style_files import (
+        from engine.render.compiled import NotHotSwappable
+        from engine.render.style_files import (
             KIND_NAMES,
             Architecture,
             StyleLayers,
@@ -388,7 +388,7 @@ class Models:
 
     def _load_style_layers(self, path: Path, adapter: str, models: dict[str, torch.nn.Module]) -> None:
         """Read the file as peft layers and inject them; kinds that cannot nest start from plain models."""
-        from engine.style_files import Architecture, delete_from, kinds_loaded, load_into, read_style, unload_all
+        from engine.render.style_files import Architecture, delete_from, kinds_loaded, load_into, read_style, unload_all
 
         layers = read_style(path, Architecture.of(models))
         if adapter in self.loaded_styles:  # replaced or retrained under the same name: reload

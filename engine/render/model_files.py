@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from engine import tiny_hub
 from engine.errors import ModelLoadError
+from engine.render import tiny_hub
 from engine.settings import Settings
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -102,7 +102,7 @@ def looks_local(ref: str) -> bool:
 
 
 def kind_of(ref: str) -> Kind:
-    """`tiny` (a tiny repo in emaki's own cache, engine/tiny_hub.py), a hub id, a folder or one file."""
+    """`tiny` (a tiny repo in emaki's own cache, engine/render/tiny_hub.py), a hub id, a folder or one file."""
     if tiny_hub.is_tiny_ref(ref):
         return "tiny"
     if not looks_local(ref):

@@ -190,7 +190,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str) -> None:
-        from engine import model_files
+        from engine.render import model_files
 
         self.model_ref = model
         self.found = model_files.resolve(model_files.ModelSpec("story LLM", "llm_model", model, False, False))

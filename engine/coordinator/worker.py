@@ -1,9 +1,9 @@
 """The coordinator: runs one animation job: plan (story, seeds) -> frames (`run`, the GPU part, done
 by a renderer), then the GIF (`finish`, CPU only, so it can overlap the next job's rendering).
 
-The renderer (engine/renderer.py) never sees the store: `run` hands it a recipe (frame plans, the frames
+The renderer (engine/render/renderer.py) never sees the store: `run` hands it a recipe (frame plans, the frames
 to keep, the style by content hash) and writes each frame it sends back as it arrives. In-process mode
-drives one renderer on the calling thread; cluster mode (EMAKI_RAY_ADDRESS, engine/cluster.py) sends
+drives one renderer on the calling thread; cluster mode (EMAKI_RAY_ADDRESS, engine/coordinator/cluster.py) sends
 the recipe to one of several Ray actors, and a job whose actor died goes back to the queue.
 
 Everything needed to reproduce a frame is in its row before it is rendered. A job interrupted by a
@@ -29,23 +29,23 @@ from typing import Any
 
 from PIL import Image
 
-from engine import guild_settings
-from engine.animate import FramePlan, frame_seed
+from engine.coordinator import guild_settings
+from engine.coordinator.job_lock import holding_job_lock, is_rendering, job_lock_path  # noqa: F401 (their old home)
+from engine.coordinator.retention import purged_reason
+from engine.coordinator.safety import screen_frame
+from engine.coordinator.store import Store, StoreError, now
+from engine.coordinator.story import StoryTeller
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started, StepProgress, StoryReady
-from engine.interpolate import Inbetweener, warping_error
-from engine.job_lock import holding_job_lock, is_rendering, job_lock_path  # noqa: F401 (their old home)
-from engine.media import encode_gif
-from engine.models import Models, StyleRef
-from engine.motion import clip_images as motion_clip_images
-from engine.motion import save_inbetweens
 from engine.params import AnimationParams
-from engine.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSpec, WorkerLost, png_decode
-from engine.retention import purged_reason
-from engine.safety import screen_frame
+from engine.render.animate import FramePlan, frame_seed
+from engine.render.interpolate import Inbetweener, warping_error
+from engine.render.media import encode_gif
+from engine.render.models import Models, StyleRef
+from engine.render.motion import clip_images as motion_clip_images
+from engine.render.motion import save_inbetweens
+from engine.render.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSpec, WorkerLost, png_decode
 from engine.settings import Settings
-from engine.store import Store, StoreError, now
-from engine.story import StoryTeller
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,9 @@ class Engine:
         recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style))
         for rendered in self.renderers.frames(recipe, cancelled, on_step):
             index, image = rendered.index, rendered.image()
-            screen_frame(self, job, image)  # engine/safety.py: a flagged frame ends the job, its files deleted
+            screen_frame(
+                self, job, image
+            )  # engine/coordinator/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
             write_atomic(path, rendered.png)  # the renderer's own PNG bytes: identical on every worker
             # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
@@ -469,7 +471,7 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
 def cluster_renderers(settings: Settings, store: Store | None = None) -> Renderers:
     """Ray renderer actors for EMAKI_RAY_ADDRESS (ray imported only here: in-process mode never does)."""
     try:
-        from engine.cluster import RayRenderers
+        from engine.coordinator.cluster import RayRenderers
     except ImportError as exc:
         raise ResourceError(
             f'EMAKI_RAY_ADDRESS={settings.ray_address} needs Ray: pip install -c requirements.lock -e ".[cluster]"'

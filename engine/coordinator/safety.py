@@ -24,10 +24,10 @@ from PIL import Image
 from engine.errors import EmakiError
 
 if TYPE_CHECKING:
-    from engine.models import Models
+    from engine.coordinator.store import Store
+    from engine.coordinator.worker import Engine
+    from engine.render.models import Models
     from engine.settings import Settings
-    from engine.store import Store
-    from engine.worker import Engine
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        from engine.model_files import safety_spec
-        from engine.models import _load, load_complete
+        from engine.render.model_files import safety_spec
+        from engine.render.models import _load, load_complete
 
         spec = safety_spec(settings)
         model = load_complete(spec, StableDiffusionSafetyChecker.from_pretrained).eval()
@@ -113,7 +113,7 @@ def checker_for(
 
 def require(settings: Settings) -> None:
     """The checker is on disk (files only, nothing loaded): what the bot asks before it accepts any job."""
-    from engine import model_files
+    from engine.render import model_files
 
     model_files.resolve(model_files.safety_spec(settings))
 

@@ -1,12 +1,12 @@
 """The renderer: models in, frames out. It never touches the store or Discord.
 
-The coordinator (engine.worker.Engine) reads the store, asks the story teller, records every frame's
+The coordinator (engine.coordinator.worker.Engine) reads the store, asks the story teller, records every frame's
 recipe and then hands a `Recipe` to a renderer: the frame plans, the frames to keep (as PNG bytes) and
 the style by name and content hash. The renderer yields plain, picklable events (`FrameRendered` with
 the frame as PNG bytes, `StepProgress`), which the coordinator writes as they arrive. Because nothing
 here holds a path into the coordinator's data dir or a database handle, the same class runs in the
 bot's worker thread (in-process mode, the default) and inside a Ray actor on another machine
-(engine/cluster.py), with bot and CLI unchanged.
+(engine/coordinator/cluster.py), with bot and CLI unchanged.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from engine.animate import FramePlan, render_frames
 from engine.errors import InvalidRequest
 from engine.events import StepProgress
-from engine.models import Models, StyleRef
-from engine.motion import INBETWEENS_KEY
 from engine.params import AnimationParams
+from engine.render.animate import FramePlan, render_frames
+from engine.render.models import Models, StyleRef
+from engine.render.motion import INBETWEENS_KEY
 from engine.settings import Settings
 
 
@@ -78,7 +78,7 @@ class FrameRendered:
 
     def image(self) -> Image.Image:
         """The frame as the coordinator handles it, its motion in-betweens attached as the chain attached
-        them (engine.motion.save_inbetweens writes them beside the frame's file)."""
+        them (engine.render.motion.save_inbetweens writes them beside the frame's file)."""
         image = png_decode(self.png)
         if self.inbetweens:
             image.info[INBETWEENS_KEY] = [png_decode(data) for data in self.inbetweens]

@@ -22,8 +22,8 @@ from typing import Any
 
 from PIL import Image
 
+from engine.coordinator.store import PURGE_BATCH, Store
 from engine.settings import Settings
-from engine.store import PURGE_BATCH, Store
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def sweep(settings: Settings, store: Store, now: float) -> SweepReport:
     report = SweepReport()
     if settings.keep_days <= 0:
         return report
-    from engine.worker import is_rendering  # engine.worker imports this module
+    from engine.coordinator.worker import is_rendering  # engine.coordinator.worker imports this module
 
     cutoff = now - settings.keep_days * DAY_S
     for job in _candidates(store, cutoff):
@@ -89,7 +89,7 @@ def _candidates(store: Store, cutoff: float, batch: int | None = None) -> Iterat
 
 
 def _delete_job_files(settings: Settings, store: Store, job: dict[str, Any]) -> tuple[int, int]:
-    from engine.worker import job_dir, job_lock_path
+    from engine.coordinator.worker import job_dir, job_lock_path
 
     folder = job_dir(settings, job["id"])
     # The cache entries are named by the keyframes' content: read the frames before they go.
@@ -115,8 +115,8 @@ def _delete_job_files(settings: Settings, store: Store, job: dict[str, Any]) -> 
 
 def _inbetween_files(settings: Settings, job: dict[str, Any], frames: list[dict[str, Any]]) -> list[Path]:
     """The in-between cache files of the job's keyframe pairs. The names come from
-    engine/interpolate.py's own (private) digest and file naming, so they can never drift apart."""
-    from engine.interpolate import Inbetweener, _digest
+    engine/render/interpolate.py's own (private) digest and file naming, so they can never drift apart."""
+    from engine.render.interpolate import Inbetweener, _digest
 
     count = int((job.get("params") or {}).get("interpolate") or 0)
     cache_dir = settings.data_dir / "inbetweens"

@@ -18,7 +18,7 @@ The motion layers attend across the whole context, so frames outside the window 
 
 Weights. The motion UNet is assembled from the chain's own modules: its 2D blocks ARE the 2D UNet's
 (the same objects, re-pointed before every clip), its motion blocks are the adapter's. So the motion mode
-adds only the adapter's weights, and a style injected into the 2D UNet (engine/models.py `use_style`) is
+adds only the adapter's weights, and a style injected into the 2D UNet (engine/render/models.py `use_style`) is
 seen by the motion UNet too. VAE, text encoder, tokenizer and scheduler come from the chain's pipeline
 through `from_pipe`.
 """
@@ -36,9 +36,9 @@ from PIL import Image
 from engine.errors import InvalidRequest, JobCancelled
 
 if TYPE_CHECKING:
-    from engine.animate import FramePlan, StepHook
-    from engine.models import Models
     from engine.params import AnimationParams
+    from engine.render.animate import FramePlan, StepHook
+    from engine.render.models import Models
     from engine.settings import Settings
 
 MOTION_CONTEXT = 16  # frames the SD1.5 motion adapters were trained on
@@ -135,7 +135,7 @@ def load_adapter(settings: Settings, device: torch.device, dtype: torch.dtype) -
     """The configured motion adapter, on the device; any failure is one ModelLoadError line."""
     from diffusers import MotionAdapter
 
-    from engine.models import _load
+    from engine.render.models import _load
 
     check_configured(settings)
     # `tiny` is a repo in emaki's tiny cache: the loader a user's adapter goes through.
@@ -252,14 +252,14 @@ def check_request(settings: Settings) -> None:
         raise InvalidRequest(
             f"motion mode needs the models resident (EMAKI_MEMORY high or auto), not '{settings.memory}'"
         )
-    from engine import model_files
+    from engine.render import model_files
 
     # A folder without config.json and weights, or a hub id not in the cache: one ModelLoadError line.
     model_files.resolve(adapter_spec(settings))
 
 
 def adapter_spec(settings: Settings) -> Any:
-    from engine import model_files
+    from engine.render import model_files
 
     ref = settings.motion_adapter
     return model_files.ModelSpec("motion adapter", "motion_adapter", ref, pipeline=False, half=False)
@@ -323,7 +323,7 @@ def inbetween_paths(path: Path, count: int) -> list[Path]:
 def save_inbetweens(image: Image.Image, path: Path, screen: Callable[[Image.Image], None] = lambda frame: None) -> None:
     """Write the motion frames a beat's image carries beside its file (nothing in chain mode). Each is
     passed to `screen` first (the safety check, which raises to end the job) before any is written."""
-    from engine.worker import save_png_atomic
+    from engine.coordinator.worker import save_png_atomic
 
     frames = image.info.get(INBETWEENS_KEY, [])
     for frame in frames:
