@@ -34,7 +34,7 @@ def _versions() -> dict[str, str]:
 def _device_lines(settings: Settings) -> tuple[list[str], Any, Any, int | None]:
     import torch
 
-    from engine.render.models import pick_device, pick_dtype
+    from engine.render.loading import pick_device, pick_dtype
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -126,7 +126,8 @@ def _fit_line(settings: Settings, device: Any, dtype: Any, free: int | None, cou
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from engine.render import model_files
-    from engine.render.models import HALF_DTYPES, pick_device, pick_dtype
+    from engine.render.loading import pick_device, pick_dtype
+    from engine.render.models import HALF_DTYPES
 
     settings = settings_from_args(args)
     dtype = pick_dtype(settings.dtype, pick_device(settings.device))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from engine.render.loading import load_model, pick_device
 from engine.render.model_files import captioner_spec
-from engine.render.models import _load, pick_device
 from engine.settings import Settings
 
 
@@ -17,8 +17,8 @@ class Captioner:
         self.device = pick_device(settings.device)
         # The tiny profile's BLIP is a repo in emaki's tiny cache: the same loader either way, never a download.
         spec = captioner_spec(settings)
-        self.model = _load(spec, BlipForConditionalGeneration.from_pretrained).eval()
-        self.processor = _load(spec, BlipProcessor.from_pretrained)
+        self.model = load_model(spec, BlipForConditionalGeneration.from_pretrained).eval()
+        self.processor = load_model(spec, BlipProcessor.from_pretrained)
         self.model.to(self.device)
 
     @torch.inference_mode()

@@ -39,7 +39,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from engine.errors import InvalidRequest, JobCancelled
-from engine.render.models import pick_device
+from engine.render.loading import pick_device
 from engine.settings import Settings
 from training.dataset import Dataset
 from training.images import Bucket, bucket_resolutions, fit_to_bucket, load_upright_rgb, parse_colour, pick_bucket

@@ -429,13 +429,13 @@ def load_clip_model(settings: Settings) -> tuple[str, Any, Any] | None:
     from transformers import CLIPModel, CLIPProcessor
 
     from engine.errors import ModelLoadError
+    from engine.render.loading import load_complete, load_model
     from engine.render.model_files import clip_spec
-    from engine.render.models import _load, load_complete
 
     spec = clip_spec(settings)
     try:
         model = load_complete(spec, CLIPModel.from_pretrained).eval()
-        processor = _load(spec, CLIPProcessor.from_pretrained)
+        processor = load_model(spec, CLIPProcessor.from_pretrained)
     except ModelLoadError as exc:
         log.warning("no CLIP score: %s", exc)
         return None

@@ -58,12 +58,12 @@ class SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
+        from engine.render.loading import load_complete, load_model
         from engine.render.model_files import safety_spec
-        from engine.render.models import _load, load_complete
 
         spec = safety_spec(settings)
         model = load_complete(spec, StableDiffusionSafetyChecker.from_pretrained).eval()
-        processor = _load(spec, CLIPImageProcessor.from_pretrained)
+        processor = load_model(spec, CLIPImageProcessor.from_pretrained)
         if settings.is_tiny:  # random weights: the concept thresholds are a parameter tests place
             with torch.no_grad():
                 model.concept_embeds_weights.fill_(settings.safety_tiny_threshold)

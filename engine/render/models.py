@@ -27,6 +27,7 @@ from PIL import Image
 
 from engine.errors import InvalidRequest, ModelLoadError
 from engine.render import memory, model_files
+from engine.render.loading import call_loader, load_model, pick_device, pick_dtype
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def load_components(s: Settings, dtype: torch.dtype) -> Components:
     for spec in (base, controlnet_spec, depth_spec):
         log.info("loading %s: %s", spec.role, spec.ref)
     txt2img = load_base_model(base, s.base_model_config, dtype)
-    controlnet = _load(controlnet_spec, ControlNetModel.from_pretrained, dtype=dtype)
-    depth_model = _load(depth_spec, AutoModelForDepthEstimation.from_pretrained, dtype=torch.float32).eval()
-    depth_processor = _load(depth_spec, AutoImageProcessor.from_pretrained)
+    controlnet = load_model(controlnet_spec, ControlNetModel.from_pretrained, dtype=dtype)
+    depth_model = load_model(depth_spec, AutoModelForDepthEstimation.from_pretrained, dtype=torch.float32).eval()
+    depth_processor = load_model(depth_spec, AutoImageProcessor.from_pretrained)
     return Components(txt2img, controlnet, depth_model, depth_processor)
 
 
@@ -78,7 +79,7 @@ def load_base_model(spec: model_files.ModelSpec, config_ref: str, dtype: torch.d
     described by the configs of `config_ref` (a diffusers folder or a cached hub repo)."""
     found = model_files.resolve(spec, config_ref)
     if found.config is not None:
-        return _call(
+        return call_loader(
             spec,
             StableDiffusionPipeline.from_single_file,
             str(found.path),
@@ -87,7 +88,7 @@ def load_base_model(spec: model_files.ModelSpec, config_ref: str, dtype: torch.d
             local_files_only=True,
             **NO_SAFETY_CHECKER,
         )
-    return _call(
+    return call_loader(
         spec,
         StableDiffusionPipeline.from_pretrained,
         str(found.path),
@@ -113,59 +114,6 @@ class StyleRef:
     def key(self) -> str:
         """What a loaded style is recognised by: its file and that file's content."""
         return f"{self.path}#{self.version}"
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting != "auto":
-        try:
-            return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
-        except KeyError:
-            raise InvalidRequest(f"unknown dtype '{setting}': use auto, fp16, bf16 or fp32") from None
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def _load(what: str | model_files.ModelSpec, ref_or_loader: Any, loader: Any = None, **kwargs: Any) -> Any:
-    """Load one model found on disk (a folder, or a hub repo in the cache) with `loader` (a `from_pretrained`),
-    turning any failure into one line naming the model and the cause.
-
-    Called as `_load(spec, loader, **kw)`, or `_load("captioner", ref, loader, **kw)` for a model that is
-    not part of `profile_models`."""
-    if isinstance(what, model_files.ModelSpec):
-        spec, loader = what, ref_or_loader
-    else:
-        spec = model_files.ModelSpec(what, "", str(ref_or_loader), pipeline=False, half=False)
-    found = model_files.resolve(spec)
-    if found.variant is not None:
-        kwargs["variant"] = found.variant
-    return _call(spec, loader, str(found.path), local_files_only=True, **kwargs)
-
-
-def load_complete(spec: model_files.ModelSpec, loader: Any, **kwargs: Any) -> Any:
-    """`_load`, refusing a model whose files do not hold its class's weights: transformers fills what a
-    checkpoint lacks with random values and only warns, so a folder of another kind of model (a depth
-    estimator given as the safety checker) would load as a checker that never flags anything."""
-    model, info = _load(spec, loader, output_loading_info=True, **kwargs)
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        raise ModelLoadError(
-            f"cannot load {spec.role} from '{spec.ref}': its files lack {len(missing)} of the weights this kind "
-            f"of model has (e.g. {sorted(missing)[0]}): is it the right model? Set EMAKI_{spec.setting.upper()}"
-        )
-    return model
-
-
-def _call(spec: model_files.ModelSpec, loader: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return loader(*args, **kwargs)
-    except Exception as exc:  # any loader failure becomes one clear line
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {first_line[:300]}") from exc
 
 
 def check_controlnet_fits(controlnet: Any, unet: Any, s: Settings) -> None:

@@ -135,11 +135,11 @@ def load_adapter(settings: Settings, device: torch.device, dtype: torch.dtype) -
     """The configured motion adapter, on the device; any failure is one ModelLoadError line."""
     from diffusers import MotionAdapter
 
-    from engine.render.models import _load
+    from engine.render.loading import load_model
 
     check_configured(settings)
     # `tiny` is a repo in emaki's tiny cache: the loader a user's adapter goes through.
-    adapter = _load(adapter_spec(settings), MotionAdapter.from_pretrained, dtype=dtype)
+    adapter = load_model(adapter_spec(settings), MotionAdapter.from_pretrained, dtype=dtype)
     return adapter.to(device, dtype).eval()
 
 
