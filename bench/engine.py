@@ -123,10 +123,10 @@ def run_baseline(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str,
 def run_emaki(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str, float]:
     """The engine as it ships: one set of weights shared by both pipelines, the real job runner."""
     from bench.archs import components
+    from engine.coordinator.requests import build_params
     from engine.coordinator.store import open_store
     from engine.coordinator.worker import Engine
     from engine.events import Failed
-    from engine.params import build_params
     from engine.render.models import Models
     from engine.settings import load_settings
 

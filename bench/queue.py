@@ -41,9 +41,9 @@ from typing import Any
 from PIL import Image
 
 from engine.coordinator.jobs import JobQueue
+from engine.coordinator.requests import build_params
 from engine.coordinator.store import open_store
 from engine.coordinator.worker import Engine, stream_job
-from engine.params import build_params
 from engine.render.media import fit_to_bytes
 from engine.render.models import Models
 from engine.settings import load_settings

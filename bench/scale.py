@@ -40,10 +40,10 @@ from typing import Any
 from PIL import Image
 
 from engine.coordinator.jobs import JobQueue
+from engine.coordinator.requests import build_params
 from engine.coordinator.store import open_store
 from engine.coordinator.worker import Engine, stream_job
 from engine.events import StepProgress
-from engine.params import build_params
 from engine.render.renderer import FrameRendered, Recipe, Renderer
 from engine.settings import Settings, load_settings
 

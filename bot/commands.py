@@ -16,9 +16,9 @@ from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from engine.coordinator.guild_settings import check_steps, must_screen
+from engine.coordinator.requests import build_params
 from engine.coordinator.safety import screens
 from engine.errors import EmakiError, InvalidRequest
-from engine.params import build_params
 
 if TYPE_CHECKING:
     from bot.client import EmakiBot

@@ -561,7 +561,7 @@ def _keyframe_ms(args: argparse.Namespace, settings: Settings) -> int | None:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from engine.params import build_params
+    from engine.coordinator.requests import build_params
 
     # 1. Everything checked; nothing written, nothing loaded.
     sidecar = None

@@ -22,7 +22,7 @@ MAX_LISTED = 1000
 
 def shown_status(settings: Settings, job: dict[str, Any]) -> str:
     """A `running` row no process is rendering was interrupted (Ctrl-C, kill -9, a crash)."""
-    from engine.coordinator.job_lock import (
+    from engine.coordinator.job_files import (
         is_rendering,  # not engine.coordinator.worker: listing jobs must not import torch
     )
 

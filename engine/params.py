@@ -1,19 +1,15 @@
-"""Animation parameters: defaults from settings (the paper's), validated before anything runs.
+"""Animation parameters: the value every side shares (the coordinator records it, the renderer renders it).
 
-Every front door (CLI, Discord) builds its request through `build_params`, so nothing reaches the
-engine unvalidated and every refusal names the option and the allowed range.
+Built and validated by engine/coordinator/requests.py (`build_params`), the one door every front door uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from engine.coordinator.store import Store
-from engine.errors import InvalidRequest
-from engine.settings import MAX_SEED, Settings, check_value, rule_of
+from engine.settings import rule_of
 
 # The ranges are the settings' own (engine/settings.py declares them once).
 MAX_STEPS = int(rule_of("steps").high or 0)
@@ -68,107 +64,3 @@ class AnimationParams:
     def from_dict(cls, data: dict[str, Any]) -> AnimationParams:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def build_params(
-    settings: Settings,
-    store: Store | None,
-    idea: str,
-    *,
-    frames: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    strength: float | None = None,
-    seed: int | None = None,
-    style: str | None = None,
-    negative_prompt: str | None = None,
-    controlnet_scale: float | None = None,
-    color_coherence: bool | None = None,
-    frame_duration_ms: int | None = None,
-    interpolate: int | None = None,
-    motion: str | None = None,
-    motion_depth: bool | None = None,
-) -> AnimationParams:
-    idea = " ".join((idea or "").split())
-    if not idea:
-        raise InvalidRequest("the idea is empty: describe what should happen, e.g. 'a dragon glides over a town'")
-    if len(idea) > settings.max_idea_chars:
-        raise InvalidRequest(f"the idea is {len(idea)} characters long; the limit is {settings.max_idea_chars}")
-    motion = motion or "chain"
-    if motion not in MOTION_MODES:
-        raise InvalidRequest(f"unknown motion '{motion}': use {', '.join(MOTION_MODES)}")
-    if motion == "chain" and motion_depth:
-        raise InvalidRequest("motion depth guidance applies to --motion animatediff only (the chain always has it)")
-    if motion == "animatediff":
-        from engine.render import motion as motion_mode
-
-        motion_mode.check_request(settings)
-        motion_depth = settings.motion_depth if motion_depth is None else motion_depth
-        interpolate = settings.motion_inbetweens if interpolate is None else interpolate
-        fewstep = motion_mode.FEWSTEP.get(settings.motion_fewstep)
-        if fewstep is not None:  # the model card's steps and guidance, unless asked otherwise
-            steps = fewstep.steps if steps is None else steps
-            guidance = fewstep.guidance if guidance is None else guidance
-    p = AnimationParams(
-        idea=idea,
-        frames=settings.frames if frames is None else frames,
-        width=settings.width if width is None else width,
-        height=settings.height if height is None else height,
-        steps=settings.steps if steps is None else steps,
-        guidance=settings.guidance if guidance is None else guidance,
-        strength=settings.strength if strength is None else strength,
-        seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
-        style=(style or "").strip(),
-        negative_prompt=settings.negative_prompt if negative_prompt is None else negative_prompt,
-        controlnet_scale=settings.controlnet_scale if controlnet_scale is None else controlnet_scale,
-        color_coherence=settings.color_coherence if color_coherence is None else color_coherence,
-        frame_duration_ms=settings.frame_duration_ms if frame_duration_ms is None else frame_duration_ms,
-        interpolate=settings.interpolate if interpolate is None else interpolate,
-        motion=motion,
-        motion_depth=bool(motion_depth),
-    )
-    if isinstance(p.frames, bool) or not isinstance(p.frames, int) or not 1 <= p.frames <= settings.max_frames:
-        raise InvalidRequest(f"frames must be between 1 and {settings.max_frames} (got {p.frames})")
-    for name, value in (("width", p.width), ("height", p.height)):
-        if isinstance(value, bool) or not isinstance(value, int) or value % 8:
-            value = None
-        if value is None or not settings.min_size <= value <= settings.max_size:
-            raise InvalidRequest(
-                f"{name} must be a multiple of 8 between {settings.min_size} and {settings.max_size} "
-                f"for the {settings.profile} profile (got {getattr(p, name)})"
-            )
-    for name in ("steps", "guidance", "strength", "controlnet_scale", "frame_duration_ms", "color_coherence"):
-        check_value(name, getattr(p, name))  # type, finiteness and range: one message per field
-    check_value("interpolate", p.interpolate)
-    if p.clip_frames > settings.max_clip_frames:
-        raise InvalidRequest(
-            f"{p.frames} frames with {p.interpolate} in-betweens make {p.clip_frames} frames; "
-            f"the limit is {settings.max_clip_frames}: use fewer frames or in-betweens"
-        )
-    if p.clip_frame_ms < MIN_CLIP_FRAME_MS:
-        raise InvalidRequest(
-            f"with {p.interpolate} in-betweens each frame would show {p.clip_frame_ms} ms; players show GIF frames "
-            f"under {MIN_CLIP_FRAME_MS} ms at 100 ms: make the clip longer or use fewer in-betweens"
-        )
-    if not isinstance(p.negative_prompt, str):
-        raise InvalidRequest("the negative prompt must be text")
-    if p.motion != "chain" and p.frames < 2:
-        raise InvalidRequest("motion mode needs at least 2 frames (beats) to move between: use --frames 2 or more")
-    if p.motion == "chain" and p.frames > 1 and int(p.steps * p.strength) < 1:
-        # diffusers runs int(steps * strength) denoising steps for img2img frames.
-        raise InvalidRequest(
-            f"strength {p.strength} x steps {p.steps} gives no denoising step for frames 2..N: raise steps or strength"
-        )
-    if isinstance(p.seed, bool) or not isinstance(p.seed, int) or not 0 <= p.seed <= MAX_SEED:
-        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED} (got {p.seed})")
-    if p.style:
-        row = store.style(p.style) if store is not None else None
-        if row is None:
-            known = ", ".join(s["name"] for s in store.styles()) if store else ""
-            hint = f"known styles are {known}" if known else "no styles are registered yet"
-            raise InvalidRequest(f"unknown style '{p.style}': {hint}")
-        # As registered (`Ghibli` asked, `ghibli` kept), and held by identity from here on.
-        p = dataclasses.replace(p, style=row["name"], style_id=row.get("uid") or "")
-    return p

@@ -43,8 +43,8 @@ def _config(text: str) -> Callable[[Path], None]:
 
 
 def _store_with_an_unfinished_job(tmp: Path) -> None:
+    from engine.coordinator.requests import build_params
     from engine.coordinator.store import open_store
-    from engine.params import build_params
     from engine.settings import load_settings
 
     settings = load_settings(profile="tiny", data_dir=tmp / "data")

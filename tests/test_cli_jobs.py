@@ -74,9 +74,9 @@ def test_a_job_being_rendered_is_shown_running_and_not_resumed(
     tiny_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A kill -9 leaves the same row as Ctrl-C; only a live process's lock makes it `running`."""
+    from engine.coordinator.requests import build_params
     from engine.coordinator.store import open_store
     from engine.coordinator.worker import holding_job_lock
-    from engine.params import build_params
     from engine.settings import load_settings
 
     settings = load_settings()
@@ -218,9 +218,9 @@ def test_ctrl_c_message_starts_its_own_line_after_the_bars(
 
 
 def test_a_job_locked_elsewhere_is_left_running_for_its_owner(engine) -> None:
+    from engine.coordinator.requests import build_params
     from engine.coordinator.worker import holding_job_lock
     from engine.events import Failed
-    from engine.params import build_params
 
     job_id = engine.create_job(build_params(engine.settings, engine.store, "a fox", frames=1, steps=2))
     with holding_job_lock(engine.settings.data_dir, job_id):

@@ -19,10 +19,11 @@ ray = pytest.importorskip("ray")
 
 from engine.coordinator.cluster import RayRenderers  # noqa: E402  (after the skip: needs ray)
 from engine.coordinator.jobs import JobQueue  # noqa: E402
+from engine.coordinator.requests import build_params  # noqa: E402
 from engine.coordinator.store import Store, open_store  # noqa: E402
 from engine.coordinator.worker import Engine  # noqa: E402
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, StepProgress  # noqa: E402
-from engine.params import AnimationParams, build_params  # noqa: E402
+from engine.params import AnimationParams  # noqa: E402
 from engine.render.models import Models  # noqa: E402
 from engine.settings import Settings, load_settings  # noqa: E402
 from tests.helpers import make_random_lora, sha  # noqa: E402

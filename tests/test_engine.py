@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.coordinator.requests import build_params
 from engine.coordinator.worker import Engine
 from engine.errors import ResourceError
 from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
-from engine.params import build_params
 from tests.helpers import make_random_lora, sha
 
 FAST = dict(steps=10, strength=0.5)  # 10 txt2img steps, 5 img2img steps a frame

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.coordinator.requests import build_params
 from engine.coordinator.store import open_store
 from engine.coordinator.worker import Engine, clip_images
-from engine.params import build_params
 from engine.render import motion
 from engine.render.models import Models, StyleRef
 from engine.render.motion import MotionRenderer, beat_starts, prompt_schedule, window_noise

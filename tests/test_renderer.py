@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from engine.coordinator.jobs import JobQueue
+from engine.coordinator.requests import build_params
 from engine.coordinator.store import Store
 from engine.coordinator.worker import Engine
 from engine.events import StepProgress
-from engine.params import build_params
 from engine.render.animate import FramePlan
 from engine.render.models import Models
 from engine.render.renderer import (
@@ -112,7 +112,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 import bot.client, emaki.cli
-from engine.params import build_params
+from engine.coordinator.requests import build_params
 from engine.settings import load_settings
 from engine.coordinator.store import open_store
 from engine.coordinator.worker import Engine

@@ -12,10 +12,10 @@ from simcord.backend.errors import SetupError
 from bot import actions, admin
 from bot.client import EmakiBot
 from emaki.cli import main
+from engine.coordinator.requests import build_params
 from engine.coordinator.retention import DAY_S, sweep
 from engine.coordinator.worker import Engine, job_dir
 from engine.errors import InvalidRequest
-from engine.params import build_params
 from engine.settings import load_settings
 from tests import test_bot as base
 from tests.test_bot import last_answer, results

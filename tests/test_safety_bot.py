@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from bot.client import EmakiBot
+from engine.coordinator.requests import build_params
 from engine.coordinator.safety import FLAGGED_REASON, screens
 from engine.coordinator.store import Store
 from engine.coordinator.worker import Engine
 from engine.events import Failed, FrameDone
-from engine.params import build_params
 from engine.settings import Settings
 from tests import test_bot as base
 from tests.test_bot import results

@@ -449,7 +449,7 @@ def post_state_of(data_dir: Path, job_id: int) -> str | None:
 
 
 def test_the_real_process_starts_tells_where_it_renders_and_stops_on_sigterm_mid_job(tmp_path: Path) -> None:
-    from engine.params import build_params
+    from engine.coordinator.requests import build_params
 
     data_dir = tmp_path / "data"
     settings = load_settings(profile="tiny", data_dir=data_dir)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.coordinator.requests import build_params
 from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
-from engine.params import build_params
 from engine.render.animate import FramePlan, frame_seed, render_frames
 from engine.render.models import Models, StyleRef
 from engine.settings import Settings

@@ -52,7 +52,7 @@ def sweep(settings: Settings, store: Store, now: float) -> SweepReport:
     report = SweepReport()
     if settings.keep_days <= 0:
         return report
-    from engine.coordinator.worker import is_rendering  # engine.coordinator.worker imports this module
+    from engine.coordinator.job_files import is_rendering
 
     cutoff = now - settings.keep_days * DAY_S
     for job in _candidates(store, cutoff):
@@ -89,7 +89,7 @@ def _candidates(store: Store, cutoff: float, batch: int | None = None) -> Iterat
 
 
 def _delete_job_files(settings: Settings, store: Store, job: dict[str, Any]) -> tuple[int, int]:
-    from engine.coordinator.worker import job_dir, job_lock_path
+    from engine.coordinator.job_files import job_dir, job_lock_path
 
     folder = job_dir(settings, job["id"])
     # The cache entries are named by the keyframes' content: read the frames before they go.

@@ -15,7 +15,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from engine.errors import EmakiError
 
 if TYPE_CHECKING:
     from engine.coordinator.store import Store
-    from engine.coordinator.worker import Engine
     from engine.render.models import Models
     from engine.settings import Settings
 
@@ -138,7 +137,18 @@ def screens(store: Store, settings: Settings, job: dict[str, Any]) -> bool:
     return settings.safety_cli
 
 
-def screen_frame(engine: Engine, job: dict[str, Any], image: Image.Image) -> None:
+class Screening(Protocol):
+    """What screening a frame needs of the engine (engine/coordinator/worker.py's Engine has it): named here
+    so this module does not import the worker that calls it."""
+
+    store: Store
+    settings: Settings
+    models: Models
+
+    def job_dir(self, job_id: int) -> Path: ...
+
+
+def screen_frame(engine: Screening, job: dict[str, Any], image: Image.Image) -> None:
     """Called by the engine for each newly rendered frame, before anything (a progress thumbnail
     included) can show it. A flagged frame ends the job: the job's folder (its earlier frames too)
     is deleted and ContentFlagged is raised, which the engine records as the job's failure."""

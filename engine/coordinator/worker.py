@@ -30,7 +30,7 @@ from typing import Any
 from PIL import Image
 
 from engine.coordinator import guild_settings
-from engine.coordinator.job_lock import holding_job_lock, is_rendering, job_lock_path  # noqa: F401 (their old home)
+from engine.coordinator.job_files import holding_job_lock, job_dir
 from engine.coordinator.retention import purged_reason
 from engine.coordinator.safety import screen_frame
 from engine.coordinator.store import Store, StoreError, now
@@ -65,16 +65,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_bytes(data)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
@@ -481,11 +471,6 @@ def cluster_renderers(settings: Settings, store: Store | None = None) -> Rendere
 
 def frames_gone(job_id: int) -> str:
     return f"job {job_id}'s frames are no longer on disk: start a new animation"
-
-
-def job_dir(settings: Settings, job_id: int) -> Path:
-    """Where a job's frames, GIF and records live."""
-    return settings.data_dir / "jobs" / str(job_id)
 
 
 def job_record(settings: Settings, job_id: int, name: str) -> dict[str, Any]:

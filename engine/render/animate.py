@@ -13,6 +13,7 @@ from PIL import Image
 from engine.errors import JobCancelled
 from engine.params import AnimationParams
 from engine.render.models import Models
+from engine.render.motion import INBETWEENS_KEY, beat_starts
 
 StepHook = Callable[[int, int, int], None]  # (frame index, step, total steps)
 
@@ -77,8 +78,6 @@ def render_frames(
     frame whatever `start` is, each carrying the clip frames up to the next beat (engine/render/motion.py)."""
     models.load()
     if params.motion != "chain":
-        from engine.render.motion import render_clip
-
         yield from render_clip(models, params, plans, on_step, cancelled)
         return
     for plan in plans[start:]:
@@ -115,3 +114,54 @@ def render_frames(
             reference = image
         previous = image
         yield plan.index, image
+
+
+# --- rendering a job's clip --------------------------------------------------------------------------
+def render_clip(
+    models: Models,
+    params: AnimationParams,
+    plans: list[FramePlan],
+    on_step: StepHook | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[tuple[int, Image.Image]]:
+    """Render the whole clip in one call and yield (k, frame where beat k lands) for every beat, the
+    frames up to the next beat riding along in the image's info (INBETWEENS_KEY). The whole clip is
+    always rendered: the motion layers tie every frame to the others, so no beat's frames can be kept."""
+    if cancelled():
+        raise JobCancelled("cancelled")
+    renderer = models.motion_renderer()
+    first = plans[0]
+    depth = None
+    if params.motion_depth:
+        # The layout to keep: the depth of beat 1's still, rendered by the chain's txt2img with its seed.
+        still = models.txt2img(
+            prompt=first.prompt,
+            negative_prompt=params.negative_prompt or None,
+            height=params.height,
+            width=params.width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            generator=torch.Generator("cpu").manual_seed(first.seed),
+        ).images[0]
+        depth = models.depth_map(still)
+    num_frames = params.clip_frames
+    frames = renderer.render(
+        [p.prompt for p in plans],
+        [p.seed for p in plans],
+        num_frames,
+        width=params.width,
+        height=params.height,
+        steps=first.steps,
+        guidance=first.guidance,
+        negative_prompt=params.negative_prompt,
+        depth=depth,
+        controlnet_scale=params.controlnet_scale,
+        on_step=(lambda step, total: on_step(0, step, total)) if on_step is not None else None,
+        cancelled=cancelled,
+    )
+    starts = beat_starts(len(plans), num_frames)
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else num_frames
+        image = frames[start]
+        image.info[INBETWEENS_KEY] = frames[start + 1 : end]
+        yield k, image

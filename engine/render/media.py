@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,3 +138,13 @@ def fit_to_bytes(
             if len(data) <= limit_bytes:
                 return data, {"colors": colors, "scale": scale}
     raise InvalidRequest(f"the animation cannot be made smaller than {limit_bytes} bytes")
+
+
+def save_png_atomic(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

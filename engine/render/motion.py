@@ -25,7 +25,7 @@ through `from_pipe`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +37,6 @@ from engine.errors import InvalidRequest, JobCancelled
 
 if TYPE_CHECKING:
     from engine.params import AnimationParams
-    from engine.render.animate import FramePlan, StepHook
-    from engine.render.models import Models
     from engine.settings import Settings
 
 MOTION_CONTEXT = 16  # frames the SD1.5 motion adapters were trained on
@@ -265,57 +263,6 @@ def adapter_spec(settings: Settings) -> Any:
     return model_files.ModelSpec("motion adapter", "motion_adapter", ref, pipeline=False, half=False)
 
 
-# --- rendering a job's clip --------------------------------------------------------------------------
-def render_clip(
-    models: Models,
-    params: AnimationParams,
-    plans: list[FramePlan],
-    on_step: StepHook | None = None,
-    cancelled: Callable[[], bool] = lambda: False,
-) -> Iterator[tuple[int, Image.Image]]:
-    """Render the whole clip in one call and yield (k, frame where beat k lands) for every beat, the
-    frames up to the next beat riding along in the image's info (INBETWEENS_KEY). The whole clip is
-    always rendered: the motion layers tie every frame to the others, so no beat's frames can be kept."""
-    if cancelled():
-        raise JobCancelled("cancelled")
-    renderer = models.motion_renderer()
-    first = plans[0]
-    depth = None
-    if params.motion_depth:
-        # The layout to keep: the depth of beat 1's still, rendered by the chain's txt2img with its seed.
-        still = models.txt2img(
-            prompt=first.prompt,
-            negative_prompt=params.negative_prompt or None,
-            height=params.height,
-            width=params.width,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            generator=torch.Generator("cpu").manual_seed(first.seed),
-        ).images[0]
-        depth = models.depth_map(still)
-    num_frames = params.clip_frames
-    frames = renderer.render(
-        [p.prompt for p in plans],
-        [p.seed for p in plans],
-        num_frames,
-        width=params.width,
-        height=params.height,
-        steps=first.steps,
-        guidance=first.guidance,
-        negative_prompt=params.negative_prompt,
-        depth=depth,
-        controlnet_scale=params.controlnet_scale,
-        on_step=(lambda step, total: on_step(0, step, total)) if on_step is not None else None,
-        cancelled=cancelled,
-    )
-    starts = beat_starts(len(plans), num_frames)
-    for k, start in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else num_frames
-        image = frames[start]
-        image.info[INBETWEENS_KEY] = frames[start + 1 : end]
-        yield k, image
-
-
 def inbetween_paths(path: Path, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_in_{i}.png") for i in range(1, count + 1)]
 
@@ -323,7 +270,7 @@ def inbetween_paths(path: Path, count: int) -> list[Path]:
 def save_inbetweens(image: Image.Image, path: Path, screen: Callable[[Image.Image], None] = lambda frame: None) -> None:
     """Write the motion frames a beat's image carries beside its file (nothing in chain mode). Each is
     passed to `screen` first (the safety check, which raises to end the job) before any is written."""
-    from engine.coordinator.worker import save_png_atomic
+    from engine.render.media import save_png_atomic
 
     frames = image.info.get(INBETWEENS_KEY, [])
     for frame in frames:

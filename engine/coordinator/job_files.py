@@ -1,5 +1,6 @@
-"""The lock file a process holds while it renders a job: how a `running` row left by a kill is told
-apart from one being rendered. Its own module so `emaki jobs` can ask without importing torch."""
+"""Where a job's files live, and the lock file a process holds while it renders the job: how a `running`
+row left by a kill is told apart from one being rendered. Its own module so `emaki jobs` and retention can
+ask without importing torch or the worker."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ import contextlib
 import fcntl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+
+
+def job_dir(settings: Settings, job_id: int) -> Path:
+    """Where a job's frames, GIF and records live."""
+    return settings.data_dir / "jobs" / str(job_id)
 
 
 def job_lock_path(data_dir: Path, job_id: int) -> Path:
