@@ -162,7 +162,7 @@ def test_sweep_in_batches_skips_a_rendered_job_once_and_frees_the_store_between(
     expected = ids(list(retention._candidates(store, cutoff, batch=1000)))
     rendering = expected[1]
     monkeypatch.setattr(retention, "PURGE_BATCH", 2)
-    monkeypatch.setattr("engine.coordinator.worker.is_rendering", lambda data_dir, job_id: job_id == rendering)
+    monkeypatch.setattr("engine.coordinator.job_files.is_rendering", lambda data_dir, job_id: job_id == rendering)
     others: list[bool] = []
     original = store.purge_candidates
 
