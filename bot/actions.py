@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
+from engine.coordinator.guild_settings import must_screen
+from engine.coordinator.retention import purged_reason
+from engine.coordinator.safety import image_passes, screens
+from engine.coordinator.worker import clip_images, job_dir
+from engine.render.media import write_mp4
 
 from bot import guild_settings as server_rules
 from engine.errors import InvalidRequest
-from engine.guild_settings import must_screen
-from engine.media import write_mp4
-from engine.retention import purged_reason
-from engine.safety import image_passes, screens
-from engine.worker import clip_images, job_dir
 
 if TYPE_CHECKING:
     from bot.state import Host

@@ -1,6 +1,6 @@
 """For whoever runs the bot: `/stats` (Manage Server) and the daily retention sweep.
 
-The sweep (engine/retention.py) runs once at start-up and then every 24 hours, in a thread: it only
+The sweep (engine/coordinator/retention.py) runs once at start-up and then every 24 hours, in a thread: it only
 deletes files, and a data dir of many old jobs must not stall the event loop while it does.
 """
 
@@ -16,13 +16,13 @@ import discord
 from discord import app_commands
 from discord.ext import tasks
 from discord.ext.commands import Cog
+from engine.coordinator import retention
+from engine.coordinator.store import Store, now
 
 from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
-from engine import retention
 from engine.settings import Settings
-from engine.store import Store, now
 
 if TYPE_CHECKING:
     from bot.state import Host
@@ -67,7 +67,7 @@ def disk_bytes(settings: Settings, store: Store) -> int:
     if figure is None:  # no walk yet (the first /stats before the first sweep): walk now
         return measure_disk(settings, store)
     size, walked_at = figure
-    from engine.worker import job_dir  # the engine is loaded already wherever the bot runs
+    from engine.coordinator.worker import job_dir  # the engine is loaded already wherever the bot runs
 
     recent = 0
     measured: dict[int, int] = {}

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import discord
 from discord.ext.commands import Cog
+from engine.coordinator.worker import METRICS_FILE, job_record
 
 from bot import actions, render
 from bot.commands import refuse
 from bot.outbox import NO_MENTIONS
 from engine.errors import EmakiError
-from engine.worker import METRICS_FILE, job_record
 
 if TYPE_CHECKING:
     from bot.state import Host

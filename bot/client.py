@@ -13,6 +13,13 @@ from typing import Any
 
 import discord
 from discord.ext import commands, tasks
+from engine.coordinator.jobs import JobQueue
+from engine.coordinator.retention import purged_reason
+from engine.coordinator.store import Store, open_store
+from engine.coordinator.worker import Engine, clip_images, stream_job
+from engine.render.media import fit_to_bytes
+from engine.render.models import Models
+from engine.render.renderer import Renderers
 
 from bot import render
 from bot.admin import Admin
@@ -27,14 +34,7 @@ from bot.state import StatusFields, post_state
 from bot.training import StyleTraining, post_pending_previews, run_train_job
 from engine.errors import EmakiError, InvalidRequest
 from engine.events import Failed, Requeued
-from engine.jobs import JobQueue
-from engine.media import fit_to_bytes
-from engine.models import Models
-from engine.renderer import Renderers
-from engine.retention import purged_reason
 from engine.settings import Settings, load_settings
-from engine.store import Store, open_store
-from engine.worker import Engine, clip_images, stream_job
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import discord
 from discord import app_commands
 from discord.ext.commands import Cog
+from engine.coordinator.guild_settings import check_steps, must_screen
+from engine.coordinator.requests import build_params
+from engine.coordinator.safety import screens
 
 from bot import guild_settings as server_rules
 from bot import render
@@ -18,9 +21,6 @@ from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
 from bot.state import post_state
 from engine.errors import EmakiError, InvalidRequest
-from engine.guild_settings import check_steps, must_screen
-from engine.params import build_params
-from engine.safety import screens
 
 if TYPE_CHECKING:
     from bot.state import Host

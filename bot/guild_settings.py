@@ -1,5 +1,5 @@
 """/settings (Manage Server) and /style remove|share (moderators): a server's own rules, stored per
-guild (engine/guild_settings.py), and the helpers /animate and /train use to follow them.
+guild (engine/coordinator/guild_settings.py), and the helpers /animate and /train use to follow them.
 
 Every refusal is one ephemeral line and changes nothing: a value is parsed, validated against the
 operator's bounds and only then written, one key per command."""
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 from discord.ext.commands import Cog
+from engine.coordinator import guild_settings as gs
 
 from bot import render
 from bot.outbox import NO_MENTIONS
-from engine import guild_settings as gs
 from engine.errors import EmakiError, InvalidRequest
 from engine.settings import Settings
 

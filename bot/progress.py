@@ -10,12 +10,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import discord
+from engine.coordinator.safety import FLAGGED_REASON
+from engine.render.media import contact_sheet, png_bytes
 from PIL import Image
 
 from bot import render
 from engine.events import Event, Failed, Finished, FrameDone, Started, StoryReady
-from engine.media import contact_sheet, png_bytes
-from engine.safety import FLAGGED_REASON
 
 if TYPE_CHECKING:
     from bot.state import Host

@@ -180,7 +180,7 @@ async def _load(bot: EmakiBot, stop: asyncio.Event) -> None:
     if bot.engine.settings.ray_address:
         bot.engine.warm()  # cluster mode: Ray starts its client on the main thread, as it always did here
         return
-    from engine import safety  # torch: the models are being loaded anyway
+    from engine.coordinator import safety  # torch: the models are being loaded anyway
 
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -215,7 +215,9 @@ def models_on_disk(settings: Settings) -> list[str]:
     missing model that only one feature needs turns that feature off, said in a line. Files only: nothing
     is loaded or downloaded here. (The base, ControlNet, depth estimator and story LLM are found, or refused
     in one line, as they load.)"""
-    from engine import model_files, safety
+    from engine.coordinator import safety
+    from engine.render import model_files
+
     from engine.errors import ModelLoadError
 
     safety.require(settings)

@@ -14,12 +14,12 @@ if TYPE_CHECKING:
 
     import discord
     from discord.http import HTTPClient
+    from engine.coordinator.jobs import JobQueue
+    from engine.coordinator.store import Store
+    from engine.coordinator.worker import Engine
 
     from bot.outbox import Outbox
-    from engine.jobs import JobQueue
     from engine.settings import Settings
-    from engine.store import Store
-    from engine.worker import Engine
 
 # A status message's fields, computed from the job's row when the edit goes out (None: skip it).
 StatusFields = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]

@@ -20,6 +20,12 @@ import discord
 from discord import app_commands
 from discord.ext.commands import Cog
 from discord.http import HTTPClient
+from engine.coordinator.guild_settings import must_screen
+from engine.coordinator.safety import image_passes, screens
+from engine.coordinator.store import now
+from engine.coordinator.worker import MAX_WORKER_LOSSES
+from engine.render.media import contact_sheet, png_bytes
+from engine.render.renderer import WorkerLost
 from PIL import Image
 
 from bot import guild_settings as server_rules
@@ -27,12 +33,6 @@ from bot import render
 from bot.guild_settings import is_moderator
 from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.errors import EmakiError, InvalidRequest, JobCancelled
-from engine.guild_settings import must_screen
-from engine.media import contact_sheet, png_bytes
-from engine.renderer import WorkerLost
-from engine.safety import image_passes, screens
-from engine.store import now
-from engine.worker import MAX_WORKER_LOSSES
 from training.dataset import DatasetError, check_style_name, load_dataset, style_name
 from training.lora import ADAPTERS, SAMPLE_NAME, TrainConfig, TrainProgress
 from training.presets import PRESETS, preset_config

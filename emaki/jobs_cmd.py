@@ -22,7 +22,9 @@ MAX_LISTED = 1000
 
 def shown_status(settings: Settings, job: dict[str, Any]) -> str:
     """A `running` row no process is rendering was interrupted (Ctrl-C, kill -9, a crash)."""
-    from engine.job_lock import is_rendering  # not engine.worker: listing jobs must not import torch
+    from engine.coordinator.job_files import (
+        is_rendering,  # not engine.coordinator.worker: listing jobs must not import torch
+    )
 
     if job["status"] == "running" and not is_rendering(settings.data_dir, job["id"]):
         return "interrupted"
@@ -49,7 +51,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--limit must be between 1 and {MAX_LISTED} (got {args.limit})")
     store = existing_store(settings)
     if args.purge:
-        quiet_libraries(args)  # engine.retention deletes through engine.worker, which imports the model libraries
+        quiet_libraries(
+            args
+        )  # engine.coordinator.retention deletes through engine.coordinator.worker, which imports the model libraries
         return _purge(settings, store)
     jobs = store.recent_jobs(args.limit) if store is not None else []
     if not jobs:
@@ -69,7 +73,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def _purge(settings: Settings, store: Any) -> int:
     """The bot's daily retention sweep, now (for a box that runs only the CLI, or before a backup)."""
-    from engine.retention import sweep
+    from engine.coordinator.retention import sweep
 
     if settings.keep_days == 0:
         print("EMAKI_KEEP_DAYS is 0: files are kept forever; nothing deleted")
@@ -132,7 +136,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_redo(args: argparse.Namespace) -> int:
-    from engine.retention import purged_reason
+    from engine.coordinator.retention import purged_reason
 
     settings = settings_from_args(args)
     store = existing_store(settings)

@@ -171,7 +171,7 @@ def test_the_graph_sees_lazy_type_only_and_from_package_imports() -> None:
     assert "bot.render" in graph["bot.client"]  # `from bot import render`
     assert "engine.settings" in graph["bot.client"]  # `from engine.settings import ...`
     assert "bot.state" in graph["emaki.jobs_cmd"]  # inside a function
-    assert "engine.store" in graph["bot.state"]  # under `if TYPE_CHECKING:` only
+    assert "engine.coordinator.store" in graph["bot.state"]  # under `if TYPE_CHECKING:` only
 
 
 def test_a_circle_through_a_lazy_and_a_type_only_import_is_named(tmp_path: Path) -> None:
