@@ -27,7 +27,7 @@ from engine.errors import InvalidRequest
 from engine.render.media import write_mp4
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
     from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def may_delete(job: dict[str, Any], user_id: int, permissions: discord.Permissio
 
 
 async def regenerate(
-    bot: EmakiBot,
+    bot: Host,
     job: dict[str, Any],
     from_index: int,
     *,
@@ -96,7 +96,7 @@ async def regenerate(
     return new_id
 
 
-def frames_pass(bot: EmakiBot, paths: list[str]) -> bool:
+def frames_pass(bot: Host, paths: list[str]) -> bool:
     """Whether every frame file passes the safety checker (blocking: call it in a thread)."""
     from PIL import Image
 
@@ -110,7 +110,7 @@ def frames_pass(bot: EmakiBot, paths: list[str]) -> bool:
     return True
 
 
-async def delete_result(bot: EmakiBot, job: dict[str, Any], channel: Any, message_id: int) -> None:
+async def delete_result(bot: Host, job: dict[str, Any], channel: Any, message_id: int) -> None:
     """Delete the result post; the job stays in the store. Safe to call twice."""
     with contextlib.suppress(discord.NotFound):  # a second ❌ (or click) on a post already deleted
         await channel.get_partial_message(message_id).delete()

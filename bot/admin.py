@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 from discord.ext import tasks
+from discord.ext.commands import Cog
 
 from bot import render
 from bot.guild_settings import lacks_manage_guild
@@ -24,7 +25,7 @@ from engine.coordinator.store import Store, now
 from engine.settings import Settings
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ MEDIAN_OVER = 100  # finished jobs the median job time is taken over
 ENDED = ("done", "failed", "cancelled")
 
 
-async def sweep(bot: EmakiBot, at: float | None = None) -> retention.SweepReport:
+async def sweep(bot: Host, at: float | None = None) -> retention.SweepReport:
     """One retention sweep at `at` (default: now; the store's clock, which stamped finished_at), then
     the data dir's size, measured once while the sweep's thread is at it (see `disk_bytes`)."""
     return await asyncio.to_thread(sweep_and_measure, bot.settings, bot.store, now() if at is None else at)
@@ -96,13 +97,13 @@ def stats_figures(store: Store, settings: Settings, guild_id: int | None, at: fl
     }
 
 
-def stats_text(bot: EmakiBot, guild_id: int | None, at: float) -> str:
+def stats_text(bot: Host, guild_id: int | None, at: float) -> str:
     """The /stats answer. Blocking (reads the store): call it in a thread."""
     figures = stats_figures(bot.store, bot.settings, guild_id, at)
     return render.stats(queued=len(bot.queue.pending()), gpu=gpu_text(bot), keep_days=bot.settings.keep_days, **figures)
 
 
-def gpu_text(bot: EmakiBot) -> str:
+def gpu_text(bot: Host) -> str:
     """The device the models run on: the CUDA device's name and memory, else "CPU"."""
     import torch
 
@@ -118,13 +119,23 @@ def gpu_text(bot: EmakiBot) -> str:
     )
 
 
-def register(bot: EmakiBot) -> tasks.Loop[Any]:
-    """Add /stats and start the daily sweep; returns the sweep's loop (cancelled on close)."""
+class Admin(Cog):
+    """/stats, and the daily sweep: started when the Cog loads, stopped when it unloads (at close)."""
 
-    @bot.tree.command(name="stats", description="Queue, jobs today, job time, disk and GPU (Manage Server)")
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
+
+    async def cog_load(self) -> None:
+        self.retention_loop.start()
+
+    async def cog_unload(self) -> None:
+        self.retention_loop.cancel()
+
+    @app_commands.command(name="stats", description="Queue, jobs today, job time, disk and GPU (Manage Server)")
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
-    async def stats(interaction: discord.Interaction) -> None:
+    async def stats(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         if await lacks_manage_guild(interaction, "stats"):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)  # sizing the data dir takes a moment
@@ -132,11 +143,8 @@ def register(bot: EmakiBot) -> tasks.Loop[Any]:
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
 
     @tasks.loop(hours=SWEEP_EVERY_H)
-    async def retention_loop() -> None:
+    async def retention_loop(self) -> None:
         try:
-            await sweep(bot)
+            await sweep(self.bot)
         except Exception:  # a disk error today must not end tomorrow's sweep
             log.exception("retention sweep failed")
-
-    retention_loop.start()
-    return retention_loop

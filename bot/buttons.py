@@ -1,8 +1,8 @@
 """Buttons under a result: Reroll, a "redo from frame k" select, Delete, Details and MP4.
 
 Persistent across restarts without any state in memory: each component is a discord.py
-`DynamicItem` whose custom_id carries the job id (`emaki:reroll:42`), and `register` tells the bot
-the templates at start-up, so a click on a result posted by an earlier process is parsed back into
+`DynamicItem` whose custom_id carries the job id (`emaki:reroll:42`), and the `ResultButtons` Cog tells the
+bot the templates at start-up, so a click on a result posted by an earlier process is parsed back into
 the job and answered. Who may do what is bot/actions.py, shared with the reactions.
 
 Every callback answers inside Discord's 3-second window: refusals, Details and the reroll's "queued"
@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import discord
+from discord.ext.commands import Cog
 
 from bot import actions, render
 from bot.commands import refuse
@@ -27,7 +28,7 @@ from engine.coordinator.worker import METRICS_FILE, job_record
 from engine.errors import EmakiError
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ PRIMARY, SECONDARY, DANGER = discord.ButtonStyle.primary, discord.ButtonStyle.se
 MAX_SELECT_OPTIONS = 25  # Discord's limit; frames after the 25th can still be redone with reactions/CLI
 
 
-def _bot(interaction: discord.Interaction) -> EmakiBot:
-    return cast("EmakiBot", interaction.client)
+def _bot(interaction: discord.Interaction) -> Host:
+    return cast("Host", interaction.client)
 
 
 async def _job(interaction: discord.Interaction, job_id: int) -> dict[str, Any] | None:
@@ -198,7 +199,7 @@ ITEMS = (ResultButton, RedoSelect)
 
 def result_view(job: dict[str, Any]) -> discord.ui.View:
     """The components sent with a result. timeout=None: they never expire (the templates registered
-    by `register` answer them, whichever process posted the result)."""
+    by `ResultButtons` answer them, whichever process posted the result)."""
     view = discord.ui.View(timeout=None)
     for kind in BUTTONS:
         view.add_item(ResultButton(kind, job["id"]))
@@ -206,5 +207,15 @@ def result_view(job: dict[str, Any]) -> discord.ui.View:
     return view
 
 
-def register(bot: EmakiBot) -> None:
-    bot.add_dynamic_items(*ITEMS)
+class ResultButtons(Cog):
+    """The buttons and the select under every result: their templates answer clicks on any result,
+    also those posted before a restart (the custom_ids carry the job)."""
+
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(*ITEMS)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(*ITEMS)

@@ -8,7 +8,6 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,10 +15,16 @@ import discord
 from discord.ext import commands, tasks
 
 from bot import render
-from bot.buttons import result_view
+from bot.admin import Admin
+from bot.buttons import ResultButtons, result_view
+from bot.commands import JobCommands
+from bot.endpoints import use_endpoints
+from bot.guild_settings import ServerSettings, StyleAdmin
 from bot.outbox import NO_MENTIONS, Outbox, only, result_nonce, retryable, status_nonce
 from bot.progress import ProgressReporter
-from bot.service import post_state, use_endpoints
+from bot.reactions import ReactionControls
+from bot.state import StatusFields, post_state
+from bot.training import StyleTraining, post_pending_previews, run_train_job
 from engine.coordinator.jobs import JobQueue
 from engine.coordinator.retention import purged_reason
 from engine.coordinator.store import Store, open_store
@@ -43,6 +48,10 @@ UNANSWERED_RETRY_S = 30.0  # Discord kept failing (5xx/429): the next sweep trie
 
 
 class EmakiBot(commands.Bot):
+    """The client: Discord I/O, the queue's jobs and their messages. Each concern's commands and
+    listeners are a Cog (bot/commands.py, guild_settings.py, reactions.py, buttons.py, training.py,
+    admin.py) that reaches the bot through bot/state.py's `Host`, never by importing this module."""
+
     # Seconds between attempts to post a finished result; afterwards the periodic sweep retries.
     post_retry_delays: tuple[float, ...] = (1.0, 3.0, 9.0)
 
@@ -68,21 +77,20 @@ class EmakiBot(commands.Bot):
         self.train_names_in_check: set[str] = set()  # /train names whose upload is being checked
         self.previewing: set[int] = set()  # datasets whose preview is being posted
         self._background: set[asyncio.Task[Any]] = set()
-        self.retention_loop: tasks.Loop[Any] | None = None  # bot/admin.py's daily sweep
         # job -> the followup webhook of the interaction that asked for it, and when: a way to tell the
         # member something only they see (its token lasts 15 minutes; memory only, lost on restart).
         self._private_replies: dict[int, tuple[discord.Webhook, float]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def setup_hook(self) -> None:
-        from bot import admin, buttons, reactions, training
-        from bot import commands as slash
-
-        slash.register(self)
-        reactions.register(self)
-        buttons.register(self)  # the result buttons' templates: clicks on older posts are answered too
-        training.register(self)
-        self.retention_loop = admin.register(self)
+        # In this order: the slash commands are synced as they were added.
+        await self.add_cog(JobCommands(self))
+        await self.add_cog(ServerSettings(self))  # /settings
+        await self.add_cog(StyleAdmin(self))  # /style remove|share
+        await self.add_cog(ReactionControls(self))
+        await self.add_cog(ResultButtons(self))  # the result buttons' templates: clicks on older posts are answered too
+        await self.add_cog(StyleTraining(self))
+        await self.add_cog(Admin(self))  # /stats and the daily retention sweep (cancelled when the Cog unloads)
         await self.tree.sync()
         interrupted = self.queue.recover()
         if interrupted:
@@ -120,9 +128,7 @@ class EmakiBot(commands.Bot):
     async def close(self) -> None:
         if self.repost_sweep.is_running():
             self.repost_sweep.cancel()
-        if self.retention_loop is not None:
-            self.retention_loop.cancel()
-        await super().close()
+        await super().close()  # unloads the Cogs first: admin's daily sweep stops there
         self.gpu.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
 
@@ -140,8 +146,6 @@ class EmakiBot(commands.Bot):
     @tasks.loop(seconds=60)
     async def repost_sweep(self) -> None:
         await self.post_pending_results()
-        from bot.training import post_pending_previews
-
         await post_pending_previews(self)
 
     # --- jobs --------------------------------------------------------------------------------
@@ -152,8 +156,6 @@ class EmakiBot(commands.Bot):
         self.show_positions()  # everyone behind this job moved up
         job = self.store.job(job_id)
         if job is not None and job["kind"] == "train":
-            from bot.training import run_train_job
-
             await run_train_job(self, job_id, cancel)
             return
         reporter = ProgressReporter(self, job_id)
@@ -439,9 +441,6 @@ class EmakiBot(commands.Bot):
         self.show_positions()
 
 
-StatusFields = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
-
-
 def result_filename(job_id: int) -> str:
     return f"emaki-{job_id}.gif"
 
@@ -467,10 +466,3 @@ def create_bot(
     settings = settings or load_settings()
     use_endpoints(settings)  # a REST proxy / gateway in front of Discord, when set
     return EmakiBot(settings, models=models, renderers=renderers)
-
-
-def run_bot(settings: Settings) -> None:
-    """`emaki bot`: see bot/service.py (token checked first, start-up lines, SIGTERM as a clean stop)."""
-    from bot.service import run
-
-    run(settings, quiet=lambda: None)

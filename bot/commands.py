@@ -10,18 +10,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
+from discord.ext.commands import Cog
 
 from bot import guild_settings as server_rules
 from bot import render
 from bot.guild_settings import lacks_manage_guild
 from bot.outbox import NO_MENTIONS
+from bot.state import post_state
 from engine.coordinator.guild_settings import check_steps, must_screen
 from engine.coordinator.requests import build_params
 from engine.coordinator.safety import screens
 from engine.errors import EmakiError, InvalidRequest
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
 
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,8 @@ def visible_text(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
-def open_jobs_text(bot: EmakiBot, owner_id: int, guild_id: int | None = None) -> str:
+def open_jobs_text(bot: Host, owner_id: int, guild_id: int | None = None) -> str:
     """A member's jobs as /queue shows them, including results that are rendered but not posted."""
-    from bot.client import post_state
-
     mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [owner_id])
     unposted = bot.store.unposted_results(owner_id)
     lines = []
@@ -71,10 +71,13 @@ def open_jobs_text(bot: EmakiBot, owner_id: int, guild_id: int | None = None) ->
     return render.clip("\n".join([*lines, f"{total} job(s) queued in all.{paused}"]))
 
 
-def register(bot: EmakiBot) -> None:
-    tree = bot.tree
+class JobCommands(Cog):
+    """/animate, /queue, /cancel, /styles, /help, and the admins' /pause, /resume, /repost."""
 
-    @tree.command(name="animate", description="Turn an idea into a short Ghibli-style animation")
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="animate", description="Turn an idea into a short Ghibli-style animation")
     @app_commands.guild_only()
     @app_commands.describe(
         prompt="What happens, in one line",
@@ -88,6 +91,7 @@ def register(bot: EmakiBot) -> None:
         motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once",
     )
     async def animate(
+        self,
         interaction: discord.Interaction,
         prompt: str,
         frames: int | None = None,
@@ -99,6 +103,7 @@ def register(bot: EmakiBot) -> None:
         interpolate: int | None = None,
         motion: Literal["chain", "animatediff"] | None = None,
     ) -> None:
+        bot = self.bot
         assert interaction.guild is not None and interaction.channel is not None
         rules = server_rules.server(bot, interaction.guild.id)
         limits = rules.limits(bot.settings)  # the operator's settings under this server's defaults and limits
@@ -164,22 +169,27 @@ def register(bot: EmakiBot) -> None:
             bot.show_positions()
 
     @animate.autocomplete("style")
-    async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def style_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        bot = self.bot
         shared = server_rules.server(bot, interaction.guild_id).other_styles
         names = bot.store.style_choices(interaction.guild_id, shared, current, limit=25)
         return [app_commands.Choice(name=n, value=n) for n in names]
 
-    @tree.command(name="queue", description="Your jobs and their place in line")
+    @app_commands.command(name="queue", description="Your jobs and their place in line")
     @app_commands.guild_only()
-    async def queue(interaction: discord.Interaction) -> None:
+    async def queue(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         await interaction.response.send_message(
             open_jobs_text(bot, interaction.user.id, interaction.guild_id), ephemeral=True, allowed_mentions=NO_MENTIONS
         )
 
-    @tree.command(name="cancel", description="Cancel your queued or running job (the latest, or by number)")
+    @app_commands.command(name="cancel", description="Cancel your queued or running job (the latest, or by number)")
     @app_commands.guild_only()
     @app_commands.describe(job="Job number from /queue (default: your latest)")
-    async def cancel(interaction: discord.Interaction, job: int | None = None) -> None:
+    async def cancel(self, interaction: discord.Interaction, job: int | None = None) -> None:
+        bot = self.bot
         mine = bot.store.jobs_where("owner_id = ? and status in ('queued', 'running')", [interaction.user.id])
         target = next((j for j in mine if j["id"] == job), None) if job is not None else (mine[-1] if mine else None)
         if target is None:
@@ -199,8 +209,9 @@ def register(bot: EmakiBot) -> None:
         else:
             await interaction.response.send_message(f"Stopping job #{target['id']} at its next step.", ephemeral=True)
 
-    @tree.command(name="styles", description="Styles you can use with /animate")
-    async def styles(interaction: discord.Interaction) -> None:
+    @app_commands.command(name="styles", description="Styles you can use with /animate")
+    async def styles(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         # This server's styles, the operator's, and what other servers share (where this one shows them).
         shared = server_rules.server(bot, interaction.guild_id).other_styles
         rows = bot.store.styles_visible_in(interaction.guild_id, shared)
@@ -225,14 +236,15 @@ def register(bot: EmakiBot) -> None:
             render.clip("\n".join(lines)), ephemeral=True, allowed_mentions=NO_MENTIONS
         )
 
-    @tree.command(name="help", description="How to use emaki")
-    async def help_command(interaction: discord.Interaction) -> None:
+    @app_commands.command(name="help", description="How to use emaki")
+    async def help_command(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(f"{render.HELP}\n{render.COMMUNITY_HELP}", ephemeral=True)
 
-    @tree.command(name="pause", description="Pause the queue (jobs stay queued)")
+    @app_commands.command(name="pause", description="Pause the queue (jobs stay queued)")
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
-    async def pause(interaction: discord.Interaction) -> None:
+    async def pause(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         if await lacks_manage_guild(interaction, "pause"):
             return
         assert interaction.guild_id is not None
@@ -244,10 +256,11 @@ def register(bot: EmakiBot) -> None:
             ephemeral=True,
         )
 
-    @tree.command(name="resume", description="Resume the queue")
+    @app_commands.command(name="resume", description="Resume the queue")
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
-    async def resume(interaction: discord.Interaction) -> None:
+    async def resume(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         if await lacks_manage_guild(interaction, "resume"):
             return
         assert interaction.guild_id is not None
@@ -255,11 +268,14 @@ def register(bot: EmakiBot) -> None:
         bot.queue.kick()
         await interaction.response.send_message("Queue resumed.", ephemeral=True)
 
-    @tree.command(name="repost", description="Post a finished result again (after fixing the channel permissions)")
+    @app_commands.command(
+        name="repost", description="Post a finished result again (after fixing the channel permissions)"
+    )
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.describe(job="Job number (from the status message or /queue)", here="Post it in this channel instead")
-    async def repost(interaction: discord.Interaction, job: int, here: bool = False) -> None:
+    async def repost(self, interaction: discord.Interaction, job: int, here: bool = False) -> None:
+        bot = self.bot
         assert interaction.channel is not None and interaction.guild is not None
         if await lacks_manage_guild(interaction, "repost"):
             return
@@ -293,5 +309,3 @@ def register(bot: EmakiBot) -> None:
         else:
             reason = after.get("post_error") or state
             await interaction.followup.send(f"⚠️ job #{job} is still not posted: {reason}", **answer)
-
-    server_rules.register(bot)  # /settings and /style remove|share

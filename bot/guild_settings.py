@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
+from discord.ext.commands import Cog
 
 from bot import render
 from bot.outbox import NO_MENTIONS
@@ -23,7 +24,7 @@ from engine.errors import EmakiError, InvalidRequest
 from engine.settings import Settings
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,11 @@ SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 
 
 # --- what /animate and /train ask --------------------------------------------------------------
-def server(bot: EmakiBot, guild_id: int | None) -> gs.GuildSettings:
+def server(bot: Host, guild_id: int | None) -> gs.GuildSettings:
     return gs.load(bot.store, guild_id)
 
 
-def limits(bot: EmakiBot, guild_id: int | None) -> Settings:
+def limits(bot: Host, guild_id: int | None) -> Settings:
     """The operator's settings with the server's defaults and limits applied."""
     return server(bot, guild_id).limits(bot.settings)
 
@@ -66,7 +67,16 @@ def blocked_message(entry: str, what: str) -> str:
     return f"this server's blocklist does not allow '{render.clip(entry, 60)}' in {what}: change it and try again"
 
 
-def check_member_cap(bot: EmakiBot, owner_id: int, cap: int, guild_id: int) -> None:
+def is_moderator(bot: Host, member: discord.Member | None, channel: Any) -> bool:
+    if member is None:
+        return False
+    if channel.permissions_for(member).manage_guild:
+        return True
+    role = limits(bot, member.guild.id).moderator_role  # the server's own, else the operator's
+    return bool(role) and any(r.name == role or str(r.id) == role for r in member.roles)
+
+
+def check_member_cap(bot: Host, owner_id: int, cap: int, guild_id: int) -> None:
     """A server's own cap counts the member's jobs in that server only (the operator's cap, checked
     by the queue, counts them everywhere)."""
     open_jobs = bot.store.jobs_where(
@@ -79,7 +89,7 @@ def check_member_cap(bot: EmakiBot, owner_id: int, cap: int, guild_id: int) -> N
         )
 
 
-def unknown_style(bot: EmakiBot, guild_id: int | None, name: str) -> InvalidRequest:
+def unknown_style(bot: Host, guild_id: int | None, name: str) -> InvalidRequest:
     """The same words for a name that does not exist and one that belongs to another server."""
     shared = server(bot, guild_id).other_styles
     known = ", ".join(s["name"] for s in bot.store.styles_visible_in(guild_id, shared))
@@ -87,7 +97,7 @@ def unknown_style(bot: EmakiBot, guild_id: int | None, name: str) -> InvalidRequ
     return InvalidRequest(f"unknown style '{render.clip(name, 40)}': {hint}")
 
 
-def usable_style(bot: EmakiBot, guild_id: int | None, name: str) -> dict[str, Any]:
+def usable_style(bot: Host, guild_id: int | None, name: str) -> dict[str, Any]:
     row = gs.visible_style(bot.store, guild_id, name.strip(), server(bot, guild_id).other_styles)
     if row is None:
         raise unknown_style(bot, guild_id, name)
@@ -191,7 +201,12 @@ async def lacks_manage_guild(interaction: discord.Interaction, command: str) -> 
     return True
 
 
-def register(bot: EmakiBot) -> None:
+class ServerSettings(Cog):
+    """/settings show|set and /settings blocklist add|remove|list (Manage Server)."""
+
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
+
     settings_group = app_commands.Group(
         name="settings",
         description="This server's emaki settings (Manage Server)",
@@ -203,13 +218,15 @@ def register(bot: EmakiBot) -> None:
     )
 
     @settings_group.command(name="show", description="Every setting of this server")
-    async def show(interaction: discord.Interaction) -> None:
+    async def show(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         if not await lacks_manage_guild(interaction, "settings"):
             await _answer(interaction, settings_text(server(bot, interaction.guild_id), bot.settings))
 
     @settings_group.command(name="set", description="Change one setting (value 'default' resets it)")
     @app_commands.describe(key="Which setting", value="The new value, or 'default'")
-    async def set_value(interaction: discord.Interaction, key: str, value: str) -> None:
+    async def set_value(self, interaction: discord.Interaction, key: str, value: str) -> None:
+        bot = self.bot
         if await lacks_manage_guild(interaction, "settings"):
             return
         assert interaction.guild is not None
@@ -223,22 +240,23 @@ def register(bot: EmakiBot) -> None:
         await _answer(interaction, f"`{key}` is now {_shown(key, after, after.limits(bot.settings))} in this server.")
 
     @set_value.autocomplete("key")
-    async def key_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def key_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         needle = current.lower()
         return [app_commands.Choice(name=f"{k}: {s.help}"[:100], value=k) for k, s in gs.KEYS.items() if needle in k]
 
     @blocklist_group.command(name="add", description="Refuse prompts and captions that match (a word or a regex)")
     @app_commands.describe(pattern="A word (matched whole) or a regular expression; case and accents are ignored")
-    async def block_add(interaction: discord.Interaction, pattern: str) -> None:
-        await _change_blocklist(interaction, pattern, adding=True)
+    async def block_add(self, interaction: discord.Interaction, pattern: str) -> None:
+        await self._change_blocklist(interaction, pattern, adding=True)
 
     @blocklist_group.command(name="remove", description="Take an entry off the blocklist")
     @app_commands.describe(pattern="The entry, as listed")
-    async def block_remove(interaction: discord.Interaction, pattern: str) -> None:
-        await _change_blocklist(interaction, pattern, adding=False)
+    async def block_remove(self, interaction: discord.Interaction, pattern: str) -> None:
+        await self._change_blocklist(interaction, pattern, adding=False)
 
     @blocklist_group.command(name="list", description="This server's blocklist")
-    async def block_list(interaction: discord.Interaction) -> None:
+    async def block_list(self, interaction: discord.Interaction) -> None:
+        bot = self.bot
         if await lacks_manage_guild(interaction, "settings"):
             return
         entries = server(bot, interaction.guild_id).blocklist
@@ -253,7 +271,8 @@ def register(bot: EmakiBot) -> None:
             f"{len(entries)} entries, one per line:", file=listing, ephemeral=True, allowed_mentions=NO_MENTIONS
         )
 
-    async def _change_blocklist(interaction: discord.Interaction, pattern: str, adding: bool) -> None:
+    async def _change_blocklist(self, interaction: discord.Interaction, pattern: str, adding: bool) -> None:
+        bot = self.bot
         if await lacks_manage_guild(interaction, "settings"):
             return
         assert interaction.guild is not None
@@ -267,12 +286,9 @@ def register(bot: EmakiBot) -> None:
         verb = "added to" if adding else "removed from"
         await _answer(interaction, f"`{render.clip(pattern.strip(), 200)}` {verb} the blocklist.")
 
-    bot.tree.add_command(settings_group)
-    _register_style_admin(bot)
-
 
 # --- /style remove | share ------------------------------------------------------------------------
-def _own_style(bot: EmakiBot, guild_id: int, name: str) -> dict[str, Any]:
+def _own_style(bot: Host, guild_id: int, name: str) -> dict[str, Any]:
     """A style this server trained; operator styles and other servers' are refused with a line each."""
     row = usable_style(bot, guild_id, name)
     if row.get("guild_id") is None:
@@ -295,13 +311,17 @@ def remove_style_files(settings: Settings, name: str) -> None:
             shutil.rmtree(folder)
 
 
-def _register_style_admin(bot: EmakiBot) -> None:
-    from bot.training import is_moderator
+class StyleAdmin(Cog):
+    """/style remove|share: moderators manage the styles their server trained."""
+
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
 
     group = app_commands.Group(name="style", description="Manage this server's styles (moderators)", guild_only=True)
 
-    async def moderated_style(interaction: discord.Interaction, name: str) -> dict[str, Any] | None:
+    async def moderated_style(self, interaction: discord.Interaction, name: str) -> dict[str, Any] | None:
         """This server's style `name`, when a moderator asks; otherwise None, the member told why."""
+        bot = self.bot
         member = interaction.user if isinstance(interaction.user, discord.Member) else None
         if interaction.channel is None or not is_moderator(bot, member, interaction.channel):
             await _answer(interaction, "⚠️ only moderators (Manage Server or the moderator role) manage styles")
@@ -315,8 +335,9 @@ def _register_style_admin(bot: EmakiBot) -> None:
 
     @group.command(name="remove", description="Remove one of this server's styles and its files")
     @app_commands.describe(name="The style")
-    async def remove(interaction: discord.Interaction, name: str) -> None:
-        row = await moderated_style(interaction, name)
+    async def remove(self, interaction: discord.Interaction, name: str) -> None:
+        bot = self.bot
+        row = await self.moderated_style(interaction, name)
         if row is None:
             return
         # The row first: from now on no new job can pick the style, and queued ones fail with the
@@ -329,8 +350,9 @@ def _register_style_admin(bot: EmakiBot) -> None:
 
     @group.command(name="share", description="Let other servers use one of this server's styles (or stop)")
     @app_commands.describe(name="The style", shared="True: other servers can list and use it")
-    async def share(interaction: discord.Interaction, name: str, shared: bool) -> None:
-        row = await moderated_style(interaction, name)
+    async def share(self, interaction: discord.Interaction, name: str, shared: bool) -> None:
+        bot = self.bot
+        row = await self.moderated_style(interaction, name)
         if row is None:
             return
         bot.store.update_style(row["name"], shared=int(shared))
@@ -339,9 +361,8 @@ def _register_style_admin(bot: EmakiBot) -> None:
 
     @remove.autocomplete("name")
     @share.autocomplete("name")
-    async def own_styles(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def own_styles(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        bot = self.bot
         rows = bot.store.styles_visible_in(interaction.guild_id, False)
         names = [r["name"] for r in rows if r.get("guild_id") == interaction.guild_id and current.lower() in r["name"]]
         return [app_commands.Choice(name=n, value=n) for n in names[:25]]
-
-    bot.tree.add_command(group)

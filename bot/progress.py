@@ -18,13 +18,13 @@ from engine.events import Event, Failed, Finished, FrameDone, Started, StoryRead
 from engine.render.media import contact_sheet, png_bytes
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
 
 log = logging.getLogger(__name__)
 
 
 class ProgressReporter:
-    def __init__(self, bot: EmakiBot, job_id: int) -> None:
+    def __init__(self, bot: Host, job_id: int) -> None:
         self.bot = bot
         self.job_id = job_id
         self.prompts: list[str] = []

@@ -12,19 +12,27 @@ import logging
 from typing import TYPE_CHECKING
 
 import discord
+from discord.ext.commands import Cog
 
 from bot import actions, render
 from bot.outbox import only
 from engine.errors import EmakiError
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
 
 log = logging.getLogger(__name__)
 
 
-def register(bot: EmakiBot) -> None:
-    async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
+class ReactionControls(Cog):
+    """🔁, the digits and ❌ under a posted result."""
+
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
+
+    @Cog.listener()
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        bot = self.bot
         if bot.user is None or payload.user_id == bot.user.id or payload.guild_id is None:
             return
         if payload.member is not None and payload.member.bot:
@@ -64,5 +72,3 @@ def register(bot: EmakiBot) -> None:
             # Reactions have no ephemeral reply: a short mention tells the member why nothing happens.
             with contextlib.suppress(discord.HTTPException):  # nothing was stored; nothing to lose
                 await channel.send(f"<@{payload.user_id}> ⚠️ {exc}", allowed_mentions=only(payload.user_id))
-
-    bot.add_listener(on_raw_reaction_add)

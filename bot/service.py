@@ -1,10 +1,11 @@
 """`emaki bot` as a service: the token checked before any model loads, start-up lines on the terminal,
 and SIGTERM/SIGINT as a clean stop.
 
-Importing this module imports neither discord.py nor torch: `emaki jobs` reads `post_state` from here,
-and `emaki bot` refuses a missing or malformed token before anything heavy is imported. The order of a
-start is: token shape (local) -> Discord accepts the token (one HTTP request, discord.py only) -> the
-device line -> "loading models..." -> the models load -> login, connect -> "ready".
+Importing this module imports neither discord.py nor torch: `emaki bot` refuses a missing or malformed
+token before anything heavy is imported. The order of a start is: token shape (local) -> Discord accepts
+the token (one HTTP request, discord.py only) -> the device line -> "loading models..." -> the models
+load -> login, connect -> "ready". This module runs the client (bot/client.py); the client never
+imports it back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.endpoints import discord_endpoint, use_endpoints
 from engine.errors import EmakiError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -48,13 +50,6 @@ class Stopped(Exception):
     """A stop signal arrived before the bot was connected (while the models loaded)."""
 
 
-def post_state(job: dict[str, Any]) -> str:
-    """pending | sending | posted | refused | failed (rows from before the column: from `posted`)."""
-    if job.get("post_state"):
-        return str(job["post_state"])
-    return {1: "posted", -1: "refused"}.get(job.get("posted") or 0, "pending")
-
-
 def say(line: str) -> None:
     """A start-up or stop line on the terminal, with or without -v (stdout: `docker logs` shows it)."""
     print(line, flush=True)
@@ -74,25 +69,6 @@ def check_token(token: str) -> str:
             f"dot-separated parts): copy it from the Bot page of your application at {DEVELOPER_PORTAL}"
         )
     return token
-
-
-def use_endpoints(settings: Settings) -> None:
-    """Point discord.py at a REST proxy / gateway in front of Discord when the settings name one, and
-    keep it from warning at every start about voice libraries this bot never uses."""
-    import discord
-    import yarl
-
-    if settings.discord_api_base:
-        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
-    if settings.discord_gateway:
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway)
-    # discord.py warns once per process that PyNaCl/davey are missing; the flags are its own switch.
-    discord.VoiceClient.warn_nacl = False
-    discord.VoiceClient.warn_dave = False
-
-
-def discord_endpoint(settings: Settings) -> str:
-    return settings.discord_api_base.rstrip("/") if settings.discord_api_base else "https://discord.com/api"
 
 
 async def check_login(settings: Settings, token: str) -> dict[str, Any]:

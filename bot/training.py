@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import discord
 from discord import app_commands
+from discord.ext.commands import Cog
 from discord.http import HTTPClient
 from PIL import Image
 
 from bot import guild_settings as server_rules
 from bot import render
+from bot.guild_settings import is_moderator
 from bot.outbox import NO_MENTIONS, only, preview_nonce
 from engine.coordinator.guild_settings import must_screen
 from engine.coordinator.safety import image_passes, screens
@@ -37,11 +39,11 @@ from training.presets import PRESETS, preset_config
 from training.service import evaluate_style, prepare_dataset, train_style
 
 if TYPE_CHECKING:
-    from bot.client import EmakiBot
+    from bot.state import Host
     from engine.settings import Settings
 
 
-def name_for_server(bot: EmakiBot, name: str, guild_id: int | None) -> str:
+def name_for_server(bot: Host, name: str, guild_id: int | None) -> str:
     """check_style_name, in words that do not confirm another server's private style or dataset:
     style names are global (one folder each), so a name taken elsewhere is "not available"."""
     try:
@@ -61,16 +63,7 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 20000
 
 
-def is_moderator(bot: EmakiBot, member: discord.Member | None, channel: Any) -> bool:
-    if member is None:
-        return False
-    if channel.permissions_for(member).manage_guild:
-        return True
-    role = server_rules.limits(bot, member.guild.id).moderator_role  # the server's own, else the operator's
-    return bool(role) and any(r.name == role or str(r.id) == role for r in member.roles)
-
-
-def _training_steps(bot: EmakiBot, row: dict[str, Any]) -> int:
+def _training_steps(bot: Host, row: dict[str, Any]) -> int:
     """The steps the training will run (the default depends on the dataset size)."""
     return TrainConfig(**json.loads(row["params"] or "{}")).resolved(row["n_images"], bot.settings).steps
 
@@ -103,7 +96,7 @@ async def write_capped(chunks: AsyncIterator[bytes], path: Path, cap: int, name:
     return written
 
 
-async def download(bot: EmakiBot, attachment: discord.Attachment, path: Path, cap: int) -> int:
+async def download(bot: Host, attachment: discord.Attachment, path: Path, cap: int) -> int:
     """Stream an attachment to disk with a cap. discord.py's own `Attachment.save` reads the whole
     file into memory first; here it arrives in 64 KiB chunks over the bot's HTTP session. A transport
     that replaces discord.py's CDN fetch (SimCord's simulated CDN) is asked through that fetch."""
@@ -123,7 +116,7 @@ async def download(bot: EmakiBot, attachment: discord.Attachment, path: Path, ca
     return await write_capped(from_transport(), path, cap, attachment.filename)
 
 
-def _clear_stale(bot: EmakiBot, style: str) -> None:
+def _clear_stale(bot: Host, style: str) -> None:
     """A rejected or failed submission of this name left its extracted files (and maybe training
     checkpoints): a new submission must start from its own upload, never from those."""
     from training.service import dataset_dir, style_dir
@@ -134,7 +127,7 @@ def _clear_stale(bot: EmakiBot, style: str) -> None:
 
 
 async def _receive(
-    bot: EmakiBot,
+    bot: Host,
     interaction: discord.Interaction,
     attachment: discord.Attachment,
     style: str,
@@ -210,8 +203,13 @@ def _recipe(
     return build
 
 
-def register(bot: EmakiBot) -> None:
-    @bot.tree.command(name="train", description="Submit a captioned image dataset (zip) to train a community style")
+class StyleTraining(Cog):
+    """/train, and the moderators' ✅/❌ on a dataset's preview."""
+
+    def __init__(self, bot: Host) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="train", description="Submit a captioned image dataset (zip) to train a community style")
     @app_commands.guild_only()
     @app_commands.describe(
         name="Name of the new style (a-z, 0-9, - and _)",
@@ -227,6 +225,7 @@ def register(bot: EmakiBot) -> None:
         adapter=[app_commands.Choice(name=a, value=a) for a in ADAPTERS],
     )
     async def train(
+        self,
         interaction: discord.Interaction,
         name: str,
         dataset: discord.Attachment,
@@ -236,6 +235,7 @@ def register(bot: EmakiBot) -> None:
         adapter: str | None = None,
         save_every: int | None = None,
     ) -> None:
+        bot = self.bot
         assert interaction.guild is not None and interaction.channel is not None
         settings = bot.settings
         rules = server_rules.server(bot, interaction.guild.id)
@@ -290,7 +290,9 @@ def register(bot: EmakiBot) -> None:
             f"Dataset for **{style}** received: {len(ds.items)} images. A moderator will review it.{note}{clamped}",
         )
 
-    async def on_raw_reaction_add(payload: discord.RawReactionActionEvent) -> None:
+    @Cog.listener()
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        bot = self.bot
         if bot.user is None or payload.user_id == bot.user.id:
             return
         if payload.member is not None and payload.member.bot:
@@ -326,10 +328,8 @@ def register(bot: EmakiBot) -> None:
             )
             await bot.announce(job_id)
 
-    bot.add_listener(on_raw_reaction_add)
 
-
-async def post_preview(bot: EmakiBot, dataset_id: int, ds: Any | None = None) -> bool:
+async def post_preview(bot: Host, dataset_id: int, ds: Any | None = None) -> bool:
     """Post a pending dataset's preview for moderators. False (and logged) if Discord did not take
     it: the dataset stays pending and the sweep posts the preview later. The nonce keeps a retry
     from doubling it."""
@@ -345,7 +345,7 @@ async def post_preview(bot: EmakiBot, dataset_id: int, ds: Any | None = None) ->
         bot.previewing.discard(dataset_id)
 
 
-async def _post_preview(bot: EmakiBot, row: dict[str, Any], ds: Any | None) -> bool:
+async def _post_preview(bot: Host, row: dict[str, Any], ds: Any | None) -> bool:
     dataset_id = row["id"]
     try:
         if ds is None:
@@ -371,7 +371,7 @@ async def _post_preview(bot: EmakiBot, row: dict[str, Any], ds: Any | None) -> b
     return True
 
 
-async def post_pending_previews(bot: EmakiBot) -> None:
+async def post_pending_previews(bot: Host) -> None:
     for row in bot.store.datasets_where("status = 'pending' and preview_message_id is null", []):
         await post_preview(bot, row["id"])
 
@@ -379,7 +379,7 @@ async def post_pending_previews(bot: EmakiBot) -> None:
 class TrainReporter:
     """Throttled status edits: step and loss; a sample image at each checkpoint."""
 
-    def __init__(self, bot: EmakiBot, job: dict[str, Any]) -> None:
+    def __init__(self, bot: Host, job: dict[str, Any]) -> None:
         self.bot = bot
         self.job = job
         self.last_edit = float("-inf")
@@ -418,7 +418,7 @@ class TrainReporter:
         self.bot.set_status(self.job["id"], fields)
 
 
-async def run_train_job(bot: EmakiBot, job_id: int, cancel: threading.Event) -> None:
+async def run_train_job(bot: Host, job_id: int, cancel: threading.Event) -> None:
     job = bot.store.job(job_id)
     assert job is not None
     loop = asyncio.get_running_loop()

@@ -34,7 +34,7 @@ def shown_status(settings: Settings, job: dict[str, Any]) -> str:
 def shown_post(job: dict[str, Any]) -> str:
     """Where the bot's result stands in Discord: a result Discord refused (403) is stranded, not `done`.
     `-` for a job nothing posts (a CLI job, a training, one that did not finish)."""
-    from bot.service import post_state  # no discord.py, no torch
+    from bot.state import post_state  # no discord.py, no torch
 
     if job["kind"] != "animate" or not job.get("channel_id") or job["status"] != "done":
         return "-"
