@@ -166,7 +166,7 @@ def register(bot: EmakiBot) -> None:
     @animate.autocomplete("style")
     async def style_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         shared = server_rules.server(bot, interaction.guild_id).other_styles
-        names = bot.store.style_choices(interaction.guild_id, shared, current, limit=25)
+        names = bot.store.style_choices(interaction.guild_id, shared, current, 25, bot.engine.models.family_name)
         return [app_commands.Choice(name=n, value=n) for n in names]
 
     @tree.command(name="queue", description="Your jobs and their place in line")

@@ -76,6 +76,7 @@ def render_frames(
     Motion mode (params.motion != "chain") renders the whole clip in one call and yields every beat's
     frame whatever `start` is, each carrying the clip frames up to the next beat (engine/render/motion.py)."""
     models.load()
+    assert models.family is not None
     if params.motion != "chain":
         from engine.render.motion import render_clip
 
@@ -92,6 +93,7 @@ def render_frames(
             width=params.width,
             guidance_scale=plan.guidance,
             generator=generator,
+            **models.family.conditioning(params.height, params.width),  # SDXL's micro-conditioning
         )
         if plan.index == 0 or previous is None:
             image = models.txt2img(
