@@ -174,7 +174,7 @@ class JobCommands(Cog):
     ) -> list[app_commands.Choice[str]]:
         bot = self.bot
         shared = server_rules.server(bot, interaction.guild_id).other_styles
-        names = bot.store.style_choices(interaction.guild_id, shared, current, limit=25)
+        names = bot.store.style_choices(interaction.guild_id, shared, current, 25, bot.engine.models.family_name)
         return [app_commands.Choice(name=n, value=n) for n in names]
 
     @app_commands.command(name="queue", description="Your jobs and their place in line")

@@ -265,6 +265,7 @@ def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[st
                 "adapter": row["adapter"] or "lora",
             }
     models = {k: getattr(settings, k) for k in MODEL_KEYS}
+    models["family"] = engine.models.family_name  # "sd15" or "sdxl": read from the base model's files
     pinned = ("base_model", "controlnet_model", "depth_model", "motion_adapter")
     models["revisions"] = {k: model_revision(k, getattr(settings, k)) for k in pinned if getattr(settings, k)}
     return {

@@ -85,8 +85,29 @@ def cmd_check(args: argparse.Namespace) -> int:
             state = f"NOT READY{f' (only {optional} needs it)' if optional else ''}: {found.problem}"
             ready = ready and optional is not None
         print(f"  {spec.role:<{width}}  {spec.ref}: {state}")
-    print(_fit_line(settings, device, dtype, free, counts))
+    family = _family_line(settings)
+    if family is not None:
+        print(family[0])
+    print(_fit_line(settings, device, dtype, free, counts, family[1] if family else None))
     return 0 if ready else 1
+
+
+def _family_line(settings: Settings) -> tuple[str, Any] | None:
+    """The base model's family as its files show it, and the Family; None when the base is not ready."""
+    from engine.render import model_files
+    from engine.render.families import family_of_found
+
+    spec = model_files.profile_models(settings, half=False)[0]
+    try:
+        found = model_files.resolve(spec, settings.base_model_config, build=False)
+    except ModelLoadError:
+        return None
+    family = family_of_found(found)
+    _, evidence = model_files.base_family(found.path, single_file=found.config is not None)
+    size = family.sizes
+    because = f" ({evidence})" if evidence else " (the files do not say: SD1.5 assumed)"
+    line = f"family   {family.title}{because}; frames {size.default}x{size.default} by default"
+    return line, family
 
 
 def _half_dtypes() -> tuple[Any, ...]:
@@ -95,7 +116,9 @@ def _half_dtypes() -> tuple[Any, ...]:
     return HALF_DTYPES
 
 
-def _fit_line(settings: Settings, device: Any, dtype: Any, free: int | None, counts: dict[str, Any]) -> str:
+def _fit_line(
+    settings: Settings, device: Any, dtype: Any, free: int | None, counts: dict[str, Any], family: Any = None
+) -> str:
     from engine.render import memory
 
     if settings.is_tiny:
@@ -112,6 +135,7 @@ def _fit_line(settings: Settings, device: Any, dtype: Any, free: int | None, cou
         sum(depth.parts.values()),
         max(c.largest_tensor for c in (base, controlnet, depth)),
         dtype,
+        **({"margin": family.working_margin} if family is not None else {}),
     )
     assert free is not None
     gib = 2**30

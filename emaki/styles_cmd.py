@@ -75,6 +75,7 @@ def _check_name_and_trigger(name: str, trigger: str | None) -> None:
 def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> int:
     """Check everything before the store is touched: a refused file registers nothing and replaces nothing."""
     from engine.coordinator.store import open_store
+    from engine.render.families import running_family
     from engine.render.style_files import KIND_NAMES, base_architecture, locate, read_style
 
     name = args.name.strip().lower()  # as trained styles are named
@@ -89,16 +90,21 @@ def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> i
     if existing is not None and not args.replace:
         trained = " (trained here, with its metrics)" if existing.get("dataset_id") is not None else ""
         raise InvalidRequest(f"a style named '{name}' already exists{trained}; add --replace to replace it")
-    layers = read_style(path, base_architecture(settings.base_model))
+    family = running_family(settings.base_model, settings.base_model_config)  # read from the base's files
+    layers = read_style(path, base_architecture(settings.base_model), family=family.name, style_name=name)
     weights, _ = locate(path)
     fields = {"trigger": args.trigger or "", "adapter": layers.kind, "weight": args.weight}
+    fields["family"] = layers.family or family.name  # it fits this base: this base's family
     store = store or open_store(settings.data_dir)  # everything checked: now the store may be created
     if existing is None:
         store.add_style(name, str(weights), **fields)
     else:
         store.replace_style(name, str(weights), **fields)
     verb = "replaced" if existing is not None else "registered"
-    print(f"{verb} style {name}: {KIND_NAMES[layers.kind]} from a {layers.source} file, {layers.n_layers} layers")
+    print(
+        f"{verb} style {name}: {family.title} {KIND_NAMES[layers.kind]} from a {layers.source} file, "
+        f"{layers.n_layers} layers"
+    )
     return 0
 
 

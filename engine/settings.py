@@ -31,6 +31,21 @@ PROFILES: dict[str, dict[str, Any]] = {
         "min_size": 256,
         "max_size": 1024,
     },
+    # SDXL-class base (engine/render/families/sdxl.py): stabilityai's base (no refiner) and diffusers' small SDXL
+    # depth ControlNet (a fraction of the full one's size, the same depth conditioning); 1024 px frames.
+    "sdxl": {
+        "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+        "controlnet_model": "diffusers/controlnet-depth-sdxl-1.0-small",
+        "depth_model": "Intel/dpt-hybrid-midas",
+        "llm_model": "mistralai/Mistral-7B-Instruct-v0.3",
+        "captioner_model": "Salesforce/blip-image-captioning-large",
+        "safety_model": "CompVis/stable-diffusion-safety-checker",
+        "clip_model": "openai/clip-vit-large-patch14",
+        "width": 1024,
+        "height": 1024,
+        "min_size": 512,
+        "max_size": 2048,
+    },
     # Random-weight models with the real classes (engine/render/tiny.py), saved once as hub repos in emaki's own
     # cache and loaded like a user's models (engine/render/tiny_hub.py): no download, seconds on a CPU.
     "tiny": {
@@ -47,6 +62,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "max_size": 256,
     },
 }
+# The tiny SDXL set: the tiny profile with an SDXL base and SDXL depth ControlNet (engine/render/tiny.py).
+PROFILES["tiny-sdxl"] = {
+    **PROFILES["tiny"],
+    "base_model": "emaki-tiny/sdxl",
+    "controlnet_model": "emaki-tiny/controlnet-depth-sdxl",
+}
+TINY_PROFILES = ("tiny", "tiny-sdxl")
 
 MEMORY_MODES = ("auto", "high", "medium", "low")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # torch.compile modes (engine/render/compiled.py)
@@ -95,12 +117,13 @@ class Settings:
     profile: str = setting(
         "sd15",
         Rule(choices=tuple(PROFILES)),
-        help="The model set and size range: `sd15` (the real models) or `tiny` (random-weight models, offline).",
+        help="The model set and size range: `sd15` or `sdxl` (the real models of that family, 512 or 1024 px), "
+        "`tiny` or `tiny-sdxl` (random-weight models of that family, offline).",
     )
     base_model: str = setting(
         "",
-        help="The Stable Diffusion 1.5 base model: a hub id, a diffusers folder, or one `.safetensors`/`.ckpt` "
-        "file in the original SD layout. Empty: the profile's.",
+        help="The base model, SD1.5 or SDXL-class (its family is read from its files): a hub id, a diffusers "
+        "folder, or one `.safetensors`/`.ckpt` file in the original SD/SDXL layout. Empty: the profile's.",
     )
     controlnet_model: str = setting("", help="The depth ControlNet: a hub id or a folder. Empty: the profile's.")
     depth_model: str = setting(
@@ -391,7 +414,7 @@ class Settings:
 
     @property
     def is_tiny(self) -> bool:
-        return self.profile == "tiny"
+        return self.profile in TINY_PROFILES
 
     def public_dict(self) -> dict[str, Any]:
         """Settings without secrets, for logs and sidecars."""

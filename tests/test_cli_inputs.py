@@ -78,7 +78,7 @@ CASES: dict[str, Case] = {
     # settings from options, the environment and the TOML file
     "device bogus": Case([*FOX, "--device", "bogus"], "unknown device 'bogus': use auto, cpu, mps, cuda or cuda:N"),
     "story backend bogus": Case([*FOX, "--story-backend", "bogus"], "unknown story_backend 'bogus'"),
-    "profile bogus": Case([*FOX, "--profile", "sdxl"], "unknown profile 'sdxl'"),
+    "profile bogus": Case([*FOX, "--profile", "sdxl-turbo"], "unknown profile 'sdxl-turbo'"),
     "EMAKI_SCHEDULER=bogus": Case(FOX, "EMAKI_SCHEDULER='bogus': unknown scheduler", env={"EMAKI_SCHEDULER": "bogus"}),
     "EMAKI_COLOR_COHERENCE=maybe": Case(
         FOX, "color_coherence must be true or false", env={"EMAKI_COLOR_COHERENCE": "maybe"}

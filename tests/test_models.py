@@ -539,26 +539,34 @@ def test_auto_on_a_cuda_device_this_machine_lacks_is_one_clear_line() -> None:
 def test_a_base_of_another_family_is_one_line_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An SDXL-class folder or single file as EMAKI_BASE_MODEL (the sd15 profile): refused from its files
-    (model_index.json and the UNet's config; a single file's key names), never guessed from its name."""
-    from tests.sdxl_layout import save_tiny_sdxl
+    """An SD3 folder or a Flux single file as EMAKI_BASE_MODEL: refused from its files (model_index.json; a
+    single file's key names), never guessed from its name. (SDXL-class bases render: tests/test_sdxl.py.)"""
+    import json
 
-    folder = save_tiny_sdxl(tmp_path / "my-model")
-    capsys.readouterr()  # the saving's own bars
+    folder = tmp_path / "my-model"
+    for part in ("transformer", "vae", "text_encoder"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(1)}, str(folder / part / "diffusion_pytorch_model.safetensors"))
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(folder))
     assert main(["animate", "a fox", "--frames", "1", "-q", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: base model") and "SDXL-class family" in err and "StableDiffusionXLPipeline" in err
+    assert err.startswith("error: base model") and "SD3 family" in err and "StableDiffusion3Pipeline" in err
+    assert "renders SD1.5 and SDXL-class models" in err
     assert "\n" not in err and not (tmp_path / "data").exists()  # nothing written
-    single = tmp_path / "illustrious-like.safetensors"
-    key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
-    save_file({key: torch.zeros(2, 2), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(single))
+    single = tmp_path / "flux-like.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(single))
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(single))
     assert main(["models", "check", "--device", "cpu"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if "base model" in x)
-    assert "NOT READY" in line and "SDXL-class family" in line and "conditioner.embedders.*" in line
+    assert "NOT READY" in line and "Flux family" in line and "double_blocks.*" in line
 
 
 # --- what a hostile review of the real path found ------------------------------------------------------

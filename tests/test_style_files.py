@@ -390,7 +390,7 @@ def refusal_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
         "random bytes": (tmp / "random.safetensors", "not a safetensors file"),
         "a folder": (tmp / "plain_folder", "a folder is only read as a peft adapter"),
         "unknown keys": (tmp / "unknown.safetensors", "unknown keys"),
-        "sdxl": (tmp / "sdxl.safetensors", "a style for SDXL"),
+        "sdxl": (tmp / "sdxl.safetensors", "is an SDXL style"),
         "wrong shapes": (
             kohya_file(tmp / "wide.safetensors", {K2: (torch.randn(4, 768) * 0.1, torch.randn(32, 4) * 0.1)}),
             "shapes do not fit the base model",

@@ -56,7 +56,7 @@ def test_the_layout_is_the_hubs_own() -> None:
     cache = Path(os.environ["EMAKI_TINY_CACHE"])
     info = scan_cache_dir(cache)
     assert not info.warnings
-    assert {repo.repo_id for repo in info.repos} == set(tiny_hub.REPOS.values())
+    assert {repo.repo_id for repo in info.repos} == set(tiny_hub.ALL_REPOS)
     # huggingface_hub resolves a file of a tiny repo from that cache, as it does for any download.
     found = try_to_load_from_cache("emaki-tiny/sd15", "unet/config.json", cache_dir=cache)
     assert isinstance(found, str) and Path(found).is_file()

@@ -241,6 +241,14 @@ class Store:
         if "disk_bytes" not in db["jobs"].columns_dict:  # a finished job's folder size, once /stats measured it
             db["jobs"].add_column("disk_bytes", int)
 
+    def _migration_4(self, db: sqlite_utils.Database) -> None:
+        """Version 4 (issue 21): the model family a style was made for ("sd15", "sdxl"), so /animate offers
+        only the running family's styles. Every style registered before was SD1.5 (nothing else was
+        accepted); a row without one (a trainer that does not say) counts as SD1.5 too."""
+        if "family" not in db["styles"].columns_dict:
+            db["styles"].add_column("family", str)
+        db.execute("update styles set family = 'sd15' where family is null")
+
     def _migrate_bot_state(self, db: sqlite_utils.Database) -> None:
         """Additive: posting state per job, and the queue's own state (pause, fairness history), so a
         restart finds everything as it was. Databases from before these columns are upgraded."""
@@ -573,16 +581,22 @@ class Store:
         with self._locked() as db:
             return list(db["styles"].rows_where(order_by="name"))
 
-    def style_choices(self, guild_id: int | None, shared_from_others: bool, typed: str, limit: int = 25) -> list[str]:
+    def style_choices(
+        self, guild_id: int | None, shared_from_others: bool, typed: str, limit: int = 25, family: str = ""
+    ) -> list[str]:
         """Names of the styles visible in a server (see `styles_visible_in`) that start with what was
         typed, in name order, at most `limit`: /animate's style autocomplete, one keystroke each. A
-        range on the name's own index (names are kept folded, see `style_key`), stopping at `limit`."""
+        range on the name's own index (names are kept folded, see `style_key`), stopping at `limit`.
+        With `family` (the running base's, "sd15"/"sdxl"), only styles made for it (a row without one is SD1.5)."""
         prefix = style_key(typed)
         where = "guild_id is null"
         args: list[Any] = [prefix, prefix + "\U0010ffff"]
         if guild_id is not None:
             where += " or guild_id = ?" + (" or coalesce(shared, 0) = 1" if shared_from_others else "")
             args.append(guild_id)
+        if family:
+            where = f"({where}) and coalesce(family, 'sd15') = ?"
+            args.append(family)
         with self._locked() as db:
             rows = db.execute(
                 f"select name from styles where name >= ? and name < ? and ({where}) order by name limit ?",
@@ -671,7 +685,7 @@ INDEXES_3 = (
 )
 
 # One step per schema version, in order; a new version appends a step, never edits an old one.
-MIGRATIONS = (Store._migration_1, Store._migration_2, Store._migration_3)
+MIGRATIONS = (Store._migration_1, Store._migration_2, Store._migration_3, Store._migration_4)
 
 
 def _decode_job(row: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,7 @@ def render_frames(
     Motion mode (params.motion != "chain") renders the whole clip in one call and yields every beat's
     frame whatever `start` is, each carrying the clip frames up to the next beat (engine/render/motion.py)."""
     models.load()
+    assert models.family is not None
     if params.motion != "chain":
         yield from render_clip(models, params, plans, on_step, cancelled)
         return
@@ -91,6 +92,7 @@ def render_frames(
             width=params.width,
             guidance_scale=plan.guidance,
             generator=generator,
+            **models.family.conditioning(params.height, params.width),  # SDXL's micro-conditioning
         )
         if plan.index == 0 or previous is None:
             image = models.txt2img(

@@ -43,6 +43,7 @@ class Footprint:
     controlnet: int
     depth: int
     largest_layer: int  # the most bytes one module holds directly (what sequential offload keeps resident)
+    margin: int = WORKING_MARGIN  # activations of one frame: the family's allowance (engine/render/families/)
 
     def resident(self, mode: str) -> int:
         """Weights on the GPU at the worst moment of a frame in `mode`."""
@@ -53,7 +54,7 @@ class Footprint:
         return self.largest_layer
 
     def need(self, mode: str) -> int:
-        return self.resident(mode) + WORKING_MARGIN
+        return self.resident(mode) + self.margin
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -68,39 +69,54 @@ def largest_layer_bytes(*modules: torch.nn.Module) -> int:
     )
 
 
-def footprint(txt2img: Any, controlnet: torch.nn.Module, depth_model: torch.nn.Module, dtype: torch.dtype) -> Footprint:
-    """The footprint of a model set once cast to `dtype` (the depth estimator stays fp32)."""
+def footprint(
+    txt2img: Any,
+    controlnet: torch.nn.Module,
+    depth_model: torch.nn.Module,
+    dtype: torch.dtype,
+    margin: int = WORKING_MARGIN,
+) -> Footprint:
+    """The footprint of a model set once cast to `dtype` (the depth estimator stays fp32). Text encoders are
+    counted together (SDXL has two)."""
     scale = torch.tensor([], dtype=dtype).element_size()
 
     def cast(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters()) * scale
 
-    parts = (txt2img.unet, txt2img.vae, txt2img.text_encoder, controlnet)
+    encoders = [m for m in (txt2img.text_encoder, getattr(txt2img, "text_encoder_2", None)) if m is not None]
+    parts = (txt2img.unet, txt2img.vae, *encoders, controlnet)
     largest = max(
         sum(p.numel() for p in m.parameters(recurse=False)) * scale for module in parts for m in module.modules()
     )
     return Footprint(
         unet=cast(txt2img.unet),
         vae=cast(txt2img.vae),
-        text_encoder=cast(txt2img.text_encoder),
+        text_encoder=sum(cast(m) for m in encoders),
         controlnet=cast(controlnet),
         depth=module_bytes(depth_model),
         largest_layer=max(largest, largest_layer_bytes(depth_model)),
+        margin=margin,
     )
 
 
 def footprint_from_counts(
-    base: dict[str, int], controlnet: int, depth: int, largest_tensor: int, dtype: torch.dtype
+    base: dict[str, int],
+    controlnet: int,
+    depth: int,
+    largest_tensor: int,
+    dtype: torch.dtype,
+    margin: int = WORKING_MARGIN,
 ) -> Footprint:
     """The footprint from parameter counts (`model_files.parameter_counts`), before anything loads."""
     size = torch.tensor([], dtype=dtype).element_size()
     return Footprint(
         unet=base.get("unet", 0) * size,
         vae=base.get("vae", 0) * size,
-        text_encoder=base.get("text_encoder", 0) * size,
+        text_encoder=(base.get("text_encoder", 0) + base.get("text_encoder_2", 0)) * size,
         controlnet=controlnet * size,
         depth=depth * 4,
         largest_layer=largest_tensor * size,
+        margin=margin,
     )
 
 

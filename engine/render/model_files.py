@@ -29,8 +29,10 @@ LOADABLE_FORMATS = (".safetensors", ".bin")
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 # Pipeline folders emaki never loads (it passes safety_checker=None), so pull skips their weights.
 SKIPPED_FOLDERS = ("safety_checker",)
-# The components of an SD1.5 pipeline that must have weights.
+# The components of a pipeline that must have weights (SD1.5's; SDXL adds its second text encoder, required
+# whenever the pipeline has that folder: see `select_files`).
 PIPELINE_WEIGHT_FOLDERS = ("text_encoder", "unet", "vae")
+SECOND_TEXT_ENCODER = "text_encoder_2"
 PULL_COMMAND = "emaki models pull"
 
 Kind = Literal["hub", "folder", "file", "tiny"]
@@ -121,7 +123,9 @@ def select_files(files: Iterable[str], *, pipeline: bool, want_fp16: bool) -> tu
 
     One variant for the whole model: diffusers loads every component with the same `variant`."""
     files = [f.replace(os.sep, "/") for f in files]
-    needed_dirs = PIPELINE_WEIGHT_FOLDERS if pipeline else ("",)
+    needed_dirs: tuple[str, ...] = PIPELINE_WEIGHT_FOLDERS if pipeline else ("",)
+    if pipeline and any(f.startswith(f"{SECOND_TEXT_ENCODER}/") for f in files):  # SDXL
+        needed_dirs = (*needed_dirs, SECOND_TEXT_ENCODER)
     weights: dict[str, list[str]] = {d: [] for d in needed_dirs}
     configs = []
     for name in files:
@@ -295,14 +299,19 @@ def base_family(path: Path, single_file: bool) -> tuple[str, str]:
     return family or pipeline, f"model_index.json names {pipeline}" if pipeline else ""
 
 
+# The families the renderer has (engine/render/families/: one module each; tests keep the two lists equal).
+RENDERED_FAMILIES = ("sd15", "sdxl")
+
+
 def refuse_other_family(spec: ModelSpec, path: Path, single_file: bool) -> None:
-    """This bot renders SD1.5: a base of another family is one line naming the family its files show."""
+    """This bot renders SD1.5 and SDXL-class models: a base of another family is one line naming the family
+    its files show."""
     family, evidence = base_family(path, single_file)
-    if family and family != "sd15":
+    if family and family not in RENDERED_FAMILIES:
         name = FAMILY_NAMES.get(family, family)
         raise ModelLoadError(
-            f"{spec.role} '{spec.ref}' is of the {name} family ({evidence}); this bot renders SD1.5: "
-            "set EMAKI_BASE_MODEL to an SD1.5 model (hub id, diffusers folder or single file)"
+            f"{spec.role} '{spec.ref}' is of the {name} family ({evidence}); this bot renders SD1.5 and SDXL-class "
+            "models: set EMAKI_BASE_MODEL to one of those (hub id, diffusers folder or single file)"
         )
 
 
@@ -408,8 +417,15 @@ def human_size(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-# Key prefixes of the parts of a single-file SD1.5 checkpoint (original LDM layout).
-LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+# Key prefixes of the parts of a single-file checkpoint (original LDM/SGM layout): SD1.5 keeps its text encoder
+# under `cond_stage_model.`, SDXL both of its encoders under `conditioner.embedders.{0,1}.`.
+LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.",
+    "text_encoder_2": "conditioner.embedders.1.",
+}
+LDM_PREFIX_ALIASES = {"conditioner.embedders.0.": "text_encoder"}
 
 
 @dataclass(frozen=True)
@@ -453,7 +469,14 @@ def parameter_counts(found: Resolved) -> ParameterCounts | None:
                     numel = 1
                     for dim in weights.get_slice(key).get_shape():
                         numel *= dim
-                    part = folder or next((p for p, pre in LDM_PREFIXES.items() if key.startswith(pre)), "")
+                    part = folder or next(
+                        (
+                            p
+                            for pre, p in (*((v, k) for k, v in LDM_PREFIXES.items()), *LDM_PREFIX_ALIASES.items())
+                            if key.startswith(pre)
+                        ),
+                        "",
+                    )
                     parts[part] = parts.get(part, 0) + numel
                     largest = max(largest, numel)
     return ParameterCounts(parts, largest)

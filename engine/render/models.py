@@ -3,6 +3,9 @@
 txt2img and depth-ControlNet img2img are two diffusers pipelines over ONE set of UNet/VAE/text-encoder
 weights (`from_pipe`), so memory holds one copy. Styles are peft-backed LoRA adapters loaded by name
 into that shared UNet and switched with `set_adapters`, never reloading the base model.
+
+What differs between model families (SD1.5, SDXL: their pipeline classes, loading, conditioning, text
+encoders) is asked of the base model's family (engine/render/families/), read from its files.
 """
 
 from __future__ import annotations
@@ -19,15 +22,14 @@ from diffusers import (
     ControlNetModel,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from PIL import Image
 
 from engine.errors import InvalidRequest, ModelLoadError
 from engine.render import memory, model_files
-from engine.render.loading import call_loader, load_model, pick_device, pick_dtype
+from engine.render.families import NO_SAFETY_CHECKER, Family, family_of_found
+from engine.render.loading import load_model, pick_device, pick_dtype
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ SCHEDULERS = {
 class Components:
     """What a model set is made of, however it was obtained (hub, local folders, built in-process)."""
 
-    txt2img: StableDiffusionPipeline
+    txt2img: Any  # the family's txt2img pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline)
     controlnet: ControlNetModel
     depth_model: Any
     depth_processor: Any
@@ -66,37 +68,22 @@ def load_components(s: Settings, dtype: torch.dtype) -> Components:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# emaki never runs the safety checker; not loading it (nor its image processor) saves 1.2 GB.
-NO_SAFETY_CHECKER: dict[str, Any] = {
-    "safety_checker": None,
-    "feature_extractor": None,
-    "requires_safety_checker": False,
-}
+__all__ = ["NO_SAFETY_CHECKER", "family_of_pipeline", "load_base_model"]
 
 
-def load_base_model(spec: model_files.ModelSpec, config_ref: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """A diffusers folder (or cached hub repo), or one `.safetensors`/`.ckpt` in the original LDM layout
-    described by the configs of `config_ref` (a diffusers folder or a cached hub repo)."""
+def load_base_model(spec: model_files.ModelSpec, config_ref: str, dtype: torch.dtype) -> Any:
+    """The txt2img pipeline of the family the base model's files show (engine/render/families/): from a diffusers
+    folder (or cached hub repo), or one `.safetensors`/`.ckpt` in the original LDM/SGM layout described by the
+    configs of `config_ref` (a diffusers folder or a cached hub repo)."""
     found = model_files.resolve(spec, config_ref)
-    if found.config is not None:
-        return call_loader(
-            spec,
-            StableDiffusionPipeline.from_single_file,
-            str(found.path),
-            config=str(found.config),
-            dtype=dtype,
-            local_files_only=True,
-            **NO_SAFETY_CHECKER,
-        )
-    return call_loader(
-        spec,
-        StableDiffusionPipeline.from_pretrained,
-        str(found.path),
-        dtype=dtype,
-        variant=found.variant,
-        local_files_only=True,
-        **NO_SAFETY_CHECKER,
-    )
+    return family_of_found(found).load_base(spec, found, dtype)
+
+
+def family_of_pipeline(pipe: Any) -> Family:
+    """The family of a loaded (or built) txt2img pipeline: by its second text encoder (SDXL's)."""
+    from engine.render.families import by_name
+
+    return by_name("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15")
 
 
 @dataclass(frozen=True)
@@ -140,8 +127,9 @@ class Models:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self._lock = threading.Lock()
-        self.txt2img: StableDiffusionPipeline | None = None
-        self.img2img: StableDiffusionControlNetImg2ImgPipeline | None = None
+        self.txt2img: Any = None  # the family's txt2img pipeline
+        self.img2img: Any = None  # the family's depth-ControlNet img2img pipeline, over txt2img's modules
+        self.family: Family | None = None  # known once loaded
         self.depth_model: Any = None
         self.depth_processor: Any = None
         self.loaded_styles: dict[str, str] = {}  # adapter name -> StyleRef.key it was loaded from
@@ -149,6 +137,16 @@ class Models:
         self.compiled: Any = None  # engine.render.compiled.CompiledUNet when EMAKI_COMPILE is on and compiling worked
         self._style_layers: dict[str, Any] = {}  # style file -> its parsed layers (compiled mode reads them once)
         self._motion: Any = None  # engine.render.motion.MotionRenderer, built the first time motion mode renders
+
+    @property
+    def family_name(self) -> str:
+        """The base model's family ("sd15", "sdxl"): the loaded one's, else read from the configured base's files
+        without loading it (once per process); "" when the base cannot be found."""
+        if self.family is not None:
+            return self.family.name
+        from engine.render.families import family_name
+
+        return family_name(self.settings.base_model, self.settings.base_model_config)
 
     # --- loading ---------------------------------------------------------------------------
     def load(self) -> Models:
@@ -161,6 +159,7 @@ class Models:
         s = self.settings
         parts = self._components if self._components is not None else load_components(s, self.dtype)
         txt2img, controlnet = parts.txt2img, parts.controlnet
+        family = family_of_pipeline(txt2img)
         check_controlnet_fits(controlnet, txt2img.unet, s)
         self.depth_model, self.depth_processor = parts.depth_model, parts.depth_processor
         if s.scheduler != "default":
@@ -168,19 +167,28 @@ class Models:
                 raise InvalidRequest(f"unknown scheduler '{s.scheduler}': use default, {', '.join(SCHEDULERS)}")
             txt2img.scheduler = SCHEDULERS[s.scheduler].from_config(txt2img.scheduler.config)
         self.memory = memory.choose(
-            s.memory, self.device, memory.footprint(txt2img, controlnet, self.depth_model, self.dtype)
+            s.memory,
+            self.device,
+            memory.footprint(txt2img, controlnet, self.depth_model, self.dtype, margin=family.working_margin),
         )
         txt2img.set_progress_bar_config(disable=True)
         # Shares unet/vae/text_encoder/tokenizer/scheduler objects: one copy of the weights. from_pipe casts
         # every module it is given to `dtype` (fp32 when not told), on the CPU; `memory.apply` then places
         # them. The depth estimator stays fp32: it runs once per frame and fp16 DPT loses depth detail.
-        img2img = StableDiffusionControlNetImg2ImgPipeline.from_pipe(txt2img, controlnet=controlnet, dtype=self.dtype)
+        img2img = family.img2img(txt2img, controlnet, self.dtype)
         img2img.set_progress_bar_config(disable=True)
         memory.apply(self.memory, txt2img, img2img, self.depth_model, self.device)
-        self.txt2img, self.img2img = txt2img, img2img
+        self.txt2img, self.img2img, self.family = txt2img, img2img, family
         if s.compile != "off":
             self._compile()
-        log.info("models ready on %s (%s, memory %s), profile %s", self.device, self.dtype, self.memory, s.profile)
+        log.info(
+            "models ready on %s (%s, memory %s), profile %s, %s family",
+            self.device,
+            self.dtype,
+            self.memory,
+            s.profile,
+            family.title,
+        )
 
     def _compile(self) -> None:
         """Compile the shared UNet and warm both pipelines up, so the first member does not pay for it.
@@ -211,8 +219,16 @@ class Models:
         s = self.settings
         blank = Image.new("RGB", (s.width, s.height))
         generator = torch.Generator("cpu").manual_seed(0)
+        assert self.family is not None
+        conditioning = self.family.conditioning(s.height, s.width)
         self.txt2img(
-            "warm-up", num_inference_steps=1, width=s.width, height=s.height, output_type="latent", generator=generator
+            "warm-up",
+            num_inference_steps=1,
+            width=s.width,
+            height=s.height,
+            output_type="latent",
+            generator=generator,
+            **conditioning,
         )
         self.img2img(
             "warm-up",
@@ -222,6 +238,7 @@ class Models:
             num_inference_steps=2,
             output_type="latent",
             generator=generator,
+            **conditioning,
         )
 
     def motion_renderer(self) -> Any:
@@ -232,7 +249,12 @@ class Models:
         self.load()
         with self._lock:
             if self._motion is None:
-                assert self.txt2img is not None and self.img2img is not None
+                assert self.txt2img is not None and self.img2img is not None and self.family is not None
+                if self.family.name != "sd15":  # AnimateDiff's SD1.5 motion modules fit SD1.5's UNet only
+                    raise InvalidRequest(
+                        f"motion mode renders with SD1.5's motion adapter: this bot renders {self.family.title}; "
+                        "use the frame chain (motion 'chain')"
+                    )
                 if self.compiled is not None or self.memory != "high":
                     motion.check_request(self.settings)  # says which setting excludes motion mode
                     raise InvalidRequest(f"motion mode needs the models resident (memory 'high', not {self.memory!r})")
@@ -256,31 +278,33 @@ class Models:
         as peft layers and injected into the UNet (and the text encoder where it has layers) under its own
         adapter name; styles are switched with peft's layer API, which all four kinds implement
         (diffusers' `set_adapters` assumes LoRA)."""
-        from engine.render.style_files import delete_from, one_line
+        from engine.render.style_files import StyleOfAnotherFamily, delete_from, one_line
 
         pipe = self.load().txt2img
-        assert pipe is not None
+        assert pipe is not None and self.family is not None
         if self.compiled is not None:
             self._use_style_compiled(style)
             return
+        models = self.family.style_models(pipe)
         if style is None:
-            _activate([pipe.unet, pipe.text_encoder], None, 1.0)
+            _activate(list(models.values()), None, 1.0)
             return
         adapter = _adapter_name(style.name)
         if self.loaded_styles.get(adapter) != style.key:
             path = Path(style.path)
             if not path.exists():
                 raise InvalidRequest(f"style '{style.name}': its weights file {path} is missing")
-            models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
             try:
                 # Offload hooks (EMAKI_MEMORY=medium/low) would miss layers injected under them.
                 with self.memory_suspended():
-                    self._load_style_layers(path, adapter, models)
+                    self._load_style_layers(path, adapter, models, style.name)
+            except StyleOfAnotherFamily:  # read before anything was injected: its one line as it is
+                raise
             except Exception as exc:  # a broken style file must not take the bot down; one line
                 delete_from(list(models.values()), adapter)  # nothing half-loaded stays behind
                 raise ModelLoadError(one_line(f"style '{style.name}' could not be loaded: {exc}")) from exc
             self.loaded_styles[adapter] = style.key
-        _activate([pipe.unet, pipe.text_encoder], adapter, style.weight)
+        _activate(list(models.values()), adapter, style.weight)
 
     def _use_style_compiled(self, style: StyleRef | None) -> None:
         """Compiled UNet: the style's LoRA is hot-swapped into the UNet's one slot (its scale and weight
@@ -296,16 +320,19 @@ class Models:
             read_style,
         )
 
-        assert self.txt2img is not None and self.compiled is not None
-        text_encoder = self.txt2img.text_encoder
+        assert self.txt2img is not None and self.compiled is not None and self.family is not None
+        text_encoders = {k: v for k, v in self.family.style_models(self.txt2img).items() if k != "unet"}
         if style is None:
             self.compiled.use(None)
-            _activate([text_encoder], None, 1.0)
+            _activate(list(text_encoders.values()), None, 1.0)
             return
         layers = self._style_layers.get(style.key)
         if layers is None:
             layers = read_style(
-                Path(style.path), Architecture.of({"unet": self.compiled.eager_unet, "text_encoder": text_encoder})
+                Path(style.path),
+                Architecture.of({"unet": self.compiled.eager_unet, **text_encoders}),
+                family=self.family.name,
+                style_name=style.name,
             )
             self._style_layers[style.key] = layers
         if layers.kind != "lora":
@@ -323,22 +350,26 @@ class Models:
         except NotHotSwappable as exc:
             raise InvalidRequest(one_line(f"style '{style.name}' cannot be used with EMAKI_COMPILE on: {exc}")) from exc
         adapter = _adapter_name(style.name)
-        text_layers = layers.models.get("text_encoder")
+        text_layers = {name: layers.models[name] for name in text_encoders if layers.models.get(name)}
         if text_layers and self.loaded_styles.get(adapter) != style.key:
-            delete_from([text_encoder], adapter)
+            delete_from(list(text_encoders.values()), adapter)
             load_into(
-                StyleLayers(layers.kind, layers.source, {"text_encoder": text_layers}),
-                {"text_encoder": text_encoder},
+                StyleLayers(layers.kind, layers.source, text_layers),
+                {name: text_encoders[name] for name in text_layers},
                 adapter,
             )
             self.loaded_styles[adapter] = style.key
-        _activate([text_encoder], adapter if text_layers else None, style.weight)
+        _activate(list(text_encoders.values()), adapter if text_layers else None, style.weight)
 
-    def _load_style_layers(self, path: Path, adapter: str, models: dict[str, torch.nn.Module]) -> None:
-        """Read the file as peft layers and inject them; kinds that cannot nest start from plain models."""
+    def _load_style_layers(
+        self, path: Path, adapter: str, models: dict[str, torch.nn.Module], style_name: str = ""
+    ) -> None:
+        """Read the file as peft layers and inject them; kinds that cannot nest start from plain models. A style
+        made for another family is refused by the file's own keys, in one line, before anything is injected."""
         from engine.render.style_files import Architecture, delete_from, kinds_loaded, load_into, read_style, unload_all
 
-        layers = read_style(path, Architecture.of(models))
+        assert self.family is not None
+        layers = read_style(path, Architecture.of(models), family=self.family.name, style_name=style_name)
         if adapter in self.loaded_styles:  # replaced or retrained under the same name: reload
             delete_from(list(models.values()), adapter)
             del self.loaded_styles[adapter]

@@ -6,14 +6,19 @@ Formats read (never guessed from the file name):
 - peft LoRA/LoHa/LoKr/IA3 (`base_model.model.<layer>.lora_A.weight`, or a folder with `adapter_config.json`
   and `adapter_model.safetensors`: what emaki itself trains for LoHa/LoKr/IA3),
 - the old attention-processor LoRA (`<block>.attn1.processor.to_q_lora.down.weight`),
-- kohya/A1111 names (`lora_unet_<layer>` / `lora_te_<layer>`, `.alpha`) for LoRA (`lora_down`/`lora_up`), LyCORIS
-  LoHa (`hada_w1_a`...), LoKr (`lokr_w1`...) and IA3 (`weight` + `on_input`); a kohya name is looked up among the
-  base model's own layer names (`.` as `_`, as ComfyUI maps them), and LDM spellings (`input_blocks_4_1`,
-  `in_layers_2`) are mapped the way diffusers' kohya conversion maps them.
+- kohya/A1111 names (`lora_unet_<layer>` / `lora_te_<layer>`; SDXL's `lora_te1_`/`lora_te2_`; `.alpha`) for
+  LoRA (`lora_down`/`lora_up`), LyCORIS LoHa (`hada_w1_a`...), LoKr (`lokr_w1`...) and IA3 (`weight` +
+  `on_input`); a kohya name is looked up among the base model's own layer names (`.` as `_`, as ComfyUI maps
+  them), and LDM spellings (`input_blocks_4_1`, `in_layers_2`) are mapped the way diffusers' kohya conversion
+  maps them.
 
-Every file becomes a `StyleLayers`: per model (`unet`, `text_encoder`) and per layer, the tensors under peft's
-parameter names and the layer's scale (alpha / rank, as the tool that wrote the file applies it). That one form
-is both what is checked at `styles add` and what is loaded, so a file that passed the check loads the same way.
+A style is made for one model family (SD1.5 or SDXL, engine/render/families/); its family is read from its keys
+(`style_family`) and a style of another family than the base's is refused in one line before anything else.
+
+Every file becomes a `StyleLayers`: per model (`unet`, `text_encoder`, SDXL's `text_encoder_2`) and per layer,
+the tensors under peft's parameter names and the layer's scale (alpha / rank, as the tool that wrote the file
+applies it). That one form is both what is checked at `styles add` and what is loaded, so a file that passed the
+check loads the same way.
 
 Checking needs the base model's layer names and shapes, not its weights: the models are built from their configs
 on the meta device (a second or less even for SD1.5), the adapter is injected there by peft, and its parameter
@@ -46,7 +51,15 @@ MESSAGE_CAP = 300
 PEFT_CONFIG_NAME = "adapter_config.json"
 TEXT_ENCODER_DIR = "text_encoder"  # emaki-trained peft styles: the text encoder's half, beside the UNet's
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-MODELS = ("unet", "text_encoder")
+MODELS = ("unet", "text_encoder", "text_encoder_2")
+FAMILY_TITLES = {"sd15": "SD1.5", "sdxl": "SDXL"}  # engine/render/families/ `title`s
+# kohya prefixes -> the model they adapt (SD1.5 files say `lora_te_`, SDXL files `lora_te1_`/`lora_te2_`).
+KOHYA_MODELS = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+)
 
 # kohya/LyCORIS per-layer parameter names -> adapter kind. `alpha` and `on_input` are read with them.
 KOHYA_PARAMS = {
@@ -77,6 +90,55 @@ class StyleFileError(InvalidRequest):
         super().__init__(one_line(message))
 
 
+class StyleOfAnotherFamily(StyleFileError):
+    """A style made for another model family than the base's: `'ink' is an SDXL style; this bot renders SD1.5`."""
+
+
+# Evidence in a style file's own key names (any format: kohya, diffusers, peft) of the family it was made for,
+# most telling first. SDXL's UNet has no attention in its first down block and its first up level, three
+# levels instead of four, and 2 or 10 transformer layers per attention block (SD1.5 has one).
+FAMILY_EVIDENCE = (
+    (re.compile(r"(^lora_te2_|(^|\.)text_encoder_2\.)"), "sdxl", "it has layers for a second text encoder"),
+    (re.compile(r"^lora_te1_"), "sdxl", "kohya's SDXL text-encoder names (lora_te1_)"),
+    (re.compile(r"transformer_blocks[._][1-9]"), "sdxl", "its UNet layers include transformer_blocks.1+"),
+    (re.compile(r"^lora_te_"), "sd15", "kohya's SD1.5 text-encoder names (lora_te_)"),
+    (
+        re.compile(r"down_blocks[._]0[._]attentions|up_blocks[._]3[._]|input_blocks_[12]_1_|output_blocks_(9|1[01])_"),
+        "sd15",
+        "its UNet layers include SD1.5-only blocks",
+    ),
+)
+# The width a cross-attention key/value projection reads: the text encoder's (SD1.5 768, SDXL 768 + 1280).
+CROSS_ATTENTION_WIDTHS = {768: "sd15", 2048: "sdxl"}
+CROSS_ATTENTION_INPUT = re.compile(r"attn2[._]to_[kv].*(lora_down\.weight|lora_A\.weight|hada_w[12]_b)$")
+
+
+def style_family(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(family, the evidence) a style file's keys show, or ("", "") when they do not say (then whether its
+    layers fit the base model decides, as for any file)."""
+    keys = [k.removeprefix("base_model.model.") for k in tensors]
+    for pattern, family, evidence in FAMILY_EVIDENCE:
+        if any(pattern.search(k) for k in keys):
+            return family, evidence
+    for key, tensor in tensors.items():
+        width = int(tensor.shape[-1]) if tensor.ndim == 2 else 0
+        if CROSS_ATTENTION_INPUT.search(key) and width in CROSS_ATTENTION_WIDTHS:
+            return CROSS_ATTENTION_WIDTHS[width], f"its cross-attention reads {width}-wide text embeddings"
+    return "", ""
+
+
+def refuse_other_family(tensors: dict[str, torch.Tensor], family: str, style_name: str, file_name: str = "") -> str:
+    """The style's family (its keys', else `family`'s); a style of another family than `family` is one line."""
+    found, evidence = style_family(tensors)
+    if family and found and found != family:
+        where = f"{file_name}: " if file_name else ""
+        raise StyleOfAnotherFamily(
+            f"'{style_name}' is an {FAMILY_TITLES.get(found, found)} style; this bot renders "
+            f"{FAMILY_TITLES.get(family, family)} ({where}{evidence})"
+        )
+    return found or family
+
+
 def one_line(text: str, cap: int = MESSAGE_CAP) -> str:
     """The first line of a message, capped: library errors can list thousands of keys in one "line"."""
     lines = str(text).strip().splitlines()
@@ -95,6 +157,7 @@ class StyleLayers:
     kind: str  # lora | loha | lokr | ia3
     source: str  # the format it was read from, for messages
     models: dict[str, dict[str, LayerWeights]] = field(default_factory=dict)  # model -> layer name -> weights
+    family: str = ""  # the model family it was made for ("sd15", "sdxl"), where known
 
     @property
     def n_layers(self) -> int:
@@ -128,9 +191,10 @@ class Architecture:
         """kohya's names: the layer name with every `.` as `_` (exact, since it is built from the model).
         Text-encoder layers are also known by their other spelling (see `text_encoder_alias`)."""
         flat = {key: {name.replace(".", "_"): name for name in layers} for key, layers in self.layers.items()}
-        text = flat.get("text_encoder", {})
-        for name in list(self.layers.get("text_encoder", {})):
-            text.setdefault(text_encoder_alias(name).replace(".", "_"), name)
+        for model in ("text_encoder", "text_encoder_2"):
+            text = flat.get(model, {})
+            for name in list(self.layers.get(model, {})):
+                text.setdefault(text_encoder_alias(name).replace(".", "_"), name)
         return flat
 
     def canonical(self, model: str, layer: str) -> str:
@@ -138,7 +202,7 @@ class Architecture:
         in files made with transformers 4 (every SD1.5 LoRA in the wild) and `encoder...` in a
         transformers-5 model, so a text-encoder name is tried in both spellings."""
         known = self.layers.get(model, {})
-        if model == "text_encoder" and layer not in known and text_encoder_alias(layer) in known:
+        if model.startswith("text_encoder") and layer not in known and text_encoder_alias(layer) in known:
             return text_encoder_alias(layer)
         return layer
 
@@ -157,61 +221,51 @@ def _is_adapter_part(name: str) -> bool:
 
 # --- the base model's architecture, without its weights ---------------------------------------------
 def meta_models(base_model: str) -> dict[str, nn.Module]:
-    """The UNet and text encoder built from their configs on the meta device: names and shapes, no weights."""
+    """The UNet and text encoder(s) built from their configs on the meta device: names and shapes, no weights."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet_config, text_config = _configs(base_model)
-        return {
-            "unet": UNet2DConditionModel.from_config(unet_config),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(text_config)),
+        configs = _configs(base_model)
+        models: dict[str, nn.Module] = {
+            "unet": UNet2DConditionModel.from_config(configs["unet"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
         }
+        if "text_encoder_2" in configs:  # SDXL: OpenCLIP bigG with its projection
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+        return models
 
 
 @functools.lru_cache(maxsize=4)
-def _configs(base_model: str) -> tuple[dict, dict]:
+def _configs(base_model: str) -> dict[str, dict]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
     from engine.render import model_files
+    from engine.render.families import sd15, sdxl
 
     if base_model.lower().endswith((".safetensors", ".ckpt")):
-        # A single-file checkpoint carries no config; emaki's base models are SD1.5-shaped.
-        return dict(SD15_UNET_CONFIG), dict(SD15_TEXT_CONFIG)
+        # A single-file checkpoint carries no config: its family's (read from its keys) real configs.
+        family, _ = model_files.base_family(Path(base_model).expanduser(), single_file=True)
+        if family == "sdxl":
+            return {"unet": sdxl.UNET_CONFIG, "text_encoder": sdxl.TEXT_CONFIG, "text_encoder_2": sdxl.TEXT_2_CONFIG}
+        return {"unet": dict(sd15.UNET_CONFIG), "text_encoder": dict(sd15.TEXT_CONFIG)}
     try:
         # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo): no download.
         spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
-        ref = str(model_files.resolve(spec).path)
-        unet_config = dict(UNet2DConditionModel.load_config(ref, subfolder="unet"))
-        text_config = CLIPTextConfig.from_pretrained(ref, subfolder="text_encoder").to_dict()
+        ref = model_files.resolve(spec).path
+        configs = {
+            "unet": dict(UNet2DConditionModel.load_config(str(ref), subfolder="unet")),
+            "text_encoder": CLIPTextConfig.from_pretrained(str(ref), subfolder="text_encoder").to_dict(),
+        }
+        if (ref / "text_encoder_2").is_dir():
+            configs["text_encoder_2"] = CLIPTextConfig.from_pretrained(str(ref), subfolder="text_encoder_2").to_dict()
     except Exception as exc:  # offline, not downloaded, not a diffusers folder: one line
         raise StyleFileError(
             f"cannot check styles against the base model '{base_model}': its config could not be read "
             f"({one_line(exc, 120)}); download the base model first"
         ) from exc
-    return unet_config, text_config
-
-
-# stable-diffusion-v1-5's configs (what a single-file SD1.5 checkpoint expands to).
-SD15_UNET_CONFIG = {
-    "sample_size": 64,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-SD15_TEXT_CONFIG = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "hidden_act": "quick_gelu",
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-}
+    return configs
 
 
 @functools.lru_cache(maxsize=4)
@@ -262,12 +316,17 @@ def load_tensors(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
-def read_style(path: Path, arch: Architecture, check: bool = True) -> StyleLayers:
+def read_style(
+    path: Path, arch: Architecture, check: bool = True, family: str = "", style_name: str = ""
+) -> StyleLayers:
     """Read any supported style file as peft layers; with `check`, refuse it unless it fits `arch` and would
-    change the output. Every refusal is a StyleFileError with one line naming the file."""
+    change the output. Every refusal is a StyleFileError with one line naming the file. With `family` (the
+    base's), a style whose keys show another family is refused first (StyleOfAnotherFamily, naming
+    `style_name`)."""
     weights, config = locate(path)
     name = path.name
     tensors, metadata = load_tensors(weights)
+    style_family_name = refuse_other_family(tensors, family, style_name or name, name)
     try:
         layers = _parse(tensors, config, metadata, arch)
         for model, named in layers.models.items():
@@ -284,6 +343,7 @@ def read_style(path: Path, arch: Architecture, check: bool = True) -> StyleLayer
         if check:
             _check_values(layers)
             _check_layers(layers, arch)
+        layers.family = style_family_name
     except StyleFileError as exc:
         raise StyleFileError(f"{name}: {exc}") from exc
     except Exception as exc:  # a conversion or peft failure on an odd file: still one line
@@ -295,15 +355,15 @@ def _parse(
     tensors: dict[str, torch.Tensor], config: dict | None, metadata: dict[str, str], arch: Architecture
 ) -> StyleLayers:
     keys = list(tensors)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys):
-        raise StyleFileError("a style for SDXL (it has layers for a second text encoder), not for this base model")
+    if "text_encoder_2" not in arch.layers and any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys):
+        raise StyleFileError("is an SDXL style (it has layers for a second text encoder); this base model is not")
     if config is not None:
         return _from_peft(tensors, config, arch)
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+    if all(k.startswith(tuple(prefix for prefix, _ in KOHYA_MODELS)) for k in keys):
         return _from_kohya(tensors, arch)
     if all(".processor." in k and re.search(r"_lora\.(down|up)\.weight$", k) for k in keys):
         return _from_attention_processors(tensors)
-    if all(k.startswith(("unet.", "text_encoder.")) for k in keys):
+    if all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return _from_diffusers(tensors, metadata)
     if all(PEFT_PARAM.search(k) for k in keys):
         return _from_peft(tensors, None, arch)
@@ -333,8 +393,8 @@ def _from_kohya(tensors: dict[str, torch.Tensor], arch: Architecture) -> StyleLa
             raise StyleFileError(f"unknown keys: layer '{layer}' has no complete adapter weights")
         kind = layer_kinds.pop()
         kinds.add(kind)
-        model = "unet" if layer.startswith("lora_unet_") else "text_encoder"
-        flat = layer.split("_", 2)[2] if model == "unet" else layer.partition("_te_")[2] or layer[len("lora_te1_") :]
+        prefix, model = next((p, m) for p, m in KOHYA_MODELS if layer.startswith(p))
+        flat = layer[len(prefix) :]
         if model == "unet":
             layer = _ldm_to_diffusers_blocks(layer, arch)
             flat = layer[len("lora_unet_") :]

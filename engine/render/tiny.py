@@ -1,5 +1,6 @@
-"""The `tiny` profile's models: the same classes as SD1.5 + depth ControlNet + DPT (and the safety checker,
-captioner, motion adapter and story LLM), built from tiny configs with seeded random weights. No download.
+"""The `tiny` profiles' models: the same classes as SD1.5 + depth ControlNet + DPT (and the safety checker,
+captioner, motion adapter and story LLM), and as SDXL + its depth ControlNet (`tiny-sdxl`), built from tiny
+configs with seeded random weights. No download.
 
 Nothing renders from these objects directly: `save_*` writes each as a hub repo into emaki's tiny cache
 (engine/render/tiny_hub.py), and the tiny profile loads them from there through the code that loads a user's files.
@@ -190,6 +191,108 @@ def save_sd15(folder: Path) -> None:
 
 def save_controlnet(folder: Path) -> None:
     tiny_controlnet().save_pretrained(str(folder), safe_serialization=True)
+
+
+# --- SDXL (engine/render/families/sdxl.py) ---------------------------------------------------------------
+# SDXL's shape in miniature: two CLIP text encoders (the second with a projection, whose pooled output and the
+# six micro-conditioning numbers feed the UNet's `text_time` embedding), cross-attention over both encoders'
+# hidden states side by side, linear attention projections, one transformer layer in the first attention
+# block and two in the next (so, as in SDXL, `transformer_blocks.1` exists). The two encoders have different
+# widths, as SDXL's (768 and 1280) do: diffusers' single-file loader tells the encoders apart by width.
+SDXL_TEXT_WIDTHS = (32, 48)
+SDXL_CROSS_ATTENTION_DIM = sum(SDXL_TEXT_WIDTHS)  # SDXL: 768 + 1280 = 2048
+SDXL_TIME_EMBED_DIM = 8  # SDXL: 256
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": BLOCKS,
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    "transformer_layers_per_block": (1, 2),
+    # 6 micro-conditioning numbers (original size, crop corner, target size) + the pooled text embedding
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_TEXT_WIDTHS[1],
+    "cross_attention_dim": SDXL_CROSS_ATTENTION_DIM,
+    "norm_num_groups": 32,
+}
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    torch.manual_seed(WEIGHT_SEED)
+    return UNet2DConditionModel(**SDXL_UNET_CONFIG).eval()
+
+
+def tiny_sdxl_text_encoders(vocab_size: int) -> tuple[CLIPTextModel, Any]:
+    from transformers import CLIPTextModelWithProjection
+
+    def config(width: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=width,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=width,
+        )
+
+    torch.manual_seed(WEIGHT_SEED)
+    first = CLIPTextModel(config(SDXL_TEXT_WIDTHS[0], "quick_gelu")).eval()  # SDXL's CLIP ViT-L: quick_gelu
+    torch.manual_seed(WEIGHT_SEED + 7)
+    second = CLIPTextModelWithProjection(config(SDXL_TEXT_WIDTHS[1], "gelu")).eval()  # OpenCLIP bigG: gelu
+    return first, second
+
+
+def tiny_sdxl_controlnet() -> ControlNetModel:
+    """An SDXL ControlNet made from the tiny SDXL UNet (its blocks, micro-conditioning and cross-attention)."""
+    torch.manual_seed(WEIGHT_SEED + 8)
+    return ControlNetModel.from_unet(tiny_sdxl_unet(), conditioning_embedding_out_channels=(16, 32)).eval()
+
+
+def tiny_sdxl_scheduler() -> Any:
+    # SDXL's own scheduler config (stable-diffusion-xl-base-1.0/scheduler).
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def sdxl_pipeline() -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = tiny_tokenizer()
+    first, second = tiny_sdxl_text_encoders(len(tokenizer))
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=first,
+        text_encoder_2=second,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=tiny_sdxl_unet(),
+        scheduler=tiny_sdxl_scheduler(),
+    )
+
+
+def save_sdxl(folder: Path) -> None:
+    sdxl_pipeline().save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_sdxl_controlnet(folder: Path) -> None:
+    tiny_sdxl_controlnet().save_pretrained(str(folder), safe_serialization=True)
 
 
 def save_depth(folder: Path) -> None:

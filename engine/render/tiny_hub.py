@@ -41,6 +41,11 @@ REPOS: dict[str, str] = {
     "llm_model": f"{ORG}/llm",
     "clip_model": f"{ORG}/clip",
 }
+# The tiny SDXL set (the `tiny-sdxl` profile names them by id; engine/render/families/sdxl.py).
+SDXL_BASE = f"{ORG}/sdxl"
+SDXL_CONTROLNET = f"{ORG}/controlnet-depth-sdxl"
+# Every tiny repo: what `ensure_all` builds.
+ALL_REPOS = tuple(sorted({*REPOS.values(), SDXL_BASE, SDXL_CONTROLNET}))
 
 
 def _builders() -> dict[str, Callable[[Path], None]]:
@@ -55,6 +60,8 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         f"{ORG}/animatediff": tiny.save_motion_adapter,
         f"{ORG}/llm": tiny.save_llm,
         f"{ORG}/clip": tiny.save_clip,
+        SDXL_BASE: tiny.save_sdxl,
+        SDXL_CONTROLNET: tiny.save_sdxl_controlnet,
     }
 
 
@@ -119,11 +126,10 @@ def ensure(repo_id: str, root: Path | None = None, build: bool = True) -> Path:
 
 
 def ensure_all(root: Path | None = None) -> list[str]:
-    """Every tiny repo (what `emaki models pull` does on the tiny profile); their ids."""
-    repos = sorted(set(REPOS.values()))
-    for repo_id in repos:
+    """Every tiny repo, both families' (the test session's prebuild); their ids."""
+    for repo_id in ALL_REPOS:
         ensure(repo_id, root)
-    return repos
+    return list(ALL_REPOS)
 
 
 def manifest_path(repo_id: str, root: Path) -> Path:
