@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.render.families import GIB, NO_SAFETY_CHECKER, Family, Sizes, StyleKeys
+from engine.render.families.base import GIB, NO_SAFETY_CHECKER, Family, Sizes, StyleKeys
 
 # stable-diffusion-v1-5's configs (what a single-file SD1.5 checkpoint expands to, and what its footprint is
 # computed from).

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.render.families import GIB, Family, Sizes, StyleKeys
+from engine.render.families.base import GIB, Family, Sizes, StyleKeys
 
 # stable-diffusion-xl-base-1.0's configs (a single-file SDXL checkpoint expands to these; the footprint is
 # computed from them). The parameter counts they give match the published ones (UNet 2,567,463,684).
