@@ -275,7 +275,62 @@ def kohya_named(pipe: object) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     return sgm, encoders
 
 
+# --- presets ------------------------------------------------------------------------------------------------
+def test_sdxl_presets_are_kohyas_defaults_clamped_to_the_profile(tmp_path: Path) -> None:
+    from training.presets import preset_config
+
+    tiny, sd15 = (load_settings(profile=p, data_dir=tmp_path / p) for p in ("tiny", "sd15"))
+    notes: list[str] = []
+    lora = preset_config("sdxl-lora", {}, n_images=4, settings=tiny, notes=notes)
+    assert (lora.adapter, lora.rank, lora.network_alpha, lora.learning_rate) == ("lora", 32, 16, 1e-4)
+    assert (lora.text_encoder_lr, lora.train_text_encoder, lora.noise_offset, lora.min_snr_gamma) == (
+        1e-5,
+        False,
+        0.0357,
+        5.0,
+    )
+    assert (lora.epochs, lora.save_every, lora.gradient_checkpointing) == (10, 4, "on")  # a save every epoch
+    assert lora.resolution == 256 and notes == [
+        "preset sdxl-lora: resolution 1024 is outside the tiny profile's sizes (32..256); clamped to 256"
+    ]
+    assert preset_config("sdxl-lora", {}, n_images=4, settings=sd15).resolution == 1024  # SDXL's own buckets
+    for kind in ("loha", "lokr"):
+        other = preset_config(f"sdxl-{kind}", {"rank": 8}, n_images=4)
+        assert (other.adapter, other.rank, other.network_alpha, other.learning_rate, other.epochs) == (
+            kind,
+            8,  # the user's option wins
+            16,
+            2e-4,
+            16,
+        )
+
+
+def test_each_sdxl_preset_states_its_computed_vram() -> None:
+    """The stated counts are what SDXL's configs give (built on the meta device, the preset's adapter injected)."""
+    from training.presets import PRESET_PARAMETERS, SDXL_PRESETS, preset_config, preset_vram
+    from training.vram import sdxl_training_memory
+
+    assert set(PRESET_PARAMETERS) == set(SDXL_PRESETS)
+    for name in SDXL_PRESETS:
+        memory = sdxl_training_memory(preset_config(name, {}, n_images=1))
+        assert (memory.frozen_params, memory.trained_params) == PRESET_PARAMETERS[name], name
+        line = preset_vram(name)
+        assert line.startswith(f"{memory.total_gib:.2f} GiB + activations (computed") and "not measured" in line
+
+
 # --- the CLI ------------------------------------------------------------------------------------------------
+def test_emaki_train_print_shows_the_presets_gpu_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    assert main(["train", "--name", "x", "--preset", "sdxl-loha", "--print", "--profile", "tiny"]) == 0
+    captured = capsys.readouterr()
+    assert "# GPU memory: 7.85 GiB + activations (computed" in captured.out
+    assert "resolution = 256" in captured.out and "clamped to 256" in captured.err
+
+
 def test_emaki_train_on_an_sdxl_base_registers_the_style(
     hub: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
