@@ -275,6 +275,25 @@ def kohya_named(pipe: object) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     return sgm, encoders
 
 
+def test_an_interrupted_sdxl_run_resumes_bit_for_bit_with_augmentation(settings: Settings, tmp_path: Path) -> None:
+    """Flips (the flipped view's own crop conditioning), caption dropout and shuffling through both encoders, the
+    text encoders' adapters in the checkpoint: a run stopped at step 2 and resumed equals one run through."""
+    dataset = load_dataset(two_images(tmp_path / "ds"), settings)
+    config = dict(TRAIN, steps=4, checkpoint_every=2, flip=True, caption_dropout=0.5, shuffle_caption=True)
+    whole = SDXLTrainer(settings, dataset, "fox", TrainConfig(**config), tmp_path / "whole").run()
+    first = SDXLTrainer(settings, dataset, "fox", TrainConfig(**config), tmp_path / "split").run(
+        should_yield=lambda: True
+    )
+    assert not first.finished and first.step == 2
+    resumed = SDXLTrainer(settings, dataset, "fox", TrainConfig(**config), tmp_path / "split")
+    second = resumed.run()
+    assert second.finished and np.allclose(second.losses, whole.losses, atol=1e-6)
+    a, b = load_file(str(whole.weights)), load_file(str(second.weights))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    pipe = load_sdxl_base(settings, torch.float32)  # the fixed-draw loss conditions the whole bucket the same way
+    assert resumed.fixed_draw_loss(pipe, draws=1) > 0
+
+
 # --- presets ------------------------------------------------------------------------------------------------
 def test_sdxl_presets_are_kohyas_defaults_clamped_to_the_profile(tmp_path: Path) -> None:
     from training.presets import preset_config
