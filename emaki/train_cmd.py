@@ -89,6 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     resolved = config.resolved(n_images, settings)  # refuses bad values before any work
     if args.print:
         print(f"# resolved for {n_images} images" + (f", preset {args.preset}" if args.preset else ""))
+        from training.presets import preset_vram
+
+        if args.preset and preset_vram(args.preset):
+            print(f"# GPU memory: {preset_vram(args.preset)}")
         for key, value in asdict(resolved).items():
             print(f"{key} = {json.dumps(value)}")
         return 0

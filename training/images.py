@@ -50,15 +50,21 @@ def pick_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(b[0] / b[1] - ratio), -b[0] * b[1]))
 
 
+def bucket_fit(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of `size` (width, height) fits `bucket`: the size it is scaled to (covering the bucket,
+    aspect ratio kept) and the (left, top) corner of the centred crop. SDXL is conditioned on the crop."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    scaled = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return scaled, ((scaled[0] - width) // 2, (scaled[1] - height) // 2)
+
+
 def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Scale to cover the bucket keeping the aspect ratio, then centre-crop the excess (a few
     pixels on one axis: the bucket already has nearly the image's shape)."""
-    width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    scaled, (left, top) = bucket_fit(image.size, bucket)
+    image = image.resize(scaled, Image.Resampling.LANCZOS)
+    return image.crop((left, top, left + bucket[0], top + bucket[1]))
 
 
 def parse_colour(colour: str) -> tuple[int, int, int]:

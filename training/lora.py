@@ -52,6 +52,7 @@ TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # LoRA: the name diffusers' loader looks for
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # LoHa/LoKr/IA3: peft's own layout
 TEXT_ENCODER_DIR = "text_encoder"  # LoHa/LoKr/IA3: the text encoder's half, in peft's layout too
+KOHYA_WEIGHTS_NAME = "style.safetensors"  # SDXL (training/sdxl.py): one kohya-layout file, every kind
 SAMPLE_NAME = "sample.png"
 MAX_SEED = 2**32 - 1
 LOG_EVERY = 10  # losses are read back from the device (one sync) every this many steps
@@ -286,7 +287,7 @@ def kept_saves(out_dir: Path) -> dict[int, Path]:
 
 
 def adapter_file(folder: Path) -> Path | None:
-    for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME):
+    for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
         if (folder / name).is_file():
             return folder / name
     return None
@@ -315,6 +316,13 @@ class Trainer:
         self.weight_dtype = frozen_dtype(self.device)
         self.pipeline = pipeline
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _load_pipeline(self) -> Any:
+        return load_training_pipeline(self.settings, self.weight_dtype)
+
+    def _text_model(self, pipe: Any) -> torch.nn.Module:
+        """The text encoder(s) a run freezes, and adapts when `train_text_encoder` is on."""
+        return pipe.text_encoder
 
     @property
     def checkpoint_path(self) -> Path:
@@ -355,10 +363,12 @@ class Trainer:
         for index, item in enumerate(self.dataset.items):
             image = load_upright_rgb(item.path, self.config.background)
             bucket = self.bucket_of(image)
+            original_size = image.size
             image = fit_to_bucket(image, bucket)
             views = [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if self.config.flip else [image]
-            entry = by_bucket.setdefault(f"{bucket[0]}x{bucket[1]}", {"items": [], "views": []})
+            entry = by_bucket.setdefault(f"{bucket[0]}x{bucket[1]}", {"items": [], "views": [], "sizes": []})
             entry["items"].append(index)
+            entry["sizes"].append(original_size)  # (width, height) before fitting: SDXL is conditioned on it
             encoded = []
             for view in views:
                 pixels = torch.from_numpy(np.asarray(view, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
@@ -372,16 +382,20 @@ class Trainer:
                 "items": entry["items"],
                 "mean": torch.stack([torch.cat([e[v][0] for e in entry["views"]]) for v in range(n_views)]),
                 "std": torch.stack([torch.cat([e[v][1] for e in entry["views"]]) for v in range(n_views)]),
+                "sizes": torch.tensor(entry["sizes"]),
             }
+        data = {"buckets": buckets, **self._encode_prompts(pipe)}
+        save_atomic(data, cache)
+        return data
+
+    def _encode_prompts(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The dataset's prompts (and the empty one, for caption dropout) through the frozen text encoder."""
         tokens = self._tokenize(pipe, self.prompts())
-        data = {
-            "buckets": buckets,
+        return {
             "tokens": tokens,
             "text": pipe.text_encoder(tokens.to(self.device))[0].float().cpu(),
             "empty_text": pipe.text_encoder(self._tokenize(pipe, [""]).to(self.device))[0].float().cpu(),
         }
-        save_atomic(data, cache)
-        return data
 
     @staticmethod
     def _tokenize(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
@@ -439,13 +453,13 @@ class Trainer:
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         cfg = self.config
-        pipe = self.pipeline or load_training_pipeline(self.settings, self.weight_dtype)
+        pipe = self.pipeline or self._load_pipeline()
         pipe.to(self.device)
         if self.weight_dtype != torch.float32:
             pipe.to(dtype=self.weight_dtype)
         pipe.set_progress_bar_config(disable=True)
         data = self.encode_dataset(pipe)
-        unet, text_encoder = pipe.unet, pipe.text_encoder
+        unet, text_encoder = pipe.unet, self._text_model(pipe)
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
         pipe.vae.requires_grad_(False)
@@ -613,18 +627,13 @@ class Trainer:
     def _move_data(self, data: dict[str, Any]) -> dict[str, Any]:
         """The cached latents and embeddings on the training device, once (not a copy per step)."""
         device = self.device
+
+        def moved(values: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
         return {
-            "buckets": {
-                key: {
-                    "items": entry["items"],
-                    "mean": entry["mean"].to(device),
-                    "std": entry["std"].to(device),
-                }
-                for key, entry in data["buckets"].items()
-            },
-            "tokens": data["tokens"].to(device),
-            "text": data["text"].to(device),
-            "empty_text": data["empty_text"].to(device),
+            "buckets": {key: moved(entry) for key, entry in data["buckets"].items()},
+            **moved({k: v for k, v in data.items() if k != "buckets"}),
         }
 
     def _epoch(self, data: dict[str, Any], rng: np.random.Generator) -> list[tuple[str, list[int]]]:
@@ -689,8 +698,7 @@ class Trainer:
         views = [int(rng.integers(2)) if cfg.flip else 0 for _ in positions]
         mean = torch.stack([entry["mean"][v, p] for v, p in zip(views, positions, strict=True)])
         std = torch.stack([entry["std"][v, p] for v, p in zip(views, positions, strict=True)])
-        indices = [entry["items"][p] for p in positions]
-        text = self._text(pipe, trained_text, data, indices, rng)
+        conditioning = self._conditioning(pipe, trained_text, data, entry, views, positions, rng)
         device = self.device
         latents = (mean + std * torch.randn(mean.shape, generator=noise_gen, device=device)) * float(
             pipe.vae.config.scaling_factor
@@ -709,14 +717,32 @@ class Trainer:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         v_prediction = scheduler.config.prediction_type == "v_prediction"
         target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-        dtype = self.weight_dtype
-        prediction = pipe.unet(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype)).sample
+        prediction = pipe.unet(noisy.to(self.weight_dtype), timesteps, **conditioning).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma > 0:  # Min-SNR weighting (Hang et al. 2023), as diffusers' script does it
             snr = compute_snr(scheduler, timesteps)
             clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
             per_sample = per_sample * (clipped / (snr + 1) if v_prediction else clipped / snr)
         return per_sample.mean()
+
+    def _conditioning(
+        self,
+        pipe: Any,
+        trained_text: Any,
+        data: dict[str, Any],
+        entry: dict[str, Any],
+        views: list[int],
+        positions: list[int],
+        rng: np.random.Generator,
+    ) -> dict[str, Any]:
+        """What the UNet is conditioned on for a batch (the keyword arguments of its call, in its dtype)."""
+        indices = [entry["items"][p] for p in positions]
+        text = self._text(pipe, trained_text, data, indices, rng)
+        return {"encoder_hidden_states": text.to(self.weight_dtype)}
+
+    def _fixed_conditioning(self, data: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+        """The conditioning of a whole bucket, unaugmented (for `fixed_draw_loss`)."""
+        return {"encoder_hidden_states": data["text"][entry["items"]].to(self.weight_dtype)}
 
     @torch.no_grad()
     def fixed_draw_loss(self, pipe: StableDiffusionPipeline, draws: int = 8, seed: int = 1234) -> float:
@@ -732,7 +758,7 @@ class Trainer:
         for key in sorted(data["buckets"]):
             entry = data["buckets"][key]
             latents = entry["mean"][0] * float(pipe.vae.config.scaling_factor)
-            text = data["text"][entry["items"]]
+            conditioning = self._fixed_conditioning(data, entry)
             for _ in range(draws):
                 noise = torch.randn(latents.shape, generator=generator, device=self.device)
                 timesteps = torch.randint(
@@ -744,8 +770,7 @@ class Trainer:
                     if scheduler.config.prediction_type == "v_prediction"
                     else noise
                 )
-                dtype = self.weight_dtype
-                prediction = pipe.unet(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype)).sample
+                prediction = pipe.unet(noisy.to(self.weight_dtype), timesteps, **conditioning).sample
                 total += float(F.mse_loss(prediction.float(), target.float(), reduction="sum"))
                 count += target.numel()
         return total / count
@@ -772,7 +797,7 @@ class Trainer:
     def _sample(self, pipe: StableDiffusionPipeline) -> Image.Image:
         """What the style looks like so far: the first caption, a fixed seed (the run's), few steps."""
         pipe.unet.eval()
-        pipe.text_encoder.eval()
+        self._text_model(pipe).eval()
         size = self.config.resolution
         generator = torch.Generator("cpu").manual_seed(self.config.seed)
         return pipe(

@@ -12,6 +12,16 @@ options given on the command line win over it.
   captions keeping 1 token, network dim/alpha 1024 (iA3 has no rank: recorded only), network dropout
   0.3 (peft's IA3 has no dropout: recorded only), max-norm regularisation 1, batch 1, 300 epochs,
   a save every 10 epochs, seed 31337, gradient checkpointing, text encoder trained.
+- `sdxl-lora`, `sdxl-loha`, `sdxl-lokr`: kohya's SDXL defaults (kohya-ss/sd-scripts). LoRA from the example of
+  `docs/sdxl_train_network.md`: network dim 32, alpha 16, U-Net lr 1e-4, text encoder lr 1e-5 (text_encoder_lr1
+  and lr2 alike), constant LR, 10 epochs with a save every epoch, gradient checkpointing, bf16. LoHa and LoKr from
+  `docs/loha_lokr.md`: dim 32, alpha 16, lr 2e-4, 16 epochs with a save every epoch, gradient checkpointing. All
+  three: 1024 px buckets ("The default resolution of SDXL is 1024x1024", `docs/train_SDXL-en.md`), the U-Net only
+  (`--network_train_unet_only` "is highly recommended for SDXL LoRA", ibid.), noise offset 0.0357 ("Recommended
+  to enable as SDXL base models are trained with this (e.g., 0.0357)", `docs/train_network_advanced.md`; also
+  `DEFAULT_NOISE_OFFSET` in `library/sdxl_train_util.py`), min-SNR gamma 5 ("`N=5` etc. are used", ibid.).
+  kohya's examples use AdamW8bit: emaki's AdamW keeps fp32 moments (the VRAM below counts them). The VRAM each
+  needs is in PRESET_PARAMETERS / `preset_vram`.
 """
 
 from __future__ import annotations
@@ -75,9 +85,54 @@ PRESETS: dict[str, dict[str, Any]] = {
         "holdout": 0,  # the paper trains on all 28 images
     },
 }
+_SDXL_COMMON: dict[str, Any] = {
+    "optimizer": "adamw",
+    "rank": 32,
+    "network_alpha": 16,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 0,
+    "min_snr_gamma": 5.0,
+    "noise_offset": 0.0357,
+    "resolution": 1024,
+    "batch_size": 1,
+    "gradient_checkpointing": "on",
+    "train_text_encoder": False,
+    "text_encoder_lr": 1e-5,  # when --train-text-encoder turns it on (docs/sdxl_train_network.md)
+    "holdout": 0,
+}
+PRESETS["sdxl-lora"] = {**_SDXL_COMMON, "adapter": "lora", "learning_rate": 1e-4, "epochs": 10, "save_limit": 10}
+PRESETS["sdxl-loha"] = {**_SDXL_COMMON, "adapter": "loha", "learning_rate": 2e-4, "epochs": 16, "save_limit": 16}
+PRESETS["sdxl-lokr"] = {**_SDXL_COMMON, "adapter": "lokr", "learning_rate": 2e-4, "epochs": 16, "save_limit": 16}
 # kohya saves every 10 of the 300 epochs; an epoch's length depends on the dataset, so this
 # is resolved against it (see `preset_config`).
-SAVE_EVERY_EPOCHS = {"anime-ia3-prodigy": 10}
+SAVE_EVERY_EPOCHS = {"anime-ia3-prodigy": 10, "sdxl-lora": 1, "sdxl-loha": 1, "sdxl-lokr": 1}
+# What the SDXL presets need on the GPU, computed by `python -m training.vram` (training/vram.py: parameter counts of
+# SDXL's published configs, the frozen base in bf16, every trained parameter with its fp32 gradient and AdamW
+# moments). Activations come on top and were not measured; kohya documents 8 GB (10 GB recommended) in all for SDXL
+# LoRA at dim 4-8 with an 8-bit optimizer and cached text-encoder outputs (docs/train_SDXL-en.md).
+SDXL_PRESETS = ("sdxl-lora", "sdxl-loha", "sdxl-lokr")
+# (frozen base parameters, trained parameters), as `python -m training.vram` printed them:
+PRESET_PARAMETERS: dict[str, tuple[int, int]] = {
+    "sdxl-lora": (3_468_837_867, 46_448_640),
+    "sdxl-loha": (3_468_837_867, 92_897_280),
+    "sdxl-lokr": (3_468_837_867, 1_513_920),
+}
+FROZEN_BYTES, TRAINED_BYTES = 2, 16  # bf16; fp32 weight + gradient + two AdamW moments (training/vram.py)
+
+
+def preset_vram(name: str) -> str:
+    """One line: what preset `name` needs on the GPU, or "" for a preset without a computed figure."""
+    if name not in PRESET_PARAMETERS:
+        return ""
+    frozen, trained = PRESET_PARAMETERS[name]
+    gib = 1024**3
+    total = (frozen * FROZEN_BYTES + trained * TRAINED_BYTES) / gib
+    return (
+        f"{total:.2f} GiB + activations (computed for the SDXL base: {frozen / 1e9:.2f}B frozen parameters in "
+        f"bf16 = {frozen * FROZEN_BYTES / gib:.2f} GiB, {trained / 1e6:.1f}M trained parameters with fp32 gradients "
+        f"and AdamW moments = {trained * TRAINED_BYTES / gib:.2f} GiB; activations not measured: kohya documents "
+        "8 GB, 10 GB recommended, for SDXL LoRA with gradient checkpointing and an 8-bit optimizer)"
+    )
 
 
 # Preset values that are image sizes: a preset states the paper's (512 px), which a profile may not allow.

@@ -89,6 +89,14 @@ def prepare_dataset(
     return dataset_id, dataset
 
 
+def new_trainer(settings: Settings, dataset: Dataset, trigger: str, config: TrainConfig, out_dir: Path) -> Trainer:
+    """The trainer for the base's family, as its files say (SD1.5's unless they say SDXL)."""
+    from training.sdxl import FAMILY, SDXLTrainer, base_family
+
+    trainer = SDXLTrainer if base_family(settings) == FAMILY else Trainer
+    return trainer(settings, dataset, trigger, config, out_dir)
+
+
 def train_style(
     settings: Settings,
     store: Store,
@@ -126,7 +134,7 @@ def train_style(
             result, config, heldout = _train_remote(settings, renderers, row, config, on_save=on_save, **callbacks)
         else:
             dataset = load_dataset(Path(row["path"]), settings)
-            trainer = Trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
+            trainer = new_trainer(settings, dataset, row["trigger"] or "", config, style_dir(settings, name))
             result = trainer.run(on_save=on_save, **callbacks)
             config = trainer.config
             heldout = [path.relative_to(dataset.root).as_posix() for path in trainer.heldout]
@@ -240,7 +248,7 @@ def train_on_worker(settings: Settings, cache: Any, request: RemoteTraining, fla
         if request.state is not None:
             shutil.copytree(cache.get(request.state[0], request.state[1], request.state[2], is_folder=True), run_dir)
         dataset = load_dataset(dataset_root, settings)
-        trainer = Trainer(settings, dataset, request.trigger, TrainConfig.from_dict(request.config), run_dir)
+        trainer = new_trainer(settings, dataset, request.trigger, TrainConfig.from_dict(request.config), run_dir)
 
         def work(emit: Callable[[Any], None], closed: Callable[[], bool]) -> None:
             result = trainer.run(
