@@ -215,6 +215,8 @@ class JobCommands(Cog):
         # This server's styles, the operator's, and what other servers share (where this one shows them).
         shared = server_rules.server(bot, interaction.guild_id).other_styles
         rows = bot.store.styles_visible_in(interaction.guild_id, shared)
+        running = bot.engine.models.family_name  # only what this bot can render: styles of its base's family
+        rows = [row for row in rows if not running or (row.get("family") or "sd15") == running]
         if not rows:
             await interaction.response.send_message(
                 "No styles yet: train one with /train.", ephemeral=True, allowed_mentions=NO_MENTIONS

@@ -237,6 +237,28 @@ async def test_bad_input_is_ephemeral_and_stores_nothing(world, options, message
     assert channel.history(viewer=bob) == []
 
 
+async def test_members_are_offered_only_styles_of_the_running_family(world, tmp_path) -> None:
+    # A tiny (SD1.5) bot whose store also holds an SDXL style (registered by an SDXL bot on the same data dir,
+    # or before the operator switched bases): autocomplete and /styles leave it out, and asking for it by
+    # name is one ephemeral line before anything is queued.
+    from tests.helpers import make_random_lora
+
+    env, channel, alice = world.env, world.channel, world.alice
+    store = bot_of(env).store
+    store.add_style("inkwash", str(make_random_lora(tmp_path / "ink")), family="sd15")
+    store.add_style("inkxl", str(make_random_lora(tmp_path / "inkxl", seed=2)), family="sdxl")
+    choices = await alice.autocomplete(channel, "animate", "style", "ink", prompt="a fox")
+    assert [c["value"] for c in choices] == ["inkwash"]
+    listed = await alice.slash(channel, "styles")
+    assert "inkwash" in listed.response.content and "inkxl" not in listed.response.content
+    answer = await alice.slash(channel, "animate", prompt="a fox", style="inkxl", frames=1)
+    assert answer.ephemeral
+    assert answer.response.content == (
+        "⚠️ 'inkxl' is an SDXL style; this bot renders SD1.5: pick a style made for it (/styles lists them)"
+    )
+    assert store.jobs_where("1 = 1", []) == []
+
+
 async def test_commands_are_guild_only_and_admin_ones_need_manage_server(world) -> None:
     env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
     assert set(env.create_user("dm-user").available_commands()) == {"help", "styles"}

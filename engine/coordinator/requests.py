@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from typing import Any
 
 from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
@@ -115,6 +116,22 @@ def build_params(
             known = ", ".join(s["name"] for s in store.styles()) if store else ""
             hint = f"known styles are {known}" if known else "no styles are registered yet"
             raise InvalidRequest(f"unknown style '{p.style}': {hint}")
+        refuse_style_of_another_family(settings, row)
         # As registered (`Ghibli` asked, `ghibli` kept), and held by identity from here on.
         p = dataclasses.replace(p, style=row["name"], style_id=row.get("uid") or "")
     return p
+
+
+def refuse_style_of_another_family(settings: Settings, row: dict[str, Any]) -> None:
+    """A style recorded for the other family than the running base's is one line when the job is asked for,
+    not a failure after it waited in the queue. Rows from before families were recorded are SD1.5's."""
+    from engine.render.families import family_name
+    from engine.render.style_files import FAMILY_TITLES
+
+    running = family_name(settings.base_model, settings.base_model_config)  # "" when the base is not on disk
+    recorded = row.get("family") or "sd15"
+    if running and recorded != running:
+        raise InvalidRequest(
+            f"'{row['name']}' is an {FAMILY_TITLES.get(recorded, recorded)} style; this bot renders "
+            f"{FAMILY_TITLES.get(running, running)}: pick a style made for it (/styles lists them)"
+        )
