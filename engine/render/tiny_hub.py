@@ -40,11 +40,12 @@ REPOS: dict[str, str] = {
     "motion_adapter": f"{ORG}/animatediff",
     "llm_model": f"{ORG}/llm",
     "clip_model": f"{ORG}/clip",
+    "video_model": f"{ORG}/ltx-video",
 }
 
 
 def _builders() -> dict[str, Callable[[Path], None]]:
-    from engine.render import tiny  # torch and diffusers: imported only when a repo is built
+    from engine.render import tiny, tiny_video  # torch and diffusers: imported only when a repo is built
 
     return {
         f"{ORG}/sd15": tiny.save_sd15,
@@ -55,6 +56,7 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         f"{ORG}/animatediff": tiny.save_motion_adapter,
         f"{ORG}/llm": tiny.save_llm,
         f"{ORG}/clip": tiny.save_clip,
+        f"{ORG}/ltx-video": tiny_video.save_tiny_video,
     }
 
 
