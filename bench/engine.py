@@ -2,6 +2,7 @@
 
     python -m bench.engine --arch sd15 --device cpu --size 256 --frames 2 --steps 10
     python -m bench.engine --arch sd15 --device cuda
+    python -m bench.engine --arch tiny --device cpu --video   # adds the tiny video model's row
 
 Both run the same job (same frame prompts, seeds, size, steps, guidance 8.5, strength 0.15) on the
 same random-weight architectures. Each runs in a fresh subprocess, so its peak memory is its own:
@@ -171,6 +172,40 @@ def run_emaki(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str, fl
         return out
 
 
+VIDEO_SECONDS, VIDEO_FPS = 2.0, 8  # the video row's clip: 17 frames (8k+1)
+
+
+def run_video(args: argparse.Namespace, device: Any, dtype: Any) -> dict[str, float]:
+    """The tiny LTX-Video model (engine/render/video.py) rendering one clip through `--frames` keyframes, at
+    `--size` and `--steps`, loaded as the tiny profile loads it (from emaki's tiny hub cache)."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.params import video_frame_count
+    from engine.render.video import ClipPlan, VideoRenderer, condition_frames
+    from engine.settings import load_settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(profile="tiny", data_dir=tmp, device=str(device), min_size=8, max_size=4096)
+        started = time.perf_counter()
+        renderer = VideoRenderer.load(settings, device, dtype)
+        build_s = time.perf_counter() - started
+        num_frames = video_frame_count(VIDEO_SECONDS, VIDEO_FPS)
+        rng = np.random.default_rng(1)
+        size = (args.size, args.size, 3)
+        keyframes = [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for _ in range(args.frames)]
+        plan = ClipPlan(
+            "a ghibli dragon glides over a medieval town", "", 1, num_frames, VIDEO_FPS, args.size, args.size,
+            args.steps, 3.0, tuple(condition_frames(args.frames, num_frames)),
+        )  # fmt: skip
+        sync(device)
+        started = time.perf_counter()
+        frames = renderer.render(keyframes, plan)
+        sync(device)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "build_s": build_s, "clip_frames": len(frames)}
+
+
 def unet_figures(models: Any, size: int, dtype: Any) -> dict[str, float]:
     """One classifier-free-guidance UNet step (batch 2): time, FLOPs (torch's counter), TFLOP/s."""
     import torch
@@ -225,7 +260,8 @@ def worker(args: argparse.Namespace) -> None:
     level = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = (run_baseline if args.worker == "baseline" else run_emaki)(args, device, dtype)
+    run = {"baseline": run_baseline, "emaki": run_emaki, "video": run_video}[args.worker]
+    result = run(args, device, dtype)
     if device.type == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -245,13 +281,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--worker", choices=("baseline", "emaki"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--video",
+        action="store_true",
+        help="also time the tiny video model rendering a 17-frame clip through the keyframes (--arch tiny only)",
+    )
+    parser.add_argument("--worker", choices=("baseline", "emaki", "video"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
+    if args.video and args.arch != "tiny":
+        raise SystemExit("--video times the tiny video model: use it with --arch tiny")
     results: dict[str, dict[str, Any]] = {}
-    for name in ("baseline", "emaki"):
+    for name in ("baseline", "emaki", "video") if args.video else ("baseline", "emaki"):
         command = [
             sys.executable,
             "-m",
@@ -292,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         "memory_ratio": round(ours["peak_mb"] / base["peak_mb"], 3),
         "versions": ours["versions"],
     }
+    if "video" in results:
+        clip = results["video"]
+        summary["video_clip_frames"] = clip["clip_frames"]
+        summary["video_s_per_clip_frame"] = round(clip["seconds"] / clip["clip_frames"], 4)
+        summary["video_peak_mb"] = round(clip["peak_mb"], 1)
     for key in ("unet_step_ms", "unet_tflops", "fraction_of_peak", "device_name"):
         if key in ours:
             summary[key] = round(ours[key], 4) if isinstance(ours[key], float) else ours[key]

@@ -46,6 +46,9 @@ MODEL_KEYS = (
     "scheduler",
     "motion_adapter",
     "motion_fewstep",
+    "video_model",
+    "video_fewstep",
+    "video_vae_tiling",
 )
 PARAM_OPTIONS = (
     "frames",
@@ -160,8 +163,9 @@ def _place_dir(source: Path, target: Path, replace: bool, trash: Path) -> None:
 def publish(output: Output, engine: Any, job_id: int, fmt: str, story: dict[str, Any]) -> Path:
     """Write the animation, its frames folder and its sidecar; the animation appears last, so its
     presence means the set is whole. Returns the animation's path."""
-    from engine.coordinator.worker import clip_images
+    from engine.coordinator.worker import MP4_FILE, clip_images, job_dir
     from engine.render.media import encode_webp, write_mp4
+    from engine.render.video import CLIP_DIR
 
     job = engine.store.job(job_id)
     rows = engine.store.frames(job_id)
@@ -171,9 +175,14 @@ def publish(output: Output, engine: Any, job_id: int, fmt: str, story: dict[str,
         (tmp / "frames").mkdir()
         for row in rows:
             shutil.copyfile(row["path"], tmp / "frames" / Path(row["path"]).name)
+        video_job = job["params"].get("motion") == "video"
+        if video_job:  # the keyframes, and the video model's clip beside them
+            shutil.copytree(job_dir(engine.settings, job_id) / CLIP_DIR, tmp / "frames" / CLIP_DIR)
         animation = tmp / "animation"
         if fmt == "gif":
             shutil.copyfile(job["gif_path"], animation)
+        elif fmt == "mp4" and video_job:  # the one the job made: exact fps, fitted under the upload cap
+            shutil.copyfile(job_dir(engine.settings, job_id) / MP4_FILE, animation)
         else:
             images, frame_ms = clip_images(engine.settings, job, rows)  # in-betweens included
             if fmt == "webp":
@@ -249,6 +258,7 @@ def model_revision(setting: str, ref: str) -> str | None:
 
 def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[str, Any]) -> dict[str, Any]:
     from engine.coordinator.worker import METRICS_FILE, STORY_FILE, job_record
+    from engine.render.video import VIDEO_FILE
 
     settings: Settings = engine.settings
     job = engine.store.job(job_id)
@@ -266,7 +276,7 @@ def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[st
             }
     models = {k: getattr(settings, k) for k in MODEL_KEYS}
     models["family"] = engine.models.family_name  # "sd15" or "sdxl": read from the base model's files
-    pinned = ("base_model", "controlnet_model", "depth_model", "motion_adapter")
+    pinned = ("base_model", "controlnet_model", "depth_model", "motion_adapter", "video_model")
     models["revisions"] = {k: model_revision(k, getattr(settings, k)) for k in pinned if getattr(settings, k)}
     return {
         "emaki_sidecar": SIDECAR_VERSION,
@@ -279,6 +289,7 @@ def build_sidecar(engine: Any, job_id: int, frames_dir_name: str, story: dict[st
             "frames": [row["prompt"] for row in rows],
         },
         "metrics": job_record(settings, job_id, METRICS_FILE),  # warping error: on random weights, tooling only
+        "video": job_record(settings, job_id, VIDEO_FILE) or None,  # video mode: the clip's model, seed, conditions
         "frames": [
             {k: row[k] for k in ("idx", "prompt", "seed", "strength", "steps", "guidance", "style")}
             | {"file": f"{frames_dir_name}/{Path(row['path']).name}"}
@@ -399,7 +410,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
         nonlocal bar
         if quiet:
             return
-        desc = f"frame {event.frame_index + 1}/{total}"
+        desc = "video" if event.frame_index >= total else f"frame {event.frame_index + 1}/{total}"
         if bar is None or bar.desc != desc:
             if bar is not None:
                 bar.close()
@@ -456,30 +467,36 @@ def story_record(settings: Settings, backend: str) -> dict[str, Any]:
     }
 
 
-def start_engine(settings: Settings, motion: bool, store: Any = None) -> Any:
+def start_engine(settings: Settings, motion: str, store: Any = None) -> Any:
     """An engine whose models are loaded (here, or on the cluster's workers), the motion adapter too
-    when `motion`: before any row is written, so a model that cannot load leaves nothing behind. With
-    no `store`, the data dir's is opened only once the models are up (no database either)."""
+    for `motion` animatediff and the video model for video: before any row is written, so a model that
+    cannot load leaves nothing behind. With no `store`, the data dir's is opened only once the models are
+    up (no database either)."""
     from engine.coordinator import safety
     from engine.coordinator.store import open_store
     from engine.coordinator.worker import Engine, cluster_renderers
+    from engine.render.renderer import LocalRenderers, Renderer
 
     if settings.safety_cli:  # frames will be screened: a missing checker is one line now, not a failed job later
         safety.require(settings)
     if settings.ray_address:
         renderers = cluster_renderers(settings, store)  # joins the cluster: one line when it cannot
         renderers.warm()
-        if motion:
+        if motion == "animatediff":
             renderers.check_motion()
         store = store if store is not None else open_store(settings.data_dir)
         renderers.store = store  # type: ignore[attr-defined]  # the workers table, for `emaki jobs`
         return Engine(settings, store, renderers=renderers)
     models = load_models(settings)
-    if motion:
+    if motion == "animatediff":
         models.motion_renderer()  # a motion adapter that cannot load, too, leaves no row
+    local = LocalRenderers(Renderer(settings, models))
+    if motion == "video":
+        local.check_video()  # so does a video model
     if settings.safety_cli:  # loaded before any row: a broken checker is one line, not a failed job
         safety.checker_for(settings, models.device, models.dtype)
-    return Engine(settings, store if store is not None else open_store(settings.data_dir), models=models)
+    store = store if store is not None else open_store(settings.data_dir)
+    return Engine(settings, store, models=models, renderers=local)
 
 
 def load_models(settings: Settings) -> Any:
@@ -509,6 +526,8 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     names = ("frames", "width", "height", "steps", "guidance", "strength", "seed", "style", "negative_prompt")
     recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate", "motion")
     recorded_keys = (*recorded_keys, "motion_depth")
+    if recorded.get("motion") == "video":
+        recorded_keys = (*recorded_keys, "video_seconds", "video_fps")
     options = {k: recorded.get(k) for k in recorded_keys}
     return settings, sidecar.get("idea", ""), options, sidecar
 
@@ -522,10 +541,18 @@ def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict
     options |= {
         "color_coherence": args.color_coherence,
         "interpolate": args.interpolate,
-        "frame_duration_ms": _keyframe_ms(args, settings),
         "motion": args.motion,
         "motion_depth": args.motion_depth,
     }
+    if args.motion == "video":  # --seconds and --fps are the clip's, both at once if wanted
+        if args.duration is not None:
+            raise InvalidRequest("--duration does not apply to --motion video: use --seconds and --fps")
+        fps = args.fps
+        if fps is not None and math.isfinite(fps) and fps == int(fps):
+            fps = int(fps)  # a whole number typed as 24.0; anything else is refused by build_params in one line
+        options |= {"video_seconds": args.seconds, "video_fps": fps}
+    else:
+        options["frame_duration_ms"] = _keyframe_ms(args, settings)
     return settings, args.idea, options
 
 
@@ -579,10 +606,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
             listed = len(sidecar["frames"])
             raise InvalidRequest(f"sidecar {args.from_sidecar} lists {listed} frames, not {params.frames}")
         _warn_version_drift(sidecar)
-    output = plan_output(args.out, args.format, params.idea, args.force)
+    fmt = args.format or ("mp4" if params.motion == "video" and not args.out else None)  # the video is the result
+    output = plan_output(args.out, fmt, params.idea, args.force)
 
     # 2. Models, so one that cannot load leaves no row (nor a database); then the row, then the work.
-    engine = start_engine(settings, params.motion != "chain", known)
+    engine = start_engine(settings, params.motion, known)
     if sidecar is not None:
         job_id = engine.create_from_recipe(params, sidecar["frames"], owner_name=user_name())
         write_meta(settings, job_id, story=sidecar.get("story") or {})
@@ -631,8 +659,18 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     animate.add_argument(
         "--duration", type=int, help=setting_help("frame_duration_ms", "milliseconds each keyframe stands for")
     )
-    animate.add_argument("--seconds", type=float, help="length of the whole clip in seconds (instead of --duration)")
-    animate.add_argument("--fps", type=float, help="frames per second of the clip, in-betweens included")
+    animate.add_argument(
+        "--seconds",
+        type=float,
+        help="length of the whole clip in seconds (instead of --duration); with --motion video the video's length "
+        "(0..30; default EMAKI_VIDEO_SECONDS, 5)",
+    )
+    animate.add_argument(
+        "--fps",
+        type=float,
+        help="frames per second of the clip, in-betweens included; with --motion video the video's fps, a whole "
+        "number 4..50 (default EMAKI_VIDEO_FPS, 24), the frame count rounded to the nearest 8k+1",
+    )
     animate.add_argument(
         "--interpolate",
         type=int,
@@ -651,7 +689,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="chain: the paper's img2img chain, one frame from the one before (default); animatediff: the clip "
         "rendered at once by an AnimateDiff motion adapter (EMAKI_MOTION_ADAPTER; few-step with "
         "EMAKI_MOTION_FEWSTEP=lcm|lightning), the frames being the story's beats and --interpolate K the "
-        "frames the motion model renders between them (default EMAKI_MOTION_INBETWEENS, 3)",
+        "frames the motion model renders between them (default EMAKI_MOTION_INBETWEENS, 3); video: the chain "
+        "renders the frames as keyframes, then the video model (EMAKI_VIDEO_MODEL, LTX-Video) renders a clip of "
+        "--seconds at --fps through them, written as MP4 by default",
     )
     animate.add_argument(
         "--motion-depth",

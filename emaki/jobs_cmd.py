@@ -129,7 +129,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"job {args.job} is being rendered right now by another process")
     check_data_dir(settings)
     output = _output(args, job["idea"], read_meta(settings, args.job))
-    engine = start_engine(settings, job["params"].get("motion", "chain") != "chain", store)
+    engine = start_engine(settings, job["params"].get("motion", "chain"), store)
     write_meta(settings, args.job, out=str(output.path.absolute()) if output.explicit else None, format=output.fmt)
     print(render_job(args, engine, args.job, output))
     return 0
@@ -154,7 +154,7 @@ def cmd_redo(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
     check_data_dir(settings)
     output = _output(args, parent["idea"], {})
-    engine = start_engine(settings, parent["params"].get("motion", "chain") != "chain", store)
+    engine = start_engine(settings, parent["params"].get("motion", "chain"), store)
     parent_meta = read_meta(settings, args.job)
     job_id = engine.create_regeneration(args.job, args.from_frame - 1, seed=args.seed, owner_name=user_name())
     write_meta(

@@ -163,7 +163,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     for spec in specs:
         kind = model_files.kind_of(spec.ref)
         if kind == "hub":
-            _pull_repo(spec.role, spec.ref, spec.pipeline, spec.half, settings, cache_dir, args.quiet)
+            _pull_repo(
+                spec.role,
+                spec.ref,
+                spec.pipeline,
+                spec.half,
+                settings,
+                cache_dir,
+                args.quiet,
+                folders=spec.weight_folders,
+            )
         elif kind == "tiny":
             print(f"{spec.role}: random weights, built in emaki's tiny cache (nothing to download)", file=sys.stderr)
             model_files.resolve(spec)  # builds it the first time
@@ -187,6 +196,7 @@ def _pull_repo(
     cache_dir: Any,
     quiet: bool,
     configs: bool = False,
+    folders: tuple[str, ...] | None = None,
 ) -> None:
     from huggingface_hub import HfApi, snapshot_download
     from tqdm import tqdm
@@ -201,7 +211,9 @@ def _pull_repo(
         files = HfApi(endpoint=endpoint).list_repo_files(repo_id, token=token)
     except Exception as exc:  # offline, unknown repo, gated repo: one line
         raise ModelLoadError(f"cannot list {role} '{repo_id}' on the hub: {_first_line(exc)}") from exc
-    chosen, variant, missing = model_files.select_files(files, pipeline=pipeline, want_fp16=half)
+    chosen, variant, missing = model_files.select_files(
+        files, pipeline=pipeline, want_fp16=half, weight_folders=folders or model_files.PIPELINE_WEIGHT_FOLDERS
+    )
     if configs:
         chosen = [f for f in chosen if f.endswith(model_files.CONFIG_SUFFIXES)]
     elif missing:
@@ -253,6 +265,9 @@ def _verify(settings: Settings, dtype: Any) -> None:
         AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if settings.motion_adapter:
         motion.load_adapter(cpu, torch.device("cpu"), dtype)
+    from engine.render import video
+
+    video.verify(cpu)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,7 +16,15 @@ MAX_STEPS = int(rule_of("steps").high or 0)
 MAX_GUIDANCE = float(rule_of("guidance").high or 0)
 # Browsers and Discord play GIF frames shorter than this at 100 ms: a clip that fast would crawl.
 MIN_CLIP_FRAME_MS = 20
-MOTION_MODES = ("chain", "animatediff")
+MOTION_MODES = ("chain", "animatediff", "video")
+# Video mode: LTX-Video's VAE packs 8 frames into one latent frame after the first, so a clip has 8k+1 frames.
+VIDEO_FRAME_STEP = 8
+
+
+def video_frame_count(seconds: float, fps: int) -> int:
+    """Frames of a video-mode clip: seconds x fps rounded to the nearest 8k+1 (ties down), at least 9."""
+    steps = max(1, round((seconds * fps - 1) / VIDEO_FRAME_STEP))
+    return VIDEO_FRAME_STEP * steps + 1
 
 
 def clip_frame_count(keyframes: int, interpolate: int) -> int:
@@ -47,14 +55,23 @@ class AnimationParams:
     # The style row's identity when the job was asked for (the store's `uid`): a job holds its style by
     # it, not by name, so weights registered later under the same name (another server's) never render it.
     style_id: str = ""
+    # video: the chain renders the beats as keyframes, then a video model (engine/render/video.py) renders a
+    # clip of `video_seconds` at `video_fps` through them. 0 in the other modes.
+    video_seconds: float = 0.0
+    video_fps: int = 0
 
     @property
     def clip_frames(self) -> int:
+        if self.motion == "video":
+            return video_frame_count(self.video_seconds, self.video_fps)
         return clip_frame_count(self.frames, self.interpolate)
 
     @property
     def clip_frame_ms(self) -> int:
-        """How long each frame of the clip shows: the keyframes' length spread over every frame."""
+        """How long each frame of the clip shows: the keyframes' length spread over every frame (video mode:
+        one frame at the clip's fps)."""
+        if self.motion == "video":
+            return max(1, round(1000 / self.video_fps))
         return max(1, round(self.frames * self.frame_duration_ms / self.clip_frames))
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "captioner_model": "Salesforce/blip-image-captioning-large",
         "safety_model": "CompVis/stable-diffusion-safety-checker",
         "clip_model": "openai/clip-vit-large-patch14",
+        "video_model": "Lightricks/LTX-Video-0.9.5",
         "width": 512,
         "height": 512,
         "min_size": 256,
@@ -56,6 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "captioner_model": "tiny",
         "safety_model": "tiny",
         "clip_model": "tiny",
+        "video_model": "tiny",
         "width": 64,
         "height": 64,
         "min_size": 32,
@@ -359,6 +361,42 @@ class Settings:
     motion_depth: bool = setting(
         False,
         help="Depth guidance in motion mode: every frame conditioned on the depth map of beat 1's still.",
+    )
+    video_model: str = setting(
+        "",
+        help="The LTX-Video model `--motion video` renders the clip with (diffusers' LTXConditionPipeline: the "
+        "keyframes are image conditions at their beats' frames): a hub id in the local cache (`emaki models pull` "
+        "fetches it), a diffusers folder, or `tiny` (random weights; tiny profile only). Empty: the profile's "
+        "(`Lightricks/LTX-Video-0.9.5` on sd15: the 2B model, its `main` revision, bf16 on a GPU; 0.9.5 is the first "
+        "release trained for conditions at any frame).",
+    )
+    video_seconds: float = setting(
+        5.0, Rule(0, 30, low_open=True), help="`--motion video`: the clip's length in seconds when none is asked for."
+    )
+    video_fps: int = setting(
+        24,
+        Rule(4, 50),
+        help="`--motion video`: the clip's frames per second (LTX-Video was trained at 24-30). The frame count "
+        "seconds x fps is rounded to the nearest 8k+1 (LTX's VAE packs 8 frames into one latent frame).",
+    )
+    video_fewstep: str = setting(
+        "none",
+        Rule(choices=("none", "distilled")),
+        help="`--motion video` few-step sampling: `distilled` runs the timestep schedule and guidance 1 that the "
+        "distilled LTX-Video checkpoints are made for (set video_model to one, e.g. "
+        "Lightricks/LTX-Video-0.9.7-distilled); `none`: the model's own schedule and the asked steps.",
+    )
+    video_offload: str = setting(
+        "model",
+        Rule(choices=("none", "model", "group")),
+        help="Where the video model waits between its parts on a GPU: `none` (all resident), `model` (model CPU "
+        "offload: one part on the GPU at a time) or `group` (group offload by leaf layer: least VRAM, slowest). "
+        "Ignored on the CPU.",
+    )
+    video_vae_tiling: bool = setting(
+        True,
+        help="`--motion video`: decode the clip in tiles (much less VRAM at 512 px and up; the tiny profile's clips "
+        "are smaller than one tile). Changes the clip's pixels slightly: a sidecar records it.",
     )
     ray_address: str = setting(
         "",

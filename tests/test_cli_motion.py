@@ -143,7 +143,12 @@ def test_motion_help_names_the_mode_and_its_settings(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["animate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--motion {chain,animatediff}" in out and "EMAKI_MOTION_ADAPTER" in out and "--motion-depth" in out
+    assert (
+        "--motion {chain,animatediff,video}" in out
+        and "EMAKI_MOTION_ADAPTER" in out
+        and "EMAKI_VIDEO_MODEL" in out
+        and "--motion-depth" in out
+    )
 
 
 def test_a_motion_adapter_whose_weights_are_broken_is_one_line(tmp_path: Path) -> None:

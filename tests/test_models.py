@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from emaki.cli import main
 from engine.errors import InvalidRequest, ModelLoadError, ResourceError
-from engine.render import memory, model_files, tiny
+from engine.render import memory, model_files, tiny, tiny_video
 from engine.render.models import Models, load_base_model
 from engine.settings import PROFILES, Settings, load_settings
 from tests.sd15_layout import SD15Models, ldm_checkpoint, put_in_hub_cache, save_sd15_pipeline, sd15_models
@@ -91,6 +91,7 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     tiny.save_captioner(root / "captioner")
     tiny.save_safety_checker(root / "safety")
     tiny.save_clip(root / "clip")
+    tiny_video.save_tiny_video(root / "video")
     single = root / "community-model.safetensors"
     checkpoint = ldm_checkpoint(sd15)
     save_file(checkpoint, str(single))
@@ -109,6 +110,7 @@ def local_models(hub: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[
     monkeypatch.setenv("EMAKI_CAPTIONER_MODEL", str(hub["root"] / "captioner"))
     monkeypatch.setenv("EMAKI_SAFETY_MODEL", str(hub["root"] / "safety"))
     monkeypatch.setenv("EMAKI_CLIP_MODEL", str(hub["root"] / "clip"))
+    monkeypatch.setenv("EMAKI_VIDEO_MODEL", str(hub["root"] / "video"))
     return hub
 
 
@@ -308,7 +310,7 @@ def test_doctor_on_the_tiny_profile_reports_the_built_in_models(capsys: pytest.C
     assert main(["doctor", "--profile", "tiny"]) == 0
     out = capsys.readouterr().out
     # Every model the profile can load, each a repo on disk in emaki's tiny cache, found by the user's path.
-    assert out.count("ready,") == 6 and out.count("random weights in emaki's tiny cache") == 6
+    assert out.count("ready,") == 7 and out.count("random weights in emaki's tiny cache") == 7
     assert "NOT READY" not in out and "fits     yes" in out
 
 
@@ -329,7 +331,7 @@ def test_models_check_and_pull_include_the_motion_adapter_when_one_is_configured
     line = next(x for x in capsys.readouterr().out.splitlines() if "motion adapter (motion mode)" in x)
     assert "ready," in line and "NOT READY" not in line
     assert main(["models", "pull", "--device", "cpu"]) == 0
-    assert capsys.readouterr().err.count("is local, nothing to download") == 7
+    assert capsys.readouterr().err.count("is local, nothing to download") == 8
 
 
 def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
@@ -338,7 +340,7 @@ def test_models_pull_verifies_local_models_and_refuses_offline_in_one_line(
     monkeypatch.setenv("EMAKI_BASE_MODEL", str(local_models["base"]))
     assert main(["models", "pull", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert err.count("is local, nothing to download") == 6 and "verified" in err
+    assert err.count("is local, nothing to download") == 7 and "verified" in err
     monkeypatch.delenv("EMAKI_BASE_MODEL")  # the profile's hub repo again, with HF_HUB_OFFLINE=1 (conftest)
     assert main(["models", "pull"]) == 2
     err = capsys.readouterr().err.strip()

@@ -77,12 +77,13 @@ def test_pull_on_the_tiny_profile_builds_and_verifies_without_a_network(
     monkeypatch.setenv("EMAKI_TINY_CACHE", str(tmp_path / "fresh"))
     assert main(["models", "pull", "--profile", "tiny", "--device", "cpu", "-q"]) == 0
     err = capsys.readouterr().err
-    assert err.count("built in emaki's tiny cache") == 6 and "all models downloaded and verified" in err
+    assert err.count("built in emaki's tiny cache") == 7 and "all models downloaded and verified" in err
     built = {repo.repo_id for repo in scan_cache_dir(tmp_path / "fresh").repos}
     assert built == {tiny_hub.REPOS[k] for k in ("base_model", "controlnet_model", "depth_model")} | {
         tiny_hub.REPOS["safety_model"],
         tiny_hub.REPOS["captioner_model"],
         tiny_hub.REPOS["clip_model"],
+        tiny_hub.REPOS["video_model"],
     }
 
 

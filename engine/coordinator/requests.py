@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
-from engine.params import MIN_CLIP_FRAME_MS, MOTION_MODES, AnimationParams
+from engine.params import MIN_CLIP_FRAME_MS, MOTION_MODES, VIDEO_FRAME_STEP, AnimationParams
 from engine.settings import MAX_SEED, Settings, check_value
 
 
@@ -37,6 +37,8 @@ def build_params(
     interpolate: int | None = None,
     motion: str | None = None,
     motion_depth: bool | None = None,
+    video_seconds: float | None = None,
+    video_fps: int | None = None,
 ) -> AnimationParams:
     idea = " ".join((idea or "").split())
     if not idea:
@@ -48,6 +50,23 @@ def build_params(
         raise InvalidRequest(f"unknown motion '{motion}': use {', '.join(MOTION_MODES)}")
     if motion == "chain" and motion_depth:
         raise InvalidRequest("motion depth guidance applies to --motion animatediff only (the chain always has it)")
+    if motion != "video" and (video_seconds is not None or video_fps is not None):
+        raise InvalidRequest("the clip's seconds and fps as a video clip apply to --motion video only")
+    if motion == "video":
+        if motion_depth:
+            raise InvalidRequest(
+                "motion depth guidance applies to --motion animatediff only (video mode has keyframes)"
+            )
+        if interpolate:
+            raise InvalidRequest("--interpolate does not apply to --motion video: the video model renders every frame")
+        interpolate = 0
+        video_seconds = settings.video_seconds if video_seconds is None else video_seconds
+        video_fps = settings.video_fps if video_fps is None else video_fps
+        check_value("video_seconds", video_seconds)
+        check_value("video_fps", video_fps)
+        from engine.render import video as video_mode
+
+        video_mode.check_request(settings)  # configured, on disk, of the LTX family, not in cluster mode
     if motion == "animatediff":
         from engine.render import motion as motion_mode
 
@@ -75,6 +94,8 @@ def build_params(
         interpolate=settings.interpolate if interpolate is None else interpolate,
         motion=motion,
         motion_depth=bool(motion_depth),
+        video_seconds=float(video_seconds or 0.0),
+        video_fps=int(video_fps or 0),
     )
     if isinstance(p.frames, bool) or not isinstance(p.frames, int) or not 1 <= p.frames <= settings.max_frames:
         raise InvalidRequest(f"frames must be between 1 and {settings.max_frames} (got {p.frames})")
@@ -89,6 +110,17 @@ def build_params(
     for name in ("steps", "guidance", "strength", "controlnet_scale", "frame_duration_ms", "color_coherence"):
         check_value(name, getattr(p, name))  # type, finiteness and range: one message per field
     check_value("interpolate", p.interpolate)
+    if p.motion == "video" and p.clip_frames > settings.max_clip_frames:
+        raise InvalidRequest(
+            f"{p.video_seconds:g} s at {p.video_fps} fps make {p.clip_frames} frames; the limit is "
+            f"{settings.max_clip_frames}: use fewer seconds or a lower fps"
+        )
+    if p.motion == "video" and p.frames >= 2 and (p.clip_frames - 1) // VIDEO_FRAME_STEP + 1 < p.frames:
+        raise InvalidRequest(
+            f"{p.frames} keyframes need a clip of at least {(p.frames - 1) * VIDEO_FRAME_STEP + 1} frames (one latent "
+            f"frame of {VIDEO_FRAME_STEP} each); {p.video_seconds:g} s at {p.video_fps} fps make {p.clip_frames}: "
+            "use more seconds, a higher fps or fewer frames"
+        )
     if p.clip_frames > settings.max_clip_frames:
         raise InvalidRequest(
             f"{p.frames} frames with {p.interpolate} in-betweens make {p.clip_frames} frames; "
@@ -103,7 +135,7 @@ def build_params(
         raise InvalidRequest("the negative prompt must be text")
     if p.motion != "chain" and p.frames < 2:
         raise InvalidRequest("motion mode needs at least 2 frames (beats) to move between: use --frames 2 or more")
-    if p.motion == "chain" and p.frames > 1 and int(p.steps * p.strength) < 1:
+    if p.motion in ("chain", "video") and p.frames > 1 and int(p.steps * p.strength) < 1:
         # diffusers runs int(steps * strength) denoising steps for img2img frames.
         raise InvalidRequest(
             f"strength {p.strength} x steps {p.steps} gives no denoising step for frames 2..N: raise steps or strength"

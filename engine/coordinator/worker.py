@@ -38,9 +38,10 @@ from engine.coordinator.story import StoryTeller
 from engine.errors import EmakiError, InvalidRequest, JobCancelled, ResourceError
 from engine.events import Event, Failed, Finished, FrameDone, Requeued, Started, StepProgress, StoryReady
 from engine.params import AnimationParams
+from engine.render import video
 from engine.render.animate import FramePlan, frame_seed
 from engine.render.interpolate import Inbetweener, warping_error
-from engine.render.media import encode_gif
+from engine.render.media import encode_gif, fit_mp4
 from engine.render.models import Models, StyleRef
 from engine.render.motion import clip_images as motion_clip_images
 from engine.render.motion import save_inbetweens
@@ -57,6 +58,7 @@ STORY_BLOCKED_REASON = (
 MAX_WORKER_LOSSES = 3  # renderers a job may lose (cluster mode) before it fails instead of queueing again
 STORY_FILE = "story.json"  # in the job folder: the story teller's raw answers
 METRICS_FILE = "metrics.json"  # in the job folder: the clip's frame count, timing and warping error
+MP4_FILE = "animation.mp4"  # in the job folder: video mode's result (the bot's MP4 button reuses the name)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -399,6 +401,12 @@ class Engine:
                 self, job, image
             )  # engine/coordinator/safety.py: a flagged frame ends the job, its files deleted
             path = job_dir / f"frame_{index + 1:02d}.png"
+            # Video mode's clip rides on the last keyframe: written (screened) before that keyframe's file,
+            # so a job whose last keyframe is on disk has its clip too (a resumed job starts from there).
+            if rendered.clip:
+                plan = video.plan_clip(params, [p.prompt for p in plans], self.settings)
+                record = video.clip_record(plan, self.settings)
+                video.save_clip(image, job_dir, record, screen=lambda frame: screen_frame(self, job, frame))
             write_atomic(path, rendered.png)  # the renderer's own PNG bytes: identical on every worker
             # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
             save_inbetweens(image, path, screen=lambda frame: screen_frame(self, job, frame))
@@ -418,7 +426,16 @@ class Engine:
             gif_path = self.job_dir(job_id) / "animation.gif"
             write_atomic(gif_path, encode_gif(images, duration_ms=frame_ms))
             metrics = {"clip_frames": len(images), "frame_ms": frame_ms, "warping_error": warping_error(images)}
+            params = AnimationParams.from_dict(job["params"])
+            if params.motion == "video":  # the MP4 is the result: fitted under the upload cap (bitrate, then size)
+                data, fitted = fit_mp4(images, params.video_fps, self.settings.upload_limit_bytes)
+                write_atomic(self.job_dir(job_id) / MP4_FILE, data)
+                metrics |= {"fps": params.video_fps, "mp4_bytes": len(data), "mp4_scale": fitted["scale"]}
+                metrics |= {"mp4_kbps": fitted["kbps"], "gif_bytes": gif_path.stat().st_size}
             write_atomic(self.job_dir(job_id) / METRICS_FILE, json.dumps(metrics, indent=2).encode())
+        except EmakiError as exc:  # the clip's frames gone, or no MP4 fits the cap
+            self._record_failure(job_id, str(exc))
+            return Failed(job_id, str(exc))
         except OSError as exc:
             full = disk_error(exc, f", then resume job {job_id}")
             reason = str(full) if full is not None else f"could not write the animation: {exc}"
@@ -449,6 +466,8 @@ def clip_images(settings: Settings, job: dict[str, Any], rows: list[dict[str, An
     """The frames a clip shows, in-betweens included, and how long each shows (ms). In-betweens are
     cached by the content of their two keyframes, so a redone keyframe recomputes only its pairs."""
     params = AnimationParams.from_dict(job["params"])
+    if params.motion == "video":  # the video model's clip, in the job folder
+        return video.clip_images(params, job_dir(settings, job["id"]))
     if params.motion != "chain":  # the motion model rendered the in-betweens; they lie beside the keyframes
         return motion_clip_images(params, rows)
     keyframes = [Image.open(r["path"]).convert("RGB") for r in rows]

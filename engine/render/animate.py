@@ -1,5 +1,7 @@
 """The frame chain: frame 1 is txt2img; frame k>1 is img2img from frame k-1, guided by a depth
-ControlNet conditioned on frame k-1's depth map (the Ghibli paper's pipeline)."""
+ControlNet conditioned on frame k-1's depth map (the Ghibli paper's pipeline).
+
+Video mode runs the chain for the keyframes, then the video model (engine/render/video.py) for the clip."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from engine.errors import JobCancelled
 from engine.params import AnimationParams
 from engine.render.models import Models
 from engine.render.motion import INBETWEENS_KEY, beat_starts
+from engine.render.video import CLIP_KEY, VideoRenderer, plan_clip
 
 StepHook = Callable[[int, int, int], None]  # (frame index, step, total steps)
 
@@ -70,17 +73,25 @@ def render_frames(
     reference: Image.Image | None = None,
     on_step: StepHook | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    kept: list[Image.Image] | None = None,
+    video: Callable[[], VideoRenderer] | None = None,
 ) -> Iterator[tuple[int, Image.Image]]:
     """Yield (index, image) for frames start..N-1. For start > 0, `previous` is frame start-1 and
     `reference` frame 0 (the colour reference).
 
-    Motion mode (params.motion != "chain") renders the whole clip in one call and yields every beat's
-    frame whatever `start` is, each carrying the clip frames up to the next beat (engine/render/motion.py)."""
+    Motion mode (params.motion == "animatediff") renders the whole clip in one call and yields every beat's
+    frame whatever `start` is, each carrying the clip frames up to the next beat (engine/render/motion.py).
+
+    Video mode chains the keyframes as chain mode does, then renders the clip through all of them (`kept`,
+    frames 0..start-1, and those rendered here) with `video()`'s model; the last keyframe is yielded only then,
+    carrying the clip (CLIP_KEY), so a job with its last keyframe on disk has its clip too. Its steps are
+    reported as frame N's (one past the last keyframe)."""
     models.load()
     assert models.family is not None
-    if params.motion != "chain":
+    if params.motion == "animatediff":
         yield from render_clip(models, params, plans, on_step, cancelled)
         return
+    keyframes = list(kept or [])[:start]
     for plan in plans[start:]:
         if cancelled():
             raise JobCancelled("cancelled")
@@ -115,6 +126,18 @@ def render_frames(
         if plan.index == 0:
             reference = image
         previous = image
+        if params.motion == "video":
+            keyframes.append(image)
+            if plan.index == len(plans) - 1:
+                if video is None:
+                    raise ValueError("video mode needs a video model")
+                clip = video().render(
+                    keyframes,
+                    plan_clip(params, [p.prompt for p in plans], models.settings),
+                    on_step=(lambda step, total: on_step(len(plans), step, total)) if on_step is not None else None,
+                    cancelled=cancelled,
+                )
+                image.info[CLIP_KEY] = clip
         yield plan.index, image
 
 

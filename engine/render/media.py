@@ -70,20 +70,77 @@ def encode_webp(frames: Sequence[Image.Image], duration_ms: int = 100, quality: 
     return buffer.getvalue()
 
 
-def write_mp4(frames: Sequence[Image.Image], path: Path, duration_ms: int = 100) -> None:
-    """MP4 through imageio's ffmpeg plugin (pip install "emaki[mp4]")."""
+# H.264 in yuv420p (what every browser and Discord's player decode), the index up front (faststart: playback
+# starts before the download ends), no metadata that changes between runs (bit-exact: same frames, same bytes).
+MP4_FLAGS = ("-movflags", "+faststart", "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact")
+MP4_CRF = 18  # visually lossless for x264: the first try before fitting by bitrate
+MP4_MIN_KBPS = 32  # below this x264's picture is mush: the size is lowered instead
+
+
+def _even(n: float) -> int:
+    return max(2, round(n / 2) * 2)
+
+
+def encode_mp4(frames: Sequence[Image.Image], fps: float, kbps: int | None = None, scale: float = 1.0) -> bytes:
+    """The frames as an H.264/yuv420p MP4 (faststart) at `fps`: at CRF 18, or at `kbps` (capped by a
+    rate buffer) when given; `scale` shrinks every frame first (sides kept even, as yuv420p needs)."""
+    import tempfile
+
     import numpy as np
 
     try:
-        import imageio.v2 as imageio
-    except ImportError as exc:  # pragma: no cover - imageio is a core dependency
-        raise InvalidRequest("MP4 output needs imageio") from exc
-    try:
-        with imageio.get_writer(path, fps=1000 / duration_ms, codec="libx264", macro_block_size=8) as writer:
-            for frame in frames:
-                writer.append_data(np.asarray(frame.convert("RGB")))
-    except (ImportError, ValueError, RuntimeError) as exc:
+        import imageio_ffmpeg
+    except ImportError as exc:
         raise InvalidRequest(f'MP4 output needs imageio-ffmpeg (pip install "emaki[mp4]"): {exc}') from exc
+    size = (_even(frames[0].width * scale), _even(frames[0].height * scale))
+    rate = ["-b:v", f"{kbps}k", "-maxrate", f"{kbps}k", "-bufsize", f"{2 * kbps}k"] if kbps else ["-crf", str(MP4_CRF)]
+    with tempfile.TemporaryDirectory(prefix="emaki-mp4-") as folder:
+        path = Path(folder) / "clip.mp4"
+        writer = imageio_ffmpeg.write_frames(
+            str(path),
+            size,
+            fps=fps,
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            macro_block_size=2,
+            ffmpeg_log_level="error",
+            output_params=[*rate, *MP4_FLAGS],
+        )
+        try:
+            writer.send(None)
+            for frame in frames:
+                rgb = frame.convert("RGB")
+                if rgb.size != size:
+                    rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+                writer.send(np.ascontiguousarray(np.asarray(rgb)))
+            writer.close()
+        except (OSError, RuntimeError) as exc:
+            raise InvalidRequest(f"ffmpeg could not write the MP4: {str(exc).strip().splitlines()[0][:200]}") from exc
+        return path.read_bytes()
+
+
+def fit_mp4(frames: Sequence[Image.Image], fps: float, limit_bytes: int) -> tuple[bytes, dict[str, float]]:
+    """The best MP4 of these frames that is at most `limit_bytes`: CRF 18 when it fits, else the bitrate
+    the limit allows over the clip's length (90%: the container and x264's overshoot), then smaller sizes at
+    that bitrate. Returns (bytes, {"scale", "kbps"} with kbps 0 for CRF); InvalidRequest when nothing fits."""
+    data = encode_mp4(frames, fps)
+    if len(data) <= limit_bytes:
+        return data, {"scale": 1.0, "kbps": 0}
+    seconds = len(frames) / fps
+    kbps = int(limit_bytes * 8 * 0.9 / seconds / 1000)
+    for scale in SCALE_STEPS:
+        rate = max(kbps, MP4_MIN_KBPS)
+        data = encode_mp4(frames, fps, kbps=rate, scale=scale)
+        if len(data) <= limit_bytes:
+            return data, {"scale": scale, "kbps": rate}
+    raise InvalidRequest(f"the video cannot be made smaller than {limit_bytes} bytes")
+
+
+def write_mp4(frames: Sequence[Image.Image], path: Path, duration_ms: int = 100) -> None:
+    """MP4 (H.264, yuv420p, faststart) through imageio-ffmpeg (pip install "emaki[mp4]")."""
+    path.write_bytes(encode_mp4(frames, fps=1000 / duration_ms))
 
 
 def thumbnail(image: Image.Image, max_side: int = 256) -> Image.Image:

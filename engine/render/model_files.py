@@ -47,11 +47,17 @@ class ModelSpec:
     ref: str  # hub id, folder or file
     pipeline: bool  # a diffusers pipeline (model_index.json + component folders) rather than one model
     half: bool  # loaded in fp16/bf16, so the fp16 weight variant is wanted
+    # A pipeline's component folders that must hold weights (SD's unless told: the video model has a transformer).
+    weight_folders: tuple[str, ...] = PIPELINE_WEIGHT_FOLDERS
 
 
 # Roles of models that only one feature needs: a missing one turns that feature off, not the product.
 # (The story LLM is listed only when EMAKI_STORY_BACKEND=transformers names it: then it is required.)
-OPTIONAL_ROLES = {"captioner_model": "--autocaption", "clip_model": "the CLIP score of a trained style"}
+OPTIONAL_ROLES = {
+    "captioner_model": "--autocaption",
+    "clip_model": "the CLIP score of a trained style",
+    "video_model": "--motion video",
+}
 
 
 def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
@@ -65,12 +71,21 @@ def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
         safety_spec(s),
         captioner_spec(s),
         clip_spec(s),
+        video_spec(s, half),
     ]
     if s.story_backend == "transformers":
         specs.append(llm_spec(s))
     if s.motion_adapter:
         specs.append(ModelSpec("motion adapter (motion mode)", "motion_adapter", s.motion_adapter, False, False))
     return specs
+
+
+# LTX-Video's pipeline folders that hold weights (the tokenizer and scheduler hold configs only).
+VIDEO_WEIGHT_FOLDERS = ("text_encoder", "transformer", "vae")
+
+
+def video_spec(s: Settings, half: bool) -> ModelSpec:
+    return ModelSpec("video model (--motion video)", "video_model", s.video_model, True, half, VIDEO_WEIGHT_FOLDERS)
 
 
 def safety_spec(s: Settings) -> ModelSpec:
@@ -117,13 +132,15 @@ def is_variant(name: str, variant: str = "fp16") -> bool:
     return f".{variant}." in Path(name).name or f".{variant}-" in Path(name).name
 
 
-def select_files(files: Iterable[str], *, pipeline: bool, want_fp16: bool) -> tuple[list[str], str | None, list[str]]:
+def select_files(
+    files: Iterable[str], *, pipeline: bool, want_fp16: bool, weight_folders: tuple[str, ...] = PIPELINE_WEIGHT_FOLDERS
+) -> tuple[list[str], str | None, list[str]]:
     """From a repo's (or folder's) relative file names: the files to fetch or load, the weight variant to
     ask the loader for ("fp16" or None), and the folders that have no loadable weights ("" is the root).
 
     One variant for the whole model: diffusers loads every component with the same `variant`."""
     files = [f.replace(os.sep, "/") for f in files]
-    needed_dirs: tuple[str, ...] = PIPELINE_WEIGHT_FOLDERS if pipeline else ("",)
+    needed_dirs: tuple[str, ...] = weight_folders if pipeline else ("",)
     if pipeline and any(f.startswith(f"{SECOND_TEXT_ENCODER}/") for f in files):  # SDXL
         needed_dirs = (*needed_dirs, SECOND_TEXT_ENCODER)
     weights: dict[str, list[str]] = {d: [] for d in needed_dirs}
@@ -230,7 +247,9 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         files: list[str] = []
     else:
         files = relative_files(folder)
-        _, variant, missing = select_files(files, pipeline=spec.pipeline, want_fp16=spec.half)
+        _, variant, missing = select_files(
+            files, pipeline=spec.pipeline, want_fp16=spec.half, weight_folders=spec.weight_folders
+        )
         folders = ", ".join(f"{m}/" if m else "its top folder" for m in missing)
         problem = f"no weights in {folders}" if missing else ""
         if not problem and spec.pipeline:
@@ -445,7 +464,10 @@ def parameter_counts(found: Resolved) -> ParameterCounts | None:
         files: dict[str, list[Path]] = {"": [found.path]}
     else:
         chosen, _, _ = select_files(
-            relative_files(found.path), pipeline=found.spec.pipeline, want_fp16=found.variant == "fp16"
+            relative_files(found.path),
+            pipeline=found.spec.pipeline,
+            want_fp16=found.variant == "fp16",
+            weight_folders=found.spec.weight_folders,
         )
         files = {}
         for name in chosen:

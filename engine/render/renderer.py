@@ -32,6 +32,7 @@ from engine.params import AnimationParams
 from engine.render.animate import FramePlan, render_frames
 from engine.render.models import Models, StyleRef
 from engine.render.motion import INBETWEENS_KEY
+from engine.render.video import CLIP_KEY, VideoRenderer
 from engine.settings import Settings
 
 
@@ -75,13 +76,17 @@ class FrameRendered:
     png: bytes
     at: float  # wall-clock seconds on the renderer when the frame was done (for ordering, not timing)
     inbetweens: tuple[bytes, ...] = ()  # motion mode: the clip frames after this beat, as PNG bytes
+    clip: tuple[bytes, ...] = ()  # video mode, on the last keyframe: the video model's clip, as PNG bytes
 
     def image(self) -> Image.Image:
         """The frame as the coordinator handles it, its motion in-betweens attached as the chain attached
-        them (engine.render.motion.save_inbetweens writes them beside the frame's file)."""
+        them (engine.render.motion.save_inbetweens writes them beside the frame's file), and in video mode
+        the clip (engine.render.video.save_clip writes it into the job's folder)."""
         image = png_decode(self.png)
         if self.inbetweens:
             image.info[INBETWEENS_KEY] = [png_decode(data) for data in self.inbetweens]
+        if self.clip:
+            image.info[CLIP_KEY] = [png_decode(data) for data in self.clip]
         return image
 
 
@@ -195,6 +200,13 @@ class Renderer:
         self.settings = settings
         self.models = models or Models(settings)
         self.cache = cache
+        self._video: VideoRenderer | None = None  # video mode's model, loaded the first time it is needed
+
+    def video(self) -> VideoRenderer:
+        """The video model (engine/render/video.py), loaded once and kept warm beside the chain's models."""
+        if self._video is None:
+            self._video = VideoRenderer.load(self.settings, self.models.device, self.models.dtype)
+        return self._video
 
     def load(self) -> Renderer:
         self.models.load()
@@ -241,9 +253,12 @@ class Renderer:
             reference=kept[0] if kept else None,
             on_step=step_hook,
             cancelled=cancelled,
+            kept=kept,
+            video=self.video,
         ):
             inbetweens = tuple(png_encode(frame) for frame in image.info.get(INBETWEENS_KEY, []))
-            yield FrameRendered(recipe.job_id, index, png_encode(image), time.time(), inbetweens)
+            clip = tuple(png_encode(frame) for frame in image.info.get(CLIP_KEY, []))
+            yield FrameRendered(recipe.job_id, index, png_encode(image), time.time(), inbetweens, clip)
 
     def render(self, recipe: Recipe, cancelled: Callable[[], bool] = lambda: False) -> Iterator[RenderEvent]:
         """`frames` with the steps as events too, for a consumer that can only receive yielded values
@@ -334,6 +349,10 @@ class LocalRenderers:
 
     def check_motion(self) -> None:
         self.renderer.models.motion_renderer()
+
+    def check_video(self) -> None:
+        """Load the video model now (video mode asked for): one that cannot load fails here, in one line."""
+        self.renderer.video()
 
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None

@@ -40,6 +40,7 @@ REPOS: dict[str, str] = {
     "motion_adapter": f"{ORG}/animatediff",
     "llm_model": f"{ORG}/llm",
     "clip_model": f"{ORG}/clip",
+    "video_model": f"{ORG}/ltx-video",
 }
 # The tiny SDXL set (the `tiny-sdxl` profile names them by id; engine/render/families/sdxl.py).
 SDXL_BASE = f"{ORG}/sdxl"
@@ -49,7 +50,7 @@ ALL_REPOS = tuple(sorted({*REPOS.values(), SDXL_BASE, SDXL_CONTROLNET}))
 
 
 def _builders() -> dict[str, Callable[[Path], None]]:
-    from engine.render import tiny  # torch and diffusers: imported only when a repo is built
+    from engine.render import tiny, tiny_video  # torch and diffusers: imported only when a repo is built
 
     return {
         f"{ORG}/sd15": tiny.save_sd15,
@@ -62,6 +63,7 @@ def _builders() -> dict[str, Callable[[Path], None]]:
         f"{ORG}/clip": tiny.save_clip,
         SDXL_BASE: tiny.save_sdxl,
         SDXL_CONTROLNET: tiny.save_sdxl_controlnet,
+        f"{ORG}/ltx-video": tiny_video.save_tiny_video,
     }
 
 

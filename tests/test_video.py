@@ -1,0 +1,221 @@
+"""Video mode (`--motion video`): the tiny random-weight LTX-Video model loaded from emaki's tiny hub cache
+through the user's loading path, the clip it renders through the keyframes (frame count, repeatability,
+the keyframes' pull on it, progress and cancel), the MP4 fitted under a cap, every bad combination as
+one line, and the CLI end to end with a sidecar that reproduces the video byte for byte."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from emaki.cli import main
+from engine.coordinator.requests import build_params
+from engine.errors import EmakiError, InvalidRequest, JobCancelled
+from engine.params import video_frame_count
+from engine.render import model_files
+from engine.render.media import fit_mp4
+from engine.render.video import ClipPlan, VideoRenderer, condition_frames, joined_prompt, plan_clip
+from engine.settings import Settings, load_settings
+from tests.test_cli_jobs import SMALL, tiny_env  # noqa: F401 - the fixture is used by name
+
+VIDEO = ["--motion", "video", "--seconds", "2", "--fps", "8"]  # 16 frames asked: 17 (8k+1), beats at 0, 8, 16
+
+
+@pytest.fixture(scope="module")
+def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(profile="tiny", data_dir=tmp_path_factory.mktemp("video"))
+
+
+@pytest.fixture(scope="module")
+def video_model(tiny_settings: Settings) -> VideoRenderer:
+    """The tiny LTX-Video model, built once into the tiny hub cache and loaded as a user's hub id is."""
+    return VideoRenderer.load(tiny_settings, torch.device("cpu"), torch.float32)
+
+
+def keyframes(count: int, seed: int = 0, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def plan(beats: int = 3, seed: int = 11, frames: int = 17, size: int = 32) -> ClipPlan:
+    return ClipPlan(
+        prompt=joined_prompt(["a fox wakes", "a fox runs", "a fox sleeps"][:beats]),
+        negative_prompt="",
+        seed=seed,
+        num_frames=frames,
+        fps=8,
+        width=size,
+        height=size,
+        steps=3,
+        guidance=3.0,
+        condition_frames=tuple(condition_frames(beats, frames)),
+    )
+
+
+def pixels(frames: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(f, dtype=np.float64) for f in frames])
+
+
+def probe(path: Path) -> str:
+    """What ffmpeg (imageio-ffmpeg's own binary) says about a file's streams."""
+    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True)
+    return run.stderr.decode(errors="replace")
+
+
+# --- the model and its frames ------------------------------------------------------------------------
+def test_the_tiny_video_model_is_a_hub_repo_loaded_through_the_user_path(tiny_settings, video_model) -> None:
+    spec = model_files.video_spec(tiny_settings, half=False)
+    found = model_files.on_disk(spec)
+    assert found.ready and found.kind == "tiny" and "emaki-tiny--ltx-video" in str(model_files.resolve(spec).path)
+    assert type(video_model.pipe).__name__ == "LTXConditionPipeline"
+    assert video_model.pipe.vae_temporal_compression_ratio == 8  # 8 frames a latent frame, as the real LTX
+    # The tokenizer was built in-process and saved: T5's class, ending every prompt with </s>.
+    ids = video_model.pipe.tokenizer("A fox").input_ids
+    assert type(video_model.pipe.tokenizer).__name__.startswith("T5Tokenizer") and ids[-1] == 1
+
+
+def test_frame_counts_round_to_8k_plus_1_and_beats_land_on_latent_frames() -> None:
+    assert video_frame_count(5, 24) == 121 and video_frame_count(2, 8) == 17 and video_frame_count(1, 4) == 9
+    assert condition_frames(3, 17) == [0, 8, 16]
+    at = condition_frames(5, 121)
+    assert at[0] == 0 and at[-1] == 120 and all(f % 8 == 0 for f in at) and len(set(at)) == 5
+    assert joined_prompt(["a fox wakes.", "it runs"]) == "a fox wakes. Then it runs."
+
+
+def test_a_clip_has_its_frames_at_its_size_and_a_seed_repeats_it(video_model) -> None:
+    keys = keyframes(3)
+    first = video_model.render(keys, plan())
+    again = video_model.render(keys, plan())
+    assert len(first) == 17 and {f.size for f in first} == {(32, 32)}
+    assert [f.tobytes() for f in first] == [f.tobytes() for f in again]
+    other_seed = video_model.render(keys, plan(seed=12))
+    assert [f.tobytes() for f in other_seed] != [f.tobytes() for f in first]
+
+
+def test_the_keyframes_condition_the_clip(video_model) -> None:
+    keys = keyframes(3)
+    base = pixels(video_model.render(keys, plan()))
+    changes = []
+    for k in range(3):
+        changed = list(keys)
+        changed[k] = Image.fromarray(255 - np.asarray(keys[k]))
+        changes.append(np.abs(pixels(video_model.render(changed, plan())) - base).mean(axis=(1, 2, 3)))
+    # Keyframe 1 is written into the clip's first latent frame: the frames by beat 1 change most.
+    assert changes[0][:4].mean() > changes[0][-4:].mean() > 0
+    # Later keyframes are conditions at their beats' frames: each changes the clip. (Their pull is local only
+    # in a trained model; random attention spreads it over the clip, so locality is not asserted for them.)
+    assert changes[1].max() > 0 and changes[2].max() > 0
+
+
+def test_progress_counts_every_step_and_cancel_stops_at_the_next(video_model) -> None:
+    steps: list[tuple[int, int]] = []
+    video_model.render(keyframes(3), plan(), on_step=lambda step, total: steps.append((step, total)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    seen: list[int] = []
+    with pytest.raises(JobCancelled):
+        video_model.render(
+            keyframes(3), plan(), on_step=lambda step, total: seen.append(step), cancelled=lambda: bool(seen)
+        )
+    assert seen == [1]
+
+
+# --- the MP4 -----------------------------------------------------------------------------------------
+def test_the_mp4_fits_a_small_cap_as_h264_yuv420p_with_faststart(tmp_path: Path) -> None:
+    noise = keyframes(24, seed=3, size=96)  # noise compresses badly: CRF 18 does not fit 24 KB
+    data, fitted = fit_mp4(noise, 8, 24_000)
+    assert len(data) <= 24_000 and fitted["kbps"] > 0
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(data)
+    info = probe(path)
+    assert "Video: h264" in info and "yuv420p" in info
+    assert data.find(b"moov") < data.find(b"mdat")  # faststart: the index before the media
+    assert imageio_ffmpeg.count_frames_and_secs(str(path))[0] == 24
+    with pytest.raises(InvalidRequest) as refused:
+        fit_mp4(noise, 8, 500)
+    assert "\n" not in str(refused.value)
+
+
+# --- requests ----------------------------------------------------------------------------------------
+BAD = {
+    "in-betweens": ({"interpolate": 2}, {}, "--interpolate does not apply to --motion video"),
+    "depth": ({"motion_depth": True}, {}, "motion depth guidance applies to --motion animatediff only"),
+    "beats too dense": ({"frames": 5, "video_seconds": 1.0, "video_fps": 8}, {}, "5 keyframes need a clip of at least"),
+    "fps too high": ({"video_fps": 60}, {}, "video_fps must be between 4 and 50"),
+    "fps not whole": ({"video_fps": 24.5}, {}, "video_fps must be a whole number"),
+    "no seconds": ({"video_seconds": 0}, {}, "video_seconds must be above 0"),
+    "one beat": ({"frames": 1}, {}, "at least 2 frames"),
+    "too many frames": ({"video_seconds": 30.0, "video_fps": 50}, {}, "make 1497 frames; the limit is 128"),
+    "real model on tiny": ({}, {"video_model": "Lightricks/LTX-Video-0.9.5"}, "cannot run with the tiny profile"),
+    "cluster": ({}, {"ray_address": "local"}, "video mode does not run in cluster mode yet"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_every_bad_combination_is_one_line(case: str, tmp_path: Path) -> None:
+    options, settings_changes, expected = BAD[case]
+    settings = Settings(profile="tiny", data_dir=tmp_path, **settings_changes)
+    options = {"frames": 3, "steps": 4, "strength": 0.5, "video_seconds": 2.0, "video_fps": 8} | options
+    with pytest.raises(EmakiError) as refused:
+        build_params(settings, None, "a fox runs", motion="video", **options)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_clip_options_outside_video_mode_and_a_model_of_another_kind_are_one_line(tmp_path: Path) -> None:
+    settings = Settings(profile="tiny", data_dir=tmp_path)
+    with pytest.raises(InvalidRequest, match="apply to --motion video only"):
+        build_params(settings, None, "a fox", video_fps=8)
+    # An SD pipeline folder named as the video model: it has no transformer, and says so in one line.
+    sd15 = model_files.resolve(model_files.profile_models(settings, half=False)[0]).path
+    sd = Settings(profile="sd15", data_dir=tmp_path, video_model=str(sd15), device="cpu")
+    with pytest.raises(EmakiError) as refused:
+        build_params(sd, None, "a fox", motion="video", frames=3)
+    assert "no weights in transformer/" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_request_takes_the_settings_clip_and_plans_the_conditions(tmp_path: Path) -> None:
+    settings = load_settings(profile="tiny", data_dir=tmp_path, video_seconds=2.0, video_fps=8)
+    params = build_params(settings, None, "a fox runs", motion="video", frames=3, steps=4, strength=0.5, seed=1)
+    assert (params.clip_frames, params.clip_frame_ms, params.interpolate) == (17, 125, 0)
+    clip = plan_clip(params, ["a", "b", "c"], settings)
+    assert clip.condition_frames == (0, 8, 16) and clip.prompt == "a. Then b. Then c." and clip.guidance == 3.0
+    distilled = plan_clip(params, ["a", "b", "c"], dataclasses.replace(settings, video_fewstep="distilled"))
+    assert distilled.guidance == 1.0 and distilled.steps == len(distilled.timesteps) == 8
+
+
+# --- end to end --------------------------------------------------------------------------------------
+def test_cli_renders_a_video_and_its_sidecar_reproduces_it_byte_for_byte(tiny_env: Path, capsys) -> None:  # noqa: F811
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL]) == 0
+    video = tiny_env / "a-fox-runs.mp4"  # video mode's default result is the MP4
+    assert capsys.readouterr().out.strip().endswith("a-fox-runs.mp4")
+    info = probe(video)
+    assert "Video: h264" in info and "yuv420p" in info and "32x32" in info
+    frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(video))
+    assert frames == 17 and seconds == pytest.approx(17 / 8, abs=0.07)
+    folder = tiny_env / "a-fox-runs_frames"
+    assert len(list(folder.glob("frame_*.png"))) == 3 and len(list((folder / "clip").glob("clip_*.png"))) == 17
+    sidecar = json.loads((tiny_env / "a-fox-runs.json").read_text())
+    record = sidecar["video"]
+    assert record["model"] == "tiny" and record["revision"] == sidecar["models"]["revisions"]["video_model"]
+    assert [c["frame"] for c in record["conditions"]] == [0, 8, 16] and record["num_frames"] == 17
+    assert sidecar["params"]["video_fps"] == 8 and sidecar["metrics"]["mp4_bytes"] == video.stat().st_size
+
+    assert main(["animate", "--from-sidecar", "a-fox-runs.json", "--out", "again.mp4", "-q"]) == 0
+    assert (tiny_env / "again.mp4").read_bytes() == video.read_bytes()
+    again = sorted((tiny_env / "again_frames" / "clip").glob("clip_*.png"))
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in sorted((folder / "clip").glob("clip_*.png"))]
+
+
+def test_cli_clip_options_are_one_line(tiny_env: Path, capsys) -> None:  # noqa: F811
+    assert main(["animate", "a fox", *VIDEO, "--duration", "200", *SMALL]) != 0
+    assert main(["animate", "a fox", "--motion", "video", "--fps", "24.5", *SMALL]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert any("--duration does not apply to --motion video" in line for line in errors)
+    assert any("video_fps must be a whole number" in line for line in errors)
