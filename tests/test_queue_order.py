@@ -4,10 +4,13 @@ before). Behaviour and the statements run only: no assertion on time (bench.queu
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from engine.jobs import FairOrder, JobQueue, fair_order
 from engine.store import QUEUE_LOG_KEPT, Store, open_store
@@ -143,3 +146,14 @@ def test_a_reader_far_behind_the_change_log_reads_the_rows_again(tmp_path: Path)
     with statements(store) as seen:
         assert ids(queue.pending()) == [other]
     assert any("status = 'queued'" in sql for sql in seen)
+
+
+def test_bench_queue_length_mode_prints_the_cost_per_job_at_each_length(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import queue as bench_queue
+
+    bench_queue.main(["--queue-length", "8,4", "--measure-jobs", "3", "--repeat", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["mode"] == "queue-length" and set(result["ms_per_job"]) == {"4", "8"}
+    assert all(ms > 0 for ms in result["ms_per_job"].values()) and result["growth"] > 0
+    assert [line.split()[0] for line in out[1:3]] == ["4", "8"]  # the table, side by side
