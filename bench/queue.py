@@ -2,8 +2,8 @@
 
     python -m bench.queue --jobs 6
 
-N tiny-profile jobs go through the real queue (engine.jobs.JobQueue), the real GPU-thread runner
-(engine.worker.stream_job) and the real finishing (Engine.finish: the GIF; fit_to_bytes: the upload
+N tiny-profile jobs go through the real queue (engine.coordinator.jobs.JobQueue), the real GPU-thread runner
+(engine.coordinator.worker.stream_job) and the real finishing (Engine.finish: the GIF; fit_to_bytes: the upload
 file). Discord is left out: posting is writing the fitted GIF, since a simulated Discord would add
 only noise. Two ways of running are measured side by side in one process:
 - overlapped (as the bot ships): a job's finishing runs in a task of its own while the next renders;
@@ -51,15 +51,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from engine.coordinator.jobs import JobQueue
+from engine.coordinator.requests import build_params
+from engine.coordinator.store import open_store
+from engine.coordinator.worker import Engine, stream_job
+from engine.render.media import fit_to_bytes
+from engine.render.models import Models
 from PIL import Image
 
-from engine.jobs import JobQueue
-from engine.media import fit_to_bytes
-from engine.models import Models
-from engine.params import build_params
 from engine.settings import load_settings
-from engine.store import open_store
-from engine.worker import Engine, stream_job
 
 
 async def run_queue(models: Models, jobs: int, steps: int | None, overlapped: bool) -> dict[str, float]:
@@ -269,10 +269,11 @@ async def run_queue_length(queue_length: int, measure_jobs: int, warm_jobs: int)
     """`measure_jobs` jobs through the bot's job path (render and Discord removed) with `queue_length`
     jobs always waiting behind them; ms per job, and how that splits between the job's start (pick,
     position edits, rows, Engine.run) and the /animate that replaces it."""
+    from engine.render.renderer import LocalRenderers
+
     from bench.scale import SleepRenderer
     from bot import render
     from bot.outbox import Outbox
-    from engine.renderer import LocalRenderers
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(profile="tiny", data_dir=tmp, story_backend="fallback")

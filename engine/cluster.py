@@ -1,6 +1,6 @@
 """Cluster mode: one renderer per GPU, each in a Ray actor, on this machine or several.
 
-Imported only when EMAKI_RAY_ADDRESS is set (engine.worker.Engine.renderers), so the default install
+Imported only when EMAKI_RAY_ADDRESS is set (engine.coordinator.worker.Engine.renderers), so the default install
 and the in-process mode never import Ray. The coordinator (the bot or CLI process) keeps the store,
 the story teller and the fair queue; an actor gets a `Recipe` and streams back `StepProgress` and
 `FrameRendered` events (frames as PNG bytes) through a Ray streaming generator, which the coordinator
@@ -32,11 +32,11 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from engine.coordinator.store import Store, now
 from engine.errors import ModelLoadError, ResourceError
 from engine.events import StepProgress
-from engine.renderer import ContentCache, FrameRendered, Recipe, Renderer, WorkerLost, content_hash, pack
+from engine.render.renderer import ContentCache, FrameRendered, Recipe, Renderer, WorkerLost, content_hash, pack
 from engine.settings import Settings
-from engine.store import Store, now
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from engine.coordinator.store import Store
 from engine.errors import InvalidRequest
-from engine.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine.coordinator.jobs import FairOrder, JobQueue, fair_order
+from engine.coordinator.store import QUEUE_LOG_KEPT, Store, open_store
 
-from engine.jobs import FairOrder, JobQueue, fair_order
-from engine.store import QUEUE_LOG_KEPT, Store, open_store
 from tests.test_history import fair_order_before, ids, statements
 
 
