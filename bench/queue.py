@@ -22,6 +22,19 @@ beside the GPU) with the rate-limited Discord and with an instant one, and, as t
 next job waiting for the last one's Discord writes (how the bot worked before). Printed: the
 GPU-idle share between jobs (gaps between one render ending and the next starting, over the span
 of all renders) and the largest gap.
+
+    python -m bench.queue --queue-length 10,100,500,1000
+
+The coordinator's own cost per job as the queue grows: the render is removed (a stand-in renderer,
+bench.scale's SleepRenderer with no sleep: one 32x32 frame, one step), Discord too (a write reads its
+row, as the bot's does, and sends nothing). For each queue length q, a fresh data dir holds q waiting
+jobs from q/2 members in one channel; every job that runs is replaced by a new one from its owner, so
+q stays constant while `--measure-jobs` jobs run. Per job it does what the bot does: the job's start
+(the fair pick, the position edits of everyone behind it, the job's rows, Engine.run with the
+stand-in) and a member's /animate (the cap check, the row, its position, the pick, the position
+edits), with the bot's outbox throttling each message to one edit per `position_edit_interval_s`.
+Printed side by side: ms per job at each q (the median of `--repeat` runs), and the growth from the
+smallest q to the largest.
 """
 
 from __future__ import annotations
@@ -252,6 +265,133 @@ def main_discord(args: argparse.Namespace) -> None:
     )
 
 
+async def run_queue_length(queue_length: int, measure_jobs: int, warm_jobs: int) -> dict[str, float]:
+    """`measure_jobs` jobs through the bot's job path (render and Discord removed) with `queue_length`
+    jobs always waiting behind them; ms per job, and how that splits between the job's start (pick,
+    position edits, rows, Engine.run) and the /animate that replaces it."""
+    from bench.scale import SleepRenderer
+    from bot import render
+    from bot.outbox import Outbox
+    from engine.render.renderer import LocalRenderers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(profile="tiny", data_dir=tmp, story_backend="fallback")
+        store = open_store(settings.data_dir)
+        engine = Engine(settings, store, renderers=LocalRenderers(SleepRenderer(settings, step_s=0.0)))
+        gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-gpu")
+        background: set[asyncio.Task[Any]] = set()
+
+        def spawn(coro: Any) -> asyncio.Task[Any]:
+            task = asyncio.get_running_loop().create_task(coro)
+            background.add(task)
+            task.add_done_callback(background.discard)
+            return task
+
+        outbox = Outbox(spawn)
+        shown: dict[int, str] = {}
+        members = max(1, queue_length // 2)
+        params = build_params(
+            settings, store, "a paper boat sails down a stream", frames=1, steps=1, width=32, height=32
+        )
+        started_at: list[float] = []
+        split = {"start_s": 0.0, "animate_s": 0.0}
+
+        def set_status(job: dict[str, Any], text: str) -> None:  # the bot's set_status, Discord removed
+            async def write() -> None:
+                row = store.job(job["id"])  # the bot's write reads the row when it goes out
+                if row is not None and row["status"] == "queued":
+                    outbox.writes += 0  # the Discord edit would go here
+
+            outbox.edit(job["channel_id"], ("status", job["id"]), write, settings.position_edit_interval_s)
+
+        def show_positions() -> None:  # the bot's show_positions (bot/client.py)
+            pending = queue.pending()
+            waiting = {job["id"] for job in pending}
+            for job_id in [j for j in shown if j not in waiting]:
+                del shown[job_id]
+                outbox.forget(("status", job_id))
+            for position, job in enumerate(pending, start=1):
+                text = render.queued(job, position, queue.eta_seconds(position))
+                if shown.get(job["id"]) == text:
+                    continue
+                shown[job["id"]] = text
+                set_status(job, text)
+
+        def animate(owner_id: int) -> None:  # /animate: cap, row, position, pick, positions
+            queue.check_cap(owner_id)
+            job_id = engine.create_job(params, owner_id=owner_id, guild_id=1, channel_id=1)
+            job = store.job(job_id)
+            assert job is not None
+            shown[job_id] = render.queued(job, max(queue.position(job_id), 1), 60.0)
+            queue.kick()
+            show_positions()
+
+        async def run_job(job_id: int, cancel: threading.Event) -> None:  # the bot's run_job, minus Discord
+            began = time.perf_counter()
+            started_at.append(began)
+            show_positions()
+            job = store.job(job_id)
+            assert job is not None
+            async for _event in stream_job(engine, gpu, job_id, cancel):
+                pass
+            outbox.forget(("status", job_id))
+            split["start_s"] += time.perf_counter() - began
+            if len(started_at) <= warm_jobs + measure_jobs:
+                began = time.perf_counter()
+                animate(job["owner_id"])  # its owner queues the next one: q stays the same
+                split["animate_s"] += time.perf_counter() - began
+            if len(started_at) == warm_jobs:
+                split["start_s"] = split["animate_s"] = 0.0
+            if len(started_at) == warm_jobs + measure_jobs + 1:
+                queue.paused = True  # measured: nothing more starts
+
+        queue = JobQueue(store, run_job, max_pending_per_member=queue_length + 1)
+        for n in range(queue_length):
+            engine.create_job(params, owner_id=n % members, guild_id=1, channel_id=1)
+        queue.kick()
+        await queue.idle()
+        while background:
+            await asyncio.gather(*background)
+        await outbox.idle()
+        gpu.shutdown()
+        waiting = len(store.jobs_where("status = 'queued'", []))
+        assert waiting == queue_length - 1, f"{waiting} jobs waiting, not {queue_length - 1}"
+    span = started_at[warm_jobs + measure_jobs] - started_at[warm_jobs]
+    return {
+        "ms_per_job": span * 1000 / measure_jobs,
+        "start_ms": split["start_s"] * 1000 / measure_jobs,
+        "animate_ms": split["animate_s"] * 1000 / measure_jobs,
+    }
+
+
+def main_queue_length(args: argparse.Namespace) -> None:
+    lengths = sorted({int(n) for n in args.queue_length.split(",")})
+    asyncio.run(run_queue_length(min(lengths), 3, 1))  # warm-up: first-call costs (imports, story)
+    tries: dict[int, list[dict[str, float]]] = {q: [] for q in lengths}
+    for _ in range(args.repeat):  # the lengths take turns, so a burst of other load spreads over all
+        for q in lengths:
+            tries[q].append(asyncio.run(run_queue_length(q, args.measure_jobs, 3)))
+    # Per length, the run with the median cost per job (this machine is shared: one run can be unlucky).
+    runs = {q: sorted(t, key=lambda r: r["ms_per_job"])[len(t) // 2] for q, t in tries.items()}
+    print(f"{'queue length':>12}{'ms per job':>12}{'job start ms':>14}{'/animate ms':>13}")
+    for q, r in runs.items():
+        print(f"{q:>12}{r['ms_per_job']:>12.1f}{r['start_ms']:>14.1f}{r['animate_ms']:>13.1f}")
+    first, last = runs[lengths[0]], runs[lengths[-1]]
+    print(
+        json.dumps(
+            {
+                "mode": "queue-length",
+                "measure_jobs": args.measure_jobs,
+                "repeat": args.repeat,
+                "ms_per_job": {str(q): round(r["ms_per_job"], 2) for q, r in runs.items()},
+                "job_start_ms": {str(q): round(r["start_ms"], 2) for q, r in runs.items()},
+                "animate_ms": {str(q): round(r["animate_ms"], 2) for q, r in runs.items()},
+                "growth": round(last["ms_per_job"] / first["ms_per_job"], 2),
+            }
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.queue", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=6)
@@ -259,7 +399,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--discord", action="store_true", help="the whole bot against a rate-limited Discord")
     parser.add_argument("--members", type=int, default=10, help="with --discord: members sharing the jobs")
     parser.add_argument("--rate", type=float, default=50.0, help="with --discord: REST calls per second per channel")
+    parser.add_argument("--queue-length", help="comma-separated queue lengths: the coordinator's cost per job at each")
+    parser.add_argument("--measure-jobs", type=int, default=50, help="with --queue-length: jobs timed at each length")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="with --queue-length: runs per length (the median is shown)"
+    )
     args = parser.parse_args(argv)
+    if args.queue_length:
+        main_queue_length(args)
+        return
     if args.discord:
         main_discord(args)
         return

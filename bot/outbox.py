@@ -97,7 +97,10 @@ class Outbox:
         return asyncio.get_running_loop().time()  # the clock asyncio.sleep counts in
 
     def _channel(self, channel_id: int) -> _Channel:
-        return self._channels.setdefault(channel_id, _Channel())
+        channel = self._channels.get(channel_id)
+        if channel is None:  # made only when new (setdefault would build a semaphore per call)
+            channel = self._channels[channel_id] = _Channel()
+        return channel
 
     def slot(self, channel_id: int) -> asyncio.Semaphore:
         """Hold for one send (not across retry sleeps): bounds the writes in flight per channel."""

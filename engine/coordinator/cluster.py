@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 Task = Callable[[Settings, ContentCache, Any, Callable[[str], bool]], Iterator[Any]]
 MAX_RESTARTS = -1  # Ray restarts a dead renderer actor as often as it dies; each restart reloads the models
 RESTART_WAIT_S = 600.0  # how long a restarting actor may take to come back (loading sd15 from disk)
+# Steps travel in batches: sent with the frame that ends them, or once this long has passed since the
+# last batch (the CLI's step bar, a cancel noticed). One remote round trip per frame, not one per step.
+STEP_BATCH_S = 0.5
 
 
 def connect(settings: Settings) -> None:
@@ -115,9 +118,11 @@ class RendererWorker:
         self.cancelled: set[int] = set()
         self.flags: set[str] = set()  # raised by the coordinator during run_task ("yield", "stop")
 
-    def render(self, recipe: Recipe) -> Iterator[StepProgress | FrameRendered]:
+    def render(self, recipe: Recipe) -> Iterator[list[StepProgress | FrameRendered]]:
+        """The recipe's events in batches (see STEP_BATCH_S): each yielded value is one round trip."""
         self.cancelled.discard(recipe.job_id)
-        yield from self.renderer.render(recipe, cancelled=lambda: recipe.job_id in self.cancelled)
+        events = self.renderer.render(recipe, cancelled=lambda: recipe.job_id in self.cancelled)
+        yield from batches(events, lambda event: isinstance(event, FrameRendered), STEP_BATCH_S)
 
     def run_task(self, task: Task, payload: Any) -> Iterator[Any]:
         """Other GPU work through the same seam (a training): `task(settings, cache, payload, flagged)`
@@ -239,12 +244,12 @@ class RayRenderers:
                 if cancelled() and not cancel_sent:
                     actor.cancel.remote(recipe.job_id)  # it stops at its next step and raises JobCancelled
                     cancel_sent = True
-                event = _get(ref)
-                if isinstance(event, StepProgress):
-                    if on_step is not None:
-                        on_step(event)
-                else:
-                    yield event
+                for event in _get(ref):
+                    if isinstance(event, StepProgress):
+                        if on_step is not None:
+                            on_step(event)
+                    else:
+                        yield event
 
     def run_task(
         self, task: Task, payload: Any, flags: Callable[[], set[str]], job_id: int | None = None
@@ -301,6 +306,21 @@ class RayRenderers:
         if info is not None:
             fields.update(node=info["node"], gpu=info["gpu"])
         self.store.put_worker(f"renderer-{index}", **fields)
+
+
+def batches(events: Iterator[Any], ends_batch: Callable[[Any], bool], every_s: float) -> Iterator[list[Any]]:
+    """The events in lists, in order: a list ends at an event `ends_batch` says ends one, or at the first
+    event `every_s` seconds or more after the last list went; nothing is held back at the end."""
+    batch: list[Any] = []
+    sent = time.monotonic()
+    for event in events:
+        batch.append(event)
+        if ends_batch(event) or time.monotonic() - sent >= every_s:
+            yield batch
+            batch = []
+            sent = time.monotonic()
+    if batch:
+        yield batch
 
 
 def _describe(actor: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ the next job starts the moment a renderer is free.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 import threading
@@ -56,6 +57,146 @@ def fair_order(pending: list[dict[str, Any]], last_served: dict[int, int]) -> li
     return order
 
 
+class FairOrder:
+    """One kind's waiting jobs in the order `fair_order` gives them, kept as jobs come and go instead of
+    computed from every row per pick: each owner's job ids (oldest first) and a heap of owners keyed
+    (last served, oldest job id, owner), stale entries skipped when they surface. The next job is the
+    heap's top, O(log m) per change. The whole order comes from ranks, built only when asked for: the
+    r-th round holds the r-th job of every owner with more than r, owners in key order (each owner,
+    once served, is more recent than everyone not yet served in that round, so rounds keep that order)."""
+
+    def __init__(self, served: dict[int, int]) -> None:
+        self.served = served  # owner -> clock, shared with the queue's other FairOrder
+        self.jobs: dict[int, list[int]] = {}
+        self._heap: list[tuple[int, int, int]] = []
+
+    def _key(self, owner: int) -> tuple[int, int, int]:
+        return (self.served.get(owner, -1), self.jobs[owner][0], owner)
+
+    def touch(self, owner: int) -> None:
+        """The owner's key may have changed (served, or a new oldest job): push its current one."""
+        if owner not in self.jobs:
+            return
+        heapq.heappush(self._heap, self._key(owner))
+        if len(self._heap) > 2 * len(self.jobs) + 64:  # mostly stale entries: start over, O(m)
+            self._heap = [self._key(o) for o in self.jobs]
+            heapq.heapify(self._heap)
+
+    def add(self, owner: int, job_id: int) -> None:
+        jobs = self.jobs.setdefault(owner, [])
+        bisect.insort(jobs, job_id)  # almost always an append: ids grow
+        if jobs[0] == job_id:
+            self.touch(owner)
+
+    def remove(self, owner: int, job_id: int) -> None:
+        jobs = self.jobs[owner]
+        index = bisect.bisect_left(jobs, job_id)
+        del jobs[index]
+        if not jobs:
+            del self.jobs[owner]
+        elif index == 0:
+            self.touch(owner)
+
+    def first(self) -> int | None:
+        """The job that runs next, in O(log m) amortised."""
+        while self._heap:
+            key = self._heap[0]
+            if key[2] in self.jobs and self._key(key[2]) == key:
+                return key[1]
+            heapq.heappop(self._heap)
+        return None
+
+    def order(self) -> list[int]:
+        """Every job id in the order they will run (what fair_order returns), from ranks: O(q + m log m)."""
+        order: list[int] = []
+        active = sorted(self.jobs, key=self._key)
+        rank = 0
+        while active:
+            next_round = []
+            for owner in active:
+                jobs = self.jobs[owner]
+                order.append(jobs[rank])
+                if len(jobs) > rank + 1:
+                    next_round.append(owner)
+            active, rank = next_round, rank + 1
+        return order
+
+
+class WaitingJobs:
+    """The queued rows held in memory in `JobQueue.pending`'s order: interrupted jobs first (oldest
+    first), then animations, then trainings, each in the fair order. Kept current by the queue from the
+    store's change log (only the rows that changed are read); the rows stay the truth."""
+
+    def __init__(self, rows: list[dict[str, Any]], served: dict[int, int]) -> None:
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.served = served
+        self.resumed: list[int] = []
+        self.animations = FairOrder(served)
+        self.trainings = FairOrder(served)
+        self._order: list[int] | None = None  # built on demand, dropped at every change
+        self._index: dict[int, int] = {}
+        for row in rows:
+            self.put(row)
+
+    def _group(self, row: dict[str, Any]) -> FairOrder | None:
+        if row.get("resume_first"):
+            return None
+        return self.trainings if row["kind"] == "train" else self.animations
+
+    def put(self, row: dict[str, Any]) -> None:
+        """A job's row as it is now: kept if queued, dropped otherwise."""
+        self.drop(row["id"])
+        if row["status"] != "queued":
+            return
+        self.rows[row["id"]] = row
+        group = self._group(row)
+        if group is None:
+            bisect.insort(self.resumed, row["id"])
+        else:
+            group.add(row["owner_id"] or 0, row["id"])
+        self._order = None
+
+    def drop(self, job_id: int) -> None:
+        row = self.rows.pop(job_id, None)
+        if row is None:
+            return
+        group = self._group(row)
+        if group is None:
+            self.resumed.remove(job_id)
+        else:
+            group.remove(row["owner_id"] or 0, job_id)
+        self._order = None
+
+    def serve(self, owner: int, clock: int) -> None:
+        if clock <= self.served.get(owner, -1):
+            return  # clocks only grow: an older report (the row was read after it) changes nothing
+        self.served[owner] = clock
+        self.animations.touch(owner)
+        self.trainings.touch(owner)
+        self._order = None
+
+    def owners(self) -> set[int]:
+        return set(self.animations.jobs) | set(self.trainings.jobs)
+
+    def first(self) -> int | None:
+        """The job at the head of the order, without building it: O(log m)."""
+        if self.resumed:
+            return self.resumed[0]
+        first = self.animations.first()
+        return first if first is not None else self.trainings.first()
+
+    def order(self) -> list[int]:
+        if self._order is None:
+            self._order = self.resumed + self.animations.order() + self.trainings.order()
+            self._index = {job_id: i for i, job_id in enumerate(self._order)}
+        return self._order
+
+    def index(self, job_id: int) -> int | None:
+        """0-based place in the order (its rank), or None when not waiting."""
+        self.order()
+        return self._index.get(job_id)
+
+
 class JobQueue:
     def __init__(self, store: Store, run_job: RunJob, max_pending_per_member: int, workers: int = 1) -> None:
         self.store = store
@@ -66,6 +207,11 @@ class JobQueue:
         self.cancel_events: dict[int, threading.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.job_seconds: list[float] = []  # recent job durations, for ETAs
+        # The waiting jobs in order, kept from the store's change log (see _model); rebuilt from the rows
+        # at first use and whenever the log cannot say what changed (another process wrote).
+        self._lock = threading.RLock()  # /stats asks from a thread
+        self._model_jobs: WaitingJobs | None = None
+        self._seen = 0  # the store's change number _model_jobs is current to
 
     @property
     def running_id(self) -> int | None:
@@ -102,27 +248,60 @@ class JobQueue:
         self.job_seconds.extend(self.store.recent_durations(20))
         return interrupted
 
+    def _model(self) -> WaitingJobs:
+        """The waiting jobs, brought up to date: the rows of the jobs written since the last look (one
+        read for all of them) and the owners served since; every queued row only the first time, or
+        when the store cannot say what changed (another process or connection wrote). Call with the
+        lock held."""
+        end, changes = self.store.queue_changes(self._seen)
+        model = self._model_jobs
+        if model is None or changes is None:
+            queued = self.store.jobs_where("status = 'queued'", [])
+            served = self.store.served({j["owner_id"] or 0 for j in queued if not j.get("resume_first")})
+            model = self._model_jobs = WaitingJobs(queued, served)
+        elif changes:
+            ids = {c.key for c in changes if c.kind == "job" and (c.status or c.key in model.rows)}
+            rows = self.store.jobs_by_id(ids)
+            for job_id in ids - {row["id"] for row in rows}:
+                model.drop(job_id)  # gone from the table
+            owners = model.owners()
+            for row in rows:
+                model.put(row)
+            waiting_owners = model.owners()
+            for owner in owners - waiting_owners:
+                model.served.pop(owner, None)  # kept only for owners with jobs waiting
+            new_owners = waiting_owners - owners
+            for owner, clock in self.store.served(new_owners).items() if new_owners else ():
+                model.serve(owner, clock)  # read now: at least as new as any change below
+            for change in changes:
+                if change.kind == "served" and change.key in waiting_owners:
+                    model.serve(change.key, change.clock)
+        self._seen = end
+        return model
+
     def pending(self) -> list[dict[str, Any]]:
         """Animations first, then trainings: a training gives way at its next checkpoint (it checks
-        for queued animations), so a 40-minute run never blocks the channel."""
-        queued = self.store.jobs_where("status = 'queued'", [])
-        resumed = [j for j in queued if j.get("resume_first")]
-        animations = [j for j in queued if j["kind"] != "train" and not j.get("resume_first")]
-        trainings = [j for j in queued if j["kind"] == "train" and not j.get("resume_first")]
-        served = self.store.served({j["owner_id"] or 0 for j in animations + trainings})
-        return resumed + fair_order(animations, served) + fair_order(trainings, served)
+        for queued animations), so a 40-minute run never blocks the channel. The rows are the queue's
+        own copies: read them, never change them."""
+        with self._lock:
+            model = self._model()
+            return [model.rows[job_id] for job_id in model.order()]
 
     def animations_waiting(self) -> bool:
-        return bool(self.store.jobs_where("status = 'queued' and kind = 'animate'", []))
+        return self.store.has_queued("animate")
 
     def position(self, job_id: int) -> int:
-        """1 = runs next; 0 = running now; -1 = not pending."""
+        """1 = runs next; 0 = running now; -1 = not pending. From the job's rank in the order, less the
+        jobs ahead of it a slot has just taken: no row read, no pass over the queue."""
         if job_id in self.running_ids:
             return 0
-        for i, job in enumerate(self._waiting(), start=1):
-            if job["id"] == job_id:
-                return i
-        return -1
+        with self._lock:
+            model = self._model()
+            rank = model.index(job_id)
+            if rank is None:
+                return -1
+            taken = sum(1 for i in self.running_ids if (r := model.index(i)) is not None and r < rank)
+            return rank + 1 - taken
 
     def _waiting(self) -> list[dict[str, Any]]:
         """`pending` less the jobs a slot has just taken (their row turns `running` a moment later,
@@ -147,12 +326,27 @@ class JobQueue:
         """Fill the free slots with the next jobs in the fair order (if not paused). Safe to call any
         time: a slot that is busy is left alone."""
         while not self.paused and len(self.running_ids) < self.workers:
-            waiting = self._waiting()
-            held = {guild for guild in {job.get("guild_id") for job in waiting} if self.guild_paused(guild)}
-            order = [job for job in waiting if job.get("guild_id") not in held]
-            if not order:
+            job = self._next()
+            if job is None:
                 return
-            self._start(order[0])
+            self._start(job)
+
+    def _next(self) -> dict[str, Any] | None:
+        """The first waiting job not taken by a slot and not in a paused server: the order's head in
+        O(log m) when it qualifies (the usual case), else the first that does in the built order."""
+        flags = self.store.queue_flags("paused:")
+        held = {int(key.split(":", 1)[1]) for key, value in flags.items() if value == "1"}
+        with self._lock:
+            model = self._model()
+            first = model.first()
+            candidates = [first] if first is not None else []
+            if first is not None and (first in self.running_ids or model.rows[first].get("guild_id") in held):
+                candidates = model.order()
+            for job_id in candidates:
+                job = model.rows[job_id]
+                if job_id not in self.running_ids and job.get("guild_id") not in held:
+                    return job
+        return None
 
     def _start(self, job: dict[str, Any]) -> None:
         self.store.mark_served(job["owner_id"] or 0)

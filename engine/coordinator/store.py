@@ -17,7 +17,7 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlite_utils
 
@@ -35,6 +35,10 @@ def style_key(name: str) -> str:
     return name.strip().lower()
 
 
+# Job fields that record whether a result reached Discord: written with a synced commit (Store._durable).
+POST_FIELDS = frozenset({"posted", "post_state", "result_message_id"})
+
+
 class StoreError(ResourceError):
     """The database cannot be read or written: a read-only data dir, a full disk, a file another
     process holds too long. One line for the person, never a traceback."""
@@ -45,6 +49,17 @@ MACHINE_ERRORS = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_I
 INDEX_NOTICE_JOBS = 100_000  # a history this long takes seconds to index: the log says so first
 PURGE_BATCH = 500  # jobs per retention batch: the store is free between batches
 BUSY_TIMEOUT_MS = 30_000  # a process migrating a fresh data dir holds it for milliseconds; wait, never fail
+QUEUE_LOG_KEPT = 4096  # queue changes remembered for readers behind; one further behind reads the rows again
+
+
+class QueueChange(NamedTuple):
+    """One write that may change the waiting jobs or their order, as this process's store made it:
+    a job row added or updated (`status`: its status was among the fields), or an owner served."""
+
+    kind: str  # "job" | "served"
+    key: int  # the job's id, or the owner's
+    status: bool = False
+    clock: int = 0  # "served": the owner's new clock
 
 
 def machine_error(path: Path, exc: sqlite3.Error) -> StoreError | None:
@@ -82,6 +97,11 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        # The writes that can change the queue, numbered, so a JobQueue keeps its order current from the
+        # few rows that changed (see queue_changes) instead of reading every waiting row each time.
+        self._queue_log: list[QueueChange] = []
+        self._queue_log_start = 0  # the number of the first change still in _queue_log
+        self._data_version = -1  # sqlite's count of other connections' commits, when last looked at
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -98,6 +118,12 @@ class Store:
             with opening_lock(path), self._locked():
                 conn.execute("PRAGMA journal_mode=WAL")
                 self._migrate()
+            # In WAL mode, NORMAL syncs the log at checkpoints, not at every commit: a killed or crashed
+            # process loses nothing, and the database stays consistent; only an OS crash or power loss may
+            # undo the last commits (as the frame files, never synced, may be lost then too; a job resumes
+            # at its first missing frame). Per commit, FULL's fsync was most of a job's cost outside the
+            # render: ~9 commits for a 4-frame job, 5-7 ms each on this project's machines (bench.scale).
+            conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise machine_error(path, exc) or exc from None
 
@@ -113,6 +139,18 @@ class Store:
                 if error is None:
                     raise
                 raise error from None
+
+    @contextmanager
+    def _durable(self) -> Iterator[sqlite_utils.Database]:
+        """`_locked`, with this one commit synced to disk before it returns (synchronous=FULL): what a member is
+        told was accepted (a job, a dataset) or was posted must survive a power loss too, not only a kill. Every
+        other commit rides on NORMAL (see __init__): progress rows are cheap to redo, these are promises."""
+        with self._locked() as db:
+            db.execute("PRAGMA synchronous=FULL")
+            try:
+                yield db
+            finally:
+                db.execute("PRAGMA synchronous=NORMAL")
 
     # --- schema: versioned migrations ----------------------------------------------------------
     def _migrate(self) -> None:
@@ -424,6 +462,14 @@ class Store:
             rows = list(db["queue_state"].rows_where("key = ?", [key]))
         return rows[0]["value"] if rows else None
 
+    def queue_flags(self, prefix: str) -> dict[str, str]:
+        """Every flag whose key starts with `prefix` (the servers' pauses: one read, not one per server)."""
+        with self._locked() as db:
+            rows = db.execute(
+                "select key, value from queue_state where key >= ? and key < ?", [prefix, prefix + "\U0010ffff"]
+            ).fetchall()
+        return {str(key): str(value) for key, value in rows}
+
     def set_queue_flag(self, key: str, value: str) -> None:
         with self._locked() as db:
             db["queue_state"].upsert({"key": key, "value": value}, pk="key")
@@ -442,9 +488,33 @@ class Store:
 
     def mark_served(self, owner_id: int) -> int:
         with self._locked() as db:
-            clock = (db.execute("select max(clock) from served").fetchone()[0] or 0) + 1
+            clock = int((db.execute("select max(clock) from served").fetchone()[0] or 0) + 1)
             db["served"].upsert({"owner_id": owner_id, "clock": clock}, pk="owner_id")
-            return int(clock)
+            self._queue_changed(QueueChange("served", owner_id, clock=clock))
+            return clock
+
+    def _queue_changed(self, change: QueueChange) -> None:
+        """Called with the lock held, after the write."""
+        self._queue_log.append(change)
+        if len(self._queue_log) > 2 * QUEUE_LOG_KEPT:  # bounded: a reader that far behind starts over
+            del self._queue_log[:QUEUE_LOG_KEPT]
+            self._queue_log_start += QUEUE_LOG_KEPT
+
+    def queue_changes(self, since: int) -> tuple[int, list[QueueChange] | None]:
+        """The number of the next change, and the changes made through this store since change `since`
+        (None: too far behind, or another connection wrote to the database meanwhile: read the rows).
+        Writes by other processes (or other Store objects on the same file) are seen by sqlite's
+        data_version, which is folded into the numbering: any such commit starts the count over."""
+        with self._locked() as db:
+            version = int(db.execute("PRAGMA data_version").fetchone()[0])
+            if version != self._data_version:
+                self._data_version = version
+                self._queue_log_start += len(self._queue_log) + 1  # every earlier number is now behind
+                self._queue_log.clear()
+            end = self._queue_log_start + len(self._queue_log)
+            if since < self._queue_log_start:
+                return end, None
+            return end, self._queue_log[since - self._queue_log_start :]
 
     # --- jobs -----------------------------------------------------------------------------
     def add_job(self, **fields: Any) -> int:
@@ -453,8 +523,10 @@ class Store:
         fields["created_at"] = now()
         if isinstance(fields.get("params"), dict):
             fields["params"] = json.dumps(fields["params"])
-        with self._locked() as db:
-            return int(db["jobs"].insert(fields).last_pk)
+        with self._durable() as db:  # acknowledged to the member right after: synced first
+            job_id = int(db["jobs"].insert(fields).last_pk)
+            self._queue_changed(QueueChange("job", job_id, status=True))
+            return job_id
 
     def job(self, job_id: int) -> dict[str, Any] | None:
         with self._locked() as db:
@@ -464,12 +536,28 @@ class Store:
     def update_job(self, job_id: int, **fields: Any) -> None:
         if isinstance(fields.get("params"), dict):
             fields["params"] = json.dumps(fields["params"])
-        with self._locked() as db:
+        # Whether a result went out is a promise both ways (posted exactly once): synced, as a new job is.
+        with self._durable() if POST_FIELDS & fields.keys() else self._locked() as db:
             db["jobs"].update(job_id, fields)
+            self._queue_changed(QueueChange("job", job_id, status="status" in fields))
 
     def jobs_where(self, where: str, args: list[Any], order_by: str = "id") -> list[dict[str, Any]]:
         with self._locked() as db:
             return [_decode_job(r) for r in db["jobs"].rows_where(where, args, order_by=order_by)]
+
+    def jobs_by_id(self, ids: Collection[int]) -> list[dict[str, Any]]:
+        """The rows of these jobs (those that exist), by id: one read for a handful of changed jobs."""
+        if not ids:
+            return []
+        return self._jobs_sql(
+            "select * from jobs where id in (select value from json_each(?)) order by id", [json.dumps(sorted(ids))]
+        )
+
+    def has_queued(self, kind: str) -> bool:
+        """Whether a job of this kind waits (a training's checkpoints ask, from its thread)."""
+        with self._locked() as db:
+            row = db.execute("select 1 from jobs where status = 'queued' and kind = ? limit 1", [kind]).fetchone()
+            return row is not None
 
     def recent_jobs(self, limit: int, kind: str = "animate") -> list[dict[str, Any]]:
         """The newest `limit` jobs of a kind, newest first (for `emaki jobs`)."""
@@ -644,7 +732,7 @@ class Store:
         fields["created_at"] = now()
         if isinstance(fields.get("params"), dict):
             fields["params"] = json.dumps(fields["params"])
-        with self._locked() as db:
+        with self._durable() as db:  # a submitted dataset is acknowledged right after: synced first
             return int(db["datasets"].insert(fields).last_pk)
 
     def dataset(self, dataset_id: int) -> dict[str, Any] | None:
