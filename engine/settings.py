@@ -26,7 +26,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "captioner_model": "Salesforce/blip-image-captioning-large",
         "safety_model": "CompVis/stable-diffusion-safety-checker",
         "clip_model": "openai/clip-vit-large-patch14",
-        "video_model": "Lightricks/LTX-Video-0.9.5",
         "width": 512,
         "height": 512,
         "min_size": 256,
@@ -366,9 +365,10 @@ class Settings:
         "",
         help="The LTX-Video model `--motion video` renders the clip with (diffusers' LTXConditionPipeline: the "
         "keyframes are image conditions at their beats' frames): a hub id in the local cache (`emaki models pull` "
-        "fetches it), a diffusers folder, or `tiny` (random weights; tiny profile only). Empty: the profile's "
-        "(`Lightricks/LTX-Video-0.9.5` on sd15: the 2B model, its `main` revision, bf16 on a GPU; 0.9.5 is the first "
-        "release trained for conditions at any frame).",
+        "fetches it), a diffusers folder, or `tiny` (random weights; tiny profile only). The one to use: "
+        "`Lightricks/LTX-Video-0.9.5` (the 2B model, its `main` revision, bf16 on a GPU; 0.9.5 is the first "
+        "release trained for conditions at any frame). Empty (sd15, sdxl): video mode is refused and nothing "
+        "is downloaded for it (its T5 text encoder alone is many GB).",
     )
     video_seconds: float = setting(
         5.0, Rule(0, 30, low_open=True), help="`--motion video`: the clip's length in seconds when none is asked for."

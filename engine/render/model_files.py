@@ -63,7 +63,8 @@ OPTIONAL_ROLES = {
 def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
     """Every model the product can load with these settings: what `emaki models pull` fetches and `check`
     checks. The depth estimator, safety checker and captioner always run in fp32; the motion adapter
-    (motion mode) is listed only when one is configured, the story LLM only for the transformers backend."""
+    (motion mode) and the video model are listed only when configured, the story LLM only for the transformers
+    backend."""
     specs = [
         ModelSpec("base model", "base_model", s.base_model, pipeline=True, half=half),
         ModelSpec("depth ControlNet", "controlnet_model", s.controlnet_model, pipeline=False, half=half),
@@ -71,12 +72,13 @@ def profile_models(s: Settings, half: bool) -> list[ModelSpec]:
         safety_spec(s),
         captioner_spec(s),
         clip_spec(s),
-        video_spec(s, half),
     ]
     if s.story_backend == "transformers":
         specs.append(llm_spec(s))
     if s.motion_adapter:
         specs.append(ModelSpec("motion adapter (motion mode)", "motion_adapter", s.motion_adapter, False, False))
+    if s.video_model:  # tens of GB with its T5 encoder: fetched only when the operator names one
+        specs.append(video_spec(s, half))
     return specs
 
 
