@@ -127,3 +127,85 @@ def sgm_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
         key = key if key.startswith("text_model.") else "text_model." + key
         out["conditioner.embedders.0.transformer." + key] = value
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# --- narrow models with SDXL's real block structure ------------------------------------------------------
+# engine/render/tiny.py's SDXL has 2 UNet levels, so its module names are not SDXL's. These have SDXL 1.0's
+# classes, block types, nesting and transformer depth per level (1, 2, 10), hence its module names and kohya's
+# `input_blocks_4_1_transformer_blocks_1_…` / `input_blocks_7_1_transformer_blocks_9_…` names, with narrow
+# widths (SDXL: 320/640/1280 channels, text encoders 768 and 1280 wide).
+NARROW_BLOCKS = (32, 64, 64)
+NARROW_TEXT_WIDTHS = (32, 48)  # two widths: diffusers' single-file loader tells the encoders apart by width
+NARROW_TIME_EMBED_DIM = 8
+
+
+def narrow_sdxl_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=NARROW_BLOCKS,
+        layers_per_block=2,
+        attention_head_dim=(2, 4, 4),  # SDXL's config says (5, 10, 20): head counts, which names do not show
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=NARROW_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * NARROW_TIME_EMBED_DIM + NARROW_TEXT_WIDTHS[1],
+        cross_attention_dim=sum(NARROW_TEXT_WIDTHS),
+        norm_num_groups=32,
+    ).eval()
+
+
+def narrow_sdxl_pipeline() -> Any:
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.render import tiny
+    from tests.sd15_layout import sd15_vae
+
+    tokenizer = tiny.tiny_tokenizer()
+
+    def config(width: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=width,
+        )
+
+    torch.manual_seed(1)
+    first = CLIPTextModel(config(NARROW_TEXT_WIDTHS[0], "quick_gelu")).eval()
+    torch.manual_seed(2)
+    second = CLIPTextModelWithProjection(config(NARROW_TEXT_WIDTHS[1], "gelu")).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=sd15_vae(),  # SDXL's VAE has SD1.5's structure (4 levels, 2 layers each)
+        text_encoder=first,
+        text_encoder_2=second,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=narrow_sdxl_unet(),
+        scheduler=tiny.tiny_sdxl_scheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def narrow_sdxl_controlnet(unet: Any) -> Any:
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(3)
+    # Four conditioning blocks downsample the depth image by 8 to the latents, like SDXL's (16, 32, 96, 256).
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32)).eval()
