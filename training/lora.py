@@ -231,12 +231,13 @@ def adapter_config(kind: str, config: TrainConfig, text: bool = False) -> Any:
 
 
 def load_training_pipeline(settings: Settings, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """A fresh copy of the base model's UNet, VAE and text encoder only: the serving models keep their
+    """A fresh copy of the base model's UNet, VAE and text encoder(s) only: the serving models keep their
     styles untouched, and the ControlNet and depth model, never used in training, are not loaded.
 
     The base loads exactly as the renderer loads it (engine/render/models.py `load_base_model`): a hub id from
-    the cache, a diffusers folder, a single `.safetensors`/`.ckpt` with its config, or the tiny profile's
-    repo in emaki's tiny cache; never a download."""
+    the cache, a diffusers folder, a single `.safetensors`/`.ckpt` with its config, or a tiny profile's
+    repo in emaki's tiny cache; never a download. It is the txt2img pipeline of the family the files show
+    (StableDiffusionPipeline, StableDiffusionXLPipeline for the SDXL trainer, training/sdxl.py)."""
     from engine.render.model_files import profile_models
     from engine.render.models import load_base_model
 
