@@ -378,9 +378,123 @@ def test_emaki_train_on_an_sdxl_base_registers_the_style(
     assert "style 'foxxl' registered" in out
     style = open_store(data).style("foxxl")
     assert style is not None and style["adapter"] == "loha" and style["trigger"] == "foxstyle"
+    assert style["family"] == "sdxl"  # /animate offers it only while the bot renders SDXL
     weights = Path(style["path"])
     assert weights.name == "style.safetensors" and weights.is_file()
     export = weights.parent / "foxxl.safetensors"  # what A1111/ComfyUI take, named after the style
     assert load_file(str(export)).keys() == load_file(str(weights)).keys()
     with safe_open(str(export), framework="pt") as handle:
         assert handle.metadata()["emaki_family"] == "sdxl"
+
+
+# --- trained by emaki, rendered by emaki: the user's path, end to end ----------------------------------------
+CLI_TRAIN = ["--steps", "2", "--rank", "4", "--resolution", "32", "--lr", "5e-2", "--train-text-encoder", "--seed", "3"]
+ANIMATE = ["--frames", "2", "--steps", "2", "--strength", "0.5", "--seed", "5", "-q"]
+
+
+def use_profile(profile: str, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's shell: the profile, the data folder, the CPU (the tiny repos are in emaki's tiny cache)."""
+    for key, value in {
+        "EMAKI_PROFILE": profile,
+        "EMAKI_DATA_DIR": str(data),
+        "EMAKI_DEVICE": "cpu",
+        "EMAKI_MIN_DATASET_IMAGES": "2",
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
+def animated_frames(main: object, name: str, *style: str) -> list[np.ndarray]:
+    from PIL import Image
+
+    assert main(["animate", "a fox in a meadow", "--out", f"{name}.gif", *ANIMATE, *style]) == 0
+    frames = sorted(Path(f"{name}_frames").glob("frame_*.png"))
+    assert len(frames) == 2
+    return [np.asarray(Image.open(frame), dtype=np.int16) for frame in frames]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_style_trained_with_emaki_train_on_tiny_sdxl_renders_with_emaki_animate(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`emaki train` on the tiny-sdxl profile, then `emaki animate --style`: the frames differ from the same
+    command without the style, and the renderer placed every layer of the trained file in the model it names."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from emaki.cli import main
+    from engine.coordinator.store import open_store
+    from engine.render.models import Models, StyleRef
+
+    data = tmp_path / "data"
+    use_profile("tiny-sdxl", data, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    name = f"fox-{kind}"
+    dataset = str(two_images(tmp_path / "ds"))
+    assert main(["train", dataset, "--name", name, "--trigger", "foxstyle", "--adapter", kind, *CLI_TRAIN, "-q"]) == 0
+    assert f"style '{name}' registered" in capsys.readouterr().out
+    style = open_store(data).style(name)
+    assert style is not None and style["family"] == "sdxl" and style["adapter"] == kind
+    plain = animated_frames(main, "plain")
+    styled = animated_frames(main, "styled", "--style", name)
+    for with_style, without in zip(styled, plain, strict=True):
+        assert np.abs(with_style - without).max() > 0  # same seed, with vs without the style
+    again = animated_frames(main, "again", "--style", name)
+    assert all(np.array_equal(a, b) for a, b in zip(again, styled, strict=True))  # repeatable
+    # every layer of the file was injected into the model its prefix names, none dropped
+    layers = file_layers(Path(style["path"]))
+    models = Models(load_settings(data_dir=data)).load()
+    models.use_style(StyleRef(name=name, path=style["path"], adapter=kind))
+    assert models.family is not None and models.family.name == "sdxl"
+    for model, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        injected = [
+            m
+            for m in getattr(models.txt2img, model).modules()
+            if isinstance(m, BaseTunerLayer) and "style_" + name.replace("-", "_") in m.active_adapters
+        ]
+        expected = sum(layer.startswith(prefix) for layer in layers)
+        assert expected > 0 and len(injected) == expected, model
+
+
+def test_a_style_trained_on_sd15_is_refused_on_tiny_sdxl_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+    from engine.coordinator.store import open_store
+
+    data = tmp_path / "data"
+    use_profile("tiny", data, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    dataset = str(two_images(tmp_path / "ds"))
+    assert main(["train", dataset, "--name", "wash", "--steps", "2", "--rank", "4", "--resolution", "32", "-q"]) == 0
+    assert open_store(data).style("wash")["family"] == "sd15"
+    capsys.readouterr()
+    code = main(["animate", "a fox", "--out", "fox.gif", *ANIMATE, "--profile", "tiny-sdxl", "--style", "wash"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: 'wash' is an SD1.5 style; this bot renders SDXL"), err
+
+
+def test_the_reader_places_every_layer_kohyas_sdxl_names_give_on_the_real_3_level_sdxl() -> None:
+    """On SDXL's own configs (3 levels, 2/10 transformer layers, built on the meta device): every attention layer
+    the trainer can adapt, named as training/export.py names it (input_blocks/middle_block/output_blocks, te1/te2),
+    is read back by the renderer's reader (engine/render/style_files.py) as that same layer of that same model."""
+    from engine.render.families import by_name
+    from engine.render.style_files import Architecture, _from_kohya
+
+    meta = by_name("sdxl").meta_models()
+    models = {name: meta[name] for name in ("unet", "text_encoder", "text_encoder_2")}
+    arch = Architecture.of(models)
+    attention = re.compile(r"^(down_blocks\.\d+\.attentions|up_blocks\.\d+\.attentions|mid_block\.attentions)\.")
+    unet_layers = [name for name in arch.layers["unet"] if attention.match(name)]
+    assert len(unet_layers) > 700 and any(n.startswith("up_blocks.1.attentions.2.") for n in unet_layers)
+    wanted = {"unet": {"lora_unet_" + sgm_unet_layer(n, 2).replace(".", "_"): n for n in unet_layers}}
+    for model, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        names = [n for n in arch.layers[model] if ".self_attn." in n or ".mlp." in n]
+        spelled = {n if n.startswith("text_model.") else f"text_model.{n}": n for n in names}
+        wanted[model] = {prefix + k.replace(".", "_"): v for k, v in spelled.items()}
+    one = torch.zeros(1, 1)
+    tensors = {
+        f"{k}.{p}": one for named in wanted.values() for k in named for p in ("lora_down.weight", "lora_up.weight")
+    }
+    layers = _from_kohya(tensors, arch)
+    for model, named in wanted.items():
+        assert set(layers.models[model]) == set(named.values()), model
