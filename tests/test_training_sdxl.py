@@ -349,10 +349,35 @@ def test_emaki_train_print_shows_the_presets_gpu_memory(
     from emaki.cli import main
 
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
-    assert main(["train", "--name", "x", "--preset", "sdxl-loha", "--print", "--profile", "tiny"]) == 0
+    assert main(["train", "--name", "x", "--preset", "sdxl-loha", "--print", "--profile", "tiny-sdxl"]) == 0
     captured = capsys.readouterr()
     assert "# GPU memory: 7.85 GiB + activations (computed" in captured.out
     assert "resolution = 256" in captured.out and "clamped to 256" in captured.err
+    assert "# presets for this base (SDXL base): sdxl-lora, sdxl-loha, sdxl-lokr\n" in captured.out
+
+
+def test_presets_are_offered_for_the_running_bases_family_and_another_familys_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    assert main(["train", "--name", "x", "--print", "--profile", "tiny"]) == 0
+    assert "# presets for this base (SD1.5 base): ghibli-lora, anime-ia3-prodigy\n" in capsys.readouterr().out
+    for profile, preset, line in (
+        (
+            "tiny",
+            "sdxl-lora",
+            "preset 'sdxl-lora' is for SDXL bases; this bot trains SD1.5: use ghibli-lora, anime-ia3-prodigy",
+        ),
+        (
+            "tiny-sdxl",
+            "ghibli-lora",
+            "preset 'ghibli-lora' is for SD1.5 bases; this bot trains SDXL: use sdxl-lora, sdxl-loha, sdxl-lokr",
+        ),
+    ):
+        assert main(["train", "--name", "x", "--preset", preset, "--print", "--profile", profile]) == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
 
 
 def test_emaki_train_on_an_sdxl_base_registers_the_style(
