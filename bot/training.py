@@ -180,6 +180,7 @@ def _recipe(
     save_every: int | None = None,
     settings: Settings | None = None,
     notes: list[str] | None = None,
+    family: str = "",
 ) -> Callable[[int], TrainConfig]:
     """The training config for a dataset of n images: the preset's values (some depend on n, sizes clamped
     to the profile's range with a line in `notes` saying so), then what the member chose."""
@@ -195,7 +196,7 @@ def _recipe(
 
     def build(n_images: int) -> TrainConfig:
         said: list[str] = []
-        config = preset_config(preset or "", overrides, n_images, settings, said)
+        config = preset_config(preset or "", overrides, n_images, settings, said, family)  # another family's: refused
         if notes is not None:
             notes.extend(line for line in said if line not in notes)
         return config
@@ -216,7 +217,7 @@ class StyleTraining(Cog):
         dataset="A .zip of images with metadata.csv (file_name,caption)",
         trigger="A word that will call up the style in prompts",
         steps="Training steps (default: from the dataset size)",
-        preset="A known recipe: ghibli-lora (the Ghibli paper) or anime-ia3-prodigy (the anime paper)",
+        preset="A known recipe: ghibli-lora, anime-ia3-prodigy (SD1.5 bases); sdxl-lora/-loha/-lokr (SDXL bases)",
         adapter="Adapter kind (default: the preset's, else LoRA)",
         save_every="Keep the adapter and a sample every N steps, to pick a step later (default: only the end)",
     )
@@ -261,7 +262,10 @@ class StyleTraining(Cog):
             if save_every is not None and not 1 <= save_every <= MAX_STEPS:
                 raise InvalidRequest(f"save_every must be between 1 and {MAX_STEPS} (got {save_every})")
             notes: list[str] = []  # a preset's value the profile cannot take, and what it became
-            recipe = _recipe(preset, adapter, steps, settings.train_checkpoint_every, save_every, settings, notes)
+            family = bot.engine.models.family_name  # the running base's: a preset for another family is one line
+            recipe = _recipe(
+                preset, adapter, steps, settings.train_checkpoint_every, save_every, settings, notes, family
+            )
             recipe(1)  # an unknown preset or adapter is refused before anything is downloaded
         except EmakiError as exc:
             await interaction.response.send_message(f"⚠️ {exc}", ephemeral=True, allowed_mentions=NO_MENTIONS)

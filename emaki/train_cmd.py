@@ -58,14 +58,27 @@ TRAIN_OPTIONS: dict[str, str] = {
 }
 
 
-def _requested_config(args: argparse.Namespace, n_images: int, settings: Any) -> Any:
-    """The preset's values (its sizes clamped to the profile's range, saying so on stderr), the options on top."""
+def base_family(settings: Any) -> str:
+    """The running base's family as its files say ("sd15", "sdxl"; "" when they are not on disk: then every preset
+    is offered, and loading says what is missing)."""
+    from engine.errors import ModelLoadError
+    from engine.render.families import running_family
+
+    try:
+        return running_family(settings.base_model, settings.base_model_config).name
+    except ModelLoadError:
+        return ""
+
+
+def _requested_config(args: argparse.Namespace, n_images: int, settings: Any, family: str = "") -> Any:
+    """The preset's values (its sizes clamped to the profile's range, saying so on stderr), the options on top;
+    a preset for another family than the base's (`family`) is one line."""
     from training.presets import preset_config
 
     given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()}
     notes: list[str] = []
     config = preset_config(
-        args.preset or "", {k: v for k, v in given.items() if v is not None}, n_images, settings, notes
+        args.preset or "", {k: v for k, v in given.items() if v is not None}, n_images, settings, notes, family
     )
     for note in notes:
         print(note, file=sys.stderr)
@@ -85,12 +98,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The dataset's own count (a zip's from its names: nothing extracted yet): presets resolve per-epoch values
     # by it. Without a dataset (--print alone), the smallest one that trains.
     n_images = count_images(source) if source is not None else settings.min_dataset_images
-    config = _requested_config(args, n_images, settings)
+    family = base_family(settings)
+    config = _requested_config(args, n_images, settings, family)
     resolved = config.resolved(n_images, settings)  # refuses bad values before any work
     if args.print:
-        print(f"# resolved for {n_images} images" + (f", preset {args.preset}" if args.preset else ""))
-        from training.presets import preset_vram
+        from training.presets import FAMILY_TITLES, preset_vram, presets_for
 
+        print(f"# resolved for {n_images} images" + (f", preset {args.preset}" if args.preset else ""))
+        base = f" ({FAMILY_TITLES[family]} base)" if family in FAMILY_TITLES else ""
+        print(f"# presets for this base{base}: {', '.join(presets_for(family))}")
         if args.preset and preset_vram(args.preset):
             print(f"# GPU memory: {preset_vram(args.preset)}")
         for key, value in asdict(resolved).items():

@@ -364,6 +364,18 @@ async def test_a_preset_is_clamped_to_the_profile_and_the_member_is_told(world, 
     assert json.loads(row["params"])["resolution"] == 256
 
 
+async def test_a_preset_for_another_family_is_refused_in_one_line(world, train_settings) -> None:
+    """The tiny bot renders SD1.5: an SDXL preset is refused before the dataset is read; nothing is stored."""
+    env, channel, alice = world.env, world.channel, world.alice
+    answer = await alice.slash(
+        channel, "train", name="kite", dataset=("k.zip", dataset_zip_bytes()), preset="sdxl-lora", steps=2
+    )
+    assert answer.ephemeral and answer.response.content == (
+        "⚠️ preset 'sdxl-lora' is for SDXL bases; this bot trains SD1.5: use ghibli-lora, anime-ia3-prodigy"
+    )
+    assert bot_of(env).store.datasets_where("1 = 1", []) == []
+
+
 async def test_rejected_dataset_is_not_trained(world, train_settings) -> None:
     env, channel, alice, mod = world.env, world.channel, world.alice, world.mod
     await alice.slash(channel, "train", name="owl", dataset=("owl.zip", dataset_zip_bytes()), steps=2)

@@ -1,5 +1,6 @@
-"""Training a style on an SDXL base: the tiny SDXL pipeline (tests/sdxl_layout.py: the real SDXL classes, two
-CLIP text encoders, the `text_time` UNet) in a hub cache under a hub id, loaded the way users' files load.
+"""Training a style on an SDXL base: emaki's tiny SDXL set (engine/render/tiny.py: the real SDXL classes, two CLIP
+text encoders, the `text_time` UNet; what the `tiny-sdxl` profile renders with), also copied into a hub cache under
+a hub id, loaded the way users' files load (engine/render/models.py `load_base_model`, as the renderer loads it).
 
 Each kind (LoRA, LoHa, LoKr) is trained once for the module (2 steps, UNet and both text encoders, 32 px) on the
 pipeline object the test keeps, so the style *as trained* (peft's adapters still in that pipeline) is the
@@ -25,35 +26,39 @@ from safetensors.torch import load_file
 from engine.errors import InvalidRequest
 from engine.settings import Settings, load_settings
 from tests.sd15_layout import put_in_hub_cache
-from tests.sdxl_layout import save_tiny_sdxl
 from tests.test_training import make_folder
 from training.dataset import load_dataset
 from training.export import sgm_unet_layer
-from training.lora import TrainConfig, Trainer, TrainResult
-from training.sdxl import SDXLTrainer, base_family, encode_tokens, load_sdxl_base, time_ids
+from training.lora import TrainConfig, Trainer, TrainResult, load_training_pipeline
+from training.sdxl import SDXLTrainer, base_family, encode_tokens, time_ids
 
 REPO = "emaki-test/tiny-sdxl"
 KINDS = ("lora", "loha", "lokr")
+# The parameters each layer of a kind may have: a LoKr's second factor is full where rank 4 is not smaller than its
+# sides (the tiny set's narrow layers) and low-rank (w2_a @ w2_b) on the wider ones, as LyCORIS decides.
 KIND_PARAMS = {
-    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
-    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-    "lokr": {"lokr_w1", "lokr_w2", "alpha"},  # rank 4 on these widths: both factors full (scale folded in)
+    "lora": ({"lora_down.weight", "lora_up.weight", "alpha"},),
+    "loha": ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},),
+    "lokr": ({"lokr_w1", "lokr_w2", "alpha"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}),
 }
 TRAIN = dict(steps=2, rank=4, resolution=32, learning_rate=5e-2, train_text_encoder=True, seed=3, checkpoint_every=1)
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """The tiny SDXL pipeline saved once, as a folder and in a hub cache under REPO."""
+    """emaki's tiny SDXL repo (its folder in the tiny cache), and a copy in a hub cache under REPO."""
+    from engine.render import model_files, tiny_hub
+
     root = tmp_path_factory.mktemp("sdxl")
-    folder = save_tiny_sdxl(root / "saved")
+    spec = model_files.ModelSpec("base model", "base_model", tiny_hub.SDXL_BASE, pipeline=True, half=False)
+    folder = model_files.resolve(spec).path
     put_in_hub_cache(folder, root / "hub", REPO)
     return SimpleNamespace(root=root, folder=folder, cache=root / "hub")
 
 
 def sdxl_settings(hub: SimpleNamespace, data_dir: Path, **overrides: object) -> Settings:
     values = {"base_model": REPO, "device": "cpu", "min_dataset_images": 2, **overrides}
-    return load_settings(profile="tiny", data_dir=data_dir, **values)
+    return load_settings(profile="tiny-sdxl", data_dir=data_dir, **values)
 
 
 @pytest.fixture
@@ -76,7 +81,7 @@ def trained(hub: SimpleNamespace) -> Iterator[dict[str, SimpleNamespace]]:
         settings = sdxl_settings(hub, hub.root / "data")
         dataset = load_dataset(two_images(hub.root / "dataset"), settings)
         for kind in KINDS:
-            pipe = load_sdxl_base(settings, torch.float32)
+            pipe = load_training_pipeline(settings)
             pipe.set_progress_bar_config(disable=True)
             config = TrainConfig(adapter=kind, **TRAIN)
             trainer = SDXLTrainer(settings, dataset, "foxstyle", config, hub.root / kind, pipeline=pipe)
@@ -182,7 +187,7 @@ def test_each_kind_is_saved_in_kohya_sdxl_keys_with_its_family(kind: str, traine
     assert not any("down_blocks" in layer or "up_blocks" in layer for layer in unet_layers)
     te = [layer for layer in layers if layer.startswith("lora_te")]
     assert all(layer.split("_", 2)[2].startswith("text_model_encoder_layers_") for layer in te)
-    assert all(params == KIND_PARAMS[kind] for params in layers.values()), {tuple(sorted(p)) for p in layers.values()}
+    assert all(params in KIND_PARAMS[kind] for params in layers.values()), {tuple(sorted(p)) for p in layers.values()}
     with safe_open(str(weights), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -290,7 +295,7 @@ def test_an_interrupted_sdxl_run_resumes_bit_for_bit_with_augmentation(settings:
     assert second.finished and np.allclose(second.losses, whole.losses, atol=1e-6)
     a, b = load_file(str(whole.weights)), load_file(str(second.weights))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    pipe = load_sdxl_base(settings, torch.float32)  # the fixed-draw loss conditions the whole bucket the same way
+    pipe = load_training_pipeline(settings)  # the fixed-draw loss conditions the whole bucket the same way
     assert resumed.fixed_draw_loss(pipe, draws=1) > 0
 
 
@@ -344,10 +349,35 @@ def test_emaki_train_print_shows_the_presets_gpu_memory(
     from emaki.cli import main
 
     monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
-    assert main(["train", "--name", "x", "--preset", "sdxl-loha", "--print", "--profile", "tiny"]) == 0
+    assert main(["train", "--name", "x", "--preset", "sdxl-loha", "--print", "--profile", "tiny-sdxl"]) == 0
     captured = capsys.readouterr()
     assert "# GPU memory: 7.85 GiB + activations (computed" in captured.out
     assert "resolution = 256" in captured.out and "clamped to 256" in captured.err
+    assert "# presets for this base (SDXL base): sdxl-lora, sdxl-loha, sdxl-lokr\n" in captured.out
+
+
+def test_presets_are_offered_for_the_running_bases_family_and_another_familys_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+
+    monkeypatch.setenv("EMAKI_DATA_DIR", str(tmp_path / "data"))
+    assert main(["train", "--name", "x", "--print", "--profile", "tiny"]) == 0
+    assert "# presets for this base (SD1.5 base): ghibli-lora, anime-ia3-prodigy\n" in capsys.readouterr().out
+    for profile, preset, line in (
+        (
+            "tiny",
+            "sdxl-lora",
+            "preset 'sdxl-lora' is for SDXL bases; this bot trains SD1.5: use ghibli-lora, anime-ia3-prodigy",
+        ),
+        (
+            "tiny-sdxl",
+            "ghibli-lora",
+            "preset 'ghibli-lora' is for SD1.5 bases; this bot trains SDXL: use sdxl-lora, sdxl-loha, sdxl-lokr",
+        ),
+    ):
+        assert main(["train", "--name", "x", "--preset", preset, "--print", "--profile", profile]) == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
 
 
 def test_emaki_train_on_an_sdxl_base_registers_the_style(
@@ -373,9 +403,123 @@ def test_emaki_train_on_an_sdxl_base_registers_the_style(
     assert "style 'foxxl' registered" in out
     style = open_store(data).style("foxxl")
     assert style is not None and style["adapter"] == "loha" and style["trigger"] == "foxstyle"
+    assert style["family"] == "sdxl"  # /animate offers it only while the bot renders SDXL
     weights = Path(style["path"])
     assert weights.name == "style.safetensors" and weights.is_file()
     export = weights.parent / "foxxl.safetensors"  # what A1111/ComfyUI take, named after the style
     assert load_file(str(export)).keys() == load_file(str(weights)).keys()
     with safe_open(str(export), framework="pt") as handle:
         assert handle.metadata()["emaki_family"] == "sdxl"
+
+
+# --- trained by emaki, rendered by emaki: the user's path, end to end ----------------------------------------
+CLI_TRAIN = ["--steps", "2", "--rank", "4", "--resolution", "32", "--lr", "5e-2", "--train-text-encoder", "--seed", "3"]
+ANIMATE = ["--frames", "2", "--steps", "2", "--strength", "0.5", "--seed", "5", "-q"]
+
+
+def use_profile(profile: str, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's shell: the profile, the data folder, the CPU (the tiny repos are in emaki's tiny cache)."""
+    for key, value in {
+        "EMAKI_PROFILE": profile,
+        "EMAKI_DATA_DIR": str(data),
+        "EMAKI_DEVICE": "cpu",
+        "EMAKI_MIN_DATASET_IMAGES": "2",
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
+def animated_frames(main: object, name: str, *style: str) -> list[np.ndarray]:
+    from PIL import Image
+
+    assert main(["animate", "a fox in a meadow", "--out", f"{name}.gif", *ANIMATE, *style]) == 0
+    frames = sorted(Path(f"{name}_frames").glob("frame_*.png"))
+    assert len(frames) == 2
+    return [np.asarray(Image.open(frame), dtype=np.int16) for frame in frames]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_style_trained_with_emaki_train_on_tiny_sdxl_renders_with_emaki_animate(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`emaki train` on the tiny-sdxl profile, then `emaki animate --style`: the frames differ from the same
+    command without the style, and the renderer placed every layer of the trained file in the model it names."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from emaki.cli import main
+    from engine.coordinator.store import open_store
+    from engine.render.models import Models, StyleRef
+
+    data = tmp_path / "data"
+    use_profile("tiny-sdxl", data, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    name = f"fox-{kind}"
+    dataset = str(two_images(tmp_path / "ds"))
+    assert main(["train", dataset, "--name", name, "--trigger", "foxstyle", "--adapter", kind, *CLI_TRAIN, "-q"]) == 0
+    assert f"style '{name}' registered" in capsys.readouterr().out
+    style = open_store(data).style(name)
+    assert style is not None and style["family"] == "sdxl" and style["adapter"] == kind
+    plain = animated_frames(main, "plain")
+    styled = animated_frames(main, "styled", "--style", name)
+    for with_style, without in zip(styled, plain, strict=True):
+        assert np.abs(with_style - without).max() > 0  # same seed, with vs without the style
+    again = animated_frames(main, "again", "--style", name)
+    assert all(np.array_equal(a, b) for a, b in zip(again, styled, strict=True))  # repeatable
+    # every layer of the file was injected into the model its prefix names, none dropped
+    layers = file_layers(Path(style["path"]))
+    models = Models(load_settings(data_dir=data)).load()
+    models.use_style(StyleRef(name=name, path=style["path"], adapter=kind))
+    assert models.family is not None and models.family.name == "sdxl"
+    for model, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        injected = [
+            m
+            for m in getattr(models.txt2img, model).modules()
+            if isinstance(m, BaseTunerLayer) and "style_" + name.replace("-", "_") in m.active_adapters
+        ]
+        expected = sum(layer.startswith(prefix) for layer in layers)
+        assert expected > 0 and len(injected) == expected, model
+
+
+def test_a_style_trained_on_sd15_is_refused_on_tiny_sdxl_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emaki.cli import main
+    from engine.coordinator.store import open_store
+
+    data = tmp_path / "data"
+    use_profile("tiny", data, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    dataset = str(two_images(tmp_path / "ds"))
+    assert main(["train", dataset, "--name", "wash", "--steps", "2", "--rank", "4", "--resolution", "32", "-q"]) == 0
+    assert open_store(data).style("wash")["family"] == "sd15"
+    capsys.readouterr()
+    code = main(["animate", "a fox", "--out", "fox.gif", *ANIMATE, "--profile", "tiny-sdxl", "--style", "wash"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: 'wash' is an SD1.5 style; this bot renders SDXL"), err
+
+
+def test_the_reader_places_every_layer_kohyas_sdxl_names_give_on_the_real_3_level_sdxl() -> None:
+    """On SDXL's own configs (3 levels, 2/10 transformer layers, built on the meta device): every attention layer
+    the trainer can adapt, named as training/export.py names it (input_blocks/middle_block/output_blocks, te1/te2),
+    is read back by the renderer's reader (engine/render/style_files.py) as that same layer of that same model."""
+    from engine.render.families import by_name
+    from engine.render.style_files import Architecture, _from_kohya
+
+    meta = by_name("sdxl").meta_models()
+    models = {name: meta[name] for name in ("unet", "text_encoder", "text_encoder_2")}
+    arch = Architecture.of(models)
+    attention = re.compile(r"^(down_blocks\.\d+\.attentions|up_blocks\.\d+\.attentions|mid_block\.attentions)\.")
+    unet_layers = [name for name in arch.layers["unet"] if attention.match(name)]
+    assert len(unet_layers) > 700 and any(n.startswith("up_blocks.1.attentions.2.") for n in unet_layers)
+    wanted = {"unet": {"lora_unet_" + sgm_unet_layer(n, 2).replace(".", "_"): n for n in unet_layers}}
+    for model, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        names = [n for n in arch.layers[model] if ".self_attn." in n or ".mlp." in n]
+        spelled = {n if n.startswith("text_model.") else f"text_model.{n}": n for n in names}
+        wanted[model] = {prefix + k.replace(".", "_"): v for k, v in spelled.items()}
+    one = torch.zeros(1, 1)
+    tensors = {
+        f"{k}.{p}": one for named in wanted.values() for k in named for p in ("lora_down.weight", "lora_up.weight")
+    }
+    layers = _from_kohya(tensors, arch)
+    for model, named in wanted.items():
+        assert set(layers.models[model]) == set(named.values()), model

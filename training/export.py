@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.render.style_files import (
+    FAMILY_METADATA_KEY,
     PEFT_PARAM,
     LayerWeights,
     StyleLayers,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-FAMILY_KEY = "emaki_family"  # safetensors metadata: the family a style was trained on
+FAMILY_KEY = FAMILY_METADATA_KEY  # safetensors metadata: the family a style was trained on
 SDXL_BASE_VERSION = "sdxl_base_v1-0"  # kohya's MODEL_VERSION_SDXL_BASE_V1_0 (library/sdxl_model_util.py)
 
 

@@ -52,6 +52,7 @@ TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # LoRA: the name diffusers' loader looks for
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # LoHa/LoKr/IA3: peft's own layout
 TEXT_ENCODER_DIR = "text_encoder"  # LoHa/LoKr/IA3: the text encoder's half, in peft's layout too
+FAMILY = "sd15"  # what this trainer trains on (training/sdxl.py: "sdxl")
 KOHYA_WEIGHTS_NAME = "style.safetensors"  # SDXL (training/sdxl.py): one kohya-layout file, every kind
 SAMPLE_NAME = "sample.png"
 MAX_SEED = 2**32 - 1
@@ -231,12 +232,13 @@ def adapter_config(kind: str, config: TrainConfig, text: bool = False) -> Any:
 
 
 def load_training_pipeline(settings: Settings, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """A fresh copy of the base model's UNet, VAE and text encoder only: the serving models keep their
+    """A fresh copy of the base model's UNet, VAE and text encoder(s) only: the serving models keep their
     styles untouched, and the ControlNet and depth model, never used in training, are not loaded.
 
     The base loads exactly as the renderer loads it (engine/render/models.py `load_base_model`): a hub id from
-    the cache, a diffusers folder, a single `.safetensors`/`.ckpt` with its config, or the tiny profile's
-    repo in emaki's tiny cache; never a download."""
+    the cache, a diffusers folder, a single `.safetensors`/`.ckpt` with its config, or a tiny profile's
+    repo in emaki's tiny cache; never a download. It is the txt2img pipeline of the family the files show
+    (StableDiffusionPipeline, StableDiffusionXLPipeline for the SDXL trainer, training/sdxl.py)."""
     from engine.render.model_files import profile_models
     from engine.render.models import load_base_model
 
@@ -843,7 +845,10 @@ class Trainer:
         checked to be finite first."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
+        from safetensors import safe_open
         from safetensors.torch import save_file
+
+        from engine.render.style_files import FAMILY_METADATA_KEY
 
         state = get_peft_model_state_dict(unet, adapter_name="style")
         text_state = get_peft_model_state_dict(trained_text, adapter_name="style") if trained_text else None
@@ -854,6 +859,9 @@ class Trainer:
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        # Every file says the family it was trained on: a tiny set's keys and widths cannot, and the renderer
+        # refuses a style of another family by it in one line (engine/render/style_files.py `style_family`).
+        family = {"format": "pt", FAMILY_METADATA_KEY: FAMILY}
         if self.config.adapter == "lora":
             StableDiffusionPipeline.save_lora_weights(
                 str(tmp),
@@ -862,10 +870,13 @@ class Trainer:
                 safe_serialization=True,
             )
             name = WEIGHTS_NAME
+            with safe_open(str(tmp / name), framework="pt") as written:  # diffusers' header kept, the family added
+                header, tensors = written.metadata() or {}, {k: written.get_tensor(k) for k in written.keys()}  # noqa: SIM118
+            save_file(tensors, str(tmp / name), metadata={**header, **family})
         else:
             unet.peft_config["style"].save_pretrained(str(tmp))
             unet_tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-            save_file(unet_tensors, str(tmp / PEFT_WEIGHTS_NAME))
+            save_file(unet_tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata=family)
             if text_state:
                 text_dir = tmp / TEXT_ENCODER_DIR
                 text_dir.mkdir()
@@ -873,6 +884,7 @@ class Trainer:
                 save_file(
                     {k: v.detach().float().contiguous().cpu() for k, v in text_state.items()},
                     str(text_dir / PEFT_WEIGHTS_NAME),
+                    metadata=family,
                 )
             name = PEFT_WEIGHTS_NAME
         heldout = [path.relative_to(self.dataset.root).as_posix() for path in self.heldout]

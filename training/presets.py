@@ -117,6 +117,28 @@ PRESET_PARAMETERS: dict[str, tuple[int, int]] = {
     "sdxl-loha": (3_468_837_867, 92_897_280),
     "sdxl-lokr": (3_468_837_867, 1_513_920),
 }
+# The model family each preset is for: the SDXL presets train an SDXL-class base, the others SD1.5. A preset is
+# offered (and taken) only where the running base is of its family (`presets_for`, `preset_config(family=)`).
+FAMILY_TITLES = {"sd15": "SD1.5", "sdxl": "SDXL"}  # engine/render/families/ `title`s
+PRESET_FAMILIES: dict[str, str] = {name: "sdxl" if name in SDXL_PRESETS else "sd15" for name in PRESETS}
+
+
+def presets_for(family: str) -> list[str]:
+    """The presets for a base of `family` ("sd15", "sdxl"); every preset when the family is not known ("")."""
+    return [name for name in PRESETS if not family or PRESET_FAMILIES[name] == family]
+
+
+def check_preset_family(name: str, family: str) -> None:
+    """One line when preset `name` is for another family than the running base's (`family`; "" checks nothing)."""
+    wanted = PRESET_FAMILIES.get(name, "")
+    if name and family and wanted and wanted != family:
+        ours = FAMILY_TITLES.get(family, family)
+        raise InvalidRequest(
+            f"preset '{name}' is for {FAMILY_TITLES[wanted]} bases; this bot trains {ours}: "
+            f"use {', '.join(presets_for(family))}"
+        )
+
+
 FROZEN_BYTES, TRAINED_BYTES = 2, 16  # bf16; fp32 weight + gradient + two AdamW moments (training/vram.py)
 
 
@@ -163,14 +185,17 @@ def preset_config(
     n_images: int,
     settings: Settings | None = None,
     notes: list[str] | None = None,
+    family: str = "",
 ) -> TrainConfig:
     """The preset's values, then `overrides` (only what the user actually gave) on top. With `settings`, the
     preset's sizes are clamped to the profile's range (an override is the user's own: never clamped), and a
-    line saying so is appended to `notes` for each."""
+    line saying so is appended to `notes` for each. With `family` (the running base's), a preset for another
+    family is refused in one line."""
     from training.lora import TrainConfig  # torch and diffusers: only when a config is built
 
     if name and name not in PRESETS:
-        raise InvalidRequest(f"unknown preset '{name}': use {', '.join(PRESETS)}")
+        raise InvalidRequest(f"unknown preset '{name}': use {', '.join(presets_for(family))}")
+    check_preset_family(name, family)
     values = {k: v for k, v in PRESETS.get(name, {}).items() if k not in overrides}
     if settings is not None:
         said = clamped_to_profile(name, values, settings)

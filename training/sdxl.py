@@ -11,7 +11,9 @@ SD1.5 trainer's (training/lora.py); SDXL changes what the UNet is conditioned on
 - the style is saved as one file in kohya's SDXL key layout for every kind (training/export.py
   `kohya_sdxl_state_dict`): what A1111, ComfyUI, diffusers' `load_lora_weights` (LoRA) and LyCORIS read.
 
-The family is read from the base's files (`engine.render.model_files.base_family`), never guessed from a name.
+The base loads as the renderer loads it (`engine.render.models.load_base_model`: the pipeline of the family its
+files show), and the family is read from those files (`engine.render.families.running_family`), never guessed
+from a name.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import torch
 from PIL import Image
 
 from engine.errors import InvalidRequest
-from engine.render import model_files
 from engine.settings import Settings
 from training.images import bucket_fit
 from training.lora import KOHYA_WEIGHTS_NAME, Trainer, shuffled_caption
@@ -38,51 +39,17 @@ ADAPTERS = ("lora", "loha", "lokr")  # IA3 has no SDXL export that LyCORIS and A
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-def base_files(settings: Settings) -> tuple[Path, bool] | None:
-    """Where the base model's files are (a folder or hub snapshot, or one checkpoint file) and whether it is a
-    single file; None when they are not on disk (the loader then says so in its one line)."""
-    spec = model_files.ModelSpec("base model", "base_model", settings.base_model, pipeline=True, half=False)
-    kind = model_files.kind_of(spec.ref)
-    if kind in ("file", "folder"):
-        path = Path(spec.ref).expanduser()
-        return (path, kind == "file") if path.exists() else None
-    repo_id, cache_dir = model_files.hub_location(spec, build=False)
-    snapshot = model_files.cached_snapshot(repo_id, cache_dir)
-    return (snapshot, False) if snapshot is not None else None
-
-
 def base_family(settings: Settings) -> str:
-    """The base's family as its files say ("sdxl", "sd15", ...; "" when they do not say or are missing)."""
-    found = base_files(settings)
-    return model_files.base_family(*found)[0] if found is not None else ""
-
-
-def load_sdxl_base(settings: Settings, dtype: torch.dtype) -> Any:
-    """The SDXL base as a StableDiffusionXLPipeline, from the cache, a folder or one checkpoint file (with
-    EMAKI_BASE_MODEL_CONFIG naming a diffusers SDXL folder for its configs); never a download.
-
-    Temporary: replaced at merge by the family loader (`engine.render.models.load_base_model`, which returns a
-    StableDiffusionXLPipeline for an SDXL base once the renderer knows the family). It resolves the files itself
-    because `model_files.resolve` refuses every base that is not SD1.5 until then."""
-    from diffusers import StableDiffusionXLPipeline
-
+    """The base's family as its files say ("sdxl", "sd15"), read the way the renderer reads it
+    (`engine.render.families.running_family`); "" when the files are not there (the loader then says so in its
+    one line, when the SD1.5 trainer loads the base)."""
     from engine.errors import ModelLoadError
-    from engine.render.loading import call_loader
+    from engine.render.families import running_family
 
-    spec = model_files.ModelSpec("base model", "base_model", settings.base_model, pipeline=True, half=False)
-    found = base_files(settings)
-    if found is None:
-        raise ModelLoadError(f"base model '{settings.base_model}' is not on disk: run `{model_files.PULL_COMMAND}`")
-    path, single_file = found
-    if single_file:
-        config = model_files.resolve_config(spec, settings.base_model_config, model_files.hub_cache_dir())
-        loader, kwargs = StableDiffusionXLPipeline.from_single_file, {"config": str(config)}
-    else:
-        _, variant, _ = model_files.select_files(
-            model_files.relative_files(path), pipeline=True, want_fp16=dtype != torch.float32
-        )
-        loader, kwargs = StableDiffusionXLPipeline.from_pretrained, {"variant": variant}
-    return call_loader(spec, loader, str(path), dtype=dtype, local_files_only=True, **kwargs)
+    try:
+        return running_family(settings.base_model, settings.base_model_config).name
+    except ModelLoadError:
+        return ""
 
 
 def time_ids(original: tuple[int, int], bucket: tuple[int, int], flipped: bool) -> list[int]:
@@ -123,9 +90,6 @@ class SDXLTrainer(Trainer):
             raise InvalidRequest(
                 f"adapter '{self.config.adapter}' is not offered on an SDXL base: use {', '.join(ADAPTERS)}"
             )
-
-    def _load_pipeline(self) -> Any:
-        return load_sdxl_base(self.settings, self.weight_dtype)
 
     def _text_model(self, pipe: Any) -> torch.nn.Module:
         # One module holding both encoders (the same objects as the pipeline's): adapters, checkpoints and

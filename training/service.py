@@ -144,11 +144,13 @@ def train_style(
     if result.finished:
         assert result.weights is not None
         tail = result.losses[-20:]
+        family = trained_style_family(settings, result.weights, name)  # before anything is registered
         export_trained_style(settings, result.weights, name)  # the same style for A1111/ComfyUI
         register_trained_style(
             store,
             name,
             result.weights,
+            family=family,
             trigger=row["trigger"] or "",
             config=config,
             steps=result.step,
@@ -267,6 +269,18 @@ def train_on_worker(settings: Settings, cache: Any, request: RemoteTraining, fla
         yield from callbacks_as_events(work, f"emaki-train-{request.name}")
 
 
+def trained_style_family(settings: Settings, weights: Path, name: str) -> str:
+    """The family a trained style is for ("sd15", "sdxl"), read from its own file the way the renderer reads it
+    (engine/render/style_files.py `read_style` against the running base, with its family): a file the renderer
+    would refuse (a layer it cannot place, another family's keys) is one line here, before it is registered."""
+    from engine.render.families import running_family
+    from engine.render.style_files import base_architecture, read_style
+
+    family = running_family(settings.base_model, settings.base_model_config).name
+    layers = read_style(weights, base_architecture(settings.base_model), family=family, style_name=name)
+    return layers.family or family
+
+
 def register_trained_style(
     store: Store,
     name: str,
@@ -278,9 +292,11 @@ def register_trained_style(
     final_loss: float | None = None,
     heldout: list[str] | None = None,
     guild_id: int | None = None,
+    family: str = "sd15",
 ) -> None:
     """The one place a trained adapter becomes a style: the training values are recorded with it,
-    and the dataset images it never saw (`heldout`, relative to the dataset) for evaluation."""
+    and the dataset images it never saw (`heldout`, relative to the dataset) for evaluation, and the model
+    family it was trained on (`trained_style_family`: /animate offers only the running family's styles)."""
     metrics: dict[str, Any] = {"training": asdict(config), "heldout_images": heldout or []}
     if final_loss is not None:
         metrics["final_loss"] = final_loss
@@ -293,6 +309,7 @@ def register_trained_style(
         dataset_id=dataset_id,
         metrics=metrics,
         guild_id=guild_id,
+        family=family,
     )
 
 
@@ -312,6 +329,7 @@ def register_saved_step(settings: Settings, store: Store, name: str, run: str, s
     source = saves[step].parent
     recorded = json.loads((source / "training.json").read_text()) if (source / "training.json").exists() else {}
     config = TrainConfig.from_dict(recorded)
+    family = trained_style_family(settings, saves[step], name)  # a save of another base's run: one line, no copy
     target = style_dir(settings, name) / f"from-{run_dir.name}-{save_name(step)}"
     if target.exists():
         shutil.rmtree(target)
@@ -325,6 +343,7 @@ def register_saved_step(settings: Settings, store: Store, name: str, run: str, s
         store,
         name,
         target / saves[step].name,
+        family=family,
         trigger=(rows[-1]["trigger"] or "") if rows else "",
         config=config,
         steps=step,

@@ -13,7 +13,9 @@ Formats read (never guessed from the file name):
   maps them.
 
 A style is made for one model family (SD1.5 or SDXL, engine/render/families/); its family is read from its keys
-(`style_family`) and a style of another family than the base's is refused in one line before anything else.
+(`style_family`), else from what its header says (emaki's trainer writes `emaki_family` into every style it trains;
+kohya writes `ss_base_model_version`), and a style of another family than the base's is refused in one line before
+anything else.
 
 Every file becomes a `StyleLayers`: per model (`unet`, `text_encoder`, SDXL's `text_encoder_2`) and per layer,
 the tensors under peft's parameter names and the layer's scale (alpha / rank, as the tool that wrote the file
@@ -108,18 +110,29 @@ FAMILY_EVIDENCE = (
         "its UNet layers include SD1.5-only blocks",
     ),
 )
+# safetensors header entries that name the family a style was trained on: emaki's own (training/lora.py and
+# training/sdxl.py write it) and kohya's base model version (`sdxl_base_v1-0` for SDXL: library/sdxl_model_util.py).
+FAMILY_METADATA_KEY = "emaki_family"
+KOHYA_VERSION_KEY = "ss_base_model_version"
 # The width a cross-attention key/value projection reads: the text encoder's (SD1.5 768, SDXL 768 + 1280).
 CROSS_ATTENTION_WIDTHS = {768: "sd15", 2048: "sdxl"}
 CROSS_ATTENTION_INPUT = re.compile(r"attn2[._]to_[kv].*(lora_down\.weight|lora_A\.weight|hada_w[12]_b)$")
 
 
-def style_family(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """(family, the evidence) a style file's keys show, or ("", "") when they do not say (then whether its
-    layers fit the base model decides, as for any file)."""
+def style_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[str, str]:
+    """(family, the evidence) a style file's keys show, else its header (`metadata`), else its cross-attention
+    width; ("", "") when none says (then whether its layers fit the base model decides, as for any file). Small
+    models (the tiny sets) can have keys and widths that say nothing: what the trainer wrote then tells."""
     keys = [k.removeprefix("base_model.model.") for k in tensors]
     for pattern, family, evidence in FAMILY_EVIDENCE:
         if any(pattern.search(k) for k in keys):
             return family, evidence
+    metadata = metadata or {}
+    named = metadata.get(FAMILY_METADATA_KEY, "")
+    if named in FAMILY_TITLES:
+        return named, f"its header says it was trained on {FAMILY_TITLES[named]}"
+    if metadata.get(KOHYA_VERSION_KEY, "").startswith("sdxl"):
+        return "sdxl", f"its header says {KOHYA_VERSION_KEY} {metadata[KOHYA_VERSION_KEY]}"
     for key, tensor in tensors.items():
         width = int(tensor.shape[-1]) if tensor.ndim == 2 else 0
         if CROSS_ATTENTION_INPUT.search(key) and width in CROSS_ATTENTION_WIDTHS:
@@ -127,9 +140,15 @@ def style_family(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
     return "", ""
 
 
-def refuse_other_family(tensors: dict[str, torch.Tensor], family: str, style_name: str, file_name: str = "") -> str:
-    """The style's family (its keys', else `family`'s); a style of another family than `family` is one line."""
-    found, evidence = style_family(tensors)
+def refuse_other_family(
+    tensors: dict[str, torch.Tensor],
+    family: str,
+    style_name: str,
+    file_name: str = "",
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """The style's family (its own file's, else `family`'s); a style of another family than `family` is one line."""
+    found, evidence = style_family(tensors, metadata)
     if family and found and found != family:
         where = f"{file_name}: " if file_name else ""
         raise StyleOfAnotherFamily(
@@ -326,7 +345,7 @@ def read_style(
     weights, config = locate(path)
     name = path.name
     tensors, metadata = load_tensors(weights)
-    style_family_name = refuse_other_family(tensors, family, style_name or name, name)
+    style_family_name = refuse_other_family(tensors, family, style_name or name, name, metadata)
     try:
         layers = _parse(tensors, config, metadata, arch)
         for model, named in layers.models.items():
