@@ -35,6 +35,8 @@ def style_key(name: str) -> str:
     return name.strip().lower()
 
 
+# Results the repost check (every 60 s, on the bot's event loop) takes at once; a channel posts a few a second.
+REPOST_BATCH = 50
 # Job fields that record whether a result reached Discord: written with a synced commit (Store._durable).
 POST_FIELDS = frozenset({"posted", "post_state", "result_message_id"})
 
@@ -572,16 +574,17 @@ class Store:
             columns = [c[0] for c in cursor.description]
             return [_decode_job(dict(zip(columns, r, strict=True))) for r in cursor.fetchall()]
 
-    def results_due(self, at: float) -> list[dict[str, Any]]:
+    def results_due(self, at: float, limit: int = REPOST_BATCH) -> list[dict[str, Any]]:
         """Finished animations whose result is not posted yet and may be tried at `at`: never tried,
-        interrupted mid-post, or refused and due again (the bot's repost check). Read from the
-        small index of unposted results, not the history."""
+        interrupted mid-post, or refused and due again (the bot's repost check), the oldest `limit` of them.
+        Read from the small index of unposted results, not the history; the batch bounds the check's time on
+        the event loop however many results Discord refused (the rest are the next check's)."""
         return self._jobs_sql(
             "select * from jobs indexed by jobs_unposted "
             "where kind = 'animate' and status = 'done' and coalesce(posted, 0) != 1 and channel_id is not null "
             "and coalesce(post_state, 'pending') in ('pending', 'sending', 'refused') "
-            "and coalesce(next_post_at, 0) <= ? order by id",
-            [at],
+            "and coalesce(next_post_at, 0) <= ? order by id limit ?",
+            [at, limit],
         )
 
     def unposted_results(self, owner_id: int) -> list[dict[str, Any]]:
