@@ -88,7 +88,10 @@ class JobCommands(Cog):
         steps="Denoising steps (default 50)",
         guidance="How closely to follow the prompt (default 8.5)",
         interpolate="Smooth in-between frames per pair of frames (0-8); the clip keeps its length",
-        motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once",
+        motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once; "
+        "video: the frames as keyframes of a clip a video model renders",
+        seconds="motion:video only: the clip's length in seconds (default 5)",
+        fps="motion:video only: the clip's frames per second (default 24)",
     )
     async def animate(
         self,
@@ -101,7 +104,9 @@ class JobCommands(Cog):
         steps: int | None = None,
         guidance: float | None = None,
         interpolate: int | None = None,
-        motion: Literal["chain", "animatediff"] | None = None,
+        motion: Literal["chain", "animatediff", "video"] | None = None,
+        seconds: float | None = None,
+        fps: int | None = None,
     ) -> None:
         bot = self.bot
         assert interaction.guild is not None and interaction.channel is not None
@@ -135,6 +140,8 @@ class JobCommands(Cog):
                 guidance=guidance,
                 interpolate=interpolate,
                 motion=motion,
+                video_seconds=seconds,  # refused in one line unless motion is video (build_params)
+                video_fps=fps,
             )
         except EmakiError as exc:
             await refuse(interaction, str(exc))

@@ -502,16 +502,25 @@ def job_record(settings: Settings, job_id: int, name: str) -> dict[str, Any]:
 
 
 async def stream_job(
-    engine: Engine, executor: Executor, job_id: int, cancel: threading.Event | None = None
+    engine: Engine,
+    executor: Executor,
+    job_id: int,
+    cancel: threading.Event | None = None,
+    steps: Callable[[StepProgress], bool] | None = None,
 ) -> AsyncIterator[Event]:
     """Run `engine.run` on the executor's thread and yield its events on the event loop as they
-    happen, so the loop keeps serving while frames render."""
+    happen, so the loop keeps serving while frames render. The denoising steps `steps` picks are
+    yielded too (none by default: a step is far more frequent than anything a status message shows)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event | None] = asyncio.Queue()
 
+    def on_step(progress: StepProgress) -> None:
+        if steps is not None and steps(progress):
+            loop.call_soon_threadsafe(events.put_nowait, progress)
+
     def pump() -> None:
         try:
-            for event in engine.run(job_id, cancel):
+            for event in engine.run(job_id, cancel, on_step if steps is not None else None):
                 loop.call_soon_threadsafe(events.put_nowait, event)
         finally:
             loop.call_soon_threadsafe(events.put_nowait, None)
