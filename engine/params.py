@@ -59,6 +59,10 @@ class AnimationParams:
     # clip of `video_seconds` at `video_fps` through them. 0 in the other modes.
     video_seconds: float = 0.0
     video_fps: int = 0
+    # video: the clip's noise seed where a reroll (🔁) drew a new one; None: derived from `seed`
+    # (engine.render.video.clip_seed), which a redo from keyframe k keeps, so its clip changes only through
+    # the keyframes it re-renders.
+    clip_seed: int | None = None
 
     @property
     def clip_frames(self) -> int:

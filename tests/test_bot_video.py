@@ -127,3 +127,19 @@ async def test_a_bad_video_combination_is_one_ephemeral_line_and_queues_nothing(
 async def test_help_names_the_video_mode(world) -> None:
     helped = await world.alice.slash(world.channel, "help")
     assert "motion:video" in helped.response.content and len(helped.response.content) <= 2000
+
+
+async def test_a_digit_on_a_video_result_redoes_from_that_keyframe_and_posts_a_new_clip(world) -> None:
+    env, channel, alice = world.env, world.channel, world.alice
+    await alice.slash(channel, "animate", prompt="a paper boat drifts", seed=6, **VIDEO)
+    [posted] = posts(channel)
+    await alice.react(posted, "3️⃣")  # keyframe 3: 1 and 2 kept byte for byte, the clip rendered again
+    store = env.bot.store
+    [_, redone] = posts(channel)
+    child = store.job_by_result_message(redone.id)
+    assert child["parent_job_id"] == 1 and child["regen_from"] == 2
+    kept = [Path(r["path"]).read_bytes() for r in store.frames(1)]
+    again = [Path(r["path"]).read_bytes() for r in store.frames(child["id"])]
+    assert again[:2] == kept[:2] and again[2] != kept[2]
+    assert redone.attachments[0].filename == f"emaki-{child['id']}.mp4"
+    assert await redone.attachments[0].read() != await posted.attachments[0].read()

@@ -23,10 +23,13 @@ from engine.params import video_frame_count
 from engine.render import model_files
 from engine.render.media import fit_mp4
 from engine.render.video import ClipPlan, VideoRenderer, condition_frames, joined_prompt, plan_clip
+from engine.render.video import clip_paths as video_clip_paths
 from engine.settings import Settings, load_settings
 from tests.test_cli_jobs import SMALL, tiny_env  # noqa: F401 - the fixture is used by name
 
 VIDEO = ["--motion", "video", "--seconds", "2", "--fps", "8"]  # 16 frames asked: 17 (8k+1), beats at 0, 8, 16
+# The same through build_params, small: 3 keyframes of 32 px, 4 steps (2 for frames 2..N).
+CLIP = {"frames": 3, "steps": 4, "strength": 0.5, "width": 32, "height": 32, "video_seconds": 2.0, "video_fps": 8}
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +222,77 @@ def test_cli_clip_options_are_one_line(tiny_env: Path, capsys) -> None:  # noqa:
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert any("--duration does not apply to --motion video" in line for line in errors)
     assert any("video_fps must be a whole number" in line for line in errors)
+
+
+# --- redo and cancel through the engine ----------------------------------------------------------
+def run_job(engine, job_id: int, **kw) -> list:
+    events = list(engine.run_to_end(job_id, **kw))
+    return events
+
+
+def clip_bytes(engine, job_id: int) -> list[bytes]:
+    return [p.read_bytes() for p in video_clip_paths(engine.job_dir(job_id))]
+
+
+def keyframe_bytes(engine, job_id: int) -> list[bytes]:
+    return [Path(row["path"]).read_bytes() for row in engine.store.frames(job_id)]
+
+
+def test_redo_from_keyframe_k_keeps_the_earlier_ones_and_renders_the_clip_again_through_them(engine) -> None:
+    params = build_params(engine.settings, None, "a fox runs", motion="video", seed=8, **CLIP)
+    parent = engine.create_job(params)
+    assert type(run_job(engine, parent)[-1]).__name__ == "Finished"
+    redo = engine.create_regeneration(parent, 2)  # keyframe 3 of 3: 1 and 2 kept
+    assert type(run_job(engine, redo)[-1]).__name__ == "Finished"
+    before, after = keyframe_bytes(engine, parent), keyframe_bytes(engine, redo)
+    assert after[:2] == before[:2] and after[2] != before[2]
+    assert clip_bytes(engine, redo) != clip_bytes(engine, parent) and len(clip_bytes(engine, redo)) == 17
+    # The same clip noise: the clip changed only through keyframe 3; its first frame is keyframe 1's.
+    record = [json.loads((engine.job_dir(j) / "video.json").read_text()) for j in (parent, redo)]
+    assert record[0]["seed"] == record[1]["seed"]
+    first = [np.asarray(Image.open(video_clip_paths(engine.job_dir(j))[0]), dtype=float) for j in (parent, redo)]
+    last = [np.asarray(Image.open(video_clip_paths(engine.job_dir(j))[-1]), dtype=float) for j in (parent, redo)]
+    assert np.abs(first[0] - first[1]).mean() < np.abs(last[0] - last[1]).mean()
+    # Redo from keyframe 2: keyframe 1 kept, 2 and 3 (chained from it) rendered again.
+    from_two = engine.create_regeneration(parent, 1)
+    run_job(engine, from_two)
+    again = keyframe_bytes(engine, from_two)
+    assert again[0] == before[0] and again[1] != before[1] and again[2] != before[2]
+    # 🔁: every keyframe and the clip's noise new.
+    reroll = engine.create_regeneration(parent, 0, reseed_all=True)
+    run_job(engine, reroll)
+    rolled = keyframe_bytes(engine, reroll)
+    assert all(a != b for a, b in zip(rolled, before, strict=True))
+    assert json.loads((engine.job_dir(reroll) / "video.json").read_text())["seed"] != record[0]["seed"]
+    assert engine.store.job(reroll)["params"]["clip_seed"] is not None
+
+
+def test_cancel_during_the_clip_stops_at_the_next_video_step(engine) -> None:
+    import threading
+
+    params = build_params(engine.settings, None, "a fox runs", motion="video", seed=9, **CLIP)
+    job = engine.create_job(params)
+    cancel = threading.Event()
+    video_steps: list[int] = []
+
+    def on_step(progress) -> None:
+        if progress.frame_index == params.frames:  # the video model's steps: one past the last keyframe
+            video_steps.append(progress.step)
+            cancel.set()
+
+    events = run_job(engine, job, cancel=cancel, on_step=on_step)
+    assert type(events[-1]).__name__ == "Failed" and events[-1].reason == "cancelled"
+    assert video_steps == [1] and engine.store.job(job)["status"] == "cancelled"
+    # Keyframes 1-2 are on disk; the last rides with the clip, so neither was written.
+    assert [bool(r["path"]) for r in engine.store.frames(job)] == [True, True, False]
+    assert video_clip_paths(engine.job_dir(job)) == []
+
+
+def test_cli_redo_of_a_video_keeps_keyframe_1_and_writes_a_new_mp4(tiny_env: Path, capsys) -> None:  # noqa: F811
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL]) == 0
+    first = (tiny_env / "a-fox-runs.mp4").read_bytes()
+    keyframes_before = [p.read_bytes() for p in sorted((tiny_env / "a-fox-runs_frames").glob("frame_*.png"))]
+    assert main(["redo", "1", "--from", "2", "--out", "redone.mp4", "-q"]) == 0
+    assert (tiny_env / "redone.mp4").read_bytes() != first
+    keyframes_after = [p.read_bytes() for p in sorted((tiny_env / "redone_frames").glob("frame_*.png"))]
+    assert keyframes_after[0] == keyframes_before[0] and keyframes_after[1:] != keyframes_before[1:]

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,7 +47,7 @@ from engine.render.models import Models, StyleRef
 from engine.render.motion import clip_images as motion_clip_images
 from engine.render.motion import save_inbetweens
 from engine.render.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSpec, WorkerLost, png_decode
-from engine.settings import Settings
+from engine.settings import MAX_SEED, Settings
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,13 @@ class Engine:
             raise InvalidRequest(f"frame {from_index + 1} does not exist: this animation has {len(frames)} frames")
         if not all(row["path"] and Path(row["path"]).is_file() for row in frames[:from_index]):
             raise InvalidRequest(frames_gone(parent_id))
+        params = parent["params"]
+        if reseed_all and params.get("motion") == "video":  # a reroll: new clip noise too (engine/render/video.py)
+            params = {**params, "clip_seed": secrets.randbelow(MAX_SEED)}
         job_id = self.store.add_job(
             kind="animate",
             idea=parent["idea"],
-            params=parent["params"],
+            params=params,
             parent_job_id=parent_id,
             regen_from=from_index,
             **owner,

@@ -22,6 +22,13 @@ and what happens next; the keyframes carry each beat's look at its position.
 
 Noise. One CPU generator seeded from the job seed (`clip_seed`), so a seed gives the same clip on any device
 and `--from-sidecar` the same bytes on the same machine.
+
+Redo. A redo from keyframe k (a digit reaction, "Redo from frame…", `emaki redo JOB --from k`) is a new job that
+keeps keyframes 1..k-1 byte for byte (their PNGs are copied), renders keyframe k with a new seed, re-chains
+k+1..N with their recorded seeds (each is drawn from the one before), and renders the clip again through all N
+with the parent's clip noise: the clip is one denoising pass whose every frame attends to every condition, so
+no stretch of it can be kept, but with the same noise it changes only through the keyframes that changed. A
+reroll (🔁) draws new seeds for every keyframe and new clip noise (`AnimationParams.clip_seed`, recorded).
 """
 
 from __future__ import annotations
@@ -108,7 +115,7 @@ def plan_clip(params: AnimationParams, prompts: list[str], settings: Settings) -
     return ClipPlan(
         prompt=joined_prompt(prompts),
         negative_prompt=params.negative_prompt,
-        seed=clip_seed(params.seed),
+        seed=clip_seed(params.seed) if params.clip_seed is None else params.clip_seed,
         num_frames=num_frames,
         fps=params.video_fps,
         width=params.width,
