@@ -63,6 +63,10 @@ class AnimationParams:
     # (engine.render.video.clip_seed), which a redo from keyframe k keeps, so its clip changes only through
     # the keyframes it re-renders.
     clip_seed: int | None = None
+    # video: a style for the video model (family ltx-video, engine/render/video_styles.py), held by identity as
+    # `style` is; `style` stays the keyframes' image style.
+    video_style: str = ""
+    video_style_id: str = ""
 
     @property
     def clip_frames(self) -> int:

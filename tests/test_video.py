@@ -296,3 +296,112 @@ def test_cli_redo_of_a_video_keeps_keyframe_1_and_writes_a_new_mp4(tiny_env: Pat
     assert (tiny_env / "redone.mp4").read_bytes() != first
     keyframes_after = [p.read_bytes() for p in sorted((tiny_env / "redone_frames").glob("frame_*.png"))]
     assert keyframes_after[0] == keyframes_before[0] and keyframes_after[1:] != keyframes_before[1:]
+
+
+# --- video styles --------------------------------------------------------------------------------
+def make_video_lora(video_model: VideoRenderer, folder: Path, seed: int = 3, std: float = 0.5) -> Path:
+    """A LoRA for the tiny LTX transformer with random non-zero weights, saved as LTXConditionPipeline saves
+    one (diffusers naming: transformer.<layer>.lora_A.weight)."""
+    from diffusers import LTXConditionPipeline, LTXVideoTransformer3DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = LTXVideoTransformer3DModel.from_config(video_model.pipe.transformer.config)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    folder.mkdir(parents=True, exist_ok=True)
+    LTXConditionPipeline.save_lora_weights(
+        str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def renamed(source: Path, target: Path, rename) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    save_file({rename(k): v for k, v in load_file(str(source)).items()}, str(target))
+    return target
+
+
+def test_a_video_lora_in_diffusers_and_trainer_naming_loads_and_changes_the_clip(
+    video_model, tiny_settings, tmp_path: Path
+) -> None:
+    from engine.render.video_styles import VideoStyle, read_video_style
+
+    diffusers_file = make_video_lora(video_model, tmp_path / "lora")
+    trainer_file = renamed(  # LTX-Video-Trainer / ComfyUI naming, which diffusers' LTX loader converts
+        diffusers_file, tmp_path / "trainer.safetensors", lambda k: "diffusion_model." + k.removeprefix("transformer.")
+    )
+    assert read_video_style(diffusers_file, tiny_settings).source == "diffusers"
+    assert read_video_style(trainer_file, tiny_settings).source == "LTX-Video-Trainer/ComfyUI"
+    keys = keyframes(3)
+    base = video_model.render(keys, plan())
+    styled = video_model.use_style(VideoStyle("ink", str(diffusers_file), 1.0, "a")).render(keys, plan())
+    assert [f.tobytes() for f in styled] != [f.tobytes() for f in base]
+    same = video_model.use_style(VideoStyle("ink2", str(trainer_file), 1.0, "b")).render(keys, plan())
+    assert [f.tobytes() for f in same] == [f.tobytes() for f in styled]  # the same weights, either naming
+    restored = video_model.use_style(None).render(keys, plan())
+    assert [f.tobytes() for f in restored] == [f.tobytes() for f in base]  # unloading restores the model
+
+
+def test_wrong_family_video_styles_are_one_line(video_model, tiny_settings, tmp_path: Path) -> None:
+    from engine.coordinator.store import open_store
+    from engine.render.style_files import StyleFileError
+    from engine.render.video_styles import read_video_style
+    from tests.helpers import make_random_lora
+
+    lora = make_video_lora(video_model, tmp_path / "lora")
+    store = open_store(tmp_path / "data")
+    store.add_style("drift", str(lora), family="ltx-video")
+    store.add_style("ink", str(make_random_lora(tmp_path / "image")), family="sd15")
+    settings = dataclasses.replace(tiny_settings, data_dir=tmp_path / "data")
+    cases = [
+        ({"style": "drift", "motion": "video"}, "'drift' is an LTX-Video style (for the video model)"),
+        ({"video_style": "ink", "motion": "video"}, "'ink' is an image style (sd15) for the keyframes"),
+        ({"video_style": "drift"}, "a video style applies to --motion video only"),
+        ({"video_style": "nope", "motion": "video"}, "unknown style 'nope'"),
+    ]
+    for options, expected in cases:
+        with pytest.raises(EmakiError) as refused:
+            build_params(settings, store, "a fox", frames=3, **options)
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+    ok = build_params(settings, store, "a fox", frames=3, motion="video", style="ink", video_style="drift")
+    assert (ok.style, ok.video_style) == ("ink", "drift") and ok.video_style_id
+    kohya = renamed(
+        lora,
+        tmp_path / "kohya.safetensors",
+        lambda k: "lora_unet_" + k.removeprefix("transformer.").replace(".", "_", 3),
+    )
+    other = renamed(lora, tmp_path / "other.safetensors", lambda k: k.replace("attn1", "attn9"))
+    for path, expected in ((kohya, "kohya/musubi-tuner names"), (other, "is not in the video model's transformer")):
+        with pytest.raises(StyleFileError) as refused:
+            read_video_style(path, tiny_settings)
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_styles_add_registers_a_video_lora_and_a_video_job_renders_with_it(
+    tiny_env: Path,  # noqa: F811
+    video_model,
+    capsys,
+) -> None:
+    from engine.coordinator.store import open_store
+
+    lora = make_video_lora(video_model, tiny_env / "lora")
+    assert main(["styles", "add", "drift", str(lora)]) == 0
+    assert "registered video style drift: LTX-Video LoRA from a diffusers file" in capsys.readouterr().out
+    assert open_store(tiny_env / "data").style("drift")["family"] == "ltx-video"
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL, "--out", "plain.mp4"]) == 0
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL, "--video-style", "drift"]) == 0
+    sidecar = json.loads((tiny_env / "a-fox-runs.json").read_text())
+    assert sidecar["video"]["style"]["name"] == "drift" and sidecar["params"]["video_style"] == "drift"
+    assert (tiny_env / "a-fox-runs.mp4").read_bytes() != (tiny_env / "plain.mp4").read_bytes()
+    # The keyframes are the same: the video style is the video model's only.
+    plain = sorted((tiny_env / "plain_frames").glob("frame_*.png"))
+    styled = sorted((tiny_env / "a-fox-runs_frames").glob("frame_*.png"))
+    assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in styled]
+    assert main(["animate", "a fox", "--style", "drift", *SMALL]) != 0
+    assert "'drift' is an LTX-Video style" in capsys.readouterr().err

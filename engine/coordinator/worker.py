@@ -398,7 +398,8 @@ class Engine:
         for i, image in enumerate(images):  # frames kept from a parent or an interrupted run
             yield FrameDone(job_id, i, params.frames, image, Path(rows[i]["path"]))
 
-        recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style))
+        video_style = self._style(params.video_style, params.video_style_id)  # the video model's (video mode)
+        recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style), self._style_spec(video_style))
         for rendered in self.renderers.frames(recipe, cancelled, on_step):
             index, image = rendered.index, rendered.image()
             screen_frame(
@@ -409,7 +410,7 @@ class Engine:
             # so a job whose last keyframe is on disk has its clip too (a resumed job starts from there).
             if rendered.clip:
                 plan = video.plan_clip(params, [p.prompt for p in plans], self.settings)
-                record = video.clip_record(plan, self.settings)
+                record = video.clip_record(plan, self.settings, recipe.video_style)
                 video.save_clip(image, job_dir, record, screen=lambda frame: screen_frame(self, job, frame))
             write_atomic(path, rendered.png)  # the renderer's own PNG bytes: identical on every worker
             # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).

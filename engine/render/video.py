@@ -48,6 +48,7 @@ from engine.params import VIDEO_FRAME_STEP
 
 if TYPE_CHECKING:
     from engine.params import AnimationParams
+    from engine.render.video_styles import VideoStyle
     from engine.settings import Settings
 
 CLIP_KEY = "video_clip"  # PIL info key on the last keyframe's image: the clip's frames ride along with it
@@ -127,10 +128,12 @@ def plan_clip(params: AnimationParams, prompts: list[str], settings: Settings) -
     )
 
 
-def clip_record(plan: ClipPlan, settings: Settings) -> dict[str, Any]:
-    """What the sidecar says about the clip: the plan, the model, its revision and the decode settings."""
+def clip_record(plan: ClipPlan, settings: Settings, style: Any = None) -> dict[str, Any]:
+    """What the sidecar says about the clip: the plan, the model, its revision, its style (a StyleSpec: name,
+    content hash, weight) and the decode settings."""
     return {
         "model": settings.video_model,
+        "style": {"name": style.name, "sha256": style.sha256, "weight": style.weight} if style is not None else None,
         "revision": model_revision(settings),
         "family": "ltx",
         "vae_tiling": settings.video_vae_tiling,
@@ -219,7 +222,15 @@ class VideoRenderer:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+        self.style: VideoStyle | None = None  # the video style (LoRA) applied now (engine/render/video_styles.py)
         pipe.set_progress_bar_config(disable=True)
+
+    def use_style(self, style: VideoStyle | None) -> VideoRenderer:
+        """Apply a video style (None: none); the one applied already is not loaded again."""
+        from engine.render.video_styles import apply
+
+        self.style = apply(self.pipe, self.style, style)
+        return self
 
     @classmethod
     def load(cls, settings: Settings, device: torch.device, chain_dtype: torch.dtype) -> VideoRenderer:
