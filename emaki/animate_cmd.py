@@ -484,6 +484,8 @@ def start_engine(settings: Settings, motion: str, store: Any = None) -> Any:
         renderers.warm()
         if motion == "animatediff":
             renderers.check_motion()
+        if motion == "video":
+            renderers.check_video()
         store = store if store is not None else open_store(settings.data_dir)
         renderers.store = store  # type: ignore[attr-defined]  # the workers table, for `emaki jobs`
         return Engine(settings, store, renderers=renderers)

@@ -108,7 +108,6 @@ BAD = {
     "fps without video mode": ({"fps": 8, "motion": "chain"}, {}, "apply to --motion video only"),
     # The tiny profile fills an empty video model with its own: a real model's id is what it cannot run.
     "no usable video model": ({**VIDEO}, {"video_model": "Lightricks/LTX-Video-0.9.5"}, "cannot run with the tiny"),
-    "cluster mode": ({**VIDEO}, {"ray_address": "local"}, "video mode does not run in cluster mode"),
     "beats too dense": ({**VIDEO, "frames": 4}, {}, "4 keyframes need a clip of at least 25 frames"),
 }
 

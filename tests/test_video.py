@@ -157,7 +157,6 @@ BAD = {
     "one beat": ({"frames": 1}, {}, "at least 2 frames"),
     "too many frames": ({"video_seconds": 30.0, "video_fps": 50}, {}, "make 1497 frames; the limit is 128"),
     "real model on tiny": ({}, {"video_model": "Lightricks/LTX-Video-0.9.5"}, "cannot run with the tiny profile"),
-    "cluster": ({}, {"ray_address": "local"}, "video mode does not run in cluster mode yet"),
 }
 
 

@@ -69,7 +69,7 @@ def build_params(
         check_value("video_fps", video_fps)
         from engine.render import video as video_mode
 
-        video_mode.check_request(settings)  # configured, on disk, of the LTX family, not in cluster mode
+        video_mode.check_request(settings)  # configured, on disk, of the LTX family
     if motion == "animatediff":
         from engine.render import motion as motion_mode
 

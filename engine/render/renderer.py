@@ -329,6 +329,8 @@ class Renderers(Protocol):
 
     def check_motion(self) -> None: ...  # load the motion adapter everywhere now (fails with one line)
 
+    def check_video(self) -> None: ...  # load the video model everywhere now (fails with one line)
+
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None
     ) -> Iterator[FrameRendered]: ...  # may raise WorkerLost

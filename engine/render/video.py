@@ -182,12 +182,11 @@ def check_configured(settings: Settings) -> None:
 
 
 def check_request(settings: Settings) -> None:
-    """Video mode asked for: the model is configured and on disk, and nothing excludes it. File lookups only."""
+    """Video mode asked for: the model is configured and on disk (here; in cluster mode each worker loads it
+    from its own cache, engine/coordinator/cluster.py), of the LTX family. File lookups only."""
     from engine.render import model_files
 
     check_configured(settings)
-    if settings.ray_address:
-        raise InvalidRequest("video mode does not run in cluster mode yet: use it without EMAKI_RAY_ADDRESS")
     found = model_files.resolve(spec(settings))
     check_family(found.path, settings.video_model)
 
