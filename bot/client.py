@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -25,13 +26,14 @@ from bot.progress import ProgressReporter
 from bot.reactions import ReactionControls
 from bot.state import StatusFields, post_state
 from bot.training import StyleTraining, post_pending_previews, run_train_job
+from engine.coordinator.job_files import job_dir
 from engine.coordinator.jobs import JobQueue
 from engine.coordinator.retention import purged_reason
 from engine.coordinator.store import Store, open_store
-from engine.coordinator.worker import Engine, clip_images, stream_job
+from engine.coordinator.worker import METRICS_FILE, MP4_FILE, Engine, clip_images, job_record, stream_job
 from engine.errors import EmakiError, InvalidRequest
 from engine.events import Failed, Requeued
-from engine.render.media import fit_to_bytes
+from engine.render.media import fit_mp4, fit_to_bytes
 from engine.render.models import Models
 from engine.render.renderer import Renderers
 from engine.settings import Settings, load_settings
@@ -160,7 +162,7 @@ class EmakiBot(commands.Bot):
             return
         reporter = ProgressReporter(self, job_id)
         failed = requeued = False
-        async for event in stream_job(self.engine, self.gpu, job_id, cancel):
+        async for event in stream_job(self.engine, self.gpu, job_id, cancel, steps=reporter.shows_step):
             failed = failed or isinstance(event, Failed)
             requeued = requeued or isinstance(event, Requeued)
             reporter.handle(event)
@@ -331,7 +333,7 @@ class EmakiBot(commands.Bot):
         limit = min(self.settings.upload_limit_bytes, guild.filesize_limit if guild else 1 << 62)
         frames = self.store.frames(job_id)
         try:
-            data, fitted = await asyncio.to_thread(_fit_result, self.settings, job, frames, limit)
+            files, fitted = await asyncio.to_thread(_fit_result, self.settings, job, frames, limit)
         except (EmakiError, OSError) as exc:  # OSError: frames gone (purged, deleted by hand) since it rendered
             reason = purged_reason(job) or (str(exc) if isinstance(exc, EmakiError) else f"its files are gone ({exc})")
             self.store.update_job(job_id, posted=-1, post_state="failed", error=reason, post_error=reason)
@@ -348,7 +350,7 @@ class EmakiBot(commands.Bot):
                 async with self.outbox.slot(job["channel_id"]):
                     message = await channel.send(
                         content,
-                        file=discord.File(io.BytesIO(data), filename=result_filename(job_id)),
+                        files=[discord.File(io.BytesIO(data), filename=name) for name, data in files],
                         allowed_mentions=only(job["owner_id"]),
                         nonce=nonce,  # the same on every retry and restart: Discord keeps one post
                         view=result_view(job),  # Reroll, redo, Delete, Details, MP4 (bot/buttons.py)
@@ -385,9 +387,9 @@ class EmakiBot(commands.Bot):
     async def _find_result(self, channel: discord.abc.Messageable, job_id: int) -> discord.Message | None:
         """The result of a send interrupted before it was recorded, if it reached the channel."""
         assert self.user is not None
-        name = result_filename(job_id)
+        names = {result_filename(job_id), result_filename(job_id, ".mp4")}
         async for message in channel.history(limit=100):
-            if message.author.id == self.user.id and any(a.filename == name for a in message.attachments):
+            if message.author.id == self.user.id and any(a.filename in names for a in message.attachments):
                 return message
         return None
 
@@ -441,8 +443,8 @@ class EmakiBot(commands.Bot):
         self.show_positions()
 
 
-def result_filename(job_id: int) -> str:
-    return f"emaki-{job_id}.gif"
+def result_filename(job_id: int, suffix: str = ".gif") -> str:
+    return f"emaki-{job_id}{suffix}"
 
 
 def describe_http_error(exc: discord.HTTPException) -> str:
@@ -452,9 +454,36 @@ def describe_http_error(exc: discord.HTTPException) -> str:
 
 def _fit_result(
     settings: Settings, job: dict[str, Any], frames: list[dict[str, Any]], limit: int
-) -> tuple[bytes, dict[str, float]]:
+) -> tuple[list[tuple[str, bytes]], dict[str, float]]:
+    """The files to post (name, bytes) and how they were fitted under `limit` (this channel's upload cap).
+    Blocking (encoders): call it in a thread."""
+    if job["params"].get("motion") == "video":
+        return _fit_video_result(settings, job, frames, limit)
     images, frame_ms = clip_images(settings, job, frames)  # in-betweens included
-    return fit_to_bytes(images, limit, frame_ms)
+    data, fitted = fit_to_bytes(images, limit, frame_ms)
+    return [(result_filename(job["id"]), data)], fitted
+
+
+def _fit_video_result(
+    settings: Settings, job: dict[str, Any], frames: list[dict[str, Any]], limit: int
+) -> tuple[list[tuple[str, bytes]], dict[str, float]]:
+    """Video mode posts the MP4 the worker fitted under the operator's cap, fitted again (fit_mp4) where this
+    server's own limit is lower, and the GIF beside it only when both fit together: Discord counts every file
+    of a message against the limit, and the MP4 is the result."""
+    folder = job_dir(settings, job["id"])
+    mp4 = (folder / MP4_FILE).read_bytes()
+    recorded = job_record(settings, job["id"], METRICS_FILE)
+    fitted: dict[str, float] = {"scale": recorded.get("mp4_scale", 1.0), "kbps": recorded.get("mp4_kbps", 0)}
+    if len(mp4) > limit:
+        images, _ = clip_images(settings, job, frames)
+        mp4, fitted = fit_mp4(images, job["params"]["video_fps"], limit)
+    files = [(result_filename(job["id"], ".mp4"), mp4)]
+    gif = Path(job.get("gif_path") or folder / "animation.gif").read_bytes()
+    if len(mp4) + len(gif) <= limit:
+        files.append((result_filename(job["id"]), gif))
+    else:
+        fitted = {**fitted, "gif_left_out": 1.0}
+    return files, fitted
 
 
 def create_bot(

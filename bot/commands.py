@@ -88,7 +88,11 @@ class JobCommands(Cog):
         steps="Denoising steps (default 50)",
         guidance="How closely to follow the prompt (default 8.5)",
         interpolate="Smooth in-between frames per pair of frames (0-8); the clip keeps its length",
-        motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once",
+        motion="chain: each frame drawn from the one before (default); animatediff: the clip rendered at once; "
+        "video: the frames as keyframes of a clip a video model renders",
+        seconds="motion:video only: the clip's length in seconds (default 5)",
+        fps="motion:video only: the clip's frames per second (default 24)",
+        video_style="motion:video only: a video style (LoRA) for the video model; style stays the keyframes'",
     )
     async def animate(
         self,
@@ -101,7 +105,10 @@ class JobCommands(Cog):
         steps: int | None = None,
         guidance: float | None = None,
         interpolate: int | None = None,
-        motion: Literal["chain", "animatediff"] | None = None,
+        motion: Literal["chain", "animatediff", "video"] | None = None,
+        seconds: float | None = None,
+        fps: int | None = None,
+        video_style: str | None = None,
     ) -> None:
         bot = self.bot
         assert interaction.guild is not None and interaction.channel is not None
@@ -121,8 +128,9 @@ class JobCommands(Cog):
                 cap = min(rules.max_pending_per_member, bot.queue.max_pending)
                 server_rules.check_member_cap(bot, interaction.user.id, cap, interaction.guild.id)
             check_steps(limits, steps)
-            if style and style.strip():
-                server_rules.usable_style(bot, interaction.guild.id, style)  # other servers' styles stay unknown
+            for name in (style, video_style):
+                if name and name.strip():
+                    server_rules.usable_style(bot, interaction.guild.id, name)  # other servers' styles stay unknown
             params = build_params(
                 limits,
                 bot.store,
@@ -135,6 +143,9 @@ class JobCommands(Cog):
                 guidance=guidance,
                 interpolate=interpolate,
                 motion=motion,
+                video_seconds=seconds,  # refused in one line unless motion is video (build_params)
+                video_fps=fps,
+                video_style=video_style,
             )
         except EmakiError as exc:
             await refuse(interaction, str(exc))
@@ -177,6 +188,17 @@ class JobCommands(Cog):
         names = bot.store.style_choices(interaction.guild_id, shared, current, 25, bot.engine.models.family_name)
         return [app_commands.Choice(name=n, value=n) for n in names]
 
+    @animate.autocomplete("video_style")
+    async def video_style_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        from engine.render.video_styles import VIDEO_FAMILY
+
+        bot = self.bot
+        shared = server_rules.server(bot, interaction.guild_id).other_styles
+        names = bot.store.style_choices(interaction.guild_id, shared, current, 25, VIDEO_FAMILY)
+        return [app_commands.Choice(name=n, value=n) for n in names]
+
     @app_commands.command(name="queue", description="Your jobs and their place in line")
     @app_commands.guild_only()
     async def queue(self, interaction: discord.Interaction) -> None:
@@ -216,7 +238,8 @@ class JobCommands(Cog):
         shared = server_rules.server(bot, interaction.guild_id).other_styles
         rows = bot.store.styles_visible_in(interaction.guild_id, shared)
         running = bot.engine.models.family_name  # only what this bot can render: styles of its base's family
-        rows = [row for row in rows if not running or (row.get("family") or "sd15") == running]
+        # Video styles (for motion:video's video_style) are listed too, marked.
+        rows = [row for row in rows if not running or (row.get("family") or "sd15") in (running, "ltx-video")]
         if not rows:
             await interaction.response.send_message(
                 "No styles yet: train one with /train.", ephemeral=True, allowed_mentions=NO_MENTIONS
@@ -233,7 +256,8 @@ class JobCommands(Cog):
                 origin = " · shared by another server"
             elif owner is not None and row.get("shared"):
                 origin = " · shared with other servers"
-            lines.append(f"**{row['name']}** ({row['adapter']}){trigger}{score}{origin}")
+            video = " · video style (motion:video video_style)" if row.get("family") == "ltx-video" else ""
+            lines.append(f"**{row['name']}** ({row['adapter']}){trigger}{score}{origin}{video}")
         await interaction.response.send_message(
             render.clip("\n".join(lines)), ephemeral=True, allowed_mentions=NO_MENTIONS
         )

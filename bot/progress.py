@@ -14,7 +14,7 @@ from PIL import Image
 
 from bot import render
 from engine.coordinator.safety import FLAGGED_REASON
-from engine.events import Event, Failed, Finished, FrameDone, Started, StoryReady
+from engine.events import Event, Failed, Finished, FrameDone, Started, StepProgress, StoryReady
 from engine.render.media import contact_sheet, png_bytes
 
 if TYPE_CHECKING:
@@ -29,6 +29,14 @@ class ProgressReporter:
         self.job_id = job_id
         self.prompts: list[str] = []
         self.images: list[Image.Image] = []
+        job = bot.store.job(job_id)
+        # Video mode: the video model's steps come as frame N's (one past the last keyframe), after every
+        # keyframe is done; the status message shows them as the clip's stage. No other step is shown.
+        self.video_stage = job["params"]["frames"] if job and job["params"].get("motion") == "video" else None
+
+    def shows_step(self, progress: StepProgress) -> bool:
+        """The steps this reporter shows (called on the render thread: reads nothing)."""
+        return self.video_stage is not None and progress.frame_index == self.video_stage
 
     @property
     def job(self) -> dict[str, Any]:
@@ -42,6 +50,9 @@ class ProgressReporter:
         elif isinstance(event, StoryReady):
             self.prompts = event.frames
             self._show(render.progress(self.job, self.prompts, 0))
+        elif isinstance(event, StepProgress) and self.shows_step(event):
+            text = render.progress(self.job, self.prompts, len(self.images), clip_step=(event.step, event.total_steps))
+            self._show(text, sheet=True)
         elif isinstance(event, FrameDone):
             self.images.append(event.image)
             self._show(render.progress(self.job, self.prompts, len(self.images)), sheet=True)

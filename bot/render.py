@@ -32,6 +32,8 @@ def _head(job: dict[str, Any]) -> str:
     if job.get("kind") == "train":
         return f"<@{job['owner_id']}> training the style **{params['style']}**"
     style = f" · style **{params['style']}**" if params.get("style") else ""
+    if params.get("motion") == "video":
+        style += f" · video {params.get('video_seconds', 0):g} s at {params.get('video_fps', 0)} fps"
     regen = ""
     if job.get("parent_job_id") is not None:
         regen = f" · regenerating from frame {job['regen_from'] + 1}" if job["regen_from"] else " · reroll"
@@ -42,9 +44,20 @@ def frame_list(prompts: list[str]) -> str:
     return "\n".join(f"{i}. {p}" for i, p in enumerate(prompts, 1))
 
 
-def progress(job: dict[str, Any], prompts: list[str], done: int) -> str:
-    total = job["params"]["frames"]
-    state = "✍️ Writing the story…" if not prompts else f"🎨 Rendering: {done}/{total} frames done"
+def progress(job: dict[str, Any], prompts: list[str], done: int, clip_step: tuple[int, int] | None = None) -> str:
+    """The status while a job renders. Video mode names its frames keyframes, and once they are all
+    rendered the video model's steps (`clip_step`: step, total) are the clip's own stage."""
+    params = job["params"]
+    total = params["frames"]
+    video = params.get("motion") == "video"
+    if clip_step is not None:
+        state = f"🎞️ Keyframes done; the video model renders the clip: step {clip_step[0]}/{clip_step[1]}"
+    elif not prompts:
+        state = "✍️ Writing the story…"
+    else:
+        state = f"🎨 Rendering: {done}/{total} {'keyframes' if video else 'frames'} done"
+        if video:
+            state += ", then the clip"
     return clip(f"{_head(job)}\n{state}\n{frame_list(prompts)}")
 
 
@@ -78,7 +91,16 @@ def result(job: dict[str, Any], frames: list[dict[str, Any]], fitted: dict[str, 
     last_digit = DIGITS[min(n, 10) - 1]
     react = f"React {REROLL} to reroll, {DIGITS[0]}–{last_digit} to redo from that frame, {DELETE} to delete."
     shrunk = ""
-    if fitted.get("scale", 1) < 1 or fitted.get("colors", 256) < 256:
+    if params.get("motion") == "video":
+        react = (
+            f"React {REROLL} to reroll, {DIGITS[0]}–{last_digit} to redo from that keyframe (earlier keyframes "
+            f"kept, the clip rendered again through them), {DELETE} to delete."
+        )
+        if fitted.get("kbps"):  # fit_mp4: a bitrate (and maybe a smaller size) instead of CRF 18
+            shrunk = f"\n(fitted to the upload limit: {int(fitted['kbps'])} kbps, {fitted.get('scale', 1):.0%} size)"
+        if fitted.get("gif_left_out"):
+            shrunk += "\n(the GIF is left out: with it the post would be over the upload limit)"
+    elif fitted.get("scale", 1) < 1 or fitted.get("colors", 256) < 256:
         shrunk = f"\n(shrunk to fit the upload limit: {int(fitted['colors'])} colours, {fitted['scale']:.0%} size)"
     lines = [
         _head(job),
@@ -100,6 +122,8 @@ each frame's prompt and seed (only to you), **MP4** sends you the clip as a vide
 With `motion:animatediff` the clip is rendered at once and the frames listed are its story beats: \
 {DIGITS[0]}…{DIGITS[9]} redo that beat (new noise for its stretch of the clip, the other beats keep theirs; \
 the whole clip is re-rendered) · {REROLL} new noise everywhere.
+With `motion:video` (options `seconds`, `fps`) the frames are keyframes and a video model renders an MP4 through \
+them: {DIGITS[0]}…{DIGITS[9]} redo from that keyframe (earlier keyframes kept, the clip rendered again).
 Admins (Manage Server): `/pause` and `/resume` the queue · `/stats` queue, jobs today, disk and GPU."""
 
 

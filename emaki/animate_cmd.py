@@ -484,6 +484,8 @@ def start_engine(settings: Settings, motion: str, store: Any = None) -> Any:
         renderers.warm()
         if motion == "animatediff":
             renderers.check_motion()
+        if motion == "video":
+            renderers.check_video()
         store = store if store is not None else open_store(settings.data_dir)
         renderers.store = store  # type: ignore[attr-defined]  # the workers table, for `emaki jobs`
         return Engine(settings, store, renderers=renderers)
@@ -527,7 +529,7 @@ def _request_from_sidecar(args: argparse.Namespace) -> tuple[Settings, str, dict
     recorded_keys = (*names, "controlnet_scale", "color_coherence", "frame_duration_ms", "interpolate", "motion")
     recorded_keys = (*recorded_keys, "motion_depth")
     if recorded.get("motion") == "video":
-        recorded_keys = (*recorded_keys, "video_seconds", "video_fps")
+        recorded_keys = (*recorded_keys, "video_seconds", "video_fps", "video_style")
     options = {k: recorded.get(k) for k in recorded_keys}
     return settings, sidecar.get("idea", ""), options, sidecar
 
@@ -553,6 +555,8 @@ def _request_from_options(args: argparse.Namespace) -> tuple[Settings, str, dict
         options |= {"video_seconds": args.seconds, "video_fps": fps}
     else:
         options["frame_duration_ms"] = _keyframe_ms(args, settings)
+    if args.video_style is not None:  # refused in one line outside video mode (build_params)
+        options["video_style"] = args.video_style
     return settings, args.idea, options
 
 
@@ -655,6 +659,11 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     animate.add_argument("--strength", type=float, help=setting_help("strength", "img2img strength for frames 2..N"))
     animate.add_argument("--seed", type=int, help=f"job seed, 0..{MAX_SEED} (default: random)")
     animate.add_argument("--style", help="a registered style name (emaki styles; default none)")
+    animate.add_argument(
+        "--video-style",
+        help="with --motion video: a registered video style (an LTX-Video LoRA, emaki styles add) for the video "
+        "model; --style stays the keyframes' image style",
+    )
     animate.add_argument("--negative-prompt", help="what to avoid (default: EMAKI_NEGATIVE_PROMPT's)")
     animate.add_argument(
         "--duration", type=int, help=setting_help("frame_duration_ms", "milliseconds each keyframe stands for")

@@ -197,7 +197,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         description="Make a new job that keeps frames 1..K-1 of a finished animation byte for byte, "
         "renders frame K with a new seed (or --seed) and re-chains the frames after it. In motion mode K "
         "is a beat: only that beat's stretch gets new noise, but the whole clip is rendered again, so "
-        "the other frames can change a little.",
+        "the other frames can change a little. In video mode K is a keyframe: keyframes 1..K-1 are kept, K..N "
+        "rendered again, then the clip through all of them with the same clip noise.",
     )
     redo.add_argument("job", type=int, help="job id of a finished animation (emaki jobs)")
     redo.add_argument(

@@ -90,6 +90,8 @@ def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> i
     if existing is not None and not args.replace:
         trained = " (trained here, with its metrics)" if existing.get("dataset_id") is not None else ""
         raise InvalidRequest(f"a style named '{name}' already exists{trained}; add --replace to replace it")
+    if is_video_lora(path):  # a LoRA for the video model (engine/render/video_styles.py): family ltx-video
+        return _add_video(settings, store, args, name, path, existing)
     family = running_family(settings.base_model, settings.base_model_config)  # read from the base's files
     layers = read_style(path, base_architecture(settings.base_model), family=family.name, style_name=name)
     weights, _ = locate(path)
@@ -104,6 +106,38 @@ def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> i
     print(
         f"{verb} style {name}: {family.title} {KIND_NAMES[layers.kind]} from a {layers.source} file, "
         f"{layers.n_layers} layers"
+    )
+    return 0
+
+
+def is_video_lora(path: Path) -> bool:
+    """Whether a style file's keys are a transformer LoRA (the video model's), not a UNet style."""
+    from engine.render.style_files import load_tensors, locate
+    from engine.render.video_styles import looks_like_video_lora
+
+    weights, _ = locate(path)
+    return weights.is_file() and looks_like_video_lora(load_tensors(weights)[0])
+
+
+def _add_video(
+    settings: Settings, store: Store | None, args: argparse.Namespace, name: str, path: Path, existing: dict | None
+) -> int:
+    """A video style: checked against the configured video model's transformer, registered as family ltx-video
+    (applied to the video model of `--motion video` jobs that name it with --video-style)."""
+    from engine.coordinator.store import open_store
+    from engine.render.video_styles import VIDEO_FAMILY, VIDEO_FAMILY_TITLE, read_video_style
+
+    found = read_video_style(path, settings)
+    fields = {"trigger": args.trigger or "", "adapter": "lora", "weight": args.weight, "family": VIDEO_FAMILY}
+    store = store or open_store(settings.data_dir)
+    if existing is None:
+        store.add_style(name, str(found.weights), **fields)
+    else:
+        store.replace_style(name, str(found.weights), **fields)
+    verb = "replaced" if existing is not None else "registered"
+    print(
+        f"{verb} video style {name}: {VIDEO_FAMILY_TITLE} LoRA from a {found.source} file, {found.n_layers} layers "
+        "(use it with --motion video --video-style)"
     )
     return 0
 

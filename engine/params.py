@@ -59,6 +59,14 @@ class AnimationParams:
     # clip of `video_seconds` at `video_fps` through them. 0 in the other modes.
     video_seconds: float = 0.0
     video_fps: int = 0
+    # video: the clip's noise seed where a reroll (🔁) drew a new one; None: derived from `seed`
+    # (engine.render.video.clip_seed), which a redo from keyframe k keeps, so its clip changes only through
+    # the keyframes it re-renders.
+    clip_seed: int | None = None
+    # video: a style for the video model (family ltx-video, engine/render/video_styles.py), held by identity as
+    # `style` is; `style` stays the keyframes' image style.
+    video_style: str = ""
+    video_style_id: str = ""
 
     @property
     def clip_frames(self) -> int:

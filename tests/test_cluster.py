@@ -367,3 +367,39 @@ def test_more_workers_than_gpus_and_a_worker_that_cannot_start_are_one_line_each
     assert "more-workers: EMAKI_GPU_WORKERS=2 renderers asked for, but the Ray cluster has 1 GPU(s)" in lines[0]
     assert lines[1].startswith("cannot-start: ModelLoadError a renderer could not start:")
     assert "base model 'x/y' is not downloaded on this machine" in lines[1] and len(lines) == 2
+
+
+def test_a_video_job_renders_on_a_worker_with_its_video_style_and_its_clip_comes_back(
+    cluster_engine: Engine, pool: RayRenderers, tmp_path: Path, shared_tiny_models: Models
+) -> None:
+    """Video mode on a Ray renderer: the keyframes, then the video model's steps (as frame N's progress),
+    the clip back on the last keyframe's event, a video style fetched through the object store; the same
+    bytes as this process renders from the same recipe."""
+    import torch
+
+    from engine.render.video import VideoRenderer, clip_paths
+    from tests.test_video import make_video_lora
+
+    engine = cluster_engine
+    pool.check_video()  # every worker loads the video model (one line where one cannot)
+    video_model = VideoRenderer.load(engine.settings, torch.device("cpu"), torch.float32)
+    weights = make_video_lora(video_model, tmp_path / "video-style")
+    engine.store.add_style("drift", str(weights), family="ltx-video")
+    clip = {"motion": "video", "video_seconds": 2.0, "video_fps": 8, "video_style": "drift"}
+    params = build_params(engine.settings, engine.store, "a kite rises", frames=3, seed=7, **FAST, **clip)
+    steps: list[StepProgress] = []
+    job = engine.create_job(params)
+    events = list(engine.run_to_end(job, on_step=steps.append))
+    assert isinstance(events[-1], Finished), events[-1]
+    assert any(step.frame_index == 3 for step in steps)  # the video model's steps came back as frame N's
+    remote_clip = [sha(p) for p in clip_paths(engine.job_dir(job))]
+    assert len(remote_clip) == 17 and (engine.job_dir(job) / "animation.mp4").is_file()
+    assert any(sha(weights) in info["fetched"] for info in pool.wait_ready())  # the style travelled
+    # In-process, the same recipe: the same keyframes and the same clip, byte for byte.
+    shared_tiny_models.use_style(None)
+    local = Engine(dataclasses.replace(engine.settings, ray_address=""), engine.store, models=shared_tiny_models)
+    copy = local.create_from_recipe(params, engine.store.frames(job))
+    again = list(local.run_to_end(copy))
+    assert isinstance(again[-1], Finished), again[-1]
+    assert [sha(p) for p in clip_paths(local.job_dir(copy))] == remote_clip
+    assert [sha(p) for p in again[-1].frame_paths] == [sha(p) for p in events[-1].frame_paths]

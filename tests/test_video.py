@@ -23,10 +23,13 @@ from engine.params import video_frame_count
 from engine.render import model_files
 from engine.render.media import fit_mp4
 from engine.render.video import ClipPlan, VideoRenderer, condition_frames, joined_prompt, plan_clip
+from engine.render.video import clip_paths as video_clip_paths
 from engine.settings import Settings, load_settings
 from tests.test_cli_jobs import SMALL, tiny_env  # noqa: F401 - the fixture is used by name
 
 VIDEO = ["--motion", "video", "--seconds", "2", "--fps", "8"]  # 16 frames asked: 17 (8k+1), beats at 0, 8, 16
+# The same through build_params, small: 3 keyframes of 32 px, 4 steps (2 for frames 2..N).
+CLIP = {"frames": 3, "steps": 4, "strength": 0.5, "width": 32, "height": 32, "video_seconds": 2.0, "video_fps": 8}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +157,6 @@ BAD = {
     "one beat": ({"frames": 1}, {}, "at least 2 frames"),
     "too many frames": ({"video_seconds": 30.0, "video_fps": 50}, {}, "make 1497 frames; the limit is 128"),
     "real model on tiny": ({}, {"video_model": "Lightricks/LTX-Video-0.9.5"}, "cannot run with the tiny profile"),
-    "cluster": ({}, {"ray_address": "local"}, "video mode does not run in cluster mode yet"),
 }
 
 
@@ -219,3 +221,186 @@ def test_cli_clip_options_are_one_line(tiny_env: Path, capsys) -> None:  # noqa:
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert any("--duration does not apply to --motion video" in line for line in errors)
     assert any("video_fps must be a whole number" in line for line in errors)
+
+
+# --- redo and cancel through the engine ----------------------------------------------------------
+def run_job(engine, job_id: int, **kw) -> list:
+    events = list(engine.run_to_end(job_id, **kw))
+    return events
+
+
+def clip_bytes(engine, job_id: int) -> list[bytes]:
+    return [p.read_bytes() for p in video_clip_paths(engine.job_dir(job_id))]
+
+
+def keyframe_bytes(engine, job_id: int) -> list[bytes]:
+    return [Path(row["path"]).read_bytes() for row in engine.store.frames(job_id)]
+
+
+def test_redo_from_keyframe_k_keeps_the_earlier_ones_and_renders_the_clip_again_through_them(engine) -> None:
+    params = build_params(engine.settings, None, "a fox runs", motion="video", seed=8, **CLIP)
+    parent = engine.create_job(params)
+    assert type(run_job(engine, parent)[-1]).__name__ == "Finished"
+    redo = engine.create_regeneration(parent, 2)  # keyframe 3 of 3: 1 and 2 kept
+    assert type(run_job(engine, redo)[-1]).__name__ == "Finished"
+    before, after = keyframe_bytes(engine, parent), keyframe_bytes(engine, redo)
+    assert after[:2] == before[:2] and after[2] != before[2]
+    assert clip_bytes(engine, redo) != clip_bytes(engine, parent) and len(clip_bytes(engine, redo)) == 17
+    # The same clip noise: the clip changed only through keyframe 3; its first frame is keyframe 1's.
+    record = [json.loads((engine.job_dir(j) / "video.json").read_text()) for j in (parent, redo)]
+    assert record[0]["seed"] == record[1]["seed"]
+    first = [np.asarray(Image.open(video_clip_paths(engine.job_dir(j))[0]), dtype=float) for j in (parent, redo)]
+    last = [np.asarray(Image.open(video_clip_paths(engine.job_dir(j))[-1]), dtype=float) for j in (parent, redo)]
+    assert np.abs(first[0] - first[1]).mean() < np.abs(last[0] - last[1]).mean()
+    # Redo from keyframe 2: keyframe 1 kept, 2 and 3 (chained from it) rendered again.
+    from_two = engine.create_regeneration(parent, 1)
+    run_job(engine, from_two)
+    again = keyframe_bytes(engine, from_two)
+    assert again[0] == before[0] and again[1] != before[1] and again[2] != before[2]
+    # 🔁: every keyframe and the clip's noise new.
+    reroll = engine.create_regeneration(parent, 0, reseed_all=True)
+    run_job(engine, reroll)
+    rolled = keyframe_bytes(engine, reroll)
+    assert all(a != b for a, b in zip(rolled, before, strict=True))
+    assert json.loads((engine.job_dir(reroll) / "video.json").read_text())["seed"] != record[0]["seed"]
+    assert engine.store.job(reroll)["params"]["clip_seed"] is not None
+
+
+def test_cancel_during_the_clip_stops_at_the_next_video_step(engine) -> None:
+    import threading
+
+    params = build_params(engine.settings, None, "a fox runs", motion="video", seed=9, **CLIP)
+    job = engine.create_job(params)
+    cancel = threading.Event()
+    video_steps: list[int] = []
+
+    def on_step(progress) -> None:
+        if progress.frame_index == params.frames:  # the video model's steps: one past the last keyframe
+            video_steps.append(progress.step)
+            cancel.set()
+
+    events = run_job(engine, job, cancel=cancel, on_step=on_step)
+    assert type(events[-1]).__name__ == "Failed" and events[-1].reason == "cancelled"
+    assert video_steps == [1] and engine.store.job(job)["status"] == "cancelled"
+    # Keyframes 1-2 are on disk; the last rides with the clip, so neither was written.
+    assert [bool(r["path"]) for r in engine.store.frames(job)] == [True, True, False]
+    assert video_clip_paths(engine.job_dir(job)) == []
+
+
+def test_cli_redo_of_a_video_keeps_keyframe_1_and_writes_a_new_mp4(tiny_env: Path, capsys) -> None:  # noqa: F811
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL]) == 0
+    first = (tiny_env / "a-fox-runs.mp4").read_bytes()
+    keyframes_before = [p.read_bytes() for p in sorted((tiny_env / "a-fox-runs_frames").glob("frame_*.png"))]
+    assert main(["redo", "1", "--from", "2", "--out", "redone.mp4", "-q"]) == 0
+    assert (tiny_env / "redone.mp4").read_bytes() != first
+    keyframes_after = [p.read_bytes() for p in sorted((tiny_env / "redone_frames").glob("frame_*.png"))]
+    assert keyframes_after[0] == keyframes_before[0] and keyframes_after[1:] != keyframes_before[1:]
+
+
+# --- video styles --------------------------------------------------------------------------------
+def make_video_lora(video_model: VideoRenderer, folder: Path, seed: int = 3, std: float = 0.5) -> Path:
+    """A LoRA for the tiny LTX transformer with random non-zero weights, saved as LTXConditionPipeline saves
+    one (diffusers naming: transformer.<layer>.lora_A.weight)."""
+    from diffusers import LTXConditionPipeline, LTXVideoTransformer3DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = LTXVideoTransformer3DModel.from_config(video_model.pipe.transformer.config)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    folder.mkdir(parents=True, exist_ok=True)
+    LTXConditionPipeline.save_lora_weights(
+        str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def renamed(source: Path, target: Path, rename) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    save_file({rename(k): v for k, v in load_file(str(source)).items()}, str(target))
+    return target
+
+
+def test_a_video_lora_in_diffusers_and_trainer_naming_loads_and_changes_the_clip(
+    video_model, tiny_settings, tmp_path: Path
+) -> None:
+    from engine.render.video_styles import VideoStyle, read_video_style
+
+    diffusers_file = make_video_lora(video_model, tmp_path / "lora")
+    trainer_file = renamed(  # LTX-Video-Trainer / ComfyUI naming, which diffusers' LTX loader converts
+        diffusers_file, tmp_path / "trainer.safetensors", lambda k: "diffusion_model." + k.removeprefix("transformer.")
+    )
+    assert read_video_style(diffusers_file, tiny_settings).source == "diffusers"
+    assert read_video_style(trainer_file, tiny_settings).source == "LTX-Video-Trainer/ComfyUI"
+    keys = keyframes(3)
+    base = video_model.render(keys, plan())
+    styled = video_model.use_style(VideoStyle("ink", str(diffusers_file), 1.0, "a")).render(keys, plan())
+    assert [f.tobytes() for f in styled] != [f.tobytes() for f in base]
+    same = video_model.use_style(VideoStyle("ink2", str(trainer_file), 1.0, "b")).render(keys, plan())
+    assert [f.tobytes() for f in same] == [f.tobytes() for f in styled]  # the same weights, either naming
+    restored = video_model.use_style(None).render(keys, plan())
+    assert [f.tobytes() for f in restored] == [f.tobytes() for f in base]  # unloading restores the model
+
+
+def test_wrong_family_video_styles_are_one_line(video_model, tiny_settings, tmp_path: Path) -> None:
+    from engine.coordinator.store import open_store
+    from engine.render.style_files import StyleFileError
+    from engine.render.video_styles import read_video_style
+    from tests.helpers import make_random_lora
+
+    lora = make_video_lora(video_model, tmp_path / "lora")
+    store = open_store(tmp_path / "data")
+    store.add_style("drift", str(lora), family="ltx-video")
+    store.add_style("ink", str(make_random_lora(tmp_path / "image")), family="sd15")
+    settings = dataclasses.replace(tiny_settings, data_dir=tmp_path / "data")
+    cases = [
+        ({"style": "drift", "motion": "video"}, "'drift' is an LTX-Video style (for the video model)"),
+        ({"video_style": "ink", "motion": "video"}, "'ink' is an image style (sd15) for the keyframes"),
+        ({"video_style": "drift"}, "a video style applies to --motion video only"),
+        ({"video_style": "nope", "motion": "video"}, "unknown style 'nope'"),
+    ]
+    for options, expected in cases:
+        with pytest.raises(EmakiError) as refused:
+            build_params(settings, store, "a fox", frames=3, **options)
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+    ok = build_params(settings, store, "a fox", frames=3, motion="video", style="ink", video_style="drift")
+    assert (ok.style, ok.video_style) == ("ink", "drift") and ok.video_style_id
+    kohya = renamed(
+        lora,
+        tmp_path / "kohya.safetensors",
+        lambda k: "lora_unet_" + k.removeprefix("transformer.").replace(".", "_", 3),
+    )
+    other = renamed(lora, tmp_path / "other.safetensors", lambda k: k.replace("attn1", "attn9"))
+    for path, expected in ((kohya, "kohya/musubi-tuner names"), (other, "is not in the video model's transformer")):
+        with pytest.raises(StyleFileError) as refused:
+            read_video_style(path, tiny_settings)
+        assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_styles_add_registers_a_video_lora_and_a_video_job_renders_with_it(
+    tiny_env: Path,  # noqa: F811
+    video_model,
+    capsys,
+) -> None:
+    from engine.coordinator.store import open_store
+
+    lora = make_video_lora(video_model, tiny_env / "lora")
+    assert main(["styles", "add", "drift", str(lora)]) == 0
+    assert "registered video style drift: LTX-Video LoRA from a diffusers file" in capsys.readouterr().out
+    assert open_store(tiny_env / "data").style("drift")["family"] == "ltx-video"
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL, "--out", "plain.mp4"]) == 0
+    assert main(["animate", "a fox runs", *VIDEO, "--seed", "3", *SMALL, "--video-style", "drift"]) == 0
+    sidecar = json.loads((tiny_env / "a-fox-runs.json").read_text())
+    assert sidecar["video"]["style"]["name"] == "drift" and sidecar["params"]["video_style"] == "drift"
+    assert (tiny_env / "a-fox-runs.mp4").read_bytes() != (tiny_env / "plain.mp4").read_bytes()
+    # The keyframes are the same: the video style is the video model's only.
+    plain = sorted((tiny_env / "plain_frames").glob("frame_*.png"))
+    styled = sorted((tiny_env / "a-fox-runs_frames").glob("frame_*.png"))
+    assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in styled]
+    assert main(["animate", "a fox", "--style", "drift", *SMALL]) != 0
+    assert "'drift' is an LTX-Video style" in capsys.readouterr().err

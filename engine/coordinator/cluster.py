@@ -135,6 +135,11 @@ class RendererWorker:
         """Load the motion adapter now (motion mode asked for): one that cannot load fails here."""
         self.renderer.models.motion_renderer()
 
+    def load_video(self) -> None:
+        """Load the video model now (video mode asked for): one that cannot load fails here. A video job's
+        clip comes back on its last keyframe's FrameRendered (`clip`, PNG bytes), like any frame."""
+        self.renderer.video()
+
     @ray.method(concurrency_group="control")
     def flag(self, name: str) -> None:
         self.flags.add(name)
@@ -226,6 +231,11 @@ class RayRenderers:
         """Every worker loads the motion adapter (a job in motion mode may land on any of them)."""
         for actor in self.actors:
             _get(actor.load_motion.remote())
+
+    def check_video(self) -> None:
+        """Every worker loads the video model (a video job may land on any of them)."""
+        for actor in self.actors:
+            _get(actor.load_video.remote())
 
     def share(self, path: Path) -> tuple[str, Any]:
         """Put a file's (or folder's) content in the object store once per content hash."""

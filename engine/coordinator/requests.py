@@ -39,6 +39,7 @@ def build_params(
     motion_depth: bool | None = None,
     video_seconds: float | None = None,
     video_fps: int | None = None,
+    video_style: str | None = None,
 ) -> AnimationParams:
     idea = " ".join((idea or "").split())
     if not idea:
@@ -52,6 +53,8 @@ def build_params(
         raise InvalidRequest("motion depth guidance applies to --motion animatediff only (the chain always has it)")
     if motion != "video" and (video_seconds is not None or video_fps is not None):
         raise InvalidRequest("the clip's seconds and fps as a video clip apply to --motion video only")
+    if motion != "video" and (video_style or "").strip():
+        raise InvalidRequest("a video style applies to --motion video only (style takes the frames' image style)")
     if motion == "video":
         if motion_depth:
             raise InvalidRequest(
@@ -66,7 +69,7 @@ def build_params(
         check_value("video_fps", video_fps)
         from engine.render import video as video_mode
 
-        video_mode.check_request(settings)  # configured, on disk, of the LTX family, not in cluster mode
+        video_mode.check_request(settings)  # configured, on disk, of the LTX family
     if motion == "animatediff":
         from engine.render import motion as motion_mode
 
@@ -143,15 +146,29 @@ def build_params(
     if isinstance(p.seed, bool) or not isinstance(p.seed, int) or not 0 <= p.seed <= MAX_SEED:
         raise InvalidRequest(f"seed must be between 0 and {MAX_SEED} (got {p.seed})")
     if p.style:
-        row = store.style(p.style) if store is not None else None
-        if row is None:
-            known = ", ".join(s["name"] for s in store.styles()) if store else ""
-            hint = f"known styles are {known}" if known else "no styles are registered yet"
-            raise InvalidRequest(f"unknown style '{p.style}': {hint}")
+        from engine.render.video_styles import check_not_video_style
+
+        row = style_row(store, p.style)
+        check_not_video_style(row)  # a video model's LoRA is not a keyframe style
         refuse_style_of_another_family(settings, row)
         # As registered (`Ghibli` asked, `ghibli` kept), and held by identity from here on.
         p = dataclasses.replace(p, style=row["name"], style_id=row.get("uid") or "")
+    if (video_style or "").strip():
+        from engine.render.video_styles import check_video_style
+
+        row = style_row(store, video_style.strip())
+        check_video_style(row)
+        p = dataclasses.replace(p, video_style=row["name"], video_style_id=row.get("uid") or "")
     return p
+
+
+def style_row(store: Store | None, name: str) -> dict[str, Any]:
+    row = store.style(name) if store is not None else None
+    if row is None:
+        known = ", ".join(s["name"] for s in store.styles()) if store else ""
+        hint = f"known styles are {known}" if known else "no styles are registered yet"
+        raise InvalidRequest(f"unknown style '{name}': {hint}")
+    return row
 
 
 def refuse_style_of_another_family(settings: Settings, row: dict[str, Any]) -> None:

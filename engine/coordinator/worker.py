@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,7 +47,7 @@ from engine.render.models import Models, StyleRef
 from engine.render.motion import clip_images as motion_clip_images
 from engine.render.motion import save_inbetweens
 from engine.render.renderer import LocalRenderers, Recipe, Renderer, Renderers, StyleSpec, WorkerLost, png_decode
-from engine.settings import Settings
+from engine.settings import MAX_SEED, Settings
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,13 @@ class Engine:
             raise InvalidRequest(f"frame {from_index + 1} does not exist: this animation has {len(frames)} frames")
         if not all(row["path"] and Path(row["path"]).is_file() for row in frames[:from_index]):
             raise InvalidRequest(frames_gone(parent_id))
+        params = parent["params"]
+        if reseed_all and params.get("motion") == "video":  # a reroll: new clip noise too (engine/render/video.py)
+            params = {**params, "clip_seed": secrets.randbelow(MAX_SEED)}
         job_id = self.store.add_job(
             kind="animate",
             idea=parent["idea"],
-            params=parent["params"],
+            params=params,
             parent_job_id=parent_id,
             regen_from=from_index,
             **owner,
@@ -394,7 +398,8 @@ class Engine:
         for i, image in enumerate(images):  # frames kept from a parent or an interrupted run
             yield FrameDone(job_id, i, params.frames, image, Path(rows[i]["path"]))
 
-        recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style))
+        video_style = self._style(params.video_style, params.video_style_id)  # the video model's (video mode)
+        recipe = Recipe(job_id, job["params"], plans, kept, self._style_spec(style), self._style_spec(video_style))
         for rendered in self.renderers.frames(recipe, cancelled, on_step):
             index, image = rendered.index, rendered.image()
             screen_frame(
@@ -405,7 +410,7 @@ class Engine:
             # so a job whose last keyframe is on disk has its clip too (a resumed job starts from there).
             if rendered.clip:
                 plan = video.plan_clip(params, [p.prompt for p in plans], self.settings)
-                record = video.clip_record(plan, self.settings)
+                record = video.clip_record(plan, self.settings, recipe.video_style)
                 video.save_clip(image, job_dir, record, screen=lambda frame: screen_frame(self, job, frame))
             write_atomic(path, rendered.png)  # the renderer's own PNG bytes: identical on every worker
             # Motion mode: the clip frames up to the next beat, screened like the frame (none in chain mode).
@@ -502,16 +507,25 @@ def job_record(settings: Settings, job_id: int, name: str) -> dict[str, Any]:
 
 
 async def stream_job(
-    engine: Engine, executor: Executor, job_id: int, cancel: threading.Event | None = None
+    engine: Engine,
+    executor: Executor,
+    job_id: int,
+    cancel: threading.Event | None = None,
+    steps: Callable[[StepProgress], bool] | None = None,
 ) -> AsyncIterator[Event]:
     """Run `engine.run` on the executor's thread and yield its events on the event loop as they
-    happen, so the loop keeps serving while frames render."""
+    happen, so the loop keeps serving while frames render. The denoising steps `steps` picks are
+    yielded too (none by default: a step is far more frequent than anything a status message shows)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event | None] = asyncio.Queue()
 
+    def on_step(progress: StepProgress) -> None:
+        if steps is not None and steps(progress):
+            loop.call_soon_threadsafe(events.put_nowait, progress)
+
     def pump() -> None:
         try:
-            for event in engine.run(job_id, cancel):
+            for event in engine.run(job_id, cancel, on_step if steps is not None else None):
                 loop.call_soon_threadsafe(events.put_nowait, event)
         finally:
             loop.call_soon_threadsafe(events.put_nowait, None)

@@ -33,6 +33,7 @@ from engine.render.animate import FramePlan, render_frames
 from engine.render.models import Models, StyleRef
 from engine.render.motion import INBETWEENS_KEY
 from engine.render.video import CLIP_KEY, VideoRenderer
+from engine.render.video_styles import VideoStyle
 from engine.settings import Settings
 
 
@@ -63,6 +64,7 @@ class Recipe:
     plans: list[FramePlan]
     kept: list[bytes] = field(default_factory=list)  # PNG bytes of frames 0..start-1
     style: StyleSpec | None = None
+    video_style: StyleSpec | None = None  # video mode: the video model's LoRA (engine/render/video_styles.py)
 
     @property
     def start(self) -> int:
@@ -208,6 +210,12 @@ class Renderer:
             self._video = VideoRenderer.load(self.settings, self.models.device, self.models.dtype)
         return self._video
 
+    def styled_video(self, spec: StyleSpec | None) -> VideoRenderer:
+        """The video model with this video style applied (none: its own weights), fetched like an image style."""
+        ref = self.style_ref(spec)
+        wanted = VideoStyle(ref.name, ref.path, ref.weight, ref.version) if ref is not None else None
+        return self.video().use_style(wanted)
+
     def load(self) -> Renderer:
         self.models.load()
         return self
@@ -254,7 +262,7 @@ class Renderer:
             on_step=step_hook,
             cancelled=cancelled,
             kept=kept,
-            video=self.video,
+            video=lambda: self.styled_video(recipe.video_style),  # loaded (and styled) when the clip starts
         ):
             inbetweens = tuple(png_encode(frame) for frame in image.info.get(INBETWEENS_KEY, []))
             clip = tuple(png_encode(frame) for frame in image.info.get(CLIP_KEY, []))
@@ -320,6 +328,8 @@ class Renderers(Protocol):
     def warm(self) -> None: ...  # load every renderer's models now
 
     def check_motion(self) -> None: ...  # load the motion adapter everywhere now (fails with one line)
+
+    def check_video(self) -> None: ...  # load the video model everywhere now (fails with one line)
 
     def frames(
         self, recipe: Recipe, cancelled: Callable[[], bool], on_step: Callable[[StepProgress], None] | None

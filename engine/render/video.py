@@ -22,6 +22,13 @@ and what happens next; the keyframes carry each beat's look at its position.
 
 Noise. One CPU generator seeded from the job seed (`clip_seed`), so a seed gives the same clip on any device
 and `--from-sidecar` the same bytes on the same machine.
+
+Redo. A redo from keyframe k (a digit reaction, "Redo from frame…", `emaki redo JOB --from k`) is a new job that
+keeps keyframes 1..k-1 byte for byte (their PNGs are copied), renders keyframe k with a new seed, re-chains
+k+1..N with their recorded seeds (each is drawn from the one before), and renders the clip again through all N
+with the parent's clip noise: the clip is one denoising pass whose every frame attends to every condition, so
+no stretch of it can be kept, but with the same noise it changes only through the keyframes that changed. A
+reroll (🔁) draws new seeds for every keyframe and new clip noise (`AnimationParams.clip_seed`, recorded).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from engine.params import VIDEO_FRAME_STEP
 
 if TYPE_CHECKING:
     from engine.params import AnimationParams
+    from engine.render.video_styles import VideoStyle
     from engine.settings import Settings
 
 CLIP_KEY = "video_clip"  # PIL info key on the last keyframe's image: the clip's frames ride along with it
@@ -108,7 +116,7 @@ def plan_clip(params: AnimationParams, prompts: list[str], settings: Settings) -
     return ClipPlan(
         prompt=joined_prompt(prompts),
         negative_prompt=params.negative_prompt,
-        seed=clip_seed(params.seed),
+        seed=clip_seed(params.seed) if params.clip_seed is None else params.clip_seed,
         num_frames=num_frames,
         fps=params.video_fps,
         width=params.width,
@@ -120,10 +128,12 @@ def plan_clip(params: AnimationParams, prompts: list[str], settings: Settings) -
     )
 
 
-def clip_record(plan: ClipPlan, settings: Settings) -> dict[str, Any]:
-    """What the sidecar says about the clip: the plan, the model, its revision and the decode settings."""
+def clip_record(plan: ClipPlan, settings: Settings, style: Any = None) -> dict[str, Any]:
+    """What the sidecar says about the clip: the plan, the model, its revision, its style (a StyleSpec: name,
+    content hash, weight) and the decode settings."""
     return {
         "model": settings.video_model,
+        "style": {"name": style.name, "sha256": style.sha256, "weight": style.weight} if style is not None else None,
         "revision": model_revision(settings),
         "family": "ltx",
         "vae_tiling": settings.video_vae_tiling,
@@ -172,12 +182,11 @@ def check_configured(settings: Settings) -> None:
 
 
 def check_request(settings: Settings) -> None:
-    """Video mode asked for: the model is configured and on disk, and nothing excludes it. File lookups only."""
+    """Video mode asked for: the model is configured and on disk (here; in cluster mode each worker loads it
+    from its own cache, engine/coordinator/cluster.py), of the LTX family. File lookups only."""
     from engine.render import model_files
 
     check_configured(settings)
-    if settings.ray_address:
-        raise InvalidRequest("video mode does not run in cluster mode yet: use it without EMAKI_RAY_ADDRESS")
     found = model_files.resolve(spec(settings))
     check_family(found.path, settings.video_model)
 
@@ -212,7 +221,15 @@ class VideoRenderer:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+        self.style: VideoStyle | None = None  # the video style (LoRA) applied now (engine/render/video_styles.py)
         pipe.set_progress_bar_config(disable=True)
+
+    def use_style(self, style: VideoStyle | None) -> VideoRenderer:
+        """Apply a video style (None: none); the one applied already is not loaded again."""
+        from engine.render.video_styles import apply
+
+        self.style = apply(self.pipe, self.style, style)
+        return self
 
     @classmethod
     def load(cls, settings: Settings, device: torch.device, chain_dtype: torch.dtype) -> VideoRenderer:
