@@ -93,7 +93,9 @@ def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> i
     if is_video_lora(path):  # a LoRA for the video model (engine/render/video_styles.py): family ltx-video
         return _add_video(settings, store, args, name, path, existing)
     family = running_family(settings.base_model, settings.base_model_config)  # read from the base's files
-    layers = read_style(path, base_architecture(settings.base_model), family=family.name, style_name=name)
+    layers = read_style(
+        path, base_architecture(settings.base_model, settings.base_model_config), family=family.name, style_name=name
+    )
     weights, _ = locate(path)
     fields = {"trigger": args.trigger or "", "adapter": layers.kind, "weight": args.weight}
     fields["family"] = layers.family or family.name  # it fits this base: this base's family

@@ -161,11 +161,12 @@ def style_family(weights: Path) -> str:
         return (handle.metadata() or {}).get(FAMILY_KEY, "")
 
 
-def write_kohya_file(weights: Path, base_model: str, out: Path) -> Path:
-    """Convert a style file (any format emaki reads) into one kohya-format file at `out`."""
+def write_kohya_file(weights: Path, base_model: str, out: Path, config_ref: str = "") -> Path:
+    """Convert a style file (any format emaki reads) into one kohya-format file at `out` (`config_ref`: a
+    single-file base model's config folder)."""
     from safetensors.torch import save_file
 
-    layers = read_style(weights, base_architecture(base_model), check=False)
+    layers = read_style(weights, base_architecture(base_model, config_ref), check=False)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(kohya_state_dict(layers), str(tmp), metadata={"format": "pt", "emaki_adapter": layers.kind})
     os.replace(tmp, out)
@@ -184,7 +185,7 @@ def export_trained_style(settings: Settings, weights: Path, name: str) -> Path |
             shutil.copyfile(weights, tmp)
             os.replace(tmp, out)
             return out
-        return write_kohya_file(weights, settings.base_model, out)
+        return write_kohya_file(weights, settings.base_model, out, settings.base_model_config)
     except Exception:
         log.exception("style '%s' trained, but its kohya-format export %s failed", name, out)
         return None

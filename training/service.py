@@ -277,7 +277,9 @@ def trained_style_family(settings: Settings, weights: Path, name: str) -> str:
     from engine.render.style_files import base_architecture, read_style
 
     family = running_family(settings.base_model, settings.base_model_config).name
-    layers = read_style(weights, base_architecture(settings.base_model), family=family, style_name=name)
+    layers = read_style(
+        weights, base_architecture(settings.base_model, settings.base_model_config), family=family, style_name=name
+    )
     return layers.family or family
 
 

@@ -239,13 +239,13 @@ def _is_adapter_part(name: str) -> bool:
 
 
 # --- the base model's architecture, without its weights ---------------------------------------------
-def meta_models(base_model: str) -> dict[str, nn.Module]:
+def meta_models(base_model: str, config_ref: str = "") -> dict[str, nn.Module]:
     """The UNet and text encoder(s) built from their configs on the meta device: names and shapes, no weights."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        configs = _configs(base_model)
+        configs = _configs(base_model, config_ref)
         models: dict[str, nn.Module] = {
             "unet": UNet2DConditionModel.from_config(configs["unet"]),
             "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
@@ -256,23 +256,26 @@ def meta_models(base_model: str) -> dict[str, nn.Module]:
 
 
 @functools.lru_cache(maxsize=4)
-def _configs(base_model: str) -> dict[str, dict]:
+def _configs(base_model: str, config_ref: str = "") -> dict[str, dict]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
     from engine.render import model_files
     from engine.render.families import sd15, sdxl
 
-    if base_model.lower().endswith((".safetensors", ".ckpt")):
+    single_file = base_model.lower().endswith((".safetensors", ".ckpt"))
+    if single_file and not config_ref:
         # A single-file checkpoint carries no config: its family's (read from its keys) real configs.
         family, _ = model_files.base_family(Path(base_model).expanduser(), single_file=True)
         if family == "sdxl":
             return {"unet": sdxl.UNET_CONFIG, "text_encoder": sdxl.TEXT_CONFIG, "text_encoder_2": sdxl.TEXT_2_CONFIG}
         return {"unet": dict(sd15.UNET_CONFIG), "text_encoder": dict(sd15.TEXT_CONFIG)}
     try:
-        # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo): no download.
+        # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo; for a single
+        # file, the config folder the renderer builds it from): no download.
         spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
-        ref = model_files.resolve(spec).path
+        found = model_files.resolve(spec, config_ref if single_file else "")
+        ref = found.config if found.config is not None else found.path
         configs = {
             "unet": dict(UNet2DConditionModel.load_config(str(ref), subfolder="unet")),
             "text_encoder": CLIPTextConfig.from_pretrained(str(ref), subfolder="text_encoder").to_dict(),
@@ -288,9 +291,12 @@ def _configs(base_model: str) -> dict[str, dict]:
 
 
 @functools.lru_cache(maxsize=4)
-def base_architecture(base_model: str) -> Architecture:
-    """The architecture of a profile's base model (`tiny`, a hub id or a local folder), cached per process."""
-    return Architecture.of(meta_models(base_model), build=functools.partial(meta_models, base_model))
+def base_architecture(base_model: str, config_ref: str = "") -> Architecture:
+    """The architecture of a profile's base model (`tiny`, a hub id or a local folder; a single file with the
+    config folder it is built from, `EMAKI_BASE_MODEL_CONFIG`), cached per process."""
+    return Architecture.of(
+        meta_models(base_model, config_ref), build=functools.partial(meta_models, base_model, config_ref)
+    )
 
 
 # --- reading a file ---------------------------------------------------------------------------------
