@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, ModelLoadError
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -239,13 +239,13 @@ def _is_adapter_part(name: str) -> bool:
 
 
 # --- the base model's architecture, without its weights ---------------------------------------------
-def meta_models(base_model: str) -> dict[str, nn.Module]:
+def meta_models(base_model: str, config_ref: str = "") -> dict[str, nn.Module]:
     """The UNet and text encoder(s) built from their configs on the meta device: names and shapes, no weights."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        configs = _configs(base_model)
+        configs = _configs(base_model, config_ref)
         models: dict[str, nn.Module] = {
             "unet": UNet2DConditionModel.from_config(configs["unet"]),
             "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])),
@@ -256,23 +256,41 @@ def meta_models(base_model: str) -> dict[str, nn.Module]:
 
 
 @functools.lru_cache(maxsize=4)
-def _configs(base_model: str) -> dict[str, dict]:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
+def _configs(base_model: str, config_ref: str = "") -> dict[str, dict]:
     from engine.render import model_files
     from engine.render.families import sd15, sdxl
 
+    spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
     if base_model.lower().endswith((".safetensors", ".ckpt")):
-        # A single-file checkpoint carries no config: its family's (read from its keys) real configs.
+        # A single-file checkpoint carries no config: the config folder it loads with (EMAKI_BASE_MODEL_CONFIG),
+        # when that is on disk and of the file's family, else its family's real configs.
         family, _ = model_files.base_family(Path(base_model).expanduser(), single_file=True)
+        try:
+            folder = model_files.resolve_config(spec, config_ref, model_files.hub_cache_dir()) if config_ref else None
+        except ModelLoadError:
+            folder = None
+        if folder is not None and family and model_files.base_family(folder, single_file=False)[0] == family:
+            return _folder_configs(base_model, folder)
         if family == "sdxl":
             return {"unet": sdxl.UNET_CONFIG, "text_encoder": sdxl.TEXT_CONFIG, "text_encoder_2": sdxl.TEXT_2_CONFIG}
         return {"unet": dict(sd15.UNET_CONFIG), "text_encoder": dict(sd15.TEXT_CONFIG)}
     try:
         # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo): no download.
-        spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
-        ref = model_files.resolve(spec).path
+        folder = model_files.resolve(spec).path
+    except Exception as exc:  # offline, not downloaded, not a diffusers folder: one line
+        raise StyleFileError(
+            f"cannot check styles against the base model '{base_model}': its config could not be read "
+            f"({one_line(exc, 120)}); download the base model first"
+        ) from exc
+    return _folder_configs(base_model, folder)
+
+
+def _folder_configs(base_model: str, ref: Path) -> dict[str, dict]:
+    """The UNet's and text encoders' configs of a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    try:
         configs = {
             "unet": dict(UNet2DConditionModel.load_config(str(ref), subfolder="unet")),
             "text_encoder": CLIPTextConfig.from_pretrained(str(ref), subfolder="text_encoder").to_dict(),
@@ -288,9 +306,12 @@ def _configs(base_model: str) -> dict[str, dict]:
 
 
 @functools.lru_cache(maxsize=4)
-def base_architecture(base_model: str) -> Architecture:
-    """The architecture of a profile's base model (`tiny`, a hub id or a local folder), cached per process."""
-    return Architecture.of(meta_models(base_model), build=functools.partial(meta_models, base_model))
+def base_architecture(base_model: str, config_ref: str = "") -> Architecture:
+    """The architecture of a profile's base model (`tiny`, a hub id, a local folder, or a single file described
+    by the config folder `config_ref`), cached per process."""
+    return Architecture.of(
+        meta_models(base_model, config_ref), build=functools.partial(meta_models, base_model, config_ref)
+    )
 
 
 # --- reading a file ---------------------------------------------------------------------------------
