@@ -205,3 +205,27 @@ def test_ia3_on_sdxl_is_refused_where_the_options_are_checked(cli_env: Path, cap
     with pytest.raises(InvalidRequest, match="not offered on an SDXL base"):
         preset_config("", {"adapter": "ia3"}, 5, family="sdxl")
     assert preset_config("", {"adapter": "ia3"}, 5, family="sd15").adapter == "ia3"
+
+
+# --- training on a GPU without bf16 (fp16 frozen weights) ---------------------------------------------------------
+def test_training_encodes_the_dataset_with_sdxls_vae_upcast_as_diffusers_does(tmp_path: Path) -> None:
+    """SDXL's VAE overflows in fp16 (its config says `force_upcast`); a GPU without bf16 trains over fp16 weights,
+    so every cached latent was NaN and the run stopped as 'diverged'. An encoder whose activations pass fp16's
+    range (65504) stands for it here, on the CPU: the latents must be finite and the VAE fp16 again after."""
+    from tests.test_training import make_folder
+    from training.dataset import load_dataset
+    from training.lora import TrainConfig, load_training_pipeline
+    from training.sdxl import SDXLTrainer
+
+    settings = Settings(profile="tiny-sdxl", data_dir=tmp_path / "data", min_dataset_images=2, device="cpu")
+    dataset = load_dataset(make_folder(tmp_path / "ds", n=2), settings)
+    pipe = load_training_pipeline(settings)
+    assert pipe.vae.config.force_upcast
+    pipe.vae.to(torch.float16)
+    with torch.no_grad():
+        pipe.vae.encoder.conv_in.weight.mul_(3e5)
+    config = TrainConfig(steps=1, rank=4, resolution=32)
+    data = SDXLTrainer(settings, dataset, "", config, tmp_path / "out", pipeline=pipe).encode_dataset(pipe)
+    for entry in data["buckets"].values():
+        assert torch.isfinite(entry["mean"]).all() and torch.isfinite(entry["std"]).all()
+    assert pipe.vae.dtype == torch.float16
