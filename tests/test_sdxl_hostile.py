@@ -229,3 +229,28 @@ def test_training_encodes_the_dataset_with_sdxls_vae_upcast_as_diffusers_does(tm
     for entry in data["buckets"].values():
         assert torch.isfinite(entry["mean"]).all() and torch.isfinite(entry["std"]).all()
     assert pipe.vae.dtype == torch.float16
+
+
+def test_the_sdxl_refiner_given_as_the_base_is_named_as_such(tmp_path: Path) -> None:
+    """stabilityai/stable-diffusion-xl-refiner-1.0 is img2img only, without the first text encoder: not 'no weights
+    in text_encoder/', and as one file not an SDXL base with half its encoders."""
+    folder = tmp_path / "refiner"
+    for part in ("unet", "vae", "text_encoder_2"):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text("{}")
+        (folder / part / "model.safetensors").write_bytes(b"")
+    (folder / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "requires_aesthetics_score": True,
+        "text_encoder": [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    single = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight": torch.zeros(2)}, str(single))
+    for ref in (folder, single):
+        with pytest.raises(ModelLoadError, match="is of the SDXL refiner family") as refused:
+            model_files.resolve(base_spec(str(ref)), tiny_hub.SDXL_BASE)
+        assert "set EMAKI_BASE_MODEL to" in str(refused.value)

@@ -269,6 +269,8 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
 
 # --- which model family a base model is (read from its files, never guessed from its name) -----------
 FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL-class", "sd3": "SD3", "flux": "Flux"}
+# SDXL's refiner: img2img only, its one text encoder OpenCLIP bigG (the base's second), aesthetic-score conditioning.
+FAMILY_NAMES["sdxl-refiner"] = "SDXL refiner"
 # model_index.json's pipeline class -> family (SD2 shares SD1.5's class: told apart by its UNet's width).
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd15",
@@ -280,6 +282,7 @@ PIPELINE_FAMILIES = {
 }
 # A single file's key prefixes (original layouts) -> family, most specific first.
 CHECKPOINT_FAMILIES = (
+    ("conditioner.embedders.0.model.", "sdxl-refiner"),  # the base has CLIP ViT-L there (`.transformer.`)
     ("conditioner.embedders.", "sdxl"),
     ("model.diffusion_model.joint_blocks.", "sd3"),
     ("double_blocks.", "flux"),
@@ -309,6 +312,8 @@ def base_family(path: Path, single_file: bool) -> tuple[str, str]:
     family = PIPELINE_FAMILIES.get(pipeline, "")
     if unet.get("addition_embed_type") == "text_time":
         family = "sdxl"
+        if index.get("requires_aesthetics_score") is True or index.get("text_encoder") == [None, None]:
+            family = "sdxl-refiner"
     elif family == "sd15" and unet.get("cross_attention_dim") == 1024:
         family = "sd2"
     return family or pipeline, f"model_index.json names {pipeline}" if pipeline else ""
