@@ -88,15 +88,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     family = _family_line(settings)
     if family is not None:
         print(family[0])
+        ready = ready and "NOT READY" not in family[0]
     print(_fit_line(settings, device, dtype, free, counts, family[1] if family else None))
     return 0 if ready else 1
 
 
 def _family_line(settings: Settings) -> tuple[str, Any] | None:
-    """The base model's family as its files show it, and the Family; None when the base is not ready."""
+    """The base model's family as its files show it, and the Family; None when the base is not ready. A base of
+    another family than the profile's is NOT READY, with the profile to use."""
     from engine.render import model_files
-    from engine.render.families import family_of_found
+    from engine.render.families import check_profile, check_single_file, family_of_found
 
+    try:
+        check_single_file(settings)  # an SDXL file on the sd15 profile: said before its config is missed
+    except ModelLoadError as exc:
+        return f"family   NOT READY: {exc}", None
     spec = model_files.profile_models(settings, half=False)[0]
     try:
         found = model_files.resolve(spec, settings.base_model_config, build=False)
@@ -104,9 +110,12 @@ def _family_line(settings: Settings) -> tuple[str, Any] | None:
         return None
     family = family_of_found(found)
     _, evidence = model_files.base_family(found.path, single_file=found.config is not None)
-    size = family.sizes
     because = f" ({evidence})" if evidence else " (the files do not say: SD1.5 assumed)"
-    line = f"family   {family.title}{because}; frames {size.default}x{size.default} by default"
+    try:
+        check_profile(family, settings)
+    except ModelLoadError as exc:
+        return f"family   {family.title}{because}: NOT READY: {exc}", family
+    line = f"family   {family.title}{because}; frames {settings.width}x{settings.height} by default"
     return line, family
 
 

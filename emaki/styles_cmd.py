@@ -75,7 +75,7 @@ def _check_name_and_trigger(name: str, trigger: str | None) -> None:
 def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> int:
     """Check everything before the store is touched: a refused file registers nothing and replaces nothing."""
     from engine.coordinator.store import open_store
-    from engine.render.families import running_family
+    from engine.render.families import settings_family
     from engine.render.style_files import KIND_NAMES, base_architecture, locate, read_style
 
     name = args.name.strip().lower()  # as trained styles are named
@@ -92,10 +92,9 @@ def _add(settings: Settings, store: Store | None, args: argparse.Namespace) -> i
         raise InvalidRequest(f"a style named '{name}' already exists{trained}; add --replace to replace it")
     if is_video_lora(path):  # a LoRA for the video model (engine/render/video_styles.py): family ltx-video
         return _add_video(settings, store, args, name, path, existing)
-    family = running_family(settings.base_model, settings.base_model_config)  # read from the base's files
-    layers = read_style(
-        path, base_architecture(settings.base_model, settings.base_model_config), family=family.name, style_name=name
-    )
+    family = settings_family(settings)  # read from the base's files; of the profile's family
+    architecture = base_architecture(settings.base_model, settings.base_model_config)
+    layers = read_style(path, architecture, family=family.name, style_name=name)
     weights, _ = locate(path)
     fields = {"trigger": args.trigger or "", "adapter": layers.kind, "weight": args.weight}
     fields["family"] = layers.family or family.name  # it fits this base: this base's family

@@ -60,14 +60,10 @@ TRAIN_OPTIONS: dict[str, str] = {
 
 def base_family(settings: Any) -> str:
     """The running base's family as its files say ("sd15", "sdxl"; "" when they are not on disk: then every preset
-    is offered, and loading says what is missing)."""
-    from engine.errors import ModelLoadError
-    from engine.render.families import running_family
+    is offered, and loading says what is missing); a base of another family than the profile's is one line."""
+    from engine.render.families import settings_family_name
 
-    try:
-        return running_family(settings.base_model, settings.base_model_config).name
-    except ModelLoadError:
-        return ""
+    return settings_family_name(settings)
 
 
 def _requested_config(args: argparse.Namespace, n_images: int, settings: Any, family: str = "") -> Any:

@@ -70,6 +70,9 @@ PROFILES["tiny-sdxl"] = {
     "controlnet_model": "emaki-tiny/controlnet-depth-sdxl",
 }
 TINY_PROFILES = ("tiny", "tiny-sdxl")
+# The model family each profile's ControlNet and frame sizes are made for (engine/render/families/): a base model
+# of the other family is refused at load in one line naming the profile to use.
+PROFILE_FAMILIES = {"sd15": "sd15", "sdxl": "sdxl", "tiny": "sd15", "tiny-sdxl": "sdxl"}
 
 MEMORY_MODES = ("auto", "high", "medium", "low")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # torch.compile modes (engine/render/compiled.py)

@@ -259,8 +259,8 @@ def test_an_uncached_model_fails_with_one_line_naming_it_where_and_what_to_run(
     assert code == 2 and err[-1].startswith("error: base model") and "emaki models pull" in err[-1]
     assert not out.exists()
     # A single file whose config is not cached says so, and how to give one.
-    single = tmp_path / "model.safetensors"
-    single.write_bytes(b"")
+    single = tmp_path / "model.safetensors"  # readable (an unreadable one is said first: test_sdxl_hostile.py)
+    save_file({}, str(single))
     with pytest.raises(ModelLoadError, match=r"config '.*' for base model .* EMAKI_BASE_MODEL_CONFIG"):
         model_files.resolve(model_files.profile_models(load_settings(base_model=str(single)), False)[0], SD15_REPO)
 

@@ -361,6 +361,30 @@ class Trainer:
         if cache.exists():
             return torch.load(cache, map_location="cpu")
         vae = pipe.vae
+        # SDXL's VAE overflows in fp16 (its config says `force_upcast`): it encodes in fp32, as diffusers'
+        # pipelines and SDXL training scripts do, and goes back to the frozen dtype after (a GPU without bf16).
+        frozen = vae.dtype
+        if frozen == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(dtype=torch.float32)
+        try:
+            by_bucket = self._encode_images(vae)
+        finally:
+            vae.to(dtype=frozen)
+        buckets = {}
+        for key, entry in by_bucket.items():
+            n_views = len(entry["views"][0])
+            buckets[key] = {
+                "items": entry["items"],
+                "mean": torch.stack([torch.cat([e[v][0] for e in entry["views"]]) for v in range(n_views)]),
+                "std": torch.stack([torch.cat([e[v][1] for e in entry["views"]]) for v in range(n_views)]),
+                "sizes": torch.tensor(entry["sizes"]),
+            }
+        data = {"buckets": buckets, **self._encode_prompts(pipe)}
+        save_atomic(data, cache)
+        return data
+
+    def _encode_images(self, vae: Any) -> dict[str, dict[str, Any]]:
+        """Each image's latent distribution (and its flipped view's), grouped by bucket."""
         by_bucket: dict[str, dict[str, Any]] = {}
         for index, item in enumerate(self.dataset.items):
             image = load_upright_rgb(item.path, self.config.background)
@@ -377,18 +401,7 @@ class Trainer:
                 dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
                 encoded.append((dist.mean.float().cpu(), dist.std.float().cpu()))
             entry["views"].append(encoded)
-        buckets = {}
-        for key, entry in by_bucket.items():
-            n_views = len(entry["views"][0])
-            buckets[key] = {
-                "items": entry["items"],
-                "mean": torch.stack([torch.cat([e[v][0] for e in entry["views"]]) for v in range(n_views)]),
-                "std": torch.stack([torch.cat([e[v][1] for e in entry["views"]]) for v in range(n_views)]),
-                "sizes": torch.tensor(entry["sizes"]),
-            }
-        data = {"buckets": buckets, **self._encode_prompts(pipe)}
-        save_atomic(data, cache)
-        return data
+        return by_bucket
 
     def _encode_prompts(self, pipe: Any) -> dict[str, torch.Tensor]:
         """The dataset's prompts (and the empty one, for caption dropout) through the frozen text encoder."""

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 ADAPTERS = ("lora", "loha", "lokr", "ia3")
+# On an SDXL base: IA3 has no SDXL export that LyCORIS and A1111 agree on (training/sdxl.py).
+SDXL_ADAPTERS = ("lora", "loha", "lokr")
 OPTIMIZERS = ("adamw", "prodigy")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")

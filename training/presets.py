@@ -30,6 +30,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import InvalidRequest
+from training.options import SDXL_ADAPTERS
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -128,6 +129,12 @@ def presets_for(family: str) -> list[str]:
     return [name for name in PRESETS if not family or PRESET_FAMILIES[name] == family]
 
 
+def check_adapter_family(adapter: str, family: str) -> None:
+    """One line when the adapter kind cannot be trained on the running base's family (IA3 on SDXL)."""
+    if family == "sdxl" and adapter not in SDXL_ADAPTERS:
+        raise InvalidRequest(f"adapter '{adapter}' is not offered on an SDXL base: use {', '.join(SDXL_ADAPTERS)}")
+
+
 def check_preset_family(name: str, family: str) -> None:
     """One line when preset `name` is for another family than the running base's (`family`; "" checks nothing)."""
     wanted = PRESET_FAMILIES.get(name, "")
@@ -209,4 +216,5 @@ def preset_config(
     if unknown:
         raise InvalidRequest(f"unknown training option(s): {', '.join(sorted(unknown))}")
     values.update(overrides)
+    check_adapter_family(str(values.get("adapter", "lora")), family)  # before a dataset is taken or a model loads
     return TrainConfig(**values)

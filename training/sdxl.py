@@ -29,27 +29,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.errors import InvalidRequest
 from engine.settings import Settings
 from training.images import bucket_fit
 from training.lora import KOHYA_WEIGHTS_NAME, Trainer, shuffled_caption
+from training.options import SDXL_ADAPTERS
+from training.presets import check_adapter_family
 
 FAMILY = "sdxl"
-ADAPTERS = ("lora", "loha", "lokr")  # IA3 has no SDXL export that LyCORIS and A1111 agree on
+ADAPTERS = SDXL_ADAPTERS  # IA3 has no SDXL export that LyCORIS and A1111 agree on
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def base_family(settings: Settings) -> str:
     """The base's family as its files say ("sdxl", "sd15"), read the way the renderer reads it
-    (`engine.render.families.running_family`); "" when the files are not there (the loader then says so in its
-    one line, when the SD1.5 trainer loads the base)."""
-    from engine.errors import ModelLoadError
-    from engine.render.families import running_family
+    (`engine.render.families.settings_family_name`); "" when the files are not there (the loader then says so in
+    its one line, when the SD1.5 trainer loads the base); a base of another family than the profile's is one
+    line."""
+    from engine.render.families import settings_family_name
 
-    try:
-        return running_family(settings.base_model, settings.base_model_config).name
-    except ModelLoadError:
-        return ""
+    return settings_family_name(settings)
 
 
 def time_ids(original: tuple[int, int], bucket: tuple[int, int], flipped: bool) -> list[int]:
@@ -86,10 +84,7 @@ class SDXLTrainer(Trainer):
 
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(settings, *args, **kwargs)
-        if self.config.adapter not in ADAPTERS:
-            raise InvalidRequest(
-                f"adapter '{self.config.adapter}' is not offered on an SDXL base: use {', '.join(ADAPTERS)}"
-            )
+        check_adapter_family(self.config.adapter, FAMILY)
 
     def _text_model(self, pipe: Any) -> torch.nn.Module:
         # One module holding both encoders (the same objects as the pipeline's): adapters, checkpoints and

@@ -273,13 +273,12 @@ def trained_style_family(settings: Settings, weights: Path, name: str) -> str:
     """The family a trained style is for ("sd15", "sdxl"), read from its own file the way the renderer reads it
     (engine/render/style_files.py `read_style` against the running base, with its family): a file the renderer
     would refuse (a layer it cannot place, another family's keys) is one line here, before it is registered."""
-    from engine.render.families import running_family
+    from engine.render.families import settings_family
     from engine.render.style_files import base_architecture, read_style
 
-    family = running_family(settings.base_model, settings.base_model_config).name
-    layers = read_style(
-        weights, base_architecture(settings.base_model, settings.base_model_config), family=family, style_name=name
-    )
+    family = settings_family(settings).name
+    architecture = base_architecture(settings.base_model, settings.base_model_config)
+    layers = read_style(weights, architecture, family=family, style_name=name)
     return layers.family or family
 
 

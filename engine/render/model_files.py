@@ -231,6 +231,8 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         if not spec.pipeline:
             raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': only the base model can be one file")
         path = Path(spec.ref).expanduser()
+        if path.suffix.lower() == ".safetensors":
+            unreadable_safetensors(spec, path)
         if spec.setting == "base_model":  # its own keys say its family: before asking for a config
             refuse_other_family(spec, path, single_file=True)
         return Resolved(spec, path, None, resolve_config(spec, config_ref, cache_dir))
@@ -248,6 +250,8 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         problem, variant = f"no {marker}", None
         files: list[str] = []
     else:
+        if spec.setting == "base_model":  # an SD3/Flux folder has no unet/: its family says more than that
+            refuse_other_family(spec, folder, single_file=False)
         files = relative_files(folder)
         _, variant, missing = select_files(
             files, pipeline=spec.pipeline, want_fp16=spec.half, weight_folders=spec.weight_folders
@@ -260,13 +264,13 @@ def resolve(spec: ModelSpec, config_ref: str = "", cache_dir: Path | None = None
         raise not_found(spec, f"hub cache {cache_dir}", f"is only partly downloaded: {problem}")
     if problem:
         raise ModelLoadError(f"cannot load {spec.role} from '{spec.ref}': {problem} in {folder}")
-    if spec.setting == "base_model":
-        refuse_other_family(spec, folder, single_file=False)
     return Resolved(spec, folder, variant)
 
 
 # --- which model family a base model is (read from its files, never guessed from its name) -----------
 FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL-class", "sd3": "SD3", "flux": "Flux"}
+# SDXL's refiner: img2img only, its one text encoder OpenCLIP bigG (the base's second), aesthetic-score conditioning.
+FAMILY_NAMES["sdxl-refiner"] = "SDXL refiner"
 # model_index.json's pipeline class -> family (SD2 shares SD1.5's class: told apart by its UNet's width).
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd15",
@@ -278,6 +282,7 @@ PIPELINE_FAMILIES = {
 }
 # A single file's key prefixes (original layouts) -> family, most specific first.
 CHECKPOINT_FAMILIES = (
+    ("conditioner.embedders.0.model.", "sdxl-refiner"),  # the base has CLIP ViT-L there (`.transformer.`)
     ("conditioner.embedders.", "sdxl"),
     ("model.diffusion_model.joint_blocks.", "sd3"),
     ("double_blocks.", "flux"),
@@ -293,15 +298,7 @@ def base_family(path: Path, single_file: bool) -> tuple[str, str]:
     import json
 
     if single_file:
-        if path.suffix != ".safetensors":
-            return "", ""  # a .ckpt can only be read by unpickling it: the loader will say
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as weights:
-                keys = list(weights.keys())
-        except Exception:  # noqa: BLE001 - not a readable safetensors: the loader says why, in its one line
-            return "", ""
+        keys = checkpoint_keys(path)
         for prefix, family in CHECKPOINT_FAMILIES:
             if any(k.startswith(prefix) for k in keys):
                 return family, f"its keys include {prefix}*"
@@ -315,13 +312,51 @@ def base_family(path: Path, single_file: bool) -> tuple[str, str]:
     family = PIPELINE_FAMILIES.get(pipeline, "")
     if unet.get("addition_embed_type") == "text_time":
         family = "sdxl"
+        if index.get("requires_aesthetics_score") is True or index.get("text_encoder") == [None, None]:
+            family = "sdxl-refiner"
     elif family == "sd15" and unet.get("cross_attention_dim") == 1024:
         family = "sd2"
     return family or pipeline, f"model_index.json names {pipeline}" if pipeline else ""
 
 
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint without reading its weights: a `.safetensors` header, or a
+    `.ckpt` unpickled with torch's `weights_only` loader (no code runs) and memory-mapped (nothing is read but
+    the names); [] when the file cannot be read that way (the loader then says why, in its one line)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as weights:
+                return list(weights.keys())
+        import torch
+
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable, an old pickle format, a pickle of other objects
+        return []
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # how LDM/SGM trainers save
+        state = state["state_dict"]
+    return [str(key) for key in state] if isinstance(state, dict) else []
+
+
 # The families the renderer has (engine/render/families/: one module each; tests keep the two lists equal).
 RENDERED_FAMILIES = ("sd15", "sdxl")
+
+
+def unreadable_safetensors(spec: ModelSpec, path: Path) -> None:
+    """A truncated or damaged `.safetensors` (an interrupted download) is one line saying so, not the loader's
+    "Unable to load weights"."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error names what is wrong with the header
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{spec.role} '{spec.ref}' is not a readable .safetensors ({reason}): it is truncated or damaged; "
+            "download it again or replace the file"
+        ) from None
 
 
 def refuse_other_family(spec: ModelSpec, path: Path, single_file: bool) -> None:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from engine.errors import InvalidRequest, ModelLoadError
 from engine.render import memory, model_files
-from engine.render.families import NO_SAFETY_CHECKER, Family, family_of_found
+from engine.render.families import NO_SAFETY_CHECKER, Family, configured_base, family_of_found
 from engine.render.loading import load_model, pick_device, pick_dtype
 from engine.settings import Settings
 
@@ -60,7 +60,8 @@ def load_components(s: Settings, dtype: torch.dtype) -> Components:
     base, controlnet_spec, depth_spec = model_files.profile_models(s, half=dtype in HALF_DTYPES)[:3]
     for spec in (base, controlnet_spec, depth_spec):
         log.info("loading %s: %s", spec.role, spec.ref)
-    txt2img = load_base_model(base, s.base_model_config, dtype)
+    family, found = configured_base(s, base)  # of the profile's family, or one line naming the profile to use
+    txt2img = family.load_base(base, found, dtype)
     controlnet = load_model(controlnet_spec, ControlNetModel.from_pretrained, dtype=dtype)
     depth_model = load_model(depth_spec, AutoModelForDepthEstimation.from_pretrained, dtype=torch.float32).eval()
     depth_processor = load_model(depth_spec, AutoImageProcessor.from_pretrained)
@@ -106,9 +107,21 @@ class StyleRef:
 def check_controlnet_fits(controlnet: Any, unet: Any, s: Settings) -> None:
     """A ControlNet adds its residuals to the UNet's blocks: one made for another base (another family, or
     another width) fails at the first frame with a tensor-size error. Said at load, in one line."""
+    from engine.render.families import by_name
+
     mine, base = controlnet.config, unet.config
     ours = (list(mine.block_out_channels), mine.cross_attention_dim)
     theirs = (list(base.block_out_channels), base.cross_attention_dim)
+    # SDXL's UNet and its ControlNets take the `text_time` size conditioning; SD1.5's have none.
+    made_for, base_family = (
+        by_name("sdxl" if config.get("addition_embed_type") == "text_time" else "sd15") for config in (mine, base)
+    )
+    if made_for is not base_family:  # the usual mistake: one line naming both families and the fitting one
+        raise ModelLoadError(
+            f"the depth ControlNet '{s.controlnet_model}' is made for {made_for.title}: it does not fit the base "
+            f"model '{s.base_model}', which is {base_family.title}; set EMAKI_CONTROLNET_MODEL to an "
+            f"{base_family.title} depth ControlNet (e.g. {base_family.real_models['controlnet_model']})"
+        )
     if ours != theirs:
         raise ModelLoadError(
             f"the depth ControlNet '{s.controlnet_model}' does not fit the base model '{s.base_model}' (blocks "

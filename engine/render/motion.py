@@ -226,6 +226,13 @@ class MotionRenderer:
 
 # --- requests: what motion mode refuses before anything is queued ----------------------------------
 def check_configured(settings: Settings) -> None:
+    from engine.settings import PROFILE_FAMILIES
+
+    if PROFILE_FAMILIES.get(settings.profile, "sd15") != "sd15":  # before asking for an adapter it could not use
+        raise InvalidRequest(
+            f"motion mode renders with SD1.5's motion adapter (AnimateDiff): the {settings.profile} profile renders "
+            "SDXL; use the frame chain (motion 'chain')"
+        )
     if not settings.motion_adapter:
         raise InvalidRequest(
             f"motion mode needs a motion adapter, and the {settings.profile} profile has none configured: set "

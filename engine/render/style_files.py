@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, ModelLoadError
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -257,25 +257,40 @@ def meta_models(base_model: str, config_ref: str = "") -> dict[str, nn.Module]:
 
 @functools.lru_cache(maxsize=4)
 def _configs(base_model: str, config_ref: str = "") -> dict[str, dict]:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig
-
     from engine.render import model_files
     from engine.render.families import sd15, sdxl
 
-    single_file = base_model.lower().endswith((".safetensors", ".ckpt"))
-    if single_file and not config_ref:
-        # A single-file checkpoint carries no config: its family's (read from its keys) real configs.
+    spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
+    if base_model.lower().endswith((".safetensors", ".ckpt")):
+        # A single-file checkpoint carries no config: the config folder it loads with (EMAKI_BASE_MODEL_CONFIG),
+        # when that is on disk and of the file's family, else its family's real configs.
         family, _ = model_files.base_family(Path(base_model).expanduser(), single_file=True)
+        try:
+            folder = model_files.resolve_config(spec, config_ref, model_files.hub_cache_dir()) if config_ref else None
+        except ModelLoadError:
+            folder = None
+        if folder is not None and family and model_files.base_family(folder, single_file=False)[0] == family:
+            return _folder_configs(base_model, folder)
         if family == "sdxl":
             return {"unet": sdxl.UNET_CONFIG, "text_encoder": sdxl.TEXT_CONFIG, "text_encoder_2": sdxl.TEXT_2_CONFIG}
         return {"unet": dict(sd15.UNET_CONFIG), "text_encoder": dict(sd15.TEXT_CONFIG)}
     try:
-        # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo; for a single
-        # file, the config folder the renderer builds it from): no download.
-        spec = model_files.ModelSpec("base model", "base_model", base_model, pipeline=True, half=False)
-        found = model_files.resolve(spec, config_ref if single_file else "")
-        ref = found.config if found.config is not None else found.path
+        # The folder the base model loads from (a hub id's cached snapshot, the tiny cache's repo): no download.
+        folder = model_files.resolve(spec).path
+    except Exception as exc:  # offline, not downloaded, not a diffusers folder: one line
+        raise StyleFileError(
+            f"cannot check styles against the base model '{base_model}': its config could not be read "
+            f"({one_line(exc, 120)}); download the base model first"
+        ) from exc
+    return _folder_configs(base_model, folder)
+
+
+def _folder_configs(base_model: str, ref: Path) -> dict[str, dict]:
+    """The UNet's and text encoders' configs of a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    try:
         configs = {
             "unet": dict(UNet2DConditionModel.load_config(str(ref), subfolder="unet")),
             "text_encoder": CLIPTextConfig.from_pretrained(str(ref), subfolder="text_encoder").to_dict(),
@@ -292,8 +307,8 @@ def _configs(base_model: str, config_ref: str = "") -> dict[str, dict]:
 
 @functools.lru_cache(maxsize=4)
 def base_architecture(base_model: str, config_ref: str = "") -> Architecture:
-    """The architecture of a profile's base model (`tiny`, a hub id or a local folder; a single file with the
-    config folder it is built from, `EMAKI_BASE_MODEL_CONFIG`), cached per process."""
+    """The architecture of a profile's base model (`tiny`, a hub id, a local folder, or a single file described
+    by the config folder `config_ref`), cached per process."""
     return Architecture.of(
         meta_models(base_model, config_ref), build=functools.partial(meta_models, base_model, config_ref)
     )

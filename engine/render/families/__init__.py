@@ -13,6 +13,7 @@ One bot renders one family at a time: the operator picks the base, and everythin
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from engine.errors import ModelLoadError
 from engine.render import model_files
@@ -27,6 +28,7 @@ from engine.render.families.base import (
 )
 from engine.render.families.sd15 import SD15
 from engine.render.families.sdxl import SDXL
+from engine.settings import PROFILE_FAMILIES, Settings
 
 __all__ = ["FAMILIES", "GIB", "NO_SAFETY_CHECKER", "Family", "Memory", "Sizes", "StyleKeys", "by_name"]
 
@@ -70,3 +72,70 @@ def family_name(base_model: str, config_ref: str = "") -> str:
         return running_family(base_model, config_ref).name
     except ModelLoadError:
         return ""
+
+
+def check_profile(family: Family, settings: Settings, evidence: str = "") -> None:
+    """A base model of another family than the profile's would load and then fail on the profile's ControlNet
+    (a tensor-size line) or render at the other family's size: one line naming the profile to use instead."""
+    expected = PROFILE_FAMILIES.get(settings.profile, family.name)
+    if expected == family.name:
+        return
+    wanted = next(
+        name
+        for name, of in PROFILE_FAMILIES.items()
+        if of == family.name and (name in ("tiny", "tiny-sdxl")) == settings.is_tiny
+    )
+    because = f" ({evidence})" if evidence else ""
+    size = by_name(expected).sizes.default if not settings.is_tiny else settings.width
+    raise ModelLoadError(
+        f"base model '{settings.base_model}' is {family.title}{because}, but the {settings.profile} profile is made "
+        f"for {by_name(expected).title} (its depth ControlNet, {size} px frames): set EMAKI_PROFILE={wanted}"
+    )
+
+
+def configured_base(
+    settings: Settings, spec: model_files.ModelSpec | None = None
+) -> tuple[Family, model_files.Resolved]:
+    """The configured base model's family and files, refused in one line when the family is not the profile's.
+    `spec`: the base's, as the loader asks for it (its `half` picks the fp16 weight variant)."""
+    spec = spec or _base_spec(settings)
+    check_single_file(settings)
+    found = model_files.resolve(spec, settings.base_model_config)
+    return _checked_family(found, settings), found
+
+
+def settings_family(settings: Settings) -> Family:
+    """`configured_base(settings)`'s family: what styles and training check against."""
+    return configured_base(settings)[0]
+
+
+def settings_family_name(settings: Settings) -> str:
+    """`settings_family(settings).name`, or "" when the base model is not on disk (loading says what is missing);
+    a base of another family than the profile's is still its one line."""
+    check_single_file(settings)
+    try:
+        found = model_files.resolve(_base_spec(settings), settings.base_model_config)
+    except ModelLoadError:
+        return ""
+    return _checked_family(found, settings).name
+
+
+def _base_spec(settings: Settings) -> model_files.ModelSpec:
+    return model_files.ModelSpec("base model", "base_model", settings.base_model, pipeline=True, half=False)
+
+
+def check_single_file(settings: Settings) -> None:
+    """A single file's own keys, read before its config is looked for: an SDXL file on the sd15 profile is told to
+    use the sdxl profile, not to download the sd15 profile's config repo."""
+    path = Path(settings.base_model).expanduser()
+    if model_files.kind_of(settings.base_model) == "file" and path.is_file():
+        name, evidence = model_files.base_family(path, single_file=True)
+        if name in FAMILIES:
+            check_profile(FAMILIES[name], settings, evidence)
+
+
+def _checked_family(found: model_files.Resolved, settings: Settings) -> Family:
+    family = family_of_found(found)
+    _, evidence = model_files.base_family(found.path, single_file=found.config is not None)
+    check_profile(family, settings, evidence)
+    return family
