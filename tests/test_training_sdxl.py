@@ -389,7 +389,7 @@ def test_emaki_train_on_an_sdxl_base_registers_the_style(
     data = tmp_path / "data"
     for key, value in {
         "HF_HUB_CACHE": str(hub.cache),
-        "EMAKI_PROFILE": "tiny",
+        "EMAKI_PROFILE": "tiny-sdxl",  # an SDXL base needs an SDXL profile (its ControlNet, its sizes)
         "EMAKI_BASE_MODEL": REPO,
         "EMAKI_DATA_DIR": str(data),
         "EMAKI_DEVICE": "cpu",
