@@ -399,7 +399,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
     and says how (main prints the line once the bars are closed)."""
     from tqdm import tqdm
 
-    from engine.coordinator.worker import disk_errors_as_one_line
+    from engine.coordinator.worker import METRICS_FILE, disk_errors_as_one_line, job_record
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
 
     quiet = args.quiet
@@ -454,6 +454,12 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
         with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
             path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
             media_bar.update(1)
+        if job_record(engine.settings, job_id, METRICS_FILE).get("mp4_over_cap"):
+            cap = engine.settings.upload_limit_bytes
+            print(
+                f"warning: the MP4 is over the upload cap of {cap} bytes at every size: the bot would not post it",
+                file=sys.stderr,
+            )
         return path
 
 
