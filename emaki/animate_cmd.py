@@ -348,17 +348,25 @@ def read_sidecar(path: str) -> dict[str, Any]:
 
 
 def _check_sidecar_style(store: Any, sidecar: dict[str, Any]) -> None:
-    wanted = sidecar.get("style")
+    """The styles the sidecar's job used, the keyframes' and (video mode) the video model's, are the same
+    files here with the same weights: otherwise it would render something else and say it reproduced."""
+    _check_recorded_style(store, sidecar.get("style"), "style")
+    _check_recorded_style(store, (sidecar.get("video") or {}).get("style"), "video style")
+
+
+def _check_recorded_style(store: Any, wanted: Any, what: str) -> None:
     if not wanted:
         return
+    if not isinstance(wanted, dict) or not isinstance(wanted.get("name"), str):
+        raise InvalidRequest(f"the sidecar's {what} is not a recorded style (name, sha256, weight)")
     row = store.style(wanted["name"]) if store is not None else None
     if row is None:
-        raise InvalidRequest(f"the sidecar uses style '{wanted['name']}', which is not registered here")
+        raise InvalidRequest(f"the sidecar uses {what} '{wanted['name']}', which is not registered here")
     if wanted.get("sha256") and (not Path(row["path"]).is_file() or _sha256(row["path"]) != wanted["sha256"]):
-        raise InvalidRequest(f"style '{wanted['name']}' here is not the file the sidecar used (sha256 differs)")
+        raise InvalidRequest(f"{what} '{wanted['name']}' here is not the file the sidecar used (sha256 differs)")
     if row["weight"] != wanted.get("weight", row["weight"]):
         raise InvalidRequest(
-            f"style '{wanted['name']}' has weight {row['weight']} here; the sidecar used {wanted['weight']}"
+            f"{what} '{wanted['name']}' has weight {row['weight']} here; the sidecar used {wanted['weight']}"
         )
 
 
@@ -399,7 +407,7 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
     and says how (main prints the line once the bars are closed)."""
     from tqdm import tqdm
 
-    from engine.coordinator.worker import disk_errors_as_one_line
+    from engine.coordinator.worker import METRICS_FILE, disk_errors_as_one_line, job_record
     from engine.events import Failed, Finished, FrameDone, StepProgress, StoryReady
 
     quiet = args.quiet
@@ -454,6 +462,12 @@ def render_job(args: argparse.Namespace, engine: Any, job_id: int, output: Outpu
         with tqdm(total=1, desc=output.fmt, disable=quiet, file=sys.stderr) as media_bar:
             path = publish(output, engine, job_id, output.fmt, read_meta(engine.settings, job_id).get("story", {}))
             media_bar.update(1)
+        if job_record(engine.settings, job_id, METRICS_FILE).get("mp4_over_cap"):
+            cap = engine.settings.upload_limit_bytes
+            print(
+                f"warning: the MP4 is over the upload cap of {cap} bytes at every size: the bot would not post it",
+                file=sys.stderr,
+            )
         return path
 
 

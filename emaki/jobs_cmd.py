@@ -153,7 +153,8 @@ def cmd_redo(args: argparse.Namespace) -> int:
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise InvalidRequest(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
     check_data_dir(settings)
-    output = _output(args, parent["idea"], {})
+    video_job = parent["params"].get("motion") == "video"
+    output = _output(args, parent["idea"], {"format": "mp4"} if video_job else {})  # as animate's default
     engine = start_engine(settings, parent["params"].get("motion", "chain"), store)
     parent_meta = read_meta(settings, args.job)
     job_id = engine.create_regeneration(args.job, args.from_frame - 1, seed=args.seed, owner_name=user_name())

@@ -174,12 +174,14 @@ def test_clip_options_outside_video_mode_and_a_model_of_another_kind_are_one_lin
     settings = Settings(profile="tiny", data_dir=tmp_path)
     with pytest.raises(InvalidRequest, match="apply to --motion video only"):
         build_params(settings, None, "a fox", video_fps=8)
-    # An SD pipeline folder named as the video model: it has no transformer, and says so in one line.
+    # An SD pipeline folder named as the video model: refused for what it is, in one line (not for the
+    # transformer/ it lacks).
     sd15 = model_files.resolve(model_files.profile_models(settings, half=False)[0]).path
     sd = Settings(profile="sd15", data_dir=tmp_path, video_model=str(sd15), device="cpu")
     with pytest.raises(EmakiError) as refused:
         build_params(sd, None, "a fox", motion="video", frames=3)
-    assert "no weights in transformer/" in str(refused.value) and "\n" not in str(refused.value)
+    assert "is a StableDiffusionPipeline; video mode runs LTX-Video" in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_request_takes_the_settings_clip_and_plans_the_conditions(tmp_path: Path) -> None:

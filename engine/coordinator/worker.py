@@ -42,7 +42,7 @@ from engine.params import AnimationParams
 from engine.render import video
 from engine.render.animate import FramePlan, frame_seed
 from engine.render.interpolate import Inbetweener, warping_error
-from engine.render.media import encode_gif, fit_mp4
+from engine.render.media import encode_gif, encode_mp4, fit_mp4
 from engine.render.models import Models, StyleRef
 from engine.render.motion import clip_images as motion_clip_images
 from engine.render.motion import save_inbetweens
@@ -433,7 +433,12 @@ class Engine:
             metrics = {"clip_frames": len(images), "frame_ms": frame_ms, "warping_error": warping_error(images)}
             params = AnimationParams.from_dict(job["params"])
             if params.motion == "video":  # the MP4 is the result: fitted under the upload cap (bitrate, then size)
-                data, fitted = fit_mp4(images, params.video_fps, self.settings.upload_limit_bytes)
+                try:
+                    data, fitted = fit_mp4(images, params.video_fps, self.settings.upload_limit_bytes)
+                except InvalidRequest:  # no size fits the cap: the rendered clip is kept all the same, and the
+                    # job done (a failed one could not be redone); the CLI writes it, the bot's post says why.
+                    data, fitted = encode_mp4(images, params.video_fps), {"scale": 1.0, "kbps": 0}
+                    metrics["mp4_over_cap"] = 1
                 write_atomic(self.job_dir(job_id) / MP4_FILE, data)
                 metrics |= {"fps": params.video_fps, "mp4_bytes": len(data), "mp4_scale": fitted["scale"]}
                 metrics |= {"mp4_kbps": fitted["kbps"], "gif_bytes": gif_path.stat().st_size}

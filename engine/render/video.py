@@ -187,8 +187,17 @@ def check_request(settings: Settings) -> None:
     from engine.render import model_files
 
     check_configured(settings)
+    ref = settings.video_model
+    kind = model_files.kind_of(ref)
+    # The kind first, where the folder is here: another pipeline's folder would otherwise be refused for the
+    # LTX component it lacks ("no weights in transformer/"), not for being another kind of model.
+    folder = Path(ref).expanduser() if kind == "folder" else None
+    if kind == "hub":
+        folder = model_files.cached_snapshot(ref, model_files.hub_cache_dir())
+    if folder is not None:
+        check_family(folder, ref)
     found = model_files.resolve(spec(settings))
-    check_family(found.path, settings.video_model)
+    check_family(found.path, ref)
 
 
 def check_family(folder: Path, ref: str) -> None:

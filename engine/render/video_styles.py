@@ -5,7 +5,9 @@ one as its `video_style` (the keyframes keep their own image `style`: a job may 
 Formats read are those diffusers' `LTXVideoLoraLoaderMixin` loads (diffusers 0.42,
 src/diffusers/loaders/lora_pipeline.py and lora_conversion_utils.py):
 - diffusers/peft naming: `transformer.<layer>.lora_A.weight` / `.lora_B.weight` (what
-  `LTXConditionPipeline.save_lora_weights` writes; `.alpha` optional),
+  `LTXConditionPipeline.save_lora_weights` writes); a kohya-style `<layer>.alpha` (ComfyUI and many trainers
+  write one) is folded into lora_B as alpha/rank when the style is applied, since diffusers' LTX loader
+  refuses every key without "lora" in it,
 - LTX-Video-Trainer / ComfyUI naming: `diffusion_model.<layer>.lora_A.weight`, which the mixin converts by
   swapping the prefix (`_convert_non_diffusers_ltxv_lora_to_diffusers`).
 kohya/musubi-tuner names (`lora_unet_<layer>`) are not converted by diffusers' LTX loader (its conversion only
@@ -91,6 +93,8 @@ def read_video_style(path: Path, settings: Settings) -> VideoStyleFile:
             )
         if not torch.isfinite(down).all() or not torch.isfinite(up).all():
             raise StyleFileError(f"{name}: layer '{layer}' holds NaN or infinite weights")
+    if not layers:  # only .alpha keys: nothing would change the model
+        raise StyleFileError(f"{name}: the file holds no LoRA layers (lora_A/lora_B weights), only alphas")
     return VideoStyleFile(weights, PREFIXES[prefix], len(layers))
 
 
@@ -126,9 +130,26 @@ def apply(pipe: Any, current: VideoStyle | None, wanted: VideoStyle | None) -> V
     if current is not None:
         pipe.unload_lora_weights()
     if wanted is not None:
-        pipe.load_lora_weights(wanted.path, adapter_name=ADAPTER_NAME)
+        pipe.load_lora_weights(lora_weights(Path(wanted.path)), adapter_name=ADAPTER_NAME)
         pipe.set_adapters([ADAPTER_NAME], [wanted.weight])
     return wanted
+
+
+def lora_weights(path: Path) -> Path | dict[str, torch.Tensor]:
+    """What `load_lora_weights` is given: the file itself, or, when it carries `.alpha` keys, its tensors with
+    each layer's alpha/rank folded into lora_B (the scale kohya-style files mean; peft's default is 1)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    alphas = {k.removesuffix(".alpha"): v for k, v in tensors.items() if k.endswith(".alpha")}
+    if not alphas:
+        return path
+    folded = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    for layer, alpha in alphas.items():
+        down, up = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+        if down in folded and up in folded:
+            folded[up] = folded[up] * (float(alpha) / folded[down].shape[0])
+    return folded
 
 
 def check_not_video_style(row: dict[str, Any]) -> None:
