@@ -498,3 +498,24 @@ def test_max_norm_regularisation_caps_each_layer_update(kind: str) -> None:
     small = [n for n in delta_norms() if n < 0.5]
     scale_weight_norms([unet], 1.0)  # an update already inside the cap is left as it is
     assert [n for n in delta_norms() if n < 0.5] == pytest.approx(small)
+
+
+def test_a_style_file_is_a_function_of_its_content(tmp_path: Path) -> None:
+    # safetensors orders header metadata by a randomly seeded hash map; emaki's writer sorts it in place.
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from training.safetensors_file import save_file
+
+    tensors = {"b.lora_down.weight": torch.ones(4, 2), "a.alpha": torch.tensor(2.0)}
+    metadata = {"format": "pt", "emaki_family": "sdxl", "ss_network_dim": "4", "ss_base_model_version": "sdxl_base"}
+    written = []
+    for i in range(8):
+        save_file(tensors, tmp_path / f"{i}.safetensors", metadata=metadata)
+        written.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(set(written)) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == metadata
+    assert {k: v.tolist() for k, v in load_file(str(tmp_path / "0.safetensors")).items()} == {
+        k: v.tolist() for k, v in tensors.items()
+    }

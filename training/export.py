@@ -164,7 +164,7 @@ def style_family(weights: Path) -> str:
 def write_kohya_file(weights: Path, base_model: str, out: Path, config_ref: str = "") -> Path:
     """Convert a style file (any format emaki reads) into one kohya-format file at `out` (`config_ref`: a
     single-file base model's config folder)."""
-    from safetensors.torch import save_file
+    from training.safetensors_file import save_file  # metadata in a fixed order: same content, same bytes
 
     layers = read_style(weights, base_architecture(base_model, config_ref), check=False)
     tmp = out.with_name(f".{out.name}.tmp")

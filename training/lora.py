@@ -859,9 +859,9 @@ class Trainer:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors import safe_open
-        from safetensors.torch import save_file
 
         from engine.render.style_files import FAMILY_METADATA_KEY
+        from training.safetensors_file import save_file  # metadata in a fixed order: same content, same bytes
 
         state = get_peft_model_state_dict(unet, adapter_name="style")
         text_state = get_peft_model_state_dict(trained_text, adapter_name="style") if trained_text else None

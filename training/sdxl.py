@@ -183,9 +183,8 @@ class SDXLTrainer(Trainer):
     ) -> Path:
         """One kohya-format SDXL file (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`, `.alpha`, metadata naming the
         family) for every kind, beside `training.json`. Whole or absent (a temporary folder renamed)."""
-        from safetensors.torch import save_file
-
         from training.export import kohya_sdxl_state_dict, sdxl_metadata
+        from training.safetensors_file import save_file  # metadata in a fixed order: same content, same bytes
 
         state = kohya_sdxl_state_dict(unet, trained_text, self.config.adapter, unet.config.layers_per_block)
         for tensor in state.values():
