@@ -304,17 +304,11 @@ async def run_queue_length(queue_length: int, measure_jobs: int, warm_jobs: int)
 
             outbox.edit(job["channel_id"], ("status", job["id"]), write, settings.position_edit_interval_s)
 
-        def show_positions() -> None:  # the bot's show_positions (bot/client.py)
-            pending = queue.pending()
-            waiting = {job["id"] for job in pending}
-            for job_id in [j for j in shown if j not in waiting]:
-                del shown[job_id]
+        def show_positions() -> None:  # the bot's show_positions (bot/client.py), Discord removed
+            gone, changed = render.position_changes(queue.pending(), shown, queue.eta_seconds)
+            for job_id in gone:
                 outbox.forget(("status", job_id))
-            for position, job in enumerate(pending, start=1):
-                text = render.queued(job, position, queue.eta_seconds(position))
-                if shown.get(job["id"]) == text:
-                    continue
-                shown[job["id"]] = text
+            for job, text in changed:
                 set_status(job, text)
 
         def animate(owner_id: int) -> None:  # /animate: cap, row, position, pick, positions

@@ -208,18 +208,13 @@ class EmakiBot(commands.Bot):
     def show_positions(self) -> None:
         """Queue a position edit for every waiting member whose text changed; each message is
         edited at most every `position_edit_interval_s`. Returns at once."""
-        pending = self.queue.pending()
-        waiting = {job["id"] for job in pending}
-        for job_id in [j for j in self._shown if j not in waiting]:
-            del self._shown[job_id]
+        # A job whose first message is on its way (_announcing) gets positions after that.
+        gone, changed = render.position_changes(
+            self.queue.pending(), self._shown, self.queue.eta_seconds, self._announcing
+        )
+        for job_id in gone:
             self.outbox.forget(("status", job_id))
-        for position, job in enumerate(pending, start=1):
-            if job["id"] in self._announcing:
-                continue  # its first message is on its way; it gets positions after that
-            text = render.queued(job, position, self.queue.eta_seconds(position))
-            if self._shown.get(job["id"]) == text:
-                continue
-            self._shown[job["id"]] = text
+        for job, text in changed:
 
             async def still_queued(row: dict[str, Any], text: str = text) -> dict[str, Any] | None:
                 return {"content": text} if row["status"] == "queued" else None  # else: it has moved on

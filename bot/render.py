@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 REROLL = "🔁"
@@ -25,6 +26,30 @@ def queued(job: dict[str, Any], position: int, eta_s: float) -> str:
     if position <= 1:
         return f"🕒 {head}\nQueued: next up ({eta(eta_s)})."
     return f"🕒 {head}\nQueued: position {position} ({eta(eta_s)})."
+
+
+def position_changes(
+    pending: list[dict[str, Any]],
+    shown: dict[int, str],
+    eta_seconds: Callable[[int], float],
+    skip: Collection[int] = (),
+) -> tuple[list[int], list[tuple[dict[str, Any], str]]]:
+    """What a position refresh sends, given the waiting jobs in queue order and the texts last shown (updated
+    here): the jobs no longer waiting (their texts dropped), and each waiting job whose text changed, with the
+    text. Jobs in `skip` (their first answer still on its way) are left alone."""
+    waiting = {job["id"] for job in pending}
+    gone = [job_id for job_id in shown if job_id not in waiting]
+    for job_id in gone:
+        del shown[job_id]
+    changed = []
+    for position, job in enumerate(pending, start=1):
+        if job["id"] in skip:
+            continue
+        text = queued(job, position, eta_seconds(position))
+        if shown.get(job["id"]) != text:
+            shown[job["id"]] = text
+            changed.append((job, text))
+    return gone, changed
 
 
 def _head(job: dict[str, Any]) -> str:

@@ -6,18 +6,19 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import imageio_ffmpeg
 import pytest
 
-from bot.client import EmakiBot, _fit_result, create_bot
+from bot.client import _fit_result
 from engine.coordinator.job_files import job_dir
 from engine.coordinator.worker import MP4_FILE
-from engine.render.models import Models
 from engine.settings import Settings, load_settings
+from tests import test_bot as base
 
 pytestmark = pytest.mark.simcord(settle_timeout=180)
+# test_bot's SimCord bot and server, over this module's bot_settings (smaller frames, fewer steps)
+simcord_bot, world = base.simcord_bot, base.world
 
 # 2 s at 8 fps: 17 clip frames, the 3 keyframes conditioning frames 0, 8 and 16.
 VIDEO = {"motion": "video", "seconds": 2.0, "fps": 8, "frames": 3}
@@ -35,23 +36,6 @@ def bot_settings(tmp_path: Path) -> Settings:
         progress_edit_interval_s=0.0,
         position_edit_interval_s=0.0,
     )
-
-
-@pytest.fixture
-def simcord_bot(bot_settings: Settings, shared_tiny_models: Models) -> EmakiBot:
-    shared_tiny_models.use_style(None)
-    bot = create_bot(bot_settings, models=shared_tiny_models)
-    bot.post_retry_delays = (0.01, 0.01)
-    bot.outbox.retry_base_s = 0.01
-    return bot
-
-
-@pytest.fixture
-def world(simcord_env):
-    guild = simcord_env.create_guild("ghibli fans")
-    channel = guild.create_text_channel("animations")
-    alice = guild.add_member(simcord_env.create_user("alice"))
-    return SimpleNamespace(env=simcord_env, guild=guild, channel=channel, alice=alice)
 
 
 def posts(channel) -> list:

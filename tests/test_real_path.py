@@ -36,6 +36,12 @@ from tests.sd15_layout import (  # noqa: F401 - sd15 is a fixture
 from tests.test_bot import results
 
 SD15 = PROFILES["sd15"]
+SHARED_MODELS = {
+    "depth_model": tiny.save_depth,
+    "safety_model": tiny.save_safety_checker,
+    "captioner_model": tiny.save_captioner,
+    "clip_model": tiny.save_clip,
+}
 ROOT = Path(__file__).resolve().parent.parent
 world = base.world
 
@@ -76,25 +82,34 @@ def hub(sd15: SD15Models, tmp_path_factory: pytest.TempPathFactory) -> SimpleNam
     folders = {
         "base_model": base_folder,
         "controlnet_model": save_sd15_controlnet(sd15, saved / "controlnet"),
-        "depth_model": saved / "depth",
-        "safety_model": saved / "safety",
-        "captioner_model": saved / "captioner",
-        "clip_model": saved / "clip",
+        **save_family_independent_models(saved),
     }
-    tiny.save_depth(folders["depth_model"])
-    tiny.save_safety_checker(folders["safety_model"])
-    tiny.save_captioner(folders["captioner_model"])
-    tiny.save_clip(folders["clip_model"])
     cache = root / "hub"
     for setting, folder in folders.items():
         put_in_hub_cache(folder, cache, SD15[setting])
     single = root / "community-model.safetensors"
     save_file(ldm_checkpoint(sd15), str(single))
+    blocker, network_log = network_blocker(root)
+    return SimpleNamespace(cache=cache, base_folder=base_folder, single=single, blocker=blocker, log=network_log)
+
+
+def save_family_independent_models(saved: Path) -> dict[str, Path]:
+    """The models every profile shares whatever its base's family (depth estimator, safety checker, captioner,
+    CLIP), as folders under `saved`, by setting."""
+    folders = {name: saved / name.removesuffix("_model") for name in SHARED_MODELS}
+    for name, save in SHARED_MODELS.items():
+        save(folders[name])
+    return folders
+
+
+def network_blocker(root: Path) -> tuple[Path, Path]:
+    """A folder holding a sitecustomize.py that refuses every connection and name lookup (put it on a child
+    process's PYTHONPATH), and the log it writes each attempt to."""
     blocker = root / "blocker"
     blocker.mkdir()
     network_log = root / "network-attempts.log"
     (blocker / "sitecustomize.py").write_text(BLOCK_NETWORK.format(log=str(network_log)))
-    return SimpleNamespace(cache=cache, base_folder=base_folder, single=single, blocker=blocker, log=network_log)
+    return blocker, network_log
 
 
 def emaki(hub: SimpleNamespace, data: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -20,11 +20,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine.render import tiny
 from engine.settings import PROFILES
 from tests.sd15_layout import put_in_hub_cache
 from tests.sdxl_layout import narrow_sdxl_controlnet, narrow_sdxl_pipeline, sgm_checkpoint
-from tests.test_real_path import BLOCK_NETWORK, dataset, emaki
+from tests.test_real_path import dataset, emaki, network_blocker, save_family_independent_models
 
 SDXL = PROFILES["sdxl"]
 # The sdxl profile renders 512..2048 px; these narrow models are tested at 128 px to keep the suite fast.
@@ -41,26 +40,16 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     folders = {
         "base_model": saved / "base",
         "controlnet_model": saved / "controlnet",
-        "depth_model": saved / "depth",
-        "safety_model": saved / "safety",
-        "captioner_model": saved / "captioner",
-        "clip_model": saved / "clip",
+        **save_family_independent_models(saved),
     }
     pipe.save_pretrained(str(folders["base_model"]), safe_serialization=True)
     narrow_sdxl_controlnet(pipe.unet).save_pretrained(str(folders["controlnet_model"]), safe_serialization=True)
-    tiny.save_depth(folders["depth_model"])
-    tiny.save_safety_checker(folders["safety_model"])
-    tiny.save_captioner(folders["captioner_model"])
-    tiny.save_clip(folders["clip_model"])
     cache = root / "hub"
     for setting, folder in folders.items():
         put_in_hub_cache(folder, cache, SDXL[setting])
     single = root / "noob-like-xl.safetensors"
     save_file(sgm_checkpoint(pipe), str(single))
-    blocker = root / "blocker"
-    blocker.mkdir()
-    network_log = root / "network-attempts.log"
-    (blocker / "sitecustomize.py").write_text(BLOCK_NETWORK.format(log=str(network_log)))
+    blocker, network_log = network_blocker(root)
     return SimpleNamespace(cache=cache, single=single, blocker=blocker, log=network_log)
 
 
